@@ -1,0 +1,1 @@
+"""Prefect flows: `train-vae` chains shard, train, evaluate, export, validate and promote."""

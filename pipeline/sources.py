@@ -1,0 +1,220 @@
+"""Image sources: a CelebA folder, the official `img_align_celeba.zip`, or any folder of images.
+
+A source lists its images (key = file stem, relative name, byte size), reads one image's bytes, and
+carries CelebA's metadata when present: the split from `list_eval_partition.txt` (else a deterministic
+split by a hash of the key), `identity_CelebA.txt` and `list_attr_celeba.txt`. Problems with the listing
+itself (duplicate keys, images the partition does not name, names the partition lists that are absent)
+are returned as records for the manifest, never raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vae.errors import BadInput
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+SPLIT_CODES = {"0": "train", "1": "valid", "2": "test"}
+SPLITS = ("train", "valid", "test")
+PARTITION_FILE = "list_eval_partition.txt"
+IDENTITY_FILE = "identity_CelebA.txt"
+ATTR_FILE = "list_attr_celeba.txt"
+LISTING_REASONS = ("duplicate key", "not named in")  # skip reasons that come from the listing itself
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    name: str  # path inside the source (relative to the image folder, or the zip member name)
+    size: int
+
+
+@dataclass
+class Listing:
+    """What a source holds, split, with the records the manifest needs."""
+
+    entries: dict[str, list[Entry]]  # split -> entries sorted by key
+    skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}]
+    partition_missing: list[str] = field(default_factory=list)  # partition names with no image
+    metadata: dict[str, dict] = field(default_factory=dict)  # key -> {"identity", "attrs"}
+    fingerprint: str = ""
+
+
+def hash_split(key: str) -> str:
+    """Deterministic 80/10/10 split for sources without a partition file."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
+    return "train" if bucket < 80 else ("valid" if bucket < 90 else "test")
+
+
+def _parse_partition(text: str, where: str) -> dict[str, str]:
+    table = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in SPLIT_CODES:
+            raise BadInput(f"{where} line {number}: expected '<image> <0|1|2>', got {line.strip()!r}")
+        table[Path(parts[0]).stem] = SPLIT_CODES[parts[1]]
+    return table
+
+
+def _parse_identity(text: str) -> dict[str, int]:
+    table = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            table[Path(parts[0]).stem] = int(parts[1])
+    return table
+
+
+def _parse_attrs(text: str, where: str) -> dict[str, dict[str, int]]:
+    lines = text.splitlines()
+    if len(lines) < 2:
+        return {}
+    names = lines[1].split()
+    table = {}
+    for number, line in enumerate(lines[2:], 3):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != len(names) + 1:
+            raise BadInput(f"{where} line {number}: expected {len(names)} attribute values")
+        table[Path(parts[0]).stem] = {n: int(v) for n, v in zip(names, parts[1:])}
+    return table
+
+
+class Source:
+    """Base for the two storage kinds: subclasses list files and read bytes; this class does the rest."""
+
+    root: Path
+
+    def _files(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def _metadata_text(self, filename: str) -> str | None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def listing(self) -> Listing:
+        files = sorted(self._files())
+        partition_text = self._metadata_text(PARTITION_FILE)
+        partition = _parse_partition(partition_text, PARTITION_FILE) if partition_text is not None else None
+        identity_text = self._metadata_text(IDENTITY_FILE)
+        identity = _parse_identity(identity_text) if identity_text is not None else {}
+        attr_text = self._metadata_text(ATTR_FILE)
+        attrs = _parse_attrs(attr_text, ATTR_FILE) if attr_text is not None else {}
+
+        entries: dict[str, list[Entry]] = {s: [] for s in SPLITS}
+        skipped: list[dict] = []
+        seen: dict[str, str] = {}
+        digest = hashlib.sha256()
+        for text in (partition_text, identity_text, attr_text):
+            digest.update(hashlib.sha256((text or "").encode()).digest())
+        for name, size in files:
+            key = Path(name).stem
+            digest.update(f"{name}\0{size}\n".encode())
+            if key in seen:
+                skipped.append({"key": key, "reason": f"duplicate key: {name} (kept {seen[key]})"})
+                continue
+            seen[key] = name
+            if partition is not None:
+                split = partition.get(key)
+                if split is None:
+                    skipped.append({"key": key, "reason": f"not named in {PARTITION_FILE}"})
+                    continue
+            else:
+                split = hash_split(key)
+            entries[split].append(Entry(key, name, size))
+        missing = sorted(set(partition) - set(seen)) if partition is not None else []
+        metadata = {}
+        for key in seen:
+            meta = {}
+            if key in identity:
+                meta["identity"] = identity[key]
+            if key in attrs:
+                meta["attrs"] = attrs[key]
+            metadata[key] = meta
+        for split in SPLITS:
+            entries[split].sort(key=lambda e: e.key)
+        return Listing(entries, skipped, missing, metadata, digest.hexdigest())
+
+
+class FolderSource(Source):
+    """A folder of images: CelebA's root (with `img_align_celeba/`) or any tree of image files."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        celeba_images = root / "img_align_celeba"
+        self.image_dir = celeba_images if celeba_images.is_dir() else root
+
+    def _files(self) -> list[tuple[str, int]]:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(self.image_dir):
+            dirnames.sort()
+            for filename in filenames:
+                if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
+                    path = Path(dirpath) / filename
+                    files.append((path.relative_to(self.image_dir).as_posix(), path.stat().st_size))
+        return files
+
+    def read(self, name: str) -> bytes:
+        return (self.image_dir / name).read_bytes()
+
+    def _metadata_text(self, filename: str) -> str | None:
+        path = self.root / filename
+        return path.read_text() if path.is_file() else None
+
+
+class ZipSource(Source):
+    """The official `img_align_celeba.zip`, read in place; metadata files beside it or inside it."""
+
+    def __init__(self, path: Path):
+        self.root = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise BadInput(f"source {path}: not a valid zip file") from None
+        self.infos = {i.filename: i for i in self.zip.infolist() if not i.is_dir()}
+
+    def _files(self) -> list[tuple[str, int]]:
+        return [(name, info.file_size) for name, info in self.infos.items()
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not Path(name).name.startswith(".")
+                and "__MACOSX" not in name]
+
+    def read(self, name: str) -> bytes:
+        return self.zip.read(name)
+
+    def _metadata_text(self, filename: str) -> str | None:
+        beside = self.root.parent / filename
+        if beside.is_file():
+            return beside.read_text()
+        for name in self.infos:
+            if Path(name).name == filename:
+                return self.zip.read(name).decode()
+        return None
+
+    def __getstate__(self):  # worker processes reopen the zip
+        return {"root": self.root}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    path = Path(path)
+    if path.is_dir():
+        return FolderSource(path)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return ZipSource(path)
+    if not path.exists():
+        raise BadInput(f"source {path}: does not exist")
+    raise BadInput(f"source {path}: expected a folder of images or a .zip file")

@@ -1,0 +1,80 @@
+"""Configuration: defaults, YAML differences, overrides, and errors that name the key."""
+
+import pytest
+
+from vae.config import config_hash, load_config
+from vae.errors import ConfigError
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  latent_dim: 16\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.lr=3e-4", "model.channels=[8,16]", "model.image_size=16"])
+    assert cfg.model.latent_dim == 16
+    assert cfg.train.lr == pytest.approx(3e-4)  # the override wins over the file
+    assert cfg.model.channels == [8, 16]
+    assert cfg.train.steps == 20000  # untouched default
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.lrr=0.1"], "train.lrr"),
+    (["bogus=1"], "bogus"),
+    (["model.latent_dimm=3"], "model.latent_dimm"),
+])
+def test_unknown_key_named(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'.*unknown key"):
+        load_config(None, override)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.steps=ten"], "train.steps"),
+    (["train.steps=1.5"], "train.steps"),
+    (["model.channels=8"], "model.channels"),
+    (["train.mixed_precision=3"], "train.mixed_precision"),
+    (["data=5"], "data"),
+])
+def test_wrong_type_named(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, override)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.lr=-1"], "train.lr"),
+    (["model.likelihood=poisson"], "model.likelihood"),
+    (["model.image_size=60"], "model.image_size"),
+    (["eval.k=0"], "eval.k"),
+    (["train.ema_decay=1.5"], "train.ema_decay"),
+    (["data.batch_size=0"], "data.batch_size"),
+])
+def test_impossible_value_named(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, override)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match="'train.nope'"):
+        load_config(nested)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    for name in ("configs/demo.yaml", "configs/celeba64.yaml"):
+        load_config(name)
+
+
+def test_config_hash_ignores_locations_not_training():
+    a = load_config(None, ["run_dir=a", "data.shards=x"])
+    b = load_config(None, ["run_dir=b", "data.shards=y"])
+    c = load_config(None, ["train.lr=0.5"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)

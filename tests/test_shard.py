@@ -1,0 +1,153 @@
+"""Shards: round trip against the preprocessing, manifest fields, re-run is a no-op, incremental updates,
+bad inputs recorded, and the stock webdataset reader agrees with ours."""
+
+import hashlib
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.preprocess import preprocess
+from pipeline.records import iter_samples
+from pipeline.shard import shard
+from pipeline.sources import hash_split
+
+
+def _read_all(shards, split):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    out = {}
+    for rec in manifest["splits"][split]["shards"]:
+        for key, pixels, meta in iter_samples((shards / split / rec["name"]).read_bytes()):
+            out[key] = (pixels, json.loads(bytes(meta)))
+    return out
+
+
+def test_round_trip_counts_pixels_and_metadata(synth_source, tiny_shards):
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    partition = dict(line.split() for line in (synth_source / "list_eval_partition.txt").read_text().splitlines())
+    for split, code in (("train", "0"), ("valid", "1"), ("test", "2")):
+        expected = sorted(name[:-4] for name, c in partition.items() if c == code)
+        samples = _read_all(tiny_shards, split)
+        assert sorted(samples) == expected
+        assert manifest["splits"][split]["count"] == len(expected)
+        for key in expected[:5]:
+            pixels, meta = samples[key]
+            data = (synth_source / "img_align_celeba" / f"{key}.jpg").read_bytes()
+            np.testing.assert_array_equal(pixels, preprocess(data, 148, 16))
+            assert meta["image_id"] == key and meta["split"] == split
+            assert "attrs" in meta and len(meta["attrs"]) == 40 and "identity" in meta
+
+
+def test_manifest_fields(tiny_shards):
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["preprocessing"]["crop"] == 148 and manifest["preprocessing"]["size"] == 16
+    assert len(manifest["source"]["fingerprint"]) == 64
+    assert manifest["skipped"] == []
+    for split, info in manifest["splits"].items():
+        assert info["count"] == sum(s["count"] for s in info["shards"])
+        for rec in info["shards"]:
+            path = tiny_shards / split / rec["name"]
+            assert rec["name"].startswith(f"celeba-{split}-") and rec["name"].endswith(".tar")
+            data = path.read_bytes()
+            assert rec["bytes"] == len(data) and rec["sha256"] == hashlib.sha256(data).hexdigest()
+            assert rec["count"] <= 25
+
+
+def test_rerun_is_a_no_op(synth_source, tiny_shards):
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_shards.rglob("*") if p.is_file()}
+    summary = shard(synth_source, tiny_shards, size=16, maxcount=25, progress=False)
+    assert summary["up_to_date"] and summary["written"] == 0
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_shards.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_same_bytes_whatever_the_worker_count(synth_source, tmp_path):
+    shard(synth_source, tmp_path / "one", size=16, maxcount=25, workers=1, progress=False)
+    shard(synth_source, tmp_path / "two", size=16, maxcount=25, workers=2, progress=False)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files
+    for rel in files:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_stock_webdataset_and_tar_read_the_same_samples(tiny_shards):
+    ours = _read_all(tiny_shards, "train")
+    urls = sorted(str(p) for p in (tiny_shards / "train").glob("*.tar"))
+    stock = {}
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node).decode()
+    for sample in ds:
+        stock[sample["__key__"]] = (sample["npy"], sample["json"])
+    assert sorted(stock) == sorted(ours)
+    for key, (pixels, meta) in stock.items():
+        np.testing.assert_array_equal(pixels, ours[key][0])
+        assert meta == ours[key][1]
+    with tarfile.open(urls[0]) as tar:  # plain tar lists one .npy and one .json per image
+        names = tar.getnames()
+    assert len(names) == 2 * len({n.split(".")[0] for n in names})
+
+
+def test_new_images_land_in_new_shards(synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    (source / "list_eval_partition.txt").unlink()  # split by key hash, so new images need no partition line
+    out = tmp_path / "shards"
+    shard(source, out, size=16, maxcount=25, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tar")}
+    image = Image.open(source / "img_align_celeba" / "000001.jpg")
+    for key in ("900001", "900002"):
+        image.save(source / "img_align_celeba" / f"{key}.jpg")
+    summary = shard(source, out, size=16, maxcount=25, progress=False)
+    assert summary["written"] == 2 and not summary["up_to_date"]
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tar")}
+    for rel, data in before.items():
+        assert after[rel] == data  # existing shards untouched
+    new = set(after) - set(before)
+    found = {k: rel.parts[0] for rel in new for k, _, _ in iter_samples(after[rel])}
+    assert found == {k: hash_split(k) for k in ("900001", "900002")}
+    assert shard(source, out, size=16, maxcount=25, progress=False)["up_to_date"]
+
+
+def test_bad_inputs_are_skipped_or_converted_and_recorded(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    face = (rng.random((218, 178, 3)) * 255).astype(np.uint8)
+    Image.fromarray(face).save(src / "good.jpg")
+    Image.fromarray(face).convert("L").save(src / "gray.png")
+    Image.fromarray(face).convert("RGBA").save(src / "rgba.png")
+    Image.fromarray(face).convert("P").save(src / "palette.png")
+    Image.fromarray(face).convert("CMYK").save(src / "cmyk.jpg")
+    Image.fromarray((face[..., 0].astype(np.uint16) * 257)).save(src / "deep.png")
+    Image.fromarray(face[:10, :10]).save(src / "tiny.png")
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "notimage.jpg").write_bytes(b"this is not an image at all")
+    good = (src / "good.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (src / "sub").mkdir()
+    Image.fromarray(face).save(src / "sub" / "good.png")  # duplicate key 'good'
+    summary = shard(src, tmp_path / "out", size=16, progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {r["key"]: r["reason"] for r in manifest["skipped"]}
+    assert set(reasons) == {"tiny", "empty", "notimage", "truncated", "good"}
+    assert "too small" in reasons["tiny"] and "empty" in reasons["empty"]
+    assert "not a readable image" in reasons["notimage"] and "duplicate key" in reasons["good"]
+    written = {k for s in manifest["splits"].values() for rec in s["shards"] for k in rec["keys"]}
+    assert written == {"good", "gray", "rgba", "palette", "cmyk", "deep"}
+    assert summary["written"] == 6
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_conversions_give_rgb_pixels(mode, tmp_path):
+    face = np.full((200, 200, 3), 120, np.uint8)
+    img = Image.fromarray(face)
+    img = Image.fromarray(face[..., 0].astype(np.uint16) * 257) if mode == "I;16" else img.convert(mode)
+    path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
+    img.save(path)
+    out = preprocess(path.read_bytes(), 148, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert np.all(np.abs(out.astype(int) - 120) <= 3)

@@ -1,0 +1,118 @@
+"""Training: steps change the weights and lower the loss, resume reproduces an uninterrupted run bitwise,
+non-finite losses are skipped and then stop training with the last good checkpoint intact."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pipeline.loader import eval_loader
+from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
+from vae.errors import ConfigError, TrainingError
+from vae.model import build_model
+from vae.objectives import elbo_terms
+from vae.train import train
+
+
+def _fixed_batch(shards):
+    keys, x, _ = next(iter(eval_loader(str(shards), "train", 32)))
+    return x
+
+
+def _loss(model, x):
+    eps = torch.randn((x.shape[0], model.latent_dim), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return -elbo_terms(model, x, eps)["elbo"].mean().item()
+
+
+def test_training_changes_weights_and_lowers_the_loss(tiny_shards, trained_run):
+    cfg = tiny_config(trained_run, tiny_shards)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model)  # the same initial weights training starts from
+    state = load_checkpoint(list_checkpoints(trained_run)[-1])
+    trained = build_model(cfg.model)
+    trained.load_state_dict(state["model"])
+    changed = [k for k, v in initial.state_dict().items() if not torch.equal(v, state["model"][k])]
+    assert len(changed) == len(initial.state_dict())  # every tensor moved
+    x = _fixed_batch(tiny_shards)
+    assert _loss(trained, x) < 0.9 * _loss(initial, x)
+    log = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30 and log[-1]["skipped_steps"] == 0 and log[-1]["loss"] < log[0]["loss"]
+    assert int(state["step"]) == 30
+    ema_model, _, step = load_trained(trained_run)
+    assert step == 30 and _loss(ema_model, x) < _loss(initial, x)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tiny_shards, trained_run, tmp_path):
+    # The session run saved at steps 15 and 30; a run that stopped after step 15 resumes from that file.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoints" / "step-00000015.pt", resumed / "checkpoints")
+    train(tiny_config(resumed, tiny_shards, "train.steps=30", "train.checkpoint_every=15"), progress=False)
+    a = load_checkpoint(trained_run / "checkpoints" / "step-00000030.pt")
+    b = load_checkpoint(resumed / "checkpoints" / "step-00000030.pt")
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+
+
+def test_checkpoints_load_with_weights_only(trained_run):
+    state = torch.load(list_checkpoints(trained_run)[-1], weights_only=True)
+    assert {"model", "ema", "optimizer", "scheduler", "config", "step"} <= set(state)
+    assert json.loads(state["config"])["train"]["steps"] == 30
+
+
+def test_persistent_nonfinite_loss_stops_with_checkpoint_intact(tiny_shards, tmp_path, monkeypatch):
+    run = tmp_path / "nan"
+    cfg = tiny_config(run, tiny_shards, "train.steps=10", "train.checkpoint_every=5", "train.max_nonfinite=3")
+    train(cfg, progress=False)
+    good = load_checkpoint(run / "checkpoints" / "step-00000010.pt")
+
+    import vae.train as train_module
+
+    real = train_module.elbo_terms
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms["recon"] = terms["recon"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module, "elbo_terms", poisoned)
+    cfg = tiny_config(run, tiny_shards, "train.steps=20", "train.checkpoint_every=5", "train.max_nonfinite=3")
+    with pytest.raises(TrainingError, match="3 non-finite"):
+        train(cfg, progress=False)
+    after = load_checkpoint(list_checkpoints(run)[-1])
+    assert int(after["step"]) == 10
+    for key in good["model"]:
+        assert torch.equal(good["model"][key], after["model"][key])
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path, monkeypatch):
+    import vae.train as train_module
+
+    real = train_module.elbo_terms
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (3, 7):
+            terms["recon"] = terms["recon"] * float("inf")
+        return terms
+
+    monkeypatch.setattr(train_module, "elbo_terms", sometimes_nan)
+    run = tmp_path / "skip"
+    train(tiny_config(run, tiny_shards, "train.steps=10", "train.log_every=10"), progress=False)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == 2
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_fp16_on_cpu_is_refused_not_ignored(tiny_shards, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ConfigError, match="fp16"):
+        train(tiny_config(tmp_path, tiny_shards, "train.mixed_precision=fp16", "train.steps=2"), progress=False)

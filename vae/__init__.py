@@ -1,0 +1,1 @@
+"""VAE model, objectives, training, evaluation, export and the torch-free runtime."""

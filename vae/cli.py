@@ -1,0 +1,186 @@
+"""The `vae` command: data synth/shard, train, eval, export, sample.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 a failed run. Heavy imports happen
+inside each subcommand so `vae --help` and `vae sample` stay fast (sample never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vae.errors import BadInput, VaeError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def cmd_synth(args) -> int:
+    from pipeline.synth import synthesize
+
+    summary = synthesize(args.out, args.n, seed=args.seed)
+    print(f"wrote {summary['n']} synthetic images to {summary['out']} (splits {summary['splits']})")
+    return 0
+
+
+def cmd_shard(args) -> int:
+    from pipeline.shard import shard
+
+    summary = shard(args.source, args.out, crop=args.crop, size=args.size, workers=args.workers,
+                    dataset=args.dataset, maxcount=args.maxcount, progress=not args.quiet)
+    state = "up to date, nothing to do" if summary["up_to_date"] else f"written {summary['written']}"
+    print(f"shards {args.out}: {state}, skipped {summary['skipped']}, counts {summary['counts']}, "
+          f"{summary['seconds']:.1f} s")
+    return 0
+
+
+def launch_command(config_file: Path, num_processes: int, num_machines: int = 1, machine_rank: int = 0,
+                   main_process_ip: str | None = None, main_process_port: int = 29500) -> list[str]:
+    """`accelerate launch` for several processes (gloo on CPU, NCCL on GPUs: chosen by the script)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines),
+           "--machine_rank", str(machine_rank), "--main_process_port", str(main_process_port)]
+    if main_process_ip:
+        cmd += ["--main_process_ip", main_process_ip]
+    return cmd + ["-m", "vae.train", str(config_file)]
+
+
+def cmd_train(args) -> int:
+    from vae.atomic import atomic_write_json
+    from vae.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.num_processes == 1 and args.num_machines == 1:
+        from vae.train import train
+
+        run_dir = train(cfg)
+    else:
+        run_dir = Path(cfg.run_dir)
+        config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
+        cmd = launch_command(config_file, args.num_processes, args.num_machines, args.machine_rank,
+                             args.main_process_ip, args.main_process_port)
+        code = subprocess.call(cmd)
+        if code != 0:
+            print(f"vae train: accelerate launch exited with code {code}", file=sys.stderr)
+            return 1
+    print(f"trained {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from vae.evaluate import evaluate
+
+    metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "images"}))
+    print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from vae.export import export
+
+    card = export(args.run, args.out, shards=args.shards)
+    worst = max(max(v.values()) for v in card["validation"]["max_abs_diff"].values())
+    print(f"exported {args.out}/encoder.onnx, decoder.onnx, model.json "
+          f"(onnxruntime vs PyTorch max abs diff {worst:.1e})")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from vae.grid import make_grid, write_png
+    from vae.runtime import Decoder, RuntimeModelError
+
+    model = Path(args.model)
+    path = model / "decoder.onnx" if model.is_dir() else model
+    try:
+        decoder = Decoder(path, device=args.device)
+    except RuntimeModelError as err:
+        raise BadInput(str(err)) from None
+    images = decoder.sample(args.n, seed=args.seed)
+    write_png(args.out, make_grid(images, ncols=int(max(1, round(args.n ** 0.5)))))
+    print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, provider {decoder.provider})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae", description="Train, evaluate and export VAEs on CelebA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make and shard data sets").add_subparsers(dest="data_command",
+                                                                                    required=True)
+    p = data.add_parser("synth", help="write a synthetic data set in CelebA's layout")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--n", type=_positive, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("shard", help="preprocess images into WebDataset shards and manifest.json")
+    p.add_argument("--source", required=True, help="CelebA folder, img_align_celeba.zip, or any image folder")
+    p.add_argument("--out", required=True, help="shard folder")
+    p.add_argument("--size", type=_positive, default=64, help="output side in pixels (default 64)")
+    p.add_argument("--crop", type=int, default=148, help="center crop before resizing (0: largest square)")
+    p.add_argument("--workers", type=_positive, default=1, help="preprocessing processes")
+    p.add_argument("--maxcount", type=_positive, default=1000, help="images per shard")
+    p.add_argument("--dataset", default="celeba", help="name in shard file names")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("train", help="train (or resume) a run")
+    p.add_argument("--config", help="YAML file with the differences from the defaults")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p.add_argument("--num-processes", type=_positive, default=1, help="processes per machine")
+    p.add_argument("--num-machines", type=_positive, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--main-process-ip", default=None)
+    p.add_argument("--main-process-port", type=int, default=29500)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="bounds, bits/dim and grids into RUN_DIR/eval/metrics.json")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--split", default=None, choices=["train", "valid", "test"])
+    p.add_argument("--k", type=_positive, default=None, help="importance samples for the IWAE bound")
+    p.add_argument("--shards", default=None, help="shards location (default: the run's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="encoder.onnx, decoder.onnx, model.json, validated")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shards", default=None, help="shards for validation inputs (default: the run's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sample", help="a PNG grid of samples from decoder.onnx (onnxruntime only)")
+    p.add_argument("--model", required=True, help="folder with decoder.onnx, or the file")
+    p.add_argument("--n", type=_positive, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BadInput as err:
+        print(f"vae: error: {err}", file=sys.stderr)
+        return 2
+    except VaeError as err:
+        print(f"vae: failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

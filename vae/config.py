@@ -1,0 +1,252 @@
+"""The one typed configuration tree: defaults, YAML differences, `key=value` overrides, validation.
+
+A run's configuration is `Config`; each component owns its section. YAML files hold only what differs
+from the defaults. Unknown keys, wrong types and impossible values raise `ConfigError` naming the full
+key (`train.lr`) before any work starts. `config_hash` identifies what was trained (not where).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vae.errors import ConfigError
+
+LIKELIHOODS = ("discretized_logistic", "bernoulli", "gaussian")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"  # local folder or fsspec URL holding manifest.json
+    batch_size: int = 64
+    num_workers: int = 0
+    shuffle_buffer: int = 2000
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
+    latent_dim: int = 128
+    res_blocks: int = 1  # residual blocks after each resolution change
+    likelihood: str = "discretized_logistic"
+
+    def __post_init__(self) -> None:
+        _check(self.latent_dim >= 1, "latent_dim", f"must be >= 1, got {self.latent_dim}")
+        _check(len(self.channels) >= 1, "channels", "needs at least one layer")
+        _check(all(c >= 1 for c in self.channels), "channels", f"widths must be >= 1, got {self.channels}")
+        _check(self.res_blocks >= 0, "res_blocks", f"must be >= 0, got {self.res_blocks}")
+        _check(self.likelihood in LIKELIHOODS, "likelihood",
+               f"must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
+        stride = 2 ** len(self.channels)
+        _check(self.image_size >= stride and self.image_size % stride == 0, "image_size",
+               f"must be a multiple of 2**len(channels) = {stride}, got {self.image_size}")
+
+
+@dataclass
+class ObjectiveConfig:
+    beta: float = 1.0
+    kl_warmup_steps: int = 0  # beta ramps linearly from 0 over these steps (training only)
+    free_bits: float = 0.0  # nats per latent dimension, training only
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(self.kl_warmup_steps >= 0, "kl_warmup_steps", f"must be >= 0, got {self.kl_warmup_steps}")
+        _check(self.free_bits >= 0, "free_bits", f"must be >= 0, got {self.free_bits}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 200.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    max_nonfinite: int = 10  # consecutive non-finite steps before training stops
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.mixed_precision in PRECISIONS, "mixed_precision",
+               f"must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.max_nonfinite >= 1, "max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+
+
+@dataclass
+class EvalConfig:
+    k: int = 100
+    k_chunk: int = 50  # importance samples decoded at once: memory does not grow with k
+    batch_size: int = 64
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.k <= 100_000, "k", f"must be in [1, 100000], got {self.k}")
+        _check(self.k_chunk >= 1, "k_chunk", f"must be >= 1, got {self.k_chunk}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.split in ("train", "valid", "test"), "split",
+               f"must be train, valid or test, got {self.split!r}")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the field's type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key,
+               f"expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        _check(name in names, key, f"unknown key (known: {', '.join(sorted(names))})")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Sections validate their own fields; name the full key here.
+        message = str(err)
+        if prefix and message.startswith("config key '"):
+            message = message.replace("config key '", f"config key '{prefix}", 1)
+        raise ConfigError(message) from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `['train.lr=3e-4', 'model.channels=[32,64]']` into a nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file's differences, then `key=value` overrides; validated."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        values = loaded
+    values = _merge(values, parse_overrides(overrides or []))
+    return _build(Config, values)
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what defines the model and its training (not where files live)."""
+    values = config_to_dict(cfg)
+    values.pop("run_dir")
+    values["data"].pop("shards")
+    values["data"].pop("num_workers")
+    blob = json.dumps(values, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,21 @@
+"""The product's error types: bad input (exit 2) versus a failed run (exit 1).
+
+The CLI turns `BadInput` into one line on stderr and exit code 2; any other `VaeError` is a run that
+failed for a reason we can name (exit 1). Both carry a message meant for a person, naming the input.
+"""
+
+
+class VaeError(Exception):
+    """A failure with a message fit for one line on stderr."""
+
+
+class BadInput(VaeError, ValueError):
+    """Bad usage, configuration or input data: the caller must fix something (exit code 2)."""
+
+
+class ConfigError(BadInput):
+    """An unknown key, wrong type or impossible value in the configuration."""
+
+
+class TrainingError(VaeError):
+    """Training cannot go on (for example: non-finite losses that persist)."""

@@ -1,0 +1,87 @@
+"""The convolutional VAE: encoder q(z|x) = N(mu, diag(exp(logvar))), decoder to likelihood parameters.
+
+The model computes nothing but the networks: objectives live in `vae/objectives.py`, the observation model
+in `vae/likelihoods.py`. Inputs are images in [0, 1], float, [N, 3, H, W]; latents are [N, latent_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vae.config import ModelConfig
+from vae.likelihoods import get_likelihood
+
+
+class ResBlock(nn.Module):
+    """x + f(x): two 3x3 convolutions; the second starts at zero so a new block is the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(self.act(x))))
+
+
+class ConvVAE(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_channels: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.latent_dim = cfg.latent_dim
+        self.likelihood = get_likelihood(cfg.likelihood)
+        widths = list(cfg.channels)
+        self.bottom = cfg.image_size // 2 ** len(widths)
+        flat = widths[-1] * self.bottom * self.bottom
+
+        enc: list[nn.Module] = []
+        prev = in_channels
+        for width in widths:
+            enc += [nn.Conv2d(prev, width, 4, stride=2, padding=1), nn.SiLU()]
+            enc += [ResBlock(width) for _ in range(cfg.res_blocks)]
+            prev = width
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.to_posterior = nn.Linear(flat, 2 * cfg.latent_dim)
+
+        self.from_latent = nn.Linear(cfg.latent_dim, flat)
+        dec: list[nn.Module] = []
+        rev = widths[::-1]
+        for i, width in enumerate(rev):
+            out = rev[i + 1] if i + 1 < len(rev) else widths[0]
+            dec += [ResBlock(width) for _ in range(cfg.res_blocks)]
+            dec += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.SiLU()]
+        out_channels = in_channels * self.likelihood.params_per_channel
+        self.decoder = nn.Sequential(*dec, nn.Conv2d(widths[0], out_channels, 3, padding=1))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [0, 1] -> (mu, logvar) of q(z|x)."""
+        h = self.to_posterior(self.encoder(x * 2.0 - 1.0))
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z -> likelihood parameters [N, C * params_per_channel, H, W]."""
+        h = self.from_latent(z).view(z.shape[0], -1, self.bottom, self.bottom)
+        return self.decoder(h)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reparameterized training pass: x in [0, 1], eps ~ N(0, I) drawn by the caller.
+
+        Returns (likelihood params, mu, logvar); z = mu + exp(logvar / 2) * eps, its scale in float32.
+        """
+        mu, logvar = self.encode(x)
+        z = mu.float() + torch.exp(0.5 * logvar.float()) * eps
+        return self.decode(z.to(mu.dtype)), mu, logvar
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """z -> the image the decoder means, in [0, 1] (what `decoder.onnx` returns as `x_mean`)."""
+        return self.likelihood.mean(self.decode(z))
+
+
+def build_model(cfg: ModelConfig) -> ConvVAE:
+    return ConvVAE(cfg)

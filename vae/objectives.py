@@ -1,0 +1,105 @@
+"""Objectives: one log-weight function, and the ELBO, IWAE bound and bits/dim derived from it.
+
+`log_weights` computes log p(x|z_k) + log p(z_k) - log q(z_k|x) for K posterior samples; `iwae_bound`
+combines chunks of them with a running logsumexp so memory does not grow with K; the training ELBO uses the
+analytic KL (lower variance) with beta, warm-up and free bits applied to training only. All values are
+per image, in nats, computed in float32 whatever the autocast context.
+
+The model only needs `encode(x01) -> (mu, logvar)`, `decode(z) -> params` and `likelihood.log_prob`.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    """Pixel levels 0..255 -> float in [0, 1], the encoder's input."""
+    return x_uint8.float() / 255.0
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per dimension, [N, D]."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+def log_weights(model, x: torch.Tensor, k: int, mu: torch.Tensor | None = None,
+                logvar: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k samples z_k ~ q(z|x): shape [k, N].
+
+    `x` holds pixel levels 0..255. Pass `mu, logvar` to reuse one encoder pass across chunks of samples.
+    """
+    if mu is None or logvar is None:
+        mu, logvar = model.encode(to_unit(x))
+    mu, logvar = mu.float(), logvar.float()
+    n, d = mu.shape
+    eps = torch.randn((k, n, d), device=mu.device, generator=generator)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    params = model.decode(z.reshape(k * n, d).to(next(model.parameters()).dtype))
+    x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
+    log_px = model.likelihood.log_prob(params.float(), x_rep).view(k, n)
+    return log_px + log_standard_normal(z) - log_normal(z, mu, logvar)
+
+
+@torch.no_grad()
+def iwae_bound(model, x: torch.Tensor, k: int, chunk: int = 50,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """log (1/K) sum_k p(x, z_k) / q(z_k|x), per image [N], chunked over K with a running logsumexp."""
+    mu, logvar = model.encode(to_unit(x))
+    running = None
+    done = 0
+    while done < k:
+        step = min(chunk, k - done)
+        lw = torch.logsumexp(log_weights(model, x, step, mu, logvar, generator), dim=0)
+        running = lw if running is None else torch.logaddexp(running, lw)
+        done += step
+    return running - math.log(k)
+
+
+def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor, likelihood=None) -> dict[str, torch.Tensor]:
+    """One-sample reconstruction term and analytic KL per image; `kl_dims` is per latent dimension.
+
+    Calls `model(x01, eps)` (the forward pass, so DDP hooks run); `likelihood` defaults to the model's.
+    """
+    params, mu, logvar = model(to_unit(x), eps)
+    likelihood = likelihood or model.likelihood
+    recon = likelihood.log_prob(params.float(), x)
+    kl_dims = gaussian_kl(mu, logvar)
+    return {"recon": recon, "kl": kl_dims.sum(1), "kl_dims": kl_dims, "elbo": recon - kl_dims.sum(1),
+            "mu": mu.float()}
+
+
+def beta_at(step: int, beta: float, warmup_steps: int) -> float:
+    """KL weight at a training step: linear warm-up from 0 to beta."""
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)
+
+
+def training_loss(terms: dict[str, torch.Tensor], beta: float, free_bits: float) -> torch.Tensor:
+    """Negative (reconstruction - beta * KL), KL per dimension floored at `free_bits` nats (batch mean)."""
+    kl_dims = terms["kl_dims"]
+    if free_bits > 0:
+        kl = torch.clamp(kl_dims.mean(0), min=free_bits).sum()
+    else:
+        kl = kl_dims.sum(1).mean()
+    return -(terms["recon"].mean() - beta * kl)
+
+
+def bits_per_dim(log_px_nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
+    """-log p(x) / (D ln 2): nats per image to bits per sub-pixel."""
+    return -log_px_nats / (dims * math.log(2.0))
+
