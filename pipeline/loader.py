@@ -1,7 +1,7 @@
 """Streaming shards back into training and evaluation, on one process or many ranks.
 
 - Training (`train_loader`): resampled shards (each rank its own subset when there are at least as many
-  shards as ranks), a shuffle buffer, batches of uint8 [B, 3, H, W]; endless, so every rank yields the same
+  shards as ranks), a shuffle buffer, batches (keys, uint8 [B, 3, H, W]); endless, so every rank yields the same
   number of batches; seeded from (seed, rank, worker, start_step) so a run that restarts its stream at
   `start_step` continues deterministically.
 - Evaluation (`eval_loader`): every sample of a split exactly once across all ranks x workers: the global
@@ -73,7 +73,7 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         worker, _ = _consumer()
         rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
-        buffer: list[np.ndarray] = []
+        buffer: list[tuple[str, np.ndarray]] = []
         total = sum(s.count for s in self.shards)
         target = max(self.batch_size, min(self.shuffle_buffer, total))
         weights = np.array([s.count for s in self.shards], dtype=np.float64)
@@ -81,13 +81,13 @@ class TrainStream(IterableDataset):
         while True:
             while len(buffer) < target:
                 ref = self.shards[rng.choice(len(self.shards), p=weights)]
-                buffer.extend(pixels for _, pixels, _ in iter_samples(read_bytes(ref.url)))
+                buffer.extend((key, pixels) for key, pixels, _ in iter_samples(read_bytes(ref.url)))
             picks = []
             for _ in range(self.batch_size):  # draw without replacement from the buffer
                 i = int(rng.integers(len(buffer)))
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 picks.append(buffer.pop())
-            yield _to_batch(picks)
+            yield [key for key, _ in picks], _to_batch([pixels for _, pixels in picks])
 
 
 def partition(total: int, parts: int, index: int) -> tuple[int, int]:

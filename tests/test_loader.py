@@ -37,14 +37,16 @@ def test_partition_covers_range():
 
 
 def _keys_of_train_stream(refs, **kw):
-    # tag pixels back to keys: every image's first row is unique enough in synthetic data
+    # every synthetic image's pixels are unique: map them back to their keys
     lookup = {}
     for ref in refs:
         for k, px, _ in iter_samples(open(ref.url, "rb").read()):
             lookup[px.tobytes()] = k
     stream = TrainStream(refs, **kw)
     batches = list(itertools.islice(iter(stream), 6))
-    return [[lookup[b.permute(1, 2, 0).contiguous().numpy().tobytes()] for b in batch] for batch in batches]
+    for keys, batch in batches:  # the keys name the pixels they come with
+        assert keys == [lookup[b.permute(1, 2, 0).contiguous().numpy().tobytes()] for b in batch]
+    return [keys for keys, _ in batches]
 
 
 def test_train_stream_is_deterministic_and_seeded_by_rank_and_step(tiny_shards):
@@ -66,7 +68,7 @@ def test_train_stream_ranks_read_disjoint_shards(tiny_shards):
 def test_train_loader_batches_with_workers(tiny_shards):
     loader = train_loader(str(tiny_shards), 16, seed=0, num_workers=2)
     batches = list(itertools.islice(iter(loader), 5))
-    assert all(b.shape == (16, 3, 16, 16) and b.dtype == torch.uint8 for b in batches)
+    assert all(b.shape == (16, 3, 16, 16) and b.dtype == torch.uint8 and len(k) == 16 for k, b in batches)
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):

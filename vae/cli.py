@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,20 +41,10 @@ def cmd_shard(args) -> int:
     return 0
 
 
-def launch_command(config_file: Path, num_processes: int, num_machines: int = 1, machine_rank: int = 0,
-                   main_process_ip: str | None = None, main_process_port: int = 29500) -> list[str]:
-    """`accelerate launch` for several processes (gloo on CPU, NCCL on GPUs: chosen by the script)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines),
-           "--machine_rank", str(machine_rank), "--main_process_port", str(main_process_port)]
-    if main_process_ip:
-        cmd += ["--main_process_ip", main_process_ip]
-    return cmd + ["-m", "vae.train", str(config_file)]
-
-
 def cmd_train(args) -> int:
     from vae.atomic import atomic_write_json
     from vae.config import config_to_dict, load_config
+    from vae.launch import run_launched
 
     cfg = load_config(args.config, args.overrides)
     if args.num_processes == 1 and args.num_machines == 1:
@@ -65,9 +54,9 @@ def cmd_train(args) -> int:
     else:
         run_dir = Path(cfg.run_dir)
         config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
-        cmd = launch_command(config_file, args.num_processes, args.num_machines, args.machine_rank,
-                             args.main_process_ip, args.main_process_port)
-        code = subprocess.call(cmd)
+        code = run_launched("vae.train", [str(config_file)], args.num_processes, num_machines=args.num_machines,
+                            machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
+                            main_process_port=args.main_process_port)
         if code != 0:
             print(f"vae train: accelerate launch exited with code {code}", file=sys.stderr)
             return 1
@@ -76,9 +65,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vae.evaluate import evaluate
+    if args.num_processes > 1:
+        from vae.launch import run_launched
 
-    metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards)
+        forwarded = ["--run", args.run] + [f for name in ("split", "k", "shards")
+                                            if getattr(args, name) is not None
+                                            for f in (f"--{name}", str(getattr(args, name)))]
+        code = run_launched("vae.evaluate", forwarded, args.num_processes)
+        if code != 0:
+            print(f"vae eval: accelerate launch exited with code {code}", file=sys.stderr)
+            return 1
+        metrics = json.loads((Path(args.run) / "eval" / "metrics.json").read_text())
+    else:
+        from vae.evaluate import evaluate
+
+        metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards)
     print(json.dumps({k: v for k, v in metrics.items() if k != "images"}))
     print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
     return 0
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-machines", type=_positive, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--main-process-ip", default=None)
-    p.add_argument("--main-process-port", type=int, default=29500)
+    p.add_argument("--main-process-port", type=int, default=None, help="default: a free port (one machine), 29500")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="bounds, bits/dim and grids into RUN_DIR/eval/metrics.json")
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, choices=["train", "valid", "test"])
     p.add_argument("--k", type=_positive, default=None, help="importance samples for the IWAE bound")
     p.add_argument("--shards", default=None, help="shards location (default: the run's)")
+    p.add_argument("--num-processes", type=_positive, default=1, help="ranks sharing the split")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="encoder.onnx, decoder.onnx, model.json, validated")

@@ -104,7 +104,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     dims = 3 * cfg.model.image_size ** 2
     metrics = {"split": split, "k": k, **metrics_from_sums(sums, dims),
                "likelihood": cfg.model.likelihood, "likelihood_is_density": model.likelihood.is_density,
-               "config_hash": config_hash(cfg), "model_version": f"{run_dir.name}@{step}", "model_step": step,
+               "world_size": world_size, "config_hash": config_hash(cfg), "model_version": f"{run_dir.name}@{step}", "model_step": step,
                "run": str(run_dir)}
     if rank == 0:
         out = run_dir / "eval"
@@ -116,3 +116,26 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
 def load_metrics(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `accelerate launch -m vae.evaluate --run RUN [...]` (`vae eval --num-processes N`)."""
+    import argparse
+
+    import torch.distributed
+    from accelerate import Accelerator
+
+    parser = argparse.ArgumentParser(prog="vae.evaluate")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--split", default=None)
+    parser.add_argument("--k", type=int, default=None)
+    parser.add_argument("--shards", default=None)
+    args = parser.parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up the process group (gloo on CPU)
+    evaluate(args.run, split=args.split, k=args.k, shards=args.shards,
+             rank=accelerator.process_index, world_size=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

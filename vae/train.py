@@ -8,6 +8,7 @@ Launch with several processes through `vae train --num-processes N` (accelerate 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pipeline.loader import train_loader
-from vae.atomic import atomic_write_json
+from vae.atomic import atomic_write_json, atomic_write_text
 from vae.checkpoint import config_json, latest_checkpoint, load_checkpoint, save_checkpoint
 from vae.config import Config, config_hash, config_to_dict
 from vae.errors import ConfigError, TrainingError
@@ -124,6 +125,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=counters["step"], disable=not (main and progress),
                desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
     nonfinite_in_a_row = 0
+    seen: set[str] = set()  # keys this rank consumed in this process (audit of the data split)
     window = {"loss": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "t": time.time(), "images": 0}
     model.train()
     while counters["step"] < cfg.train.steps:
@@ -133,8 +135,9 @@ def train(cfg: Config, progress: bool = True) -> Path:
         noise = torch.Generator(device="cpu").manual_seed(stream_seed(cfg.train.seed, rank, segment_start))
         loader = train_loader(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, rank, world, segment_start,
                               cfg.data.num_workers, cfg.data.shuffle_buffer)
-        for batch in loader:
+        for keys, batch in loader:
             step = counters["step"]
+            seen.update(keys)
             x = batch.to(device, non_blocking=True)
             eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=noise).to(device)
             with accelerator.autocast():
@@ -188,8 +191,23 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 break
         checkpoint()
     bar.close()
+    write_rank_record(run_dir, accelerator.unwrap_model(model), rank, world, counters["step"], seen)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: int, step: int,
+                      seen: set[str]) -> None:
+    """`ranks/rank-R.json` (parameter digest, world size) and `rank-R.keys`: what each rank ended with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    folder = run_dir / "ranks"
+    atomic_write_json(folder / f"rank-{rank}.json", {"rank": rank, "world_size": world, "step": step,
+                                                     "params_sha256": digest.hexdigest(), "keys_seen": len(seen)})
+    atomic_write_text(folder / f"rank-{rank}.keys", "".join(f"{k}\n" for k in sorted(seen)))
 
 
 def main() -> None:

@@ -1,0 +1,35 @@
+"""Starting several processes with `accelerate launch`: one command line for training and evaluation.
+
+On CPU the launched script creates `Accelerator(cpu=True)`, which makes a real gloo process group (STACK.md:
+`accelerate launch --cpu` would start one process, and without cpu=True each process trains alone); on GPUs
+the same command gives NCCL. Several machines add --num_machines, --machine_rank and --main_process_ip.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(module: str, args: list[str], num_processes: int, num_machines: int = 1,
+                   machine_rank: int = 0, main_process_ip: str | None = None,
+                   main_process_port: int | None = None) -> list[str]:
+    """`accelerate launch` running `python -m module args` on `num_processes` processes per machine."""
+    port = main_process_port or (free_port() if num_machines == 1 else 29500)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines),
+           "--machine_rank", str(machine_rank), "--main_process_port", str(port)]
+    if main_process_ip:
+        cmd += ["--main_process_ip", main_process_ip]
+    return cmd + ["-m", module, *args]
+
+
+def run_launched(module: str, args: list[str], num_processes: int, **kwargs) -> int:
+    return subprocess.call(launch_command(module, args, num_processes, **kwargs))
