@@ -25,3 +25,59 @@ def test_metrics_contract_and_consistency(trained_run, tiny_shards):
     assert 0 < metrics["nll_bpd"] < 8.5  # better than (or near) uniform over 256 levels after training
     for name in metrics["images"].values():
         assert (trained_run / "eval" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attribute_directions_are_mean_differences():
+    import torch
+
+    from vae.evaluate import ATTRIBUTE_DIRECTIONS, attribute_directions
+
+    n_attr = len(ATTRIBUTE_DIRECTIONS)
+    sums = {"attr_mu": torch.zeros(n_attr, 2, 2, dtype=torch.float64), "attr_n": torch.zeros(n_attr, 2)}
+    sums["attr_mu"][0, 0] = torch.tensor([4.0, 2.0])  # Smiling: 2 images, mean (2, 1)
+    sums["attr_n"][0] = torch.tensor([2, 4])
+    sums["attr_mu"][0, 1] = torch.tensor([4.0, -4.0])  # not smiling: 4 images, mean (1, -1)
+    sums["attr_n"][1] = torch.tensor([0, 6])  # Eyeglasses never seen: no direction
+    found = attribute_directions(sums)
+    assert set(found) == {"Smiling"}
+    assert found["Smiling"].tolist() == [1.0, 2.0]
+
+
+def test_eval_writes_attribute_direction_grids(trained_run):
+    metrics = json.loads((trained_run / "eval" / "metrics.json").read_text())
+    assert "Smiling" in metrics["attribute_directions"]
+    assert (trained_run / "eval" / metrics["images"]["attribute-Smiling"]).exists()
+
+
+def test_anomaly_scores_rank_foreign_images_above_faces(tiny_shards, synth_source, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vae.cli import main
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    names = sorted((synth_source / "img_align_celeba").iterdir())[:6]
+    rng = np.random.default_rng(0)
+    for path in names:
+        face = np.asarray(Image.open(path))
+        Image.fromarray(face).save(folder / f"face-{path.stem}.png")
+        Image.fromarray(255 - face).save(folder / f"inverted-{path.stem}.png")
+        # blocky noise: it stays noise after the 148-crop and the resize to 16x16
+        noise = Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).resize((178, 218), Image.NEAREST)
+        noise.save(folder / f"noise-{path.stem}.png")
+    from conftest import tiny_config
+    from vae.train import train
+
+    trained_run = tmp_path / "run"  # long enough to have learned what faces look like
+    train(tiny_config(trained_run, tiny_shards, "train.steps=150", "train.checkpoint_every=150",
+                      "train.lr=5e-3"), progress=False)
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--run", str(trained_run), "--source", str(folder), "--k", "4", "--out", str(out)]) == 0
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    scores = {key: float(value) for key, value in rows}
+    assert len(scores) == 18 and [float(v) for _, v in rows] == sorted(scores.values(), reverse=True)
+    faces = [v for k, v in scores.items() if k.startswith("face-")]
+    noise = [v for k, v in scores.items() if k.startswith("noise-")]
+    inverted = [v for k, v in scores.items() if k.startswith("inverted-")]
+    assert min(noise) > max(faces) and np.mean(inverted) > np.mean(faces)

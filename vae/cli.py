@@ -85,6 +85,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from vae.score import score
+
+    scores = score(args.run, args.source, k=args.k, out=args.out)
+    print(f"wrote {args.out}: {len(scores)} images, most anomalous {scores[0][0]} ({scores[0][1]:.3f} bits/dim)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from vae.export import export
 
@@ -151,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default=None, help="shards location (default: the run's)")
     p.add_argument("--num-processes", type=_positive, default=1, help="ranks sharing the split")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="per-image NLL in bits/dim (IWAE), most anomalous first, as CSV")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--source", required=True, help="shards folder/URL, image folder, CelebA folder or zip")
+    p.add_argument("--k", type=_positive, default=100)
+    p.add_argument("--out", required=True, help="CSV file to write (key,nll_bpd)")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="encoder.onnx, decoder.onnx, model.json, validated")
     p.add_argument("--run", required=True)

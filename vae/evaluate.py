@@ -21,6 +21,7 @@ from vae.grid import make_grid, write_png
 from vae.objectives import bits_per_dim, gaussian_kl, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+ATTRIBUTE_DIRECTIONS = ("Smiling", "Eyeglasses", "Male", "Blond_Hair")  # CelebA attributes to picture
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -30,11 +31,18 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict, list]:
-    """Sums over a split's images of the ELBO parts and the IWAE bound, and the first batch's images."""
+def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict, tuple | None]:
+    """Sums over a split's images (reduced across ranks) and the first batch's images.
+
+    Sums: n, recon, kl, iwae, iwae^2, mu and mu^2 per latent dimension, and per known attribute the sum
+    of mu and the count over images with (`pos`) and without (`neg`) it.
+    """
     generator = torch.Generator().manual_seed(seed)
     d = model.latent_dim
-    sums = torch.zeros(5 + 2 * d, dtype=torch.float64)  # n, recon, kl, iwae, iwae^2, mu (d), mu^2 (d)
+    zero = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    sums = {"n": zero(1), "recon": zero(1), "kl": zero(1), "iwae": zero(1), "iwae_sq": zero(1),
+            "mu": zero(d), "mu_sq": zero(d), "attr_mu": zero(len(ATTRIBUTE_DIRECTIONS), 2, d),
+            "attr_n": zero(len(ATTRIBUTE_DIRECTIONS), 2)}
     first = None
     for keys, x, metas in loader:
         if first is None:
@@ -46,35 +54,51 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict
         recon = model.likelihood.log_prob(params, x)
         kl = gaussian_kl(mu, logvar).sum(1)
         iwae = iwae_bound(model, x, k, k_chunk, generator)
-        sums[0] += x.shape[0]
-        sums[1] += recon.double().sum()
-        sums[2] += kl.double().sum()
-        sums[3] += iwae.double().sum()
-        sums[4] += iwae.double().pow(2).sum()
-        sums[5:5 + d] += mu.double().sum(0)
-        sums[5 + d:] += mu.double().pow(2).sum(0)
-    sums = _all_reduce(sums)
-    return {"n": int(sums[0]), "elbo": sums[1] - sums[2], "recon": sums[1], "kl": sums[2], "iwae": sums[3],
-            "iwae_sq": sums[4], "mu": sums[5:5 + d], "mu_sq": sums[5 + d:]}, first
+        sums["n"] += x.shape[0]
+        sums["recon"] += recon.double().sum()
+        sums["kl"] += kl.double().sum()
+        sums["iwae"] += iwae.double().sum()
+        sums["iwae_sq"] += iwae.double().pow(2).sum()
+        sums["mu"] += mu.double().sum(0)
+        sums["mu_sq"] += mu.double().pow(2).sum(0)
+        for a, name in enumerate(ATTRIBUTE_DIRECTIONS):
+            values = torch.tensor([m.get("attrs", {}).get(name, 0) for m in metas])
+            for side, sign in enumerate((1, -1)):
+                chosen = values == sign
+                sums["attr_mu"][a, side] += mu[chosen].double().sum(0)
+                sums["attr_n"][a, side] += chosen.sum()
+    sums = {name: _all_reduce(value) for name, value in sums.items()}
+    return sums, first
 
 
 def metrics_from_sums(s: dict, dims: int) -> dict:
-    n = s["n"]
+    n = int(s["n"])
     if n == 0:
         raise ValueError("the split holds no images")
     iwae = float(s["iwae"] / n)
     var = max(0.0, float(s["iwae_sq"] / n) - iwae * iwae) * n / max(1, n - 1)
     mu_var = s["mu_sq"] / n - (s["mu"] / n) ** 2
-    elbo = float(s["elbo"] / n)
+    elbo = float((s["recon"] - s["kl"]) / n)
     return {"n_images": n, "elbo_nats": elbo, "recon_nats": float(s["recon"] / n),
             "kl_nats": float(s["kl"] / n), "iwae_nats": iwae, "iwae_stderr_nats": math.sqrt(var / n),
             "elbo_bpd": bits_per_dim(elbo, dims), "nll_bpd": bits_per_dim(iwae, dims),
             "active_units": int((mu_var > ACTIVE_UNIT_THRESHOLD).sum())}
 
 
+def attribute_directions(sums: dict, min_images: int = 2) -> dict[str, torch.Tensor]:
+    """Mean latent of images with an attribute minus without, for attributes seen both ways."""
+    out = {}
+    for a, name in enumerate(ATTRIBUTE_DIRECTIONS):
+        n_pos, n_neg = (float(v) for v in sums["attr_n"][a])
+        if n_pos >= min_images and n_neg >= min_images:
+            out[name] = sums["attr_mu"][a, 0] / n_pos - sums["attr_mu"][a, 1] / n_neg
+    return out
+
+
 @torch.no_grad()
-def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0) -> dict[str, str]:
-    """Reconstructions beside inputs, samples from the prior, interpolations; returns {name: file}."""
+def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
+                directions: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """Reconstructions beside inputs, prior samples, interpolations and attribute directions: {name: file}."""
     generator = torch.Generator().manual_seed(seed)
     x = first_images
     mu, _ = model.encode(to_unit(x))
@@ -85,9 +109,15 @@ def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0) -> 
     steps = torch.linspace(0, 1, 8).view(1, 8, 1)
     path = (a.unsqueeze(1) * (1 - steps) + b.unsqueeze(1) * steps).flatten(0, 1)
     interpolations = model.decode_mean(path)
+    grids = [("reconstructions", pairs, 8), ("samples", samples, 8), ("interpolations", interpolations, 8)]
+    for name, direction in (directions or {}).items():
+        # each row: one test image moved along the attribute's direction, from -1.5 to +1.5 times it
+        scales = torch.linspace(-1.5, 1.5, 7).view(1, 7, 1)
+        base = mu[: min(6, len(mu))].unsqueeze(1)
+        moved = (base + scales * direction.float().view(1, 1, -1)).flatten(0, 1)
+        grids.append((f"attribute-{name}", model.decode_mean(moved), 7))
     files = {}
-    for name, images, ncols in (("reconstructions", pairs, 8), ("samples", samples, 8),
-                                ("interpolations", interpolations, 8)):
+    for name, images, ncols in grids:
         files[name] = write_png(out / f"{name}.png", make_grid(images.numpy(), ncols))
     return {k: Path(v).name for k, v in files.items()}
 
@@ -108,7 +138,9 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
                "run": str(run_dir)}
     if rank == 0:
         out = run_dir / "eval"
-        metrics["images"] = write_grids(model, first[0], out, seed=cfg.train.seed) if first else {}
+        directions = attribute_directions(sums)
+        metrics["attribute_directions"] = sorted(directions)
+        metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions) if first else {}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
