@@ -54,6 +54,7 @@ class Stack:
     port: int = DEFAULT_PORT
     pool: str = DEFAULT_POOL
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a shorter worker polling interval
 
     @property
     def api_url(self) -> str:
@@ -71,7 +72,7 @@ class Stack:
                    PWD=str(REPO))  # `{{ $PWD }}` in prefect.yaml: Popen(cwd=...) does not update PWD itself
         # Flow runs import this checkout's code (flows, vae, pipeline), whatever is installed.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        return env
+        return {**env, **self.extra_env}
 
     def recorded(self) -> dict[str, int]:
         try:
@@ -162,11 +163,11 @@ def create_pool(stack: Stack) -> None:
 
 
 def deploy(stack: Stack, names: tuple[str, ...] = DEPLOYMENTS) -> None:
-    """`prefect deploy` from prefect.yaml (the pull step records this checkout as the working directory)."""
-    args = ["--no-prompt", "deploy"]
+    """`prefect deploy` from prefect.yaml (the pull step records this checkout as the working directory).
+
+    One call per deployment: with several names `prefect deploy` ignores `--pool`."""
     for name in names:
-        args += ["--name", name]
-    cli(stack, *args, "--pool", stack.pool)
+        cli(stack, "--no-prompt", "deploy", "--name", name, "--pool", stack.pool)
 
 
 def start_worker(stack: Stack) -> subprocess.Popen:
