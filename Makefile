@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean serve serve-stop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1:$(PORT), the process pool `local`, the
+# deployments of prefect.yaml and a worker, in the background; PIDs in $(PREFECT_HOME)/serve.json.
+PORT ?= 4200
+serve: $(STAMP)
+	$(PY) -m flows.serve start --port $(PORT)
+
+serve-stop:
+	$(PY) -m flows.serve stop
 
 clean:
 	rm -rf demo-output .prefect .pytest_cache

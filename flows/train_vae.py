@@ -3,7 +3,9 @@
 Parameters are plain values (paths, URLs, numbers); tasks pass paths, never models. Training runs `vae train`
 as a subprocess (Accelerate, N processes) whose output streams into the Prefect logs; a retried training
 task resumes from the run's last checkpoint because the run folder is fixed before the first attempt.
-Runs without a server (Prefect starts a temporary one) or as the deployment `train-vae/<name>`.
+Runs without a server (Prefect starts a temporary one) or as a deployment of `prefect.yaml`
+(`train-vae/celeba-64`, `train-vae/demo`); with `synthesize_n > 0` a missing source folder is first filled with
+a synthetic CelebA-layout set, so the demo deployment works on a fresh machine.
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import registry as reg
 from vae.config import config_hash, load_config
+from vae.errors import BadInput
 
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
+
+
+@task
+def synthesize_source(source: str, n: int, seed: int = 0) -> dict:
+    """Write a synthetic CelebA-layout data set of `n` images into `source` (the demo's data)."""
+    from pipeline.synth import synthesize
+
+    summary = synthesize(source, n, seed=seed)
+    get_run_logger().info("synthesized %d images into %s (splits %s)", summary["n"], source, summary["splits"])
+    return summary
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])
@@ -106,15 +119,38 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
             "previous": previous}
 
 
+def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
+                     crop: int, shard_workers: int, synthesize_n: int) -> None:
+    """Reject bad flow parameters before any work, with one line that names the parameter."""
+    for name, value in (("source", source), ("shards", shards), ("registry", registry), ("runs", runs)):
+        if not str(value).strip():
+            raise BadInput(f"train-vae parameter '{name}': must not be empty")
+    for name, value, low in (("num_processes", num_processes, 1), ("shard_workers", shard_workers, 1),
+                             ("crop", crop, 0), ("synthesize_n", synthesize_n, 0)):
+        if value < low:
+            raise BadInput(f"train-vae parameter '{name}': must be >= {low}, got {value}")
+    if k is not None and k < 1:
+        raise BadInput(f"train-vae parameter 'k': must be >= 1 or null, got {k}")
+    if synthesize_n == 0 and "://" not in source and not Path(source).exists():
+        raise BadInput(f"train-vae parameter 'source': {source} does not exist (point it at a CelebA folder, "
+                       "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")
+
+
 @flow(name="train-vae")
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
-              crop: int = 148, shard_workers: int = 1) -> dict:
-    """Shard, train, evaluate, export, validate and promote one model version."""
+              crop: int = 148, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0) -> dict:
+    """Shard, train, evaluate, export, validate and promote one model version.
+
+    `synthesize_n > 0`: when `source` holds no data set yet, write that many synthetic faces there first.
+    """
     overrides = list(overrides or [])
+    check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
     version = reg.new_version(config_hash(cfg))
     run_dir = str(Path(runs) / version)
+    if synthesize_n > 0 and not (Path(source) / "list_eval_partition.txt").exists():
+        synthesize_source(source, synthesize_n, synthesize_seed)
     shard_data(source, shards, cfg.model.image_size, crop, shard_workers)
     train_model(config, overrides, run_dir, shards, num_processes)
     metrics = evaluate_model(run_dir, k)

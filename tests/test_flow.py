@@ -1,7 +1,9 @@
-"""The train-vae flow end to end on a tiny synthetic set with Prefect's test harness, and the registry's
-champion/challenger rule."""
+"""The train-vae flow end to end on a tiny synthetic set with Prefect's test harness: promotion, a retried
+training step that resumes from its checkpoint, bad parameters; and the registry's champion/challenger rule."""
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,89 @@ def test_flow_rejects_bad_configuration_before_any_work(prefect_harness, synth_s
         train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
                   registry=str(tmp_path / "registry"), overrides=["train.nope=1"])
     assert not (tmp_path / "shards").exists()
+
+
+class _RecordingLogger:
+    """Stands in for the run logger in flows.train_vae: keeps every line and still logs it to Prefect."""
+
+    def __init__(self, get_logger):
+        self.get_logger, self.lines = get_logger, []
+
+    def info(self, msg, *args):
+        self.lines.append(msg % args if args else msg)
+        self.get_logger().info(msg, *args)
+
+
+def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_source, tmp_path, monkeypatch):
+    """The first attempt of `vae train` is SIGKILLed once a checkpoint exists; Prefect retries the task and the
+    retry resumes from that checkpoint instead of starting over."""
+    from conftest import TINY
+    from flows import train_vae as tv
+    from vae.checkpoint import latest_checkpoint
+
+    real_stream, attempts, killed_at = tv._stream, [], []
+
+    def killed_after_first_checkpoint(cmd):
+        attempts.append(cmd)
+        if len(attempts) > 1:
+            return real_stream(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("run_dir=")).split("=", 1)[1])
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while latest_checkpoint(run_dir) is None and proc.poll() is None:
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        killed_at.append(latest_checkpoint(run_dir))
+        return proc.returncode
+
+    logger = _RecordingLogger(tv.get_run_logger)
+    monkeypatch.setattr(tv, "_stream", killed_after_first_checkpoint)
+    monkeypatch.setattr(tv, "get_run_logger", lambda: logger)
+    monkeypatch.setattr(tv, "train_model", tv.train_model.with_options(retry_delay_seconds=0))
+    registry = tmp_path / "registry"
+    result = tv.train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
+                          registry=str(registry), runs=str(tmp_path / "runs"),
+                          overrides=[*TINY, "train.steps=30", "train.checkpoint_every=10"])
+
+    assert len(attempts) == 2 and attempts[0] == attempts[1]  # the same command, the same run folder
+    assert killed_at[0] is not None, "the first attempt wrote no checkpoint before it was killed"
+    resumed_step = int(killed_at[0].stem.split("-")[1])
+    assert resumed_step >= 10
+    assert any(f"from {killed_at[0].name} (step {resumed_step})" in line for line in logger.lines), logger.lines
+    run_dir = tmp_path / "runs" / result["version"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps.count(5) == 1 and steps[-1] == 30  # not restarted from step 0
+    assert latest_checkpoint(run_dir).name == "step-00000030.pt"
+    assert result["promoted"] and reg.read_champion(registry)["version"] == result["version"]
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"source": "/no/such/folder"}, "parameter 'source': /no/such/folder does not exist"),
+    ({"num_processes": 0}, "parameter 'num_processes': must be >= 1, got 0"),
+    ({"k": 0}, "parameter 'k': must be >= 1 or null, got 0"),
+    ({"synthesize_n": -5}, "parameter 'synthesize_n': must be >= 0, got -5"),
+    ({"shards": " "}, "parameter 'shards': must not be empty"),
+])
+def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
+    from flows.train_vae import check_parameters
+    from vae.errors import BadInput
+
+    values = {"source": str(synth_source), "shards": str(tmp_path / "s"), "registry": str(tmp_path / "r"),
+              "runs": str(tmp_path / "runs"), "num_processes": 1, "k": None, "crop": 148, "shard_workers": 1,
+              "synthesize_n": 0, **params}
+    with pytest.raises(BadInput) as caught:
+        check_parameters(**values)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_flow_rejects_a_missing_source_before_any_work(prefect_harness, tmp_path):
+    from flows.train_vae import train_vae
+    from vae.errors import BadInput
+
+    with pytest.raises(BadInput, match="set synthesize_n"):
+        train_vae(source=str(tmp_path / "absent"), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
+                  registry=str(tmp_path / "registry"))
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "absent").exists()
 
 
 def _metrics(nll, k=100, split="test"):

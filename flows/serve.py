@@ -1,0 +1,306 @@
+"""A local Prefect stack for operations (`make serve`): a server on 127.0.0.1 (SQLite under PREFECT_HOME), the
+process work pool, the deployments of `prefect.yaml`, and a worker.
+
+    python -m flows.serve start [--port 4200] [--pool local]    # `make serve`
+    python -m flows.serve stop                                   # `make serve-stop`
+    python -m flows.serve status
+
+Server and worker run in their own sessions (process groups), so one signal to the group stops each with its
+children; their PIDs go to `PREFECT_HOME/serve.json` as soon as they start, so `stop` finds them even after a
+failed start. The end-to-end test drives the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PORT = 4200
+DEFAULT_POOL = "local"
+DEPLOYMENTS = ("demo", "celeba-64")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or REPO / ".prefect")
+
+
+def prefect_cli() -> list[str]:
+    """The `prefect` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("prefect")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("prefect")
+    if found is None:
+        raise SystemExit("serve: the `prefect` command is not installed in this environment")
+    return [found]
+
+
+@dataclass
+class Stack:
+    """Where a local stack lives and how to reach it; `procs` holds the processes this interpreter started."""
+
+    home: Path
+    port: int = DEFAULT_PORT
+    pool: str = DEFAULT_POOL
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a shorter worker polling interval
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "serve.json"
+
+    def env(self) -> dict[str, str]:
+        """The environment of every Prefect client and process of this stack."""
+        env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url,
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", ORT_DISABLE_TELEMETRY="1",
+                   PYTHONUNBUFFERED="1",
+                   PWD=str(REPO))  # `{{ $PWD }}` in prefect.yaml: Popen(cwd=...) does not update PWD itself
+        # Flow runs import this checkout's code (flows, vae, pipeline), whatever is installed.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        return {**env, **self.extra_env}
+
+    def recorded(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in json.loads(self.pid_file.read_text()).get("pids", {}).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, name: str, pid: int) -> None:
+        pids = {**self.recorded(), name: pid}
+        self.home.mkdir(parents=True, exist_ok=True)
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": self.port, "pool": self.pool, "pids": pids}, indent=1))
+        tmp.replace(self.pid_file)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
+    """Start `prefect ARGS` in a new session, output to `PREFECT_HOME/<name>.log`; the PID is recorded at once."""
+    stack.home.mkdir(parents=True, exist_ok=True)
+    with open(stack.home / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen([*prefect_cli(), *args], cwd=REPO, env=stack.env(), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    stack.procs[name] = proc
+    stack.record(name, proc.pid)
+    return proc
+
+
+def log_tail(stack: Stack, name: str, lines: int = 5) -> str:
+    try:
+        return "\n".join((stack.home / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_healthy(stack: Stack, timeout: float = 120.0) -> float:
+    """Poll `/api/health` until the server answers; returns the seconds it took."""
+    started = time.time()
+    server = stack.procs.get("server")
+    while time.time() - started < timeout:
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"prefect server exited with code {server.returncode}:\n{log_tail(stack, 'server')}")
+        try:
+            with urllib.request.urlopen(f"{stack.api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return time.time() - started
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"prefect server on {stack.api_url} not healthy after {timeout:.0f} s:\n"
+                       f"{log_tail(stack, 'server')}")
+
+
+def cli(stack: Stack, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """Run a `prefect` CLI command against the stack; raise with the output's tail when it fails."""
+    done = subprocess.run([*prefect_cli(), *args], cwd=REPO, env=stack.env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"prefect {' '.join(args)} exited with code {done.returncode}:\n{tail}")
+    return done
+
+
+def start_server(stack: Stack) -> float:
+    if not port_free(stack.port):
+        raise RuntimeError(f"port {stack.port} on 127.0.0.1 is in use (a server already running? "
+                           f"`make serve-stop`, or choose another with PORT=...)")
+    spawn(stack, "server", ["server", "start", "--host", "127.0.0.1", "--port", str(stack.port),
+                            "--analytics-off"])
+    return wait_healthy(stack)
+
+
+def create_pool(stack: Stack) -> None:
+    cli(stack, "work-pool", "create", stack.pool, "--type", "process", "--overwrite")
+
+
+def deploy(stack: Stack, names: tuple[str, ...] = DEPLOYMENTS) -> None:
+    """`prefect deploy` from prefect.yaml (the pull step records this checkout as the working directory).
+
+    One call per deployment: with several names `prefect deploy` ignores `--pool`."""
+    for name in names:
+        cli(stack, "--no-prompt", "deploy", "--name", name, "--pool", stack.pool)
+
+
+def start_worker(stack: Stack) -> subprocess.Popen:
+    return spawn(stack, "worker", ["worker", "start", "--pool", stack.pool, "--type", "process"])
+
+
+def start(stack: Stack, names: tuple[str, ...] = DEPLOYMENTS) -> Stack:
+    """Server, pool, deployments, worker; on any failure, stop what was started and re-raise."""
+    try:
+        start_server(stack)
+        create_pool(stack)
+        deploy(stack, names)
+        start_worker(stack)
+    except BaseException:
+        stop(stack)
+        raise
+    return stack
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs below `pid` (Linux /proc), so children in other sessions (flow runs) are stopped too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int, proc: subprocess.Popen | None) -> bool:
+    if proc is not None:
+        return proc.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _is_prefect(pid: int) -> bool:
+    """Guard against a recycled PID: only signal what still looks like the process we started."""
+    try:
+        return b"prefect" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc").is_dir()
+
+
+def _signal(pid: int, sig: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_pid(pid: int, proc: subprocess.Popen | None = None, grace: float = 15.0) -> None:
+    """SIGTERM the process group led by `pid` and the process's descendants; SIGKILL what is left after `grace`."""
+    if proc is None and not _is_prefect(pid):
+        return
+    below = _descendants(pid)
+    _signal(pid, signal.SIGTERM, group=True)
+    for child in below:
+        _signal(child, signal.SIGTERM, group=False)
+    deadline = time.time() + grace
+    while time.time() < deadline and (_alive(pid, proc) or any(_alive(c, None) for c in below)):
+        time.sleep(0.2)
+    for child in [*below, *_descendants(pid)]:
+        _signal(child, signal.SIGKILL, group=False)
+    _signal(pid, signal.SIGKILL, group=True)
+    if proc is not None:
+        proc.wait(timeout=10)
+
+
+def stop(stack: Stack) -> list[str]:
+    """Stop the worker, then the server (recorded PIDs and those this interpreter started); forget them."""
+    pids = stack.recorded()
+    names = sorted(set(pids) | set(stack.procs), key=lambda n: n == "server")  # the worker first
+    for name in names:
+        proc = stack.procs.get(name)
+        stop_pid(proc.pid if proc is not None else pids[name], proc)
+    stack.pid_file.unlink(missing_ok=True)
+    stack.procs.clear()
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    parser.add_argument("--pool", default=os.environ.get("POOL", DEFAULT_POOL))
+    parser.add_argument("--home", default=None, help="PREFECT_HOME (default: $PREFECT_HOME or .prefect)")
+    args = parser.parse_args(argv)
+    stack = Stack(Path(args.home) if args.home else default_home(), args.port, args.pool)
+    if args.command == "stop":
+        stopped = stop(stack)
+        print(f"stopped {', '.join(stopped)}" if stopped else "nothing recorded to stop")
+        return 0
+    if args.command == "status":
+        pids = stack.recorded()
+        for name, pid in pids.items():
+            print(f"{name}: pid {pid} {'running' if _alive(pid, None) else 'not running'}")
+        return 0 if pids else 1
+    if stack.recorded():
+        print(f"serve: a stack is already recorded in {stack.pid_file}; run `make serve-stop` first",
+              file=sys.stderr)
+        return 2
+    try:
+        start(stack)
+    except RuntimeError as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return 1
+    print(f"Prefect server  {stack.api_url} (UI http://127.0.0.1:{stack.port}), logs in {stack.home}")
+    print(f"work pool       {stack.pool} (process), worker pid {stack.procs['worker'].pid}")
+    print(f"deployments     {', '.join('train-vae/' + n for n in DEPLOYMENTS)}")
+    print(f"next            export PREFECT_API_URL={stack.api_url}")
+    print("                prefect deployment run train-vae/demo --watch")
+    print("stop            make serve-stop")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

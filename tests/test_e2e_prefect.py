@@ -1,0 +1,198 @@
+"""End to end with a real Prefect server and worker, as operations run it (`make serve` drives the same code):
+
+server on 127.0.0.1 (temporary PREFECT_HOME, SQLite) -> process work pool -> `prefect deploy` from prefect.yaml
+-> worker -> `prefect deployment run train-vae/demo --watch` (tiny overrides), checked through the API: the run
+completed, its artifacts exist, the registry holds the version and champion.json names it. Then new images in
+the source: only new shards are written and promotion follows the metrics. The schedule and concurrency limit
+of train-vae/celeba-64 are read back. Every process started here is stopped by PID in the fixture's teardown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from flows import registry as reg
+from flows import serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    started = time.time()
+    stack = serve.Stack(home, serve.free_port(), "e2e-local",
+                        extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"})
+    try:
+        serve.start(stack)  # server, pool, `prefect deploy --name demo --name celeba-64`, worker
+        stack.startup_s = time.time() - started
+        yield stack
+    finally:
+        pids = {name: proc.pid for name, proc in stack.procs.items()}
+        serve.stop(stack)
+        for name, pid in pids.items():  # nothing this test started survives it
+            assert not serve._alive(pid, None), f"{name} (pid {pid}) still running"
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def run_deployment(stack, name: str, params: dict, timeout: int = 300) -> tuple[str, subprocess.CompletedProcess]:
+    """`prefect deployment run NAME --watch`, returning the flow run id (and the CLI's output)."""
+    done = subprocess.run([*serve.prefect_cli(), "deployment", "run", name, "--params", json.dumps(params),
+                           "--watch", "--watch-interval", "1", "--watch-timeout", str(timeout)],
+                          cwd=serve.REPO, env=stack.env(), capture_output=True, text=True, timeout=timeout + 60)
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout)
+    assert found, f"no flow run id in the output of prefect deployment run:\n{done.stdout}\n{done.stderr}"
+    return found.group(1), done
+
+
+def artifacts_of(client, flow_run_id: str) -> dict:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def shard_files(shards: Path) -> dict[str, tuple[str, int]]:
+    """Every shard file on disk: relative path -> (sha256, mtime_ns)."""
+    return {str(p.relative_to(shards)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(shards.glob("*/*.tar"))}
+
+
+def add_images(source: Path, n: int, seed: int, tmp: Path) -> int:
+    """Append `n` new synthetic faces (keys after the existing ones) to a CelebA-layout source."""
+    from pipeline.synth import synthesize
+
+    synthesize(tmp, n, seed=seed)
+    offset = len(list((source / "img_align_celeba").glob("*.jpg")))
+    renamed = {f"{i + 1:06d}": f"{offset + i + 1:06d}" for i in range(n)}
+    for old, new in renamed.items():
+        shutil.copyfile(tmp / "img_align_celeba" / f"{old}.jpg", source / "img_align_celeba" / f"{new}.jpg")
+
+    def rename(line: str) -> str:
+        name, rest = line.split(maxsplit=1)
+        return f"{renamed[Path(name).stem]}.jpg {rest}"
+
+    for fname in ("list_eval_partition.txt", "identity_CelebA.txt"):
+        extra = [rename(line) for line in (tmp / fname).read_text().splitlines() if line.strip()]
+        (source / fname).write_text((source / fname).read_text() + "\n".join(extra) + "\n")
+    attrs = (source / "list_attr_celeba.txt").read_text().splitlines()
+    extra = [rename(line) for line in (tmp / "list_attr_celeba.txt").read_text().splitlines()[2:] if line.strip()]
+    (source / "list_attr_celeba.txt").write_text("\n".join([str(offset + n), attrs[1], *attrs[2:], *extra]) + "\n")
+    return offset + n
+
+
+def test_demo_deployment_runs_promotes_and_reshards_incrementally(stack, client, tmp_path):
+    out = tmp_path / "demo"
+    params = {"source": str(out / "data"), "synthesize_n": 120, "shards": str(out / "shards"),
+              "registry": str(out / "registry"), "runs": str(out / "runs"),
+              "overrides": [*TINY, "train.steps=10", "train.checkpoint_every=10"]}
+    timings = {"startup_s": round(stack.startup_s, 1)}
+
+    # First run: synthesizes the source (absent), shards, trains, promotes (no champion yet).
+    started = time.time()
+    first_id, done = run_deployment(stack, "train-vae/demo", params)
+    timings["first_run_s"] = round(time.time() - started, 1)
+    first = client.read_flow_run(first_id)
+    assert first.state.is_completed(), f"{first.state}\n{done.stdout[-3000:]}"
+    versions = sorted(p.name for p in (out / "registry" / "train-vae" / "versions").iterdir())
+    assert len(versions) == 1
+    champion = reg.read_champion(out / "registry")
+    assert champion["version"] == versions[0]
+    first_metrics = json.loads((out / "registry" / "train-vae" / "versions" / versions[0] / "metrics.json")
+                               .read_text())
+    assert champion["nll_bpd"] == first_metrics["nll_bpd"]
+
+    artifacts = artifacts_of(client, first_id)
+    assert {"train-vae-metrics", "train-vae-summary"} <= set(artifacts)
+    table = artifacts["train-vae-metrics"].data
+    rows = {row["metric"]: row["value"] for row in (json.loads(table) if isinstance(table, str) else table)}
+    assert rows["nll_bpd"] == pytest.approx(first_metrics["nll_bpd"]) and rows["k"] == 8
+    summary = artifacts["train-vae-summary"].data
+    assert f"# train-vae {versions[0]}" in summary and "**promoted**: no champion yet" in summary
+    assert "samples.png" in summary
+
+    # New images in the source: only new shards, the old ones untouched byte for byte.
+    manifest_before = json.loads((out / "shards" / "manifest.json").read_text())
+    files_before = shard_files(out / "shards")
+    total = add_images(out / "data", 40, seed=11, tmp=tmp_path / "more")
+    assert total == 160
+
+    started = time.time()
+    second_id, done = run_deployment(stack, "train-vae/demo", {**params, "overrides": [
+        *TINY, "train.steps=3", "train.checkpoint_every=3"]})
+    timings["second_run_s"] = round(time.time() - started, 1)
+    second = client.read_flow_run(second_id)
+    assert second.state.is_completed(), f"{second.state}\n{done.stdout[-3000:]}"
+
+    manifest_after = json.loads((out / "shards" / "manifest.json").read_text())
+    files_after = shard_files(out / "shards")
+    assert {k: v for k, v in files_after.items() if k in files_before} == files_before
+    new_files = set(files_after) - set(files_before)
+    assert new_files, "no new shard for the new images"
+    for split in ("train", "valid", "test"):
+        old = manifest_before["splits"][split]["shards"]
+        assert manifest_after["splits"][split]["shards"][:len(old)] == old
+    counted = sum(manifest_after["splits"][s]["count"] for s in ("train", "valid", "test"))
+    assert counted == 160 - len(manifest_after["skipped"])
+    assert counted - sum(manifest_before["splits"][s]["count"] for s in ("train", "valid", "test")) == 40
+
+    # Promotion followed the metrics: the new version is kept either way, champion only when better.
+    versions = sorted(p.name for p in (out / "registry" / "train-vae" / "versions").iterdir())
+    assert len(versions) == 2
+    second_metrics = json.loads((out / "registry" / "train-vae" / "versions" / versions[1] / "metrics.json")
+                                .read_text())
+    better = second_metrics["nll_bpd"] < first_metrics["nll_bpd"]
+    assert reg.read_champion(out / "registry")["version"] == (versions[1] if better else versions[0])
+    summary = artifacts_of(client, second_id)["train-vae-summary"].data
+    assert ("**promoted**" if better else "**not promoted**") in summary
+    assert f"champion {versions[0]}" in summary
+    timings["promoted_second"] = better
+    print("e2e timings", json.dumps(timings))
+
+
+def test_bad_parameters_fail_the_run_with_one_line(stack, client, tmp_path):
+    run_id, done = run_deployment(stack, "train-vae/demo", {"source": str(tmp_path / "absent"), "synthesize_n": 0,
+                                                            "shards": str(tmp_path / "shards"),
+                                                            "registry": str(tmp_path / "registry")})
+    state = client.read_flow_run(run_id).state
+    assert state.is_failed() and done.returncode != 0
+    assert "train-vae parameter 'source'" in state.message and "does not exist" in state.message
+    assert not (tmp_path / "shards").exists()
+
+
+def test_deployments_read_back_schedule_concurrency_and_pull_step(stack, client):
+    celeba = client.read_deployment_by_name("train-vae/celeba-64")
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in celeba.schedules] == [
+        ("0 3 * * 1", "Europe/Berlin", True)]
+    assert celeba.global_concurrency_limit.limit == 1
+    assert celeba.concurrency_options.collision_strategy == "ENQUEUE"
+    assert celeba.entrypoint == "flows/train_vae.py:train_vae" and celeba.work_pool_name == stack.pool
+    assert celeba.parameters["config"] == "configs/celeba64.yaml"
+    assert celeba.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": str(serve.REPO)}}]
+
+    demo = client.read_deployment_by_name("train-vae/demo")
+    assert demo.schedules == [] and demo.global_concurrency_limit.limit == 1
+    assert demo.parameters["synthesize_n"] > 0 and demo.parameters["config"] == "configs/demo.yaml"
+
+    listed = subprocess.run([*serve.prefect_cli(), "deployment", "schedule", "ls", "train-vae/celeba-64"],
+                            env=stack.env(), cwd=serve.REPO, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "0 3 * * 1" in listed.stdout, listed.stdout + listed.stderr
