@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.records import index_shard, read_shard
+from pipeline.records import index_shard
 from pipeline.storage import join, read_bytes
-from pipeline.shard import MANIFEST
+from pipeline.shard import MANIFEST, read_manifest
 from vae.errors import BadInput
 
 
@@ -34,11 +34,21 @@ class ShardRef:
 
 
 def load_manifest(shards: str) -> dict:
-    try:
-        manifest = json.loads(read_bytes(join(shards, MANIFEST)))
-    except FileNotFoundError:
-        raise BadInput(f"shards {shards}: no {MANIFEST} (run `vae data shard` first)") from None
+    manifest = read_manifest(shards)
+    if manifest is None:
+        raise BadInput(f"shards {shards}: no {MANIFEST} (run `vae data shard` first)")
     return manifest
+
+
+def _read(ref: ShardRef, meta: bool):
+    """A shard's bytes and index; a missing or unreadable shard is one line naming it."""
+    try:
+        data = read_bytes(ref.url)
+        return data, index_shard(data, meta)
+    except FileNotFoundError:
+        raise BadInput(f"shard {ref.url}: listed in the manifest but missing") from None
+    except ValueError as err:
+        raise BadInput(f"shard {ref.url}: unreadable ({err})") from None
 
 
 def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[ShardRef]:
@@ -81,8 +91,7 @@ class TrainStream(IterableDataset):
         while True:
             while len(buffer) < target:
                 ref = self.shards[rng.choice(len(self.shards), p=weights)]
-                data = read_bytes(ref.url)
-                buffer.add(ref.url, data, index_shard(data, meta=False))
+                buffer.add(ref.url, *_read(ref, meta=False))
             yield _to_batch(buffer.draw(rng, self.batch_size))
 
 
@@ -143,7 +152,7 @@ class EvalStream(IterableDataset):
         worker, workers = _consumer()
         total = sum(s.count for s in self.shards)
         start, stop = partition(total, self.world_size * workers, self.rank * workers + worker)
-        pending: list[tuple[list[str], np.ndarray, list]] = []
+        pending: list[tuple] = []
         pending_size = 0
         offset = 0
         for ref in self.shards:
@@ -151,13 +160,17 @@ class EvalStream(IterableDataset):
             offset = hi
             if hi <= start or lo >= stop:
                 continue
-            keys, pixels, metas = read_shard(read_bytes(ref.url))
+            data, index = _read(ref, meta=True)
+            keys, metas = index.keys, index.metas
+            rows = index.rows(data)  # a view over the shard's bytes: only this consumer's rows get copied
+            if index.dtype != np.uint8:
+                raise BadInput(f"shard {ref.url}: pixels are {index.dtype}, expected uint8")
             if len(keys) != ref.count:
                 raise BadInput(f"shard {ref.url}: holds {len(keys)} samples, the manifest says {ref.count}")
             a, b = max(start - lo, 0), min(stop - lo, ref.count)
             while a < b:
                 take = min(self.batch_size - pending_size, b - a)
-                pending.append((keys[a:a + take], pixels[a:a + take], metas[a:a + take]))
+                pending.append((keys[a:a + take], rows[a:a + take], metas[a:a + take], index.shape))
                 pending_size += take
                 a += take
                 if pending_size == self.batch_size:
@@ -167,9 +180,12 @@ class EvalStream(IterableDataset):
             yield _join(pending)
 
 
-def _join(pieces: list[tuple[list[str], np.ndarray, list]]) -> tuple[list[str], torch.Tensor, list[dict]]:
+def _join(pieces: list[tuple]) -> tuple[list[str], torch.Tensor, list[dict]]:
+    """(keys, uint8 [B, 3, H, W], metas) from pieces of shards; one copy of the pixels, into the batch."""
     keys = [k for piece in pieces for k in piece[0]]
-    pixels = pieces[0][1] if len(pieces) == 1 else np.concatenate([piece[1] for piece in pieces])
+    if any(piece[3] != pieces[0][3] for piece in pieces):
+        raise BadInput(f"shards hold images of different shapes: {sorted({piece[3] for piece in pieces})}")
+    pixels = np.concatenate([piece[1] for piece in pieces]).reshape(len(keys), *pieces[0][3])
     metas = [json.loads(bytes(m)) if m is not None else {} for piece in pieces for m in piece[2]]
     return keys, _to_batch(pixels), metas
 

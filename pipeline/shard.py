@@ -50,8 +50,9 @@ def read_manifest(shards: str | os.PathLike) -> dict | None:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadInput(f"{path}: not valid JSON ({err})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BadInput(f"{path}: unknown format_version {manifest.get('format_version')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BadInput(f"{path}: not a shard manifest (format_version {found!r}, expected {FORMAT_VERSION})")
     return manifest
 
 
