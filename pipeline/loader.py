@@ -92,7 +92,7 @@ class TrainStream(IterableDataset):
             while len(buffer) < target:
                 ref = self.shards[rng.choice(len(self.shards), p=weights)]
                 buffer.add(ref.url, *_read(ref, meta=False))
-            yield _to_batch(buffer.draw(rng, self.batch_size))
+            yield buffer.draw(rng, self.batch_size).permute(0, 3, 1, 2)
 
 
 class _ShuffleBuffer:
@@ -127,14 +127,21 @@ class _ShuffleBuffer:
         self.pool[rows] = index.rows(data)
         self.occupied = np.concatenate([self.occupied, rows])
 
-    def draw(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+    def draw(self, rng: np.random.Generator, batch_size: int) -> torch.Tensor:
+        """uint8 [batch_size, H, W, C], drawn without replacement."""
         picks = rng.choice(len(self.occupied), batch_size, replace=False)
         rows = self.occupied[picks]
         keep = np.ones(len(self.occupied), bool)
         keep[picks] = False
         self.occupied = self.occupied[keep]
         self.free = np.concatenate([self.free, rows])
-        return self.pool[rows].reshape(batch_size, *self.shape)
+        batch = torch.empty((batch_size, self.pool.shape[1]), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            # in a DataLoader worker, gather straight into shared memory: the batch then reaches the main
+            # process without the extra copy DataLoader would make to share it
+            batch.share_memory_()
+        np.take(self.pool, rows, axis=0, out=batch.numpy())
+        return batch.view(batch_size, *self.shape)
 
 
 def partition(total: int, parts: int, index: int) -> tuple[int, int]:
