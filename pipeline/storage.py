@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from vae.atomic import atomic_write_bytes
 
@@ -90,6 +89,3 @@ def remove_stale_temps(folder: str, is_ours) -> list[str]:
                 pass
     return removed
 
-
-def describe(location: str | os.PathLike) -> str:
-    return str(location) if is_url(location) else str(Path(_local(location)).resolve())
