@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.records import iter_samples
+from pipeline.records import index_shard
 from pipeline.storage import join, read_bytes
-from pipeline.shard import MANIFEST
+from pipeline.shard import MANIFEST, read_manifest
 from vae.errors import BadInput
 
 
@@ -34,11 +34,21 @@ class ShardRef:
 
 
 def load_manifest(shards: str) -> dict:
-    try:
-        manifest = json.loads(read_bytes(join(shards, MANIFEST)))
-    except FileNotFoundError:
-        raise BadInput(f"shards {shards}: no {MANIFEST} (run `vae data shard` first)") from None
+    manifest = read_manifest(shards)
+    if manifest is None:
+        raise BadInput(f"shards {shards}: no {MANIFEST} (run `vae data shard` first)")
     return manifest
+
+
+def _read(ref: ShardRef, meta: bool):
+    """A shard's bytes and index; a missing or unreadable shard is one line naming it."""
+    try:
+        data = read_bytes(ref.url)
+        return data, index_shard(data, meta)
+    except FileNotFoundError:
+        raise BadInput(f"shard {ref.url}: listed in the manifest but missing") from None
+    except ValueError as err:
+        raise BadInput(f"shard {ref.url}: unreadable ({err})") from None
 
 
 def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[ShardRef]:
@@ -49,8 +59,9 @@ def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[
             for rec in manifest["splits"][split]["shards"] if rec["count"] > 0]
 
 
-def _to_batch(pixels: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+def _to_batch(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> a uint8 [B, 3, H, W] tensor sharing its memory (a view, no copy)."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
 def _consumer() -> tuple[int, int]:
@@ -73,21 +84,68 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         worker, _ = _consumer()
         rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
-        buffer: list[tuple[str, np.ndarray]] = []
-        total = sum(s.count for s in self.shards)
-        target = max(self.batch_size, min(self.shuffle_buffer, total))
-        weights = np.array([s.count for s in self.shards], dtype=np.float64)
-        weights /= weights.sum()
+        counts = np.array([s.count for s in self.shards], dtype=np.int64)
+        target = int(max(self.batch_size, min(self.shuffle_buffer, counts.sum())))
+        weights = counts / counts.sum()
+        buffer = _ShuffleBuffer(target + int(counts.max()))
         while True:
             while len(buffer) < target:
                 ref = self.shards[rng.choice(len(self.shards), p=weights)]
-                buffer.extend((key, pixels) for key, pixels, _ in iter_samples(read_bytes(ref.url)))
-            picks = []
-            for _ in range(self.batch_size):  # draw without replacement from the buffer
-                i = int(rng.integers(len(buffer)))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                picks.append(buffer.pop())
-            yield [key for key, _ in picks], _to_batch([pixels for _, pixels in picks])
+                buffer.add(ref.url, *_read(ref, meta=False))
+            keys, batch = buffer.draw(rng, self.batch_size)
+            yield keys, batch.permute(0, 3, 1, 2)
+
+
+class _ShuffleBuffer:
+    """A shuffle buffer held in one uint8 array: a shard's pixels are copied straight from its bytes into
+    free rows, a batch is drawn without replacement by index (one gather), and its rows become free.
+    Each image is copied twice in all (shard bytes -> buffer -> batch), with no per-sample Python objects."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.pool: np.ndarray | None = None  # [capacity, nbytes] uint8, allocated at the first shard
+        self.keys = np.empty(capacity, dtype=object)  # the key of the image in each row
+        self.shape: tuple[int, ...] = ()
+        self.occupied = np.empty(0, np.int64)  # rows holding images not yet drawn
+        self.free = np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.occupied)
+
+    def add(self, url: str, data: bytes, index) -> None:
+        if self.pool is None:
+            self.shape = (*index.shape,)
+            self.pool = np.empty((self.capacity, index.nbytes), np.uint8)
+            self.free = np.arange(self.capacity, dtype=np.int64)
+        if index.shape != self.shape or index.dtype != np.uint8:
+            raise BadInput(f"shard {url}: images of {index.shape} {index.dtype}, earlier shards {self.shape} uint8")
+        n = len(index)
+        if n > len(self.free):  # a shard bigger than the manifest said: grow
+            extra = n - len(self.free)
+            self.pool = np.concatenate([self.pool, np.empty((extra, self.pool.shape[1]), np.uint8)])
+            self.keys = np.concatenate([self.keys, np.empty(extra, dtype=object)])
+            self.free = np.concatenate([self.free, np.arange(self.capacity, self.capacity + extra)])
+            self.capacity += extra
+        rows, self.free = self.free[:n], self.free[n:]
+        self.pool[rows] = index.rows(data)
+        self.keys[rows] = index.keys
+        self.occupied = np.concatenate([self.occupied, rows])
+
+    def draw(self, rng: np.random.Generator, batch_size: int) -> tuple[list[str], torch.Tensor]:
+        """(keys, uint8 [batch_size, H, W, C]), drawn without replacement."""
+        picks = rng.choice(len(self.occupied), batch_size, replace=False)
+        rows = self.occupied[picks]
+        keep = np.ones(len(self.occupied), bool)
+        keep[picks] = False
+        self.occupied = self.occupied[keep]
+        self.free = np.concatenate([self.free, rows])
+        batch = torch.empty((batch_size, self.pool.shape[1]), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            # in a DataLoader worker, gather straight into shared memory: the batch then reaches the main
+            # process without the extra copy DataLoader would make to share it
+            batch.share_memory_()
+        np.take(self.pool, rows, axis=0, out=batch.numpy())
+        return self.keys[rows].tolist(), batch.view(batch_size, *self.shape)
 
 
 def partition(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -105,23 +163,42 @@ class EvalStream(IterableDataset):
         worker, workers = _consumer()
         total = sum(s.count for s in self.shards)
         start, stop = partition(total, self.world_size * workers, self.rank * workers + worker)
-        keys, pixels, metas = [], [], []
+        pending: list[tuple] = []
+        pending_size = 0
         offset = 0
         for ref in self.shards:
             lo, hi = offset, offset + ref.count
             offset = hi
             if hi <= start or lo >= stop:
                 continue
-            for i, (key, px, meta) in enumerate(iter_samples(read_bytes(ref.url))):
-                if start <= lo + i < stop:
-                    keys.append(key)
-                    pixels.append(px)
-                    metas.append(json.loads(bytes(meta)) if meta is not None else {})
-                    if len(keys) == self.batch_size:
-                        yield keys, _to_batch(pixels), metas
-                        keys, pixels, metas = [], [], []
-        if keys:
-            yield keys, _to_batch(pixels), metas
+            data, index = _read(ref, meta=True)
+            keys, metas = index.keys, index.metas
+            rows = index.rows(data)  # a view over the shard's bytes: only this consumer's rows get copied
+            if index.dtype != np.uint8:
+                raise BadInput(f"shard {ref.url}: pixels are {index.dtype}, expected uint8")
+            if len(keys) != ref.count:
+                raise BadInput(f"shard {ref.url}: holds {len(keys)} samples, the manifest says {ref.count}")
+            a, b = max(start - lo, 0), min(stop - lo, ref.count)
+            while a < b:
+                take = min(self.batch_size - pending_size, b - a)
+                pending.append((keys[a:a + take], rows[a:a + take], metas[a:a + take], index.shape))
+                pending_size += take
+                a += take
+                if pending_size == self.batch_size:
+                    yield _join(pending)
+                    pending, pending_size = [], 0
+        if pending:
+            yield _join(pending)
+
+
+def _join(pieces: list[tuple]) -> tuple[list[str], torch.Tensor, list[dict]]:
+    """(keys, uint8 [B, 3, H, W], metas) from pieces of shards; one copy of the pixels, into the batch."""
+    keys = [k for piece in pieces for k in piece[0]]
+    if any(piece[3] != pieces[0][3] for piece in pieces):
+        raise BadInput(f"shards hold images of different shapes: {sorted({piece[3] for piece in pieces})}")
+    pixels = np.concatenate([piece[1] for piece in pieces]).reshape(len(keys), *pieces[0][3])
+    metas = [json.loads(bytes(m)) if m is not None else {} for piece in pieces for m in piece[2]]
+    return keys, _to_batch(pixels), metas
 
 
 def train_loader(shards: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -135,4 +212,9 @@ def train_loader(shards: str, batch_size: int, seed: int, rank: int = 0, world_s
 def eval_loader(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0) -> DataLoader:
     stream = EvalStream(split_shards(shards, split), batch_size, rank, world_size)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers)
+    # batches are already (keys, tensor, metas): skip DataLoader's per-element conversion walk over metas
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+
+
+def _as_is(batch):
+    return batch

@@ -4,10 +4,12 @@ A sample is two tar members, `<key>.npy` (uint8 [H, W, 3], standard NumPy format
 `<key>.json` (`image_id`, `split`, `identity`, `attrs` where known). Both are standard extensions, so `tar`
 and the stock `webdataset` reader read them; neither is ever unpickled.
 
-Reading uses a minimal tar parser over the shard's bytes instead of a per-sample pipeline: the shards are
-written by us with fixed headers, so walking 512-byte headers and slicing the `.npy` payload at a fixed
-offset is what makes the loader fast (see bench/loader.py). PAX and GNU long-name headers are honoured so
-that shards repacked by other tools still read.
+Reading uses a minimal tar parser over a whole shard's bytes instead of a per-sample pipeline
+(`read_shard`): it walks the 512-byte headers, parses the `.npy` header once per shard (every image of a
+shard has the same shape, so later headers are only compared byte for byte) and copies each payload straight
+into one preallocated [N, H, W, 3] array. No per-sample Python objects, no per-sample `np.stack`: this is
+what makes the loader fast (see bench/loader.py). PAX and GNU long-name headers are honoured so that shards
+repacked by other tools still read.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_npy(data: bytes | memoryview) -> np.ndarray:
-    """Parse a `.npy` payload without pickle (format 1.0/2.0/3.0 headers)."""
+def npy_layout(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, offset of the array data) of a `.npy` payload, without pickle (formats 1.0-3.0)."""
     data = memoryview(data)
     if bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("not a .npy payload")
@@ -46,7 +48,13 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
     dtype = np.dtype(header["descr"])
     if dtype.hasobject:
         raise ValueError(".npy payload holds Python objects; refusing to unpickle")
-    return np.frombuffer(data, dtype=dtype, offset=start + header_len).reshape(header["shape"])
+    return dtype, tuple(header["shape"]), start + header_len
+
+
+def decode_npy(data: bytes | memoryview) -> np.ndarray:
+    """Parse a `.npy` payload without pickle (format 1.0/2.0/3.0 headers)."""
+    dtype, shape, start = npy_layout(data)
+    return np.frombuffer(data, dtype=dtype, offset=start).reshape(shape)
 
 
 def sample_members(key: str, pixels: np.ndarray, meta: dict) -> dict[str, bytes]:
@@ -67,55 +75,159 @@ def _pax_path(payload: bytes) -> str | None:
     return None
 
 
-def iter_members(data: bytes) -> Iterator[tuple[str, memoryview]]:
-    """(name, payload) of each regular file in an uncompressed tar held in memory."""
-    view = memoryview(data)
+def _walk(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """(name, payload offset, payload size) of each regular file in an uncompressed tar held in memory."""
     offset = 0
     next_name = None
     end = len(data)
     while offset + BLOCK <= end:
-        header = view[offset:offset + BLOCK]
-        if header[0] == 0:
+        if data[offset] == 0:
             break
-        size = _octal(bytes(header[124:136]))
-        kind = bytes(header[156:157])
+        header = data[offset:offset + BLOCK]
+        try:
+            size = int(header[124:135], 8)  # the usual field: 11 octal digits and a NUL
+        except ValueError:
+            size = _size_field(header)
+        kind = header[156:157]
         body = offset + BLOCK
-        payload = view[body:body + size]
         offset = body + (size + BLOCK - 1) // BLOCK * BLOCK
-        if kind == b"x":
-            next_name = _pax_path(bytes(payload)) or next_name
-            continue
-        if kind == b"L":
-            next_name = bytes(payload).rstrip(b"\0").decode()
-            continue
-        if kind not in (b"0", b"\0"):
-            next_name = None
-            continue
-        if next_name is not None:
-            name, next_name = next_name, None
+        if kind == b"0" or kind == b"\0":
+            if next_name is not None:
+                name, next_name = next_name, None
+            else:
+                name = header[0:100].split(b"\0", 1)[0].decode()
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+            yield name, body, size
+        elif kind == b"x":
+            next_name = _pax_path(data[body:body + size]) or next_name
+        elif kind == b"L":
+            next_name = data[body:body + size].rstrip(b"\0").decode()
         else:
-            name = bytes(header[0:100]).split(b"\0", 1)[0].decode()
-            prefix = bytes(header[345:500]).split(b"\0", 1)[0].decode()
-            if prefix and bytes(header[257:262]) == b"ustar":
-                name = f"{prefix}/{name}"
-        yield name, payload
+            next_name = None
+
+
+def iter_members(data: bytes) -> Iterator[tuple[str, memoryview]]:
+    """(name, payload) of each regular file in an uncompressed tar held in memory."""
+    view = memoryview(data)
+    for name, start, size in _walk(bytes(data)):
+        yield name, view[start:start + size]
+
+
+class ShardIndex:
+    """Where a shard's samples lie in its bytes: keys, pixel offsets, json payloads, the pixels' layout."""
+
+    def __init__(self, keys: list[str], starts: np.ndarray, metas: list[memoryview | None],
+                 dtype: np.dtype, shape: tuple[int, ...], nbytes: int):
+        self.keys, self.starts, self.metas = keys, starts, metas
+        self.dtype, self.shape, self.nbytes = dtype, shape, nbytes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, data: bytes) -> np.ndarray:
+        """The pixels as [N, nbytes] uint8 over `data`: a strided view (no copy) when every sample takes
+        the same room in the tar (the usual case: fixed-size pixels, metadata within the same 512-byte
+        blocks), else a gathered copy."""
+        source = np.frombuffer(data, np.uint8)
+        starts, n = self.starts, len(self.starts)
+        if n == 0:
+            return np.empty((0, self.nbytes), np.uint8)
+        step = int(starts[1] - starts[0]) if n > 1 else self.nbytes
+        if step >= self.nbytes and (n < 3 or (np.diff(starts) == step).all()):
+            return np.lib.stride_tricks.as_strided(source[starts[0]:], (n, self.nbytes), (step, 1),
+                                                   writeable=False)
+        out = np.empty((n, self.nbytes), np.uint8)
+        for i, start in enumerate(starts.tolist()):
+            out[i] = source[start:start + self.nbytes]
+        return out
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """A copy of all pixels, [N, *shape] (uint8 [N, H, W, 3] for our shards)."""
+        return np.array(self.rows(data)).view(self.dtype).reshape(len(self), *self.shape)
+
+
+def index_shard(data: bytes, meta: bool = True) -> ShardIndex:
+    """Walk a shard's tar headers once (a tight loop, no per-member objects beyond the key).
+
+    Samples without pixels are left out. All pixels of a shard must share one shape and dtype (ours do);
+    a shard that mixes them raises ValueError naming the sample.
+    """
+    keys: list[bytes] = []
+    starts: list[int] = []
+    metas: list[memoryview | None] = []
+    view = memoryview(data)
+    layout = None  # (npy header bytes, dtype, shape, npy header length, pixel bytes) of the first image
+    key = None
+    has_pixels = False
+    pending_meta = None
+    next_name = None
+    offset, end = 0, len(data)
+    while offset + BLOCK <= end:
+        if data[offset] == 0:
+            break
+        header = data[offset:offset + BLOCK]
+        try:
+            size = int(header[124:135], 8)  # the usual field: 11 octal digits and a NUL
+        except ValueError:
+            size = _size_field(header)
+        kind = header[156]
+        body = offset + BLOCK
+        offset = body + (size + BLOCK - 1) // BLOCK * BLOCK
+        if kind == 48 or kind == 0:  # b"0" or b"\0": a regular file
+            if next_name is not None:
+                name, next_name = next_name, None
+            else:
+                name = header[0:100].split(b"\0", 1)[0]
+            # WebDataset's key: the base name up to its first dot (the folder prefix never matters here)
+            stem, _, ext = name.rpartition(b"/")[2].partition(b".")
+            if stem != key:
+                key, has_pixels, pending_meta = stem, False, None
+            if ext == b"npy":
+                if layout is None:
+                    dtype, shape, skip = npy_layout(view[body:body + size])
+                    layout = (data[body:body + skip], dtype, shape, skip, size - skip)
+                elif size != layout[3] + layout[4] or data[body:body + layout[3]] != layout[0]:
+                    raise ValueError(f"sample {stem.decode()!r}: pixels differ in shape or type from the "
+                                     "shard's first")
+                if has_pixels:
+                    continue
+                has_pixels = True
+                keys.append(stem)
+                starts.append(body + layout[3])
+                metas.append(pending_meta)
+            elif ext == b"json" and meta:
+                if has_pixels:
+                    metas[-1] = view[body:body + size]
+                else:
+                    pending_meta = view[body:body + size]
+        elif kind == 120:  # b"x": a PAX header for the next member
+            next_name = (_pax_path(data[body:body + size]) or "").encode() or next_name
+        elif kind == 76:  # b"L": a GNU long name for the next member
+            next_name = data[body:body + size].rstrip(b"\0")
+        else:
+            next_name = None
+    if layout is None:
+        return ShardIndex([], np.empty(0, np.int64), [], np.dtype(np.uint8), (0, 0, 3), 0)
+    return ShardIndex([k.decode() for k in keys], np.asarray(starts, np.int64), metas, layout[1], layout[2],
+                      layout[4])
+
+
+def _size_field(header: bytes) -> int:
+    field = header[124:136]
+    if field[0] & 0x80:  # GNU base-256 size (members over 8 GiB)
+        return int.from_bytes(field[1:], "big")
+    return _octal(field)
+
+
+def read_shard(data: bytes, meta: bool = True) -> tuple[list[str], np.ndarray, list[memoryview | None]]:
+    """A whole shard's (keys, uint8 pixels [N, H, W, 3], json payloads) in order, pixels in one array."""
+    data = bytes(data)
+    index = index_shard(data, meta)
+    return index.keys, index.pixels(data), index.metas
 
 
 def iter_samples(data: bytes) -> Iterator[tuple[str, np.ndarray, memoryview | None]]:
     """(key, uint8 pixels [H, W, 3], json payload) for each sample in a shard's bytes, in order."""
-    key = None
-    pixels = None
-    meta = None
-    for name, payload in iter_members(data):
-        base = name.rsplit("/", 1)[-1]
-        stem, _, ext = base.partition(".")
-        if stem != key:
-            if key is not None and pixels is not None:
-                yield key, pixels, meta
-            key, pixels, meta = stem, None, None
-        if ext == "npy":
-            pixels = decode_npy(payload)
-        elif ext == "json":
-            meta = payload
-    if key is not None and pixels is not None:
-        yield key, pixels, meta
+    keys, pixels, metas = read_shard(data)
+    yield from zip(keys, pixels, metas)

@@ -1,9 +1,16 @@
-"""Sharding: a source of images to WebDataset tar shards and `SHARDS/manifest.json`.
+"""Sharding: a source of images to WebDataset tar shards and `SHARDS/manifest.json`, on a local path or an
+fsspec URL (`s3://bucket/shards`).
 
 Deterministic (shard contents depend on the source and settings only, not on the worker count), atomic
-(each shard and the manifest are written to a temporary name and renamed), idempotent (a source whose
-fingerprint matches the manifest does no work) and incremental (images not yet in the manifest land in new
-shards, existing shards untouched). Every input that cannot be used is recorded in `skipped`.
+(each shard and the manifest are written whole under a temporary name and renamed, or as one object on object
+storage; the manifest after the shards it names), idempotent (a source whose fingerprint matches the manifest
+does no work) and incremental (images not yet in the manifest land in new shards, existing shards untouched).
+Every input that cannot be used is recorded in `skipped`.
+
+Killed at any moment (SIGKILL), a re-run removes the temporary files the killed run left, keeps the shards the
+manifest names, rewrites (identically) any shard written after the last manifest update, and ends with the
+same bytes as an uninterrupted run. An image deleted from the source stays in its shard (shards are never
+rewritten) and is listed in the manifest's `not_in_source`; shard into a fresh folder to drop it.
 """
 
 from __future__ import annotations
@@ -14,12 +21,12 @@ import multiprocessing
 import os
 import sys
 import time
-from pathlib import Path
+import re
 
 import webdataset as wds
 from tqdm import tqdm
 
-from vae.atomic import atomic_write_bytes, atomic_write_json
+from pipeline import storage
 from pipeline.preprocess import SkipImage, preprocess
 from pipeline.records import sample_members
 from pipeline.sources import LISTING_REASONS, SPLITS, Entry, Source, open_source
@@ -35,22 +42,24 @@ def shard_name(dataset: str, split: str, index: int) -> str:
 
 
 def read_manifest(shards: str | os.PathLike) -> dict | None:
-    path = Path(shards) / MANIFEST
-    if not path.exists():
-        return None
+    """The manifest at a local path or URL, or None when there is none yet."""
+    path = storage.join(shards, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadInput(f"{path}: not valid JSON ({err})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BadInput(f"{path}: unknown format_version {manifest.get('format_version')!r}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BadInput(f"{path}: not a shard manifest (format_version {found!r}, expected {FORMAT_VERSION})")
     return manifest
 
 
 def _empty_manifest(dataset: str, preprocessing: dict) -> dict:
     return {"format_version": FORMAT_VERSION, "dataset": dataset, "preprocessing": preprocessing,
             "source": {}, "splits": {s: {"count": 0, "shards": []} for s in SPLITS},
-            "skipped": [], "partition_missing": []}
+            "skipped": [], "partition_missing": [], "not_in_source": []}
 
 
 # Worker processes hold the source and settings once, instead of receiving them with every image.
@@ -71,8 +80,13 @@ def _process(entry: Entry) -> tuple[Entry, object]:
         return entry, f"unreadable: {err}"
 
 
-def _write_shard(path: Path, samples: list[tuple[str, object, dict]]) -> dict:
-    """Write one tar atomically; returns its manifest record."""
+def write_manifest(shards: str, manifest: dict) -> None:
+    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    storage.write_bytes_atomic(storage.join(shards, MANIFEST), data)
+
+
+def _write_shard(folder: str, name: str, samples: list[tuple[str, object, dict]]) -> dict:
+    """Write one tar atomically (local or object storage); returns its manifest record."""
     import io
 
     buf = io.BytesIO()
@@ -80,9 +94,18 @@ def _write_shard(path: Path, samples: list[tuple[str, object, dict]]) -> dict:
         for key, pixels, meta in samples:
             writer.write(sample_members(key, pixels, meta))
     data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return {"name": path.name, "count": len(samples), "sha256": hashlib.sha256(data).hexdigest(),
+    storage.write_bytes_atomic(storage.join(folder, name), data)
+    return {"name": name, "count": len(samples), "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data), "keys": [key for key, _, _ in samples]}
+
+
+def remove_stale_temps(out: str, dataset: str) -> list[str]:
+    """Temporary files a killed run left behind (the manifest's, its shards'): removed before any work."""
+    ours = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(dataset)}-({'|'.join(SPLITS)})-\d{{6}}\.tar)$")
+    removed = storage.remove_stale_temps(out, ours.match)
+    for split in SPLITS:
+        removed += storage.remove_stale_temps(storage.join(out, split), ours.match)
+    return removed
 
 
 def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148, size: int = 64,
@@ -93,7 +116,8 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
         raise BadInput(f"shard settings: need size >= 1, crop >= 0, maxcount >= 1, workers >= 1 "
                        f"(got size={size}, crop={crop}, maxcount={maxcount}, workers={workers})")
     src = open_source(source)
-    out = Path(out)
+    out = str(out)
+    remove_stale_temps(out, dataset)
     listing = src.listing()
     preprocessing = {"crop": crop, "size": size, "pixel_format": PIXEL_FORMAT,
                      "resize": "PIL bilinear, antialiased"}
@@ -105,24 +129,30 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     if manifest is None:
         manifest = _empty_manifest(dataset, preprocessing)
     elif manifest["preprocessing"] != preprocessing or manifest["dataset"] != dataset:
-        raise BadInput(f"{out / MANIFEST}: holds shards made with {manifest['preprocessing']} for "
+        raise BadInput(f"{storage.join(out, MANIFEST)}: holds shards made with {manifest['preprocessing']} for "
                        f"{manifest['dataset']!r}; shard into another folder")
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
     if manifest["source"].get("fingerprint") == fingerprint:
         return {"written": 0, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
-                "up_to_date": True, "counts": counts, "manifest": str(out / MANIFEST)}
+                "up_to_date": True, "counts": counts, "manifest": storage.join(out, MANIFEST)}
 
     done = {k for s in SPLITS for shard_rec in manifest["splits"][s]["shards"] for k in shard_rec["keys"]}
-    # Images that failed preprocessing stay failed; listing problems (duplicates, images the partition does
-    # not name) are derived afresh from the current listing.
-    failed = {r["key"]: r for r in manifest["skipped"] if not r["reason"].startswith(LISTING_REASONS)}
+    present = set(listing.metadata)  # every key the source holds now
+    # Images that failed preprocessing stay failed while they are in the source; listing problems
+    # (duplicates, images the partition does not name) are derived afresh from the current listing.
+    failed = {r["key"]: r for r in manifest["skipped"]
+              if not r["reason"].startswith(LISTING_REASONS) and r["key"] in present}
     todo = {s: [e for e in listing.entries[s] if e.key not in done and e.key not in failed] for s in SPLITS}
     total = sum(len(v) for v in todo.values())
+    # Shards are immutable: an image deleted from the source stays in its shard and is listed here.
+    manifest["not_in_source"] = sorted(done - present)
+    # Until this run ends, the manifest must not claim to match any source (a killed run is re-done).
+    manifest["source"] = {"path": src.describe(), "fingerprint": None}
 
     def save_manifest() -> None:
         manifest["skipped"] = sorted([*failed.values(), *listing.skipped], key=lambda r: (r["key"], r["reason"]))
         manifest["partition_missing"] = listing.partition_missing
-        atomic_write_json(out / MANIFEST, manifest)
+        write_manifest(out, manifest)
 
     written = 0
     bar = tqdm(total=total, unit="img", desc="sharding", disable=not progress or total == 0,
@@ -135,13 +165,14 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
         for split in SPLITS:
             if not todo[split]:
                 continue
-            (out / split).mkdir(parents=True, exist_ok=True)
+            folder = storage.join(out, split)
+            storage.make_dirs(folder)
             records = manifest["splits"][split]["shards"]
             pending: list[tuple[str, object, dict]] = []
 
             def flush() -> None:
                 index = len(records)
-                records.append(_write_shard(out / split / shard_name(dataset, split, index), pending))
+                records.append(_write_shard(folder, shard_name(dataset, split, index), pending))
                 manifest["splits"][split]["count"] = sum(r["count"] for r in records)
                 pending.clear()
                 save_manifest()
@@ -167,4 +198,4 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     save_manifest()
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
     return {"written": written, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
-            "up_to_date": False, "counts": counts, "manifest": str(out / MANIFEST)}
+            "up_to_date": False, "counts": counts, "manifest": storage.join(out, MANIFEST)}

@@ -1,32 +1,91 @@
-"""Where shards live: local paths or fsspec URLs (s3://, gs://, http://), behind two small functions.
+"""Where shards live: local paths or fsspec URLs (s3://, gs://, http://, memory://), behind a few small functions.
 
 Local paths use plain file I/O (no fsspec import on the hot path); anything with a scheme goes through
-fsspec, so the same loader streams from object storage.
+fsspec, so the same writer and loader work on object storage.
+
+Atomic writes: locally a temporary file beside the target (`.{name}.XXXX.tmp`), fsync, rename. On object
+storage every object is written whole in one request (a PUT, or a multipart upload that only becomes visible
+when completed), so a reader never sees a partial object and a killed writer leaves nothing behind.
+Object-store credentials and endpoints come from the usual places (environment variables such as
+`AWS_ENDPOINT_URL`, `~/.aws`, or fsspec's `FSSPEC_S3_*` configuration); nothing here names a provider.
 """
 
 from __future__ import annotations
 
 import os
+import re
+
+from vae.atomic import atomic_write_bytes
+
+# The names vae.atomic gives its temporary files: a dot, the target's name, a random part, `.tmp`.
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
 
 
-def is_url(location: str) -> bool:
+def is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
+
+
+def _local(location: str | os.PathLike) -> str:
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
     base = str(base)
     if is_url(base):
         return "/".join([base.rstrip("/"), *parts])
-    if base.startswith("file://"):
-        base = base[len("file://"):]
-    return os.path.join(base, *parts)
+    return os.path.join(_local(base), *parts)
+
+
+def _fs(location: str):
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(location)
 
 
 def read_bytes(location: str) -> bytes:
+    """The whole object or file; FileNotFoundError when it does not exist."""
     if is_url(location):
-        import fsspec
-
-        with fsspec.open(location, "rb") as f:
-            return f.read()
-    with open(location, "rb") as f:
+        fs, path = _fs(location)
+        return fs.cat_file(path)
+    with open(_local(location), "rb") as f:
         return f.read()
+
+
+def exists(location: str) -> bool:
+    if is_url(location):
+        fs, path = _fs(location)
+        return fs.exists(path)
+    return os.path.exists(_local(location))
+
+
+def write_bytes_atomic(location: str, data: bytes) -> None:
+    """Write `data` so that readers see the old content or the new one, never a part."""
+    if is_url(location):
+        fs, path = _fs(location)
+        fs.pipe_file(path, data)  # one whole object; visible only once complete
+        return
+    atomic_write_bytes(_local(location), data)
+
+
+def make_dirs(location: str) -> None:
+    if not is_url(location):  # object stores have no folders
+        os.makedirs(_local(location), exist_ok=True)
+
+
+def remove_stale_temps(folder: str, is_ours) -> list[str]:
+    """Delete the temporary files that a killed writer left in `folder` (local only; object stores
+    have none). `is_ours(target_name)` says which targets this writer owns; returns what was removed."""
+    if is_url(folder) or not os.path.isdir(_local(folder)):
+        return []
+    removed = []
+    for entry in os.scandir(_local(folder)):
+        match = _TEMP.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and is_ours(match["target"]):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+            except FileNotFoundError:
+                pass
+    return removed
+

@@ -76,3 +76,22 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
     with pytest.raises(BadInput, match="no manifest.json"):
         split_shards(str(tmp_path), "train")
+
+
+def test_missing_or_corrupt_shard_is_a_one_line_error_naming_it(tiny_shards, tmp_path):
+    import shutil
+
+    from vae.errors import BadInput
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    victim = sorted((shards / "train").glob("*.tar"))[1]
+    victim.write_bytes(b"garbage" * 100)
+    with pytest.raises(BadInput, match=f"shard .*{victim.name}: unreadable"):
+        list(eval_loader(str(shards), "train", 8))
+    victim.unlink()
+    with pytest.raises(BadInput, match=f"shard .*{victim.name}: listed in the manifest but missing"):
+        list(eval_loader(str(shards), "train", 8))
+    (shards / "manifest.json").write_text("[]")
+    with pytest.raises(BadInput, match="manifest.json: not a shard manifest"):
+        train_loader(str(shards), 8, seed=0)

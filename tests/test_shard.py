@@ -151,3 +151,26 @@ def test_conversions_give_rgb_pixels(mode, tmp_path):
     out = preprocess(path.read_bytes(), 148, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert np.all(np.abs(out.astype(int) - 120) <= 3)
+
+
+def test_image_deleted_from_the_source_stays_in_its_shard_and_is_reported(synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    out = tmp_path / "shards"
+    shard(source, out, size=16, maxcount=25, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tar")}
+    (source / "img_align_celeba" / "000003.jpg").unlink()  # the partition file still names it
+    summary = shard(source, out, size=16, maxcount=25, progress=False)
+    assert summary["written"] == 0 and not summary["up_to_date"]  # the source changed, nothing to add
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["not_in_source"] == ["000003"] and manifest["partition_missing"] == ["000003"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tar")} == before  # shards untouched
+    assert shard(source, out, size=16, maxcount=25, progress=False)["up_to_date"]
+
+
+def test_corrupt_manifest_is_a_one_line_error(tmp_path, synth_source):
+    from vae.errors import BadInput
+
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BadInput, match="manifest.json: not valid JSON"):
+        shard(synth_source, tmp_path, size=16, progress=False)
