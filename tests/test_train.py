@@ -116,3 +116,48 @@ def test_fp16_on_cpu_is_refused_not_ignored(tiny_shards, tmp_path):
         pytest.skip("has a GPU")
     with pytest.raises(ConfigError, match="fp16"):
         train(tiny_config(tmp_path, tiny_shards, "train.mixed_precision=fp16", "train.steps=2"), progress=False)
+
+
+def test_training_writes_tensorboard_events_and_grids(trained_run):
+    assert list(trained_run.rglob("events.out.tfevents.*"))  # Accelerate's TensorBoard tracker
+    grids = sorted(p.name for p in (trained_run / "grids").iterdir())
+    assert "step-00000030-samples.png" in grids and "step-00000015-reconstructions.png" in grids
+    record = json.loads((trained_run / "train_log.jsonl").read_text().splitlines()[-1])
+    for key in ("grad_norm", "lr", "images_per_s", "kl_dim_max", "kl_dims_active", "elbo_bpd", "skipped_steps"):
+        assert key in record, key
+
+
+def test_memory_stream_visits_every_image_once_per_epoch(tiny_shards):
+    from pipeline.memory import MemoryStream
+
+    stream = MemoryStream(str(tiny_shards), 8, seed=0)
+    n = len(stream.keys)
+    batches = stream.batches(0)
+    epoch = [next(batches) for _ in range(n // 8)]
+    keys = [k for ks, _ in epoch for k in ks]
+    assert len(keys) == len(set(keys)) == n // 8 * 8
+    assert all(b.shape == (8, 3, 16, 16) and b.dtype == torch.uint8 for _, b in epoch)
+    again = stream.batches(0)
+    assert [next(again)[0] for _ in range(3)] == [ks for ks, _ in epoch[:3]]  # seeded by (seed, rank, step)
+
+
+def test_in_memory_training_resumes_bitwise(tiny_shards, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("data.in_memory=true", "train.steps=8", "train.checkpoint_every=4", "train.tensorboard=false")
+    train(tiny_config(a, tiny_shards, *args), progress=False)
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copy(a / "checkpoints" / "step-00000004.pt", b / "checkpoints")
+    train(tiny_config(b, tiny_shards, *args), progress=False)
+    sa = load_checkpoint(a / "checkpoints" / "step-00000008.pt")["model"]
+    sb = load_checkpoint(b / "checkpoints" / "step-00000008.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_gradient_accumulation_counts_micro_batches(tiny_shards, tmp_path):
+    run = tmp_path / "accum"
+    train(tiny_config(run, tiny_shards, "train.grad_accum_steps=3", "train.steps=4", "train.checkpoint_every=4"),
+          progress=False)
+    state = load_checkpoint(run / "checkpoints" / "step-00000004.pt")
+    assert int(state["images"]) == 4 * 3 * 16
+    keys = (run / "ranks" / "rank-0.keys").read_text().split()
+    assert len(keys) > 16  # more than one batch's worth per step was consumed

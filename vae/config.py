@@ -34,6 +34,7 @@ class DataConfig:
     batch_size: int = 64
     num_workers: int = 0
     shuffle_buffer: int = 2000
+    in_memory: bool = False  # load the rank's train split onto the training device once (data that fits)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -87,6 +88,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     max_nonfinite: int = 10  # consecutive non-finite steps before training stops
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grids_every: int = 0  # steps between sample/reconstruction grids (0: at each checkpoint)
+    tensorboard: bool = True  # log through Accelerate's TensorBoard tracker as well as train_log.jsonl
+    channels_last: bool = False  # GPU memory layout option
+    compile: bool = False  # torch.compile the model (GPU option)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -101,6 +107,8 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         _check(self.max_nonfinite >= 1, "max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        _check(self.grids_every >= 0, "grids_every", f"must be >= 0, got {self.grids_every}")
 
 
 @dataclass

@@ -21,12 +21,15 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pipeline.loader import train_loader
+from pipeline.memory import MemoryStream, stream_seed
 from vae.atomic import atomic_write_json, atomic_write_text
 from vae.checkpoint import config_json, latest_checkpoint, load_checkpoint, save_checkpoint
 from vae.config import Config, config_hash, config_to_dict
+from vae.ema import EMA
 from vae.errors import ConfigError, TrainingError
+from vae.grid import make_grid, write_png
 from vae.model import build_model
-from vae.objectives import beta_at, bits_per_dim, elbo_terms, training_loss
+from vae.objectives import beta_at, bits_per_dim, elbo_terms, to_unit, training_loss
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -37,46 +40,56 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def stream_seed(seed: int, rank: int, step: int) -> int:
-    """A seed for the noise of the segment that starts at `step` on `rank`."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
-
-
-class EMA:
-    """Exponential moving average of the parameters (float32), used for evaluation and export."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # short memory early in training
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict:
-        return self.shadow
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     on_gpu = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not on_gpu:
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; on CPU use bf16 or no")
-    return Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision)
+    if cfg.train.mixed_precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config key 'train.mixed_precision': this GPU has no bf16; use fp16")
+    log_with = None
+    if cfg.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            print("tensorboard is not installed: logging to train_log.jsonl only", file=sys.stderr)
+    # fp16 gets Accelerate's GradScaler; parameters stay float32 under autocast in every mode.
+    return Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
+                       project_dir=str(run_dir))
+
+
+class Window:
+    """Running sums between two log lines."""
+
+    def __init__(self):
+        self.sums = {"loss": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
+        self.kl_dims = None
+        self.n, self.images, self.start = 0, 0, time.time()
+
+    def add(self, loss: torch.Tensor, terms: dict) -> None:
+        self.sums["loss"] += loss.item()
+        for key in ("elbo", "recon", "kl"):
+            self.sums[key] += terms[key].mean().item()
+        kl_dims = terms["kl_dims"].detach().mean(0).cpu()
+        self.kl_dims = kl_dims if self.kl_dims is None else self.kl_dims + kl_dims
+        self.n += 1
+
+    def record(self, step: int, dims: int, **extra) -> dict:
+        n = max(1, self.n)
+        mean = {k: v / n for k, v in self.sums.items()}
+        kl_dims = self.kl_dims / n if self.kl_dims is not None else torch.zeros(1)
+        return {"step": step, "loss": mean["loss"], "elbo_nats": mean["elbo"], "recon_nats": mean["recon"],
+                "kl_nats": mean["kl"], "elbo_bpd": bits_per_dim(mean["elbo"], dims),
+                "kl_dim_max": float(kl_dims.max()), "kl_dim_median": float(kl_dims.median()),
+                "kl_dims_active": int((kl_dims > 0.01).sum()),
+                "images_per_s": self.images / max(1e-9, time.time() - self.start), **extra}
 
 
 def train(cfg: Config, progress: bool = True) -> Path:
     """Train (or resume) the run in `cfg.run_dir`; returns the run folder."""
     run_dir = Path(cfg.run_dir)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
@@ -94,8 +107,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
     counters = {"step": 0, "skipped": 0, "images": 0}
 
     resume = latest_checkpoint(run_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
+    state = load_checkpoint(resume) if resume is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -103,18 +116,33 @@ def train(cfg: Config, progress: bool = True) -> Path:
         counters = {k: int(state[k]) for k in counters}
         if main:
             print(f"resuming {run_dir} from {resume.name} (step {counters['step']})", file=sys.stderr)
-    # The scheduler is stepped by hand: a prepared one steps once per process.
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The scheduler is stepped by hand: a prepared one steps once per process. The data loaders are
+    # never prepared: they are already split by rank.
     model, optimizer = accelerator.prepare(model, optimizer)
-    if resume is not None and accelerator.scaler is not None and "scaler" in state:
+    if state is not None and accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
-    likelihood = accelerator.unwrap_model(model).likelihood
+    raw_model = accelerator.unwrap_model(model)
+    forward = torch.compile(model) if cfg.train.compile else model
+    likelihood = raw_model.likelihood
     dims = 3 * cfg.model.image_size ** 2
-    log_path = run_dir / "train_log.jsonl"
+    accum = cfg.train.grad_accum_steps
+    if main:
+        accelerator.init_trackers("train")
+    memory = MemoryStream(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, rank, world, device) \
+        if cfg.data.in_memory else None
+
+    def batches_from(start_step: int):
+        if memory is not None:
+            return memory.batches(start_step)
+        return iter(train_loader(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, rank, world, start_step,
+                                 cfg.data.num_workers, cfg.data.shuffle_buffer))
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
         if main:
-            state = {"model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+            state = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "config": config_json(cfg), **counters}
             if accelerator.scaler is not None:
@@ -126,33 +154,49 @@ def train(cfg: Config, progress: bool = True) -> Path:
                desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
     nonfinite_in_a_row = 0
     seen: set[str] = set()  # keys this rank consumed in this process (audit of the data split)
-    window = {"loss": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "t": time.time(), "images": 0}
+    window = Window()
+    grid_x = None
     model.train()
     while counters["step"] < cfg.train.steps:
         segment_start = counters["step"]
         segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
                           * cfg.train.checkpoint_every)
         noise = torch.Generator(device="cpu").manual_seed(stream_seed(cfg.train.seed, rank, segment_start))
-        loader = train_loader(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, rank, world, segment_start,
-                              cfg.data.num_workers, cfg.data.shuffle_buffer)
-        for keys, batch in loader:
+        batches = batches_from(segment_start)
+        while counters["step"] < segment_end:
             step = counters["step"]
-            seen.update(keys)
-            x = batch.to(device, non_blocking=True)
-            eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=noise).to(device)
-            with accelerator.autocast():
-                terms = elbo_terms(model, x, eps, likelihood)
             beta = beta_at(step, cfg.objective.beta, cfg.objective.kl_warmup_steps)
-            loss = training_loss(terms, beta, cfg.objective.free_bits)
-            finite = accelerator.gather(torch.isfinite(loss).float().reshape(1)).min().item() > 0
+            finite, loss, terms = True, None, None
+            for micro in range(accum):
+                keys, batch = next(batches)
+                seen.update(keys)
+                x = batch.to(device, non_blocking=True)
+                if grid_x is None:
+                    grid_x = x[:8].clone()
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                eps = torch.randn((x.shape[0], cfg.model.latent_dim), generator=noise).to(device)
+                with accelerator.autocast():
+                    terms = elbo_terms(forward, x, eps, likelihood)
+                loss = training_loss(terms, beta, cfg.objective.free_bits)
+                # Every rank must agree to skip, or DDP would wait forever for the others' gradients.
+                finite = accelerator.gather(torch.isfinite(loss).float().reshape(1)).min().item() > 0
+                if not finite:
+                    break
+                if micro < accum - 1 and world > 1:
+                    with accelerator.no_sync(model):
+                        accelerator.backward(loss / accum)
+                else:
+                    accelerator.backward(loss / accum)
+                window.images += x.shape[0] * world
             grad_norm = float("nan")
             if finite:
-                accelerator.backward(loss)
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
                 finite = math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
                 nonfinite_in_a_row = 0
+                window.add(loss, terms)
             else:
                 counters["skipped"] += 1
                 nonfinite_in_a_row += 1
@@ -162,39 +206,44 @@ def train(cfg: Config, progress: bool = True) -> Path:
                         f"in a row; the last good checkpoint is kept in {run_dir / 'checkpoints'}")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            ema.update(accelerator.unwrap_model(model), step)
+            ema.update(raw_model, step)
             counters["step"] = step + 1
-            counters["images"] += x.shape[0] * world
+            counters["images"] += cfg.data.batch_size * accum * world
             bar.update(1)
-            if finite:
-                window["loss"] += loss.item()
-                window["elbo"] += terms["elbo"].mean().item()
-                window["recon"] += terms["recon"].mean().item()
-                window["kl"] += terms["kl"].mean().item()
-                window["n"] += 1
-            window["images"] += x.shape[0] * world
-            if counters["step"] % cfg.train.log_every == 0 or counters["step"] == cfg.train.steps:
-                n = max(1, window["n"])
-                now = time.time()
-                record = {"step": counters["step"], "loss": window["loss"] / n, "elbo_nats": window["elbo"] / n,
-                          "recon_nats": window["recon"] / n, "kl_nats": window["kl"] / n,
-                          "elbo_bpd": bits_per_dim(window["elbo"] / n, dims), "beta": beta,
-                          "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                          "images_per_s": window["images"] / max(1e-9, now - window["t"]),
-                          "skipped_steps": counters["skipped"]}
+            done = counters["step"]
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                record = window.record(done, dims, beta=beta, grad_norm=grad_norm, lr=scheduler.get_last_lr()[0],
+                                       skipped_steps=counters["skipped"])
                 if main:
-                    with open(log_path, "a") as f:
+                    with open(run_dir / "train_log.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
                     bar.set_postfix(bpd=f"{record['elbo_bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                window = {"loss": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "t": now, "images": 0}
-            if counters["step"] >= segment_end:
-                break
+                window = Window()
+            grids_every = cfg.train.grids_every or cfg.train.checkpoint_every
+            if main and (done % grids_every == 0 or done == cfg.train.steps):
+                write_training_grids(run_dir, cfg, ema, grid_x, done)
         checkpoint()
     bar.close()
-    write_rank_record(run_dir, accelerator.unwrap_model(model), rank, world, counters["step"], seen)
+    write_rank_record(run_dir, raw_model, rank, world, counters["step"], seen)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+@torch.no_grad()
+def write_training_grids(run_dir: Path, cfg: Config, ema: EMA, x: torch.Tensor | None, step: int) -> None:
+    """`grids/step-N-samples.png` (fixed prior draws) and `-reconstructions.png`, with the EMA weights."""
+    model = build_model(cfg.model)
+    model.load_state_dict(ema.state_dict())
+    model.eval()
+    z = torch.randn((32, cfg.model.latent_dim), generator=torch.Generator().manual_seed(cfg.train.seed))
+    write_png(run_dir / "grids" / f"step-{step:08d}-samples.png", make_grid(model.decode_mean(z).numpy(), 8))
+    if x is not None:
+        x = x.cpu()
+        recon = model.decode_mean(model.encode(to_unit(x))[0])
+        pairs = torch.stack([to_unit(x), recon], 1).flatten(0, 1)
+        write_png(run_dir / "grids" / f"step-{step:08d}-reconstructions.png", make_grid(pairs.numpy(), 8))
 
 
 def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: int, step: int,
