@@ -14,7 +14,7 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args", [[], ["data"], ["data", "synth"], ["data", "shard"], ["train"], ["eval"],
-                                  ["export"], ["sample"]])
+                                  ["export"], ["sample"], ["encode"], ["score"]])
 def test_help_on_every_subcommand(args):
     result = run_cli(*args, "--help")
     assert result.returncode == 0 and "usage: vae" in result.stdout

@@ -1,7 +1,7 @@
-"""The `vae` command: data synth/shard, train, eval, export, sample.
+"""The `vae` command: data synth/shard, train, eval, export, sample, encode.
 
 Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 a failed run. Heavy imports happen
-inside each subcommand so `vae --help` and `vae sample` stay fast (sample never imports torch).
+inside each subcommand so `vae --help`, `vae sample` and `vae encode` stay fast (they never import torch).
 """
 
 from __future__ import annotations
@@ -94,28 +94,97 @@ def cmd_score(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vae.export import export
+    from vae.export import FP16_DECODER, export
 
-    card = export(args.run, args.out, shards=args.shards)
+    card = export(args.run, args.out, shards=args.shards, fp16=args.fp16)
     worst = max(max(v.values()) for v in card["validation"]["max_abs_diff"].values())
-    print(f"exported {args.out}/encoder.onnx, decoder.onnx, model.json "
-          f"(onnxruntime vs PyTorch max abs diff {worst:.1e})")
+    print(f"exported {args.out}/{', '.join(card['files'])}, model.json "
+          f"(EMA weights of step {card['step']}; onnxruntime vs PyTorch max abs diff {worst:.1e})")
+    fp16 = card["validation"].get("fp16_decoder")
+    if fp16 and fp16["validated"]:
+        print(f"{FP16_DECODER}: max abs diff from decoder.onnx {fp16['max_abs_diff']:.1e} "
+              f"(tolerance {fp16['tolerance']:.0e})")
+    elif fp16:
+        print(f"{FP16_DECODER}: validation skipped: {fp16['skipped']}")
     return 0
+
+
+def _runtime_model(kind: str, model: str, device: str, threads: int | None = None):
+    """`Decoder` or `Encoder` from a model folder (or the .onnx file itself); bad input exits 2."""
+    from vae import runtime
+
+    path = Path(model)
+    path = path / f"{kind.lower()}.onnx" if path.is_dir() else path
+    try:
+        return getattr(runtime, kind)(path, device=device, threads=threads)
+    except runtime.RuntimeModelError as err:
+        raise BadInput(str(err)) from None
 
 
 def cmd_sample(args) -> int:
     from vae.grid import make_grid, write_png
-    from vae.runtime import Decoder, RuntimeModelError
 
-    model = Path(args.model)
-    path = model / "decoder.onnx" if model.is_dir() else model
-    try:
-        decoder = Decoder(path, device=args.device)
-    except RuntimeModelError as err:
-        raise BadInput(str(err)) from None
+    decoder = _runtime_model("Decoder", args.model, args.device)
     images = decoder.sample(args.n, seed=args.seed)
     write_png(args.out, make_grid(images, ncols=int(max(1, round(args.n ** 0.5)))))
     print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, provider {decoder.provider})")
+    return 0
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _image_files(images: Path) -> list[Path]:
+    if images.is_file():
+        return [images]
+    if not images.is_dir():
+        raise BadInput(f"images {images}: no such file or folder")
+    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BadInput(f"images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+    stems = [p.stem for p in files]
+    clash = next((s for s in stems if stems.count(s) > 1), None)
+    if clash is not None:
+        raise BadInput(f"images {images}: two files share the key {clash!r} (keys are file stems)")
+    return files
+
+
+def cmd_encode(args) -> int:
+    """Preprocess images as the shards are (center crop, antialiased resize), encode, write keys/mu/logvar."""
+    import numpy as np
+
+    from pipeline.preprocess import SkipImage, preprocess
+    from vae.atomic import atomic_write
+
+    if not args.out.endswith(".npz"):
+        raise BadInput(f"out {args.out}: expected a .npz file name")
+    if args.crop is not None and args.crop < 0:
+        raise BadInput(f"crop: expected >= 0, got {args.crop}")
+    encoder = _runtime_model("Encoder", args.model, args.device)
+    card = encoder.card()
+    crop = args.crop if args.crop is not None else int((card.get("preprocessing") or {}).get("crop", 148))
+    files = _image_files(Path(args.images))
+    keys, pixels, skipped = [], [], []
+    for path in files:
+        try:
+            pixels.append(preprocess(path.read_bytes(), crop, encoder.image_size))
+            keys.append(path.stem)
+        except (SkipImage, OSError) as err:
+            skipped.append(f"{path}: {err}")
+    if not keys:
+        first = f"; {skipped[0]}" if len(files) == 1 else f" ({len(skipped)} skipped; first: {skipped[0]})"
+        raise BadInput(f"images {args.images}: no usable image{first}")
+    for reason in skipped:  # the run goes on without them, as sharding does
+        print(f"vae encode: skipped {reason}", file=sys.stderr)
+    mu, logvar = [], []
+    for start in range(0, len(pixels), args.batch_size):
+        m, lv = encoder.encode(np.stack(pixels[start:start + args.batch_size]))
+        mu.append(m)
+        logvar.append(lv)
+    arrays = {"keys": np.array(keys), "mu": np.concatenate(mu), "logvar": np.concatenate(logvar)}
+    atomic_write(args.out, lambda f: np.savez(f, **arrays))
+    print(f"wrote {args.out} ({len(keys)} images encoded, {len(skipped)} skipped; crop {crop}, "
+          f"size {encoder.image_size}; provider {encoder.provider})")
     return 0
 
 
@@ -171,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shards", default=None, help="shards for validation inputs (default: the run's)")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write decoder.fp16.onnx (float16 weights, float32 I/O) for GPUs, validated "
+                        "against decoder.onnx")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="a PNG grid of samples from decoder.onnx (onnxruntime only)")
@@ -180,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("encode", help="codes (mu, logvar) of images from encoder.onnx (onnxruntime only)")
+    p.add_argument("--model", required=True, help="folder with encoder.onnx, or the file")
+    p.add_argument("--images", required=True, help="a folder of images or one image file")
+    p.add_argument("--out", required=True, help=".npz file to write: keys, mu, logvar")
+    p.add_argument("--crop", type=int, default=None,
+                   help="center crop before resizing (default: the model's shards' crop, else 148; 0: largest square)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_encode)
     return parser
 
 

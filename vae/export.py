@@ -6,11 +6,19 @@ caller draws the noise). Both files carry the metadata in `metadata_props` as we
 
 Nothing is written to `out` unless the full ONNX check passes and onnxruntime reproduces PyTorch on real
 inputs (max abs difference `TOLERANCE`) at several batch sizes: files are built in a temporary folder and
-renamed into place one by one only after validation.
+renamed into place one by one only after validation. The weights exported are the run's EMA weights (what
+evaluation measured), never the raw training weights.
+
+With `fp16=True` a third graph, `decoder.fp16.onnx`, holds the decoder in float16 for GPUs. Its interface
+stays float32 (`z` float32 in, `x_mean` float32 out, the casts are inside the graph), so the runtime and any
+app use it exactly like `decoder.onnx`. It is validated against the float32 decoder within `FP16_TOLERANCE`
+(max abs difference on outputs in [0, 1]); where onnxruntime cannot run float16 on this machine that check is
+skipped, and the model card says so and why.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import shutil
@@ -30,7 +38,10 @@ from vae.errors import VaeError
 
 CONTRACT_VERSION = "1"
 TOLERANCE = 1e-4
+FP16_TOLERANCE = 1e-2  # max abs difference of decoder.fp16.onnx from decoder.onnx, outputs in [0, 1]
 VALIDATION_BATCHES = (1, 7, 64)
+GRAPHS = ("encoder.onnx", "decoder.onnx")
+FP16_DECODER = "decoder.fp16.onnx"
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
               "Bernoulli"}
 
@@ -55,6 +66,17 @@ class DecoderGraph(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.decode_mean(z)
+
+
+class HalfDecoderGraph(nn.Module):
+    """The decoder in float16 behind a float32 interface: casts at the input and the output only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_mean(z.half()).float()
 
 
 def _export_graph(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],
@@ -85,21 +107,28 @@ def random_ops(path: Path) -> set[str]:
     return found
 
 
-def _check_parity(path: Path, torch_fn, inputs: dict[str, np.ndarray], outputs: list[str]) -> float:
+def _session(path: Path):
+    """A CPU session configured exactly as the runtime configures its own, so we validate what apps run."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(outputs, inputs)
-    with torch.no_grad():
-        want = torch_fn(*[torch.from_numpy(v) for v in inputs.values()])
+    from vae.runtime import session_options
+
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+
+
+def _max_abs_diff(got: list[np.ndarray], want) -> float:
     want = want if isinstance(want, tuple) else (want,)
     return max(float(np.max(np.abs(g - w.numpy()))) for g, w in zip(got, want))
 
 
 def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
-    """Full ONNX check, no random op, onnxruntime vs PyTorch at each validation batch size."""
+    """Full ONNX check, no random op, onnxruntime vs PyTorch at each validation batch size.
+
+    The encoder sees real test images; the decoder sees the codes of those images (PyTorch's `mu`)
+    interleaved with draws from the prior, the two kinds of latents apps give it.
+    """
     report = {"tolerance": TOLERANCE, "max_abs_diff": {}}
-    for name in ("encoder.onnx", "decoder.onnx"):
+    for name in GRAPHS:
         try:
             onnx.checker.check_model(str(folder / name), full_check=True)
         except Exception as err:
@@ -107,12 +136,17 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
         found = random_ops(folder / name)
         if found:
             raise ExportError(f"{name}: contains random ops {sorted(found)}; noise must be drawn outside")
+    encoder, decoder = _session(folder / "encoder.onnx"), _session(folder / "decoder.onnx")
     rng = np.random.default_rng(0)
     for batch in VALIDATION_BATCHES:
-        x = images[np.arange(batch) % len(images)].astype(np.float32)
-        z = rng.standard_normal((batch, model.latent_dim)).astype(np.float32)
-        enc = _check_parity(folder / "encoder.onnx", model.encode, {"x": x}, ["mu", "logvar"])
-        dec = _check_parity(folder / "decoder.onnx", model.decode_mean, {"z": z}, ["x_mean"])
+        x = np.ascontiguousarray(images[np.arange(batch) % len(images)], dtype=np.float32)
+        with torch.no_grad():
+            want_enc = model.encode(torch.from_numpy(x))
+            prior = torch.from_numpy(rng.standard_normal((batch, model.latent_dim)).astype(np.float32))
+            z = torch.where(torch.arange(batch)[:, None] % 2 == 0, want_enc[0], prior).contiguous()
+            want_dec = model.decode_mean(z)
+        enc = _max_abs_diff(encoder.run(["mu", "logvar"], {"x": x}), want_enc)
+        dec = _max_abs_diff(decoder.run(["x_mean"], {"z": z.numpy()}), want_dec)
         report["max_abs_diff"][str(batch)] = {"encoder": enc, "decoder": dec}
         if not (enc <= TOLERANCE and dec <= TOLERANCE):
             raise ExportError(f"onnxruntime disagrees with PyTorch at batch {batch}: max abs difference "
@@ -120,42 +154,89 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
     return report
 
 
-def validation_images(cfg, shards: str | None, n: int = 64) -> np.ndarray:
-    """Real inputs from the test split (float32 [n, 3, H, W] in [0, 1])."""
-    from pipeline.loader import eval_loader
+def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray, dict]:
+    """Real inputs from the test split (float32 [n, 3, H, W] in [0, 1]) and the shards' preprocessing."""
+    from pipeline.loader import eval_loader, load_manifest
 
-    loader = eval_loader(shards or cfg.data.shards, "test", n)
+    shards = shards or cfg.data.shards
+    preprocessing = load_manifest(shards).get("preprocessing", {})
+    loader = eval_loader(shards, "test", n)
     for _, x, _ in loader:
-        return (x.float() / 255.0).numpy()
-    raise ExportError("no test images to validate the export against")
+        return (x.float() / 255.0).numpy(), preprocessing
+    raise ExportError(f"shards {shards}: no test images to validate the export against")
 
 
-def export(run_dir: str | Path, out: str | Path, shards: str | None = None, version: str | None = None) -> dict:
+def export_graphs(model: nn.Module, folder: Path, fp16: bool = False) -> list[str]:
+    """Write the graphs of `model` (no metadata, no validation) into `folder`; returns their file names."""
+    size, latent_dim = model.cfg.image_size, model.latent_dim
+    _export_graph(EncoderGraph(model), torch.rand(2, 3, size, size), "x", ["mu", "logvar"],
+                  folder / "encoder.onnx")
+    _export_graph(DecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / "decoder.onnx")
+    if not fp16:
+        return list(GRAPHS)
+    _export_graph(HalfDecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / FP16_DECODER)
+    return [*GRAPHS, FP16_DECODER]
+
+
+def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
+    """`decoder.fp16.onnx` against `decoder.onnx` on the same latents: checker, no random op, max abs diff.
+
+    Runs on the CPU provider where onnxruntime can run float16 there; where it cannot, the numeric check is
+    skipped (reported, with the reason) and the graph should be validated on the GPU that will run it.
+    """
+    import onnxruntime as ort
+
+    path = folder / FP16_DECODER
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:
+        raise ExportError(f"{FP16_DECODER}: fails the ONNX checker: {str(err).splitlines()[0]}") from None
+    if random_ops(path):
+        raise ExportError(f"{FP16_DECODER}: contains random ops {sorted(random_ops(path))}")
+    z = np.random.default_rng(1).standard_normal((n, latent_dim)).astype(np.float32)
+    want = _session(folder / "decoder.onnx").run(["x_mean"], {"z": z})[0]
+    try:
+        got = _session(path).run(["x_mean"], {"z": z})[0]
+    except Exception as err:  # onnxruntime raises NOT_IMPLEMENTED etc. for float16 kernels it lacks
+        reason = (f"onnxruntime {ort.__version__} cannot run float16 on the CPU here "
+                  f"({str(err).splitlines()[0][:200]}); validate it on the GPU that runs it")
+        warnings.warn(f"{FP16_DECODER}: validation skipped: {reason}", RuntimeWarning, stacklevel=2)
+        return {"tolerance": FP16_TOLERANCE, "validated": False, "skipped": reason}
+    diff = float(np.max(np.abs(got.astype(np.float32) - want)))
+    if not diff <= FP16_TOLERANCE:
+        raise ExportError(f"{FP16_DECODER}: differs from decoder.onnx by max abs {diff:.2e} > {FP16_TOLERANCE:.0e}")
+    return {"tolerance": FP16_TOLERANCE, "validated": True, "max_abs_diff": diff, "provider": "CPUExecutionProvider"}
+
+
+def export(run_dir: str | Path, out: str | Path, shards: str | None = None, version: str | None = None,
+           fp16: bool = False) -> dict:
     """Export a run's EMA model to `out`; returns the model card (`model.json`)."""
     run_dir, out = Path(run_dir), Path(out)
-    model, cfg, step = load_trained(run_dir)
+    model, cfg, step = load_trained(run_dir, ema=True)
     metrics_path = run_dir / "eval" / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    size = cfg.model.image_size
-    card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim, "image_size": size,
-            "channels": 3, "likelihood": cfg.model.likelihood,
+    images, preprocessing = validation_images(cfg, shards)
+    card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim,
+            "image_size": cfg.model.image_size, "channels": 3, "likelihood": cfg.model.likelihood,
             "version": version or f"{run_dir.name}@{step}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config_hash": config_hash(cfg), "metrics": metrics}
-    images = validation_images(cfg, shards)
+            "config_hash": config_hash(cfg), "metrics": metrics, "weights": "ema", "step": step,
+            "preprocessing": preprocessing}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
         tmp = Path(tmp)
-        _export_graph(EncoderGraph(model), torch.rand(2, 3, size, size), "x", ["mu", "logvar"],
-                      tmp / "encoder.onnx")
-        _export_graph(DecoderGraph(model), torch.randn(2, cfg.model.latent_dim), "z", ["x_mean"],
-                      tmp / "decoder.onnx")
-        for name in ("encoder.onnx", "decoder.onnx"):
-            _set_metadata(tmp / name, card)
+        names = export_graphs(model, tmp, fp16=fp16)
+        for name in names:
+            _set_metadata(tmp / name, {**card, "precision": "float16" if name == FP16_DECODER else "float32"})
         card["validation"] = validate(tmp, model, images)
+        if fp16:
+            card["validation"]["fp16_decoder"] = validate_fp16(tmp, cfg.model.latent_dim)
+        card["files"] = names
         atomic_write_json(tmp / "model.json", card)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("encoder.onnx", "decoder.onnx", "model.json"):
+        if not fp16:
+            (out / FP16_DECODER).unlink(missing_ok=True)  # never leave a stale fp16 graph beside new weights
+        for name in [*names, "model.json"]:
             shutil.move(str(tmp / name), str(out / f".{name}.incoming"))
             (out / f".{name}.incoming").replace(out / name)
     return card

@@ -6,7 +6,12 @@
 
 The noise is drawn here with NumPy from the caller's seed, so the same seed gives the same images. The
 provider that actually runs is reported (`.provider`); a requested CUDA provider that fell back to the CPU is
-a warning, never silent. Models whose contract version is unknown are refused.
+a warning, never silent. Models whose contract version is unknown are refused. `decoder.fp16.onnx` (float16
+weights, float32 interface) loads the same way; use it on a GPU.
+
+Session options (`session_options`): all graph optimizations, sequential execution, idle threads that sleep
+(`spinning=True` to let them spin on dedicated cores), `threads` intra-op threads (default: onnxruntime's, one per
+physical core). See the README for what was measured.
 """
 
 from __future__ import annotations
@@ -27,11 +32,28 @@ class RuntimeModelError(ValueError):
     """The model file or the input given to it is not usable; the message names which."""
 
 
-def _session(path: str, device: str) -> tuple[ort.InferenceSession, dict]:
-    if not os.path.isfile(path):
-        raise RuntimeModelError(f"model {path}: file not found")
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """The session options every model here runs with (export validates with the same ones).
+
+    `spinning=False` (the default) lets idle worker threads sleep: on CPUs shared with other processes,
+    spinning threads steal the cores the work needs (2x slower measured under load). On cores dedicated to
+    this model, `spinning=True` trims latency at batch 1 (about 15% measured). See bench/export.py.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # these graphs are chains: nothing to overlap
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise RuntimeModelError(f"threads: expected an integer >= 1, got {threads!r}")
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _session(path: str, device: str, threads: int | None, spinning: bool) -> tuple[ort.InferenceSession, dict]:
+    if not os.path.isfile(path):
+        raise RuntimeModelError(f"model {path}: file not found")
+    options = session_options(threads, spinning)
     wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
@@ -51,11 +73,12 @@ def _session(path: str, device: str) -> tuple[ort.InferenceSession, dict]:
 
 
 class _Model:
-    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 spinning: bool = False):
         if device not in ("cpu", "cuda"):
             raise RuntimeModelError(f"device {device!r}: expected 'cpu' or 'cuda'")
         self.path = os.fspath(path)
-        self.session, self.metadata = _session(self.path, device)
+        self.session, self.metadata = _session(self.path, device, threads, spinning)
         self.provider = self.session.get_providers()[0]
         self.latent_dim = int(self.metadata["latent_dim"])
         self.image_size = int(self.metadata["image_size"])
@@ -79,11 +102,13 @@ class Decoder(_Model):
         z = np.asarray(z)
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise RuntimeModelError(f"z: expected shape [N, {self.latent_dim}], got {list(z.shape)}")
+        if z.shape[0] == 0:
+            raise RuntimeModelError("z: expected at least one latent, got N = 0")
         if not np.issubdtype(z.dtype, np.floating):
             raise RuntimeModelError(f"z: expected floating point values, got {z.dtype}")
         if not np.all(np.isfinite(z)):
             raise RuntimeModelError("z: contains NaN or infinite values")
-        return self.session.run(["x_mean"], {"z": z.astype(np.float32, copy=False)})[0]
+        return self.session.run(["x_mean"], {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
         """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`."""
@@ -97,30 +122,52 @@ class Encoder(_Model):
     """`encoder.onnx`: images -> (mu, logvar) of q(z|x), each [N, latent_dim]."""
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images: uint8 [N, H, W, 3] (0..255) or float [N, 3, H, W] in [0, 1]."""
+        """images: uint8 [N, H, W, 3] (0..255) or float [N, 3, H, W] in [0, 1]; returns (mu, logvar)."""
+        x = self.to_input(images)
+        mu, logvar = self.session.run(["mu", "logvar"], {"x": x})
+        return mu, logvar
+
+    def to_input(self, images: np.ndarray) -> np.ndarray:
+        """Validate images and convert them to the graph's input: float32 [N, 3, H, W] in [0, 1]."""
         images = np.asarray(images)
-        s = self.image_size
+        s, c = self.image_size, self.channels
         if images.dtype == np.uint8:
-            if images.ndim != 4 or images.shape[1:] != (s, s, self.channels):
-                raise RuntimeModelError(f"images: uint8 input must be [N, {s}, {s}, {self.channels}] (HWC), "
-                                        f"got {list(images.shape)}")
-            x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+            if images.ndim != 4 or images.shape[1:] != (s, s, c):
+                hint = " (it looks like CHW: uint8 must be HWC)" if images.shape[1:] == (c, s, s) else ""
+                raise RuntimeModelError(f"images: uint8 input must be [N, {s}, {s}, {c}] (HWC), "
+                                        f"got {list(images.shape)}{hint}")
+            x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
         elif np.issubdtype(images.dtype, np.floating):
-            if images.ndim != 4 or images.shape[1:] != (self.channels, s, s):
-                raise RuntimeModelError(f"images: float input must be [N, {self.channels}, {s}, {s}] (CHW), "
-                                        f"got {list(images.shape)}")
-            if not np.all(np.isfinite(images)) or images.min() < 0.0 or images.max() > 1.0:
-                raise RuntimeModelError("images: float input must lie in [0, 1]")
+            if images.ndim != 4 or images.shape[1:] != (c, s, s):
+                hint = " (it looks like HWC: float must be CHW)" if images.shape[1:] == (s, s, c) else ""
+                raise RuntimeModelError(f"images: float input must be [N, {c}, {s}, {s}] (CHW), "
+                                        f"got {list(images.shape)}{hint}")
+            if not np.all(np.isfinite(images)):
+                raise RuntimeModelError("images: float input contains NaN or infinite values")
+            low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+            if low < 0.0 or high > 1.0:
+                hint = " (0..255 values? divide by 255, or pass uint8 HWC)" if high > 1.0 else ""
+                raise RuntimeModelError(f"images: float input must lie in [0, 1], got [{low:g}, {high:g}]{hint}")
             x = images.astype(np.float32, copy=False)
         else:
-            raise RuntimeModelError(f"images: expected uint8 or float, got {images.dtype}")
-        mu, logvar = self.session.run(["mu", "logvar"], {"x": np.ascontiguousarray(x)})
-        return mu, logvar
+            raise RuntimeModelError(f"images: expected uint8 HWC or float CHW, got dtype {images.dtype}")
+        if x.shape[0] == 0:
+            raise RuntimeModelError("images: expected at least one image, got N = 0")
+        return np.ascontiguousarray(x)
 
 
 def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
-    """Latents on the straight line from a to b, endpoints included: [steps, latent_dim]."""
-    if steps < 2:
-        raise RuntimeModelError(f"steps: expected >= 2, got {steps}")
+    """Latents on the straight line from a to b, endpoints included: [steps, latent_dim].
+
+    a and b are single codes, [latent_dim] (or [1, latent_dim], e.g. one row of `Encoder.encode`'s mu).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise RuntimeModelError(f"steps: expected an integer >= 2, got {steps!r}")
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    a = a[0] if a.ndim == 2 and a.shape[0] == 1 else a
+    b = b[0] if b.ndim == 2 and b.shape[0] == 1 else b
+    if a.ndim != 1 or a.shape != b.shape:
+        raise RuntimeModelError(f"a, b: expected two codes of the same shape [latent_dim], got "
+                                f"{list(a.shape)} and {list(b.shape)}")
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
-    return (1 - t) * np.asarray(a, np.float32)[None] + t * np.asarray(b, np.float32)[None]
+    return (1 - t) * a[None] + t * b[None]
