@@ -78,3 +78,7 @@ def test_config_hash_ignores_locations_not_training():
     b = load_config(None, ["run_dir=b", "data.shards=y"])
     c = load_config(None, ["train.lr=0.5"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_bare_no_is_the_string_no():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -160,6 +160,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` (mixed_precision=no) as false
+            value = "yes" if value else "no"
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")

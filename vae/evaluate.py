@@ -25,7 +25,12 @@ ATTRIBUTE_DIRECTIONS = ("Smiling", "Eyeglasses", "Male", "Blond_Hair")  # CelebA
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a no-op on one process); NCCL needs the tensor on the GPU, gloo on the CPU."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            on_gpu = values.cuda()
+            torch.distributed.all_reduce(on_gpu)
+            return on_gpu.cpu()
         torch.distributed.all_reduce(values)
     return values
 
@@ -37,7 +42,8 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict
     Sums: n, recon, kl, iwae, iwae^2, mu and mu^2 per latent dimension, and per known attribute the sum
     of mu and the count over images with (`pos`) and without (`neg`) it.
     """
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     d = model.latent_dim
     zero = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
     sums = {"n": zero(1), "recon": zero(1), "kl": zero(1), "iwae": zero(1), "iwae_sq": zero(1),
@@ -47,18 +53,20 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict
     for keys, x, metas in loader:
         if first is None:
             first = (x[:16].clone(), keys[:16])
+        x = x.to(device, non_blocking=True)
         mu, logvar = model.encode(to_unit(x))
         mu, logvar = mu.float(), logvar.float()
-        eps = torch.randn(mu.shape, generator=generator)
+        eps = torch.randn(mu.shape, generator=generator, device=device)
         params = model.decode(mu + torch.exp(0.5 * logvar) * eps)
         recon = model.likelihood.log_prob(params, x)
         kl = gaussian_kl(mu, logvar).sum(1)
         iwae = iwae_bound(model, x, k, k_chunk, generator)
         sums["n"] += x.shape[0]
-        sums["recon"] += recon.double().sum()
-        sums["kl"] += kl.double().sum()
-        sums["iwae"] += iwae.double().sum()
-        sums["iwae_sq"] += iwae.double().pow(2).sum()
+        sums["recon"] += recon.double().sum().cpu()
+        sums["kl"] += kl.double().sum().cpu()
+        sums["iwae"] += iwae.double().sum().cpu()
+        sums["iwae_sq"] += iwae.double().pow(2).sum().cpu()
+        mu = mu.cpu()
         sums["mu"] += mu.double().sum(0)
         sums["mu_sq"] += mu.double().pow(2).sum(0)
         for a, name in enumerate(ATTRIBUTE_DIRECTIONS):
@@ -127,6 +135,11 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     """Evaluate a run's EMA model on a split; writes `eval/metrics.json` (main rank) and returns it."""
     run_dir = Path(run_dir)
     model, cfg, step = load_trained(run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # each rank on its own GPU
+        torch.cuda.set_device(torch.cuda.current_device() if world_size == 1 else rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    model.to(device)
     split = split or cfg.eval.split
     k = k or cfg.eval.k
     loader = eval_loader(shards or cfg.data.shards, split, cfg.eval.batch_size, rank, world_size)
@@ -140,6 +153,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
         out = run_dir / "eval"
         directions = attribute_directions(sums)
         metrics["attribute_directions"] = sorted(directions)
+        model.cpu()
         metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions) if first else {}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics

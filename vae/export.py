@@ -155,15 +155,20 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
 
 
 def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray, dict]:
-    """Real inputs from the test split (float32 [n, 3, H, W] in [0, 1]) and the shards' preprocessing."""
+    """Real held-out inputs (float32 [n, 3, H, W] in [0, 1]) and the shards' preprocessing.
+
+    The test split when it has images; else valid, then train (e.g. the shared CelebA sample has no test
+    partition)."""
     from pipeline.loader import eval_loader, load_manifest
 
     shards = shards or cfg.data.shards
-    preprocessing = load_manifest(shards).get("preprocessing", {})
-    loader = eval_loader(shards, "test", n)
-    for _, x, _ in loader:
-        return (x.float() / 255.0).numpy(), preprocessing
-    raise ExportError(f"shards {shards}: no test images to validate the export against")
+    manifest = load_manifest(shards)
+    preprocessing = manifest.get("preprocessing", {})
+    for split in ("test", "valid", "train"):
+        if manifest["splits"].get(split, {}).get("count", 0) > 0:
+            for _, x, _ in eval_loader(shards, split, n):
+                return (x.float() / 255.0).numpy(), preprocessing
+    raise ExportError(f"shards {shards}: no images to validate the export against")
 
 
 def export_graphs(model: nn.Module, folder: Path, fp16: bool = False) -> list[str]:
