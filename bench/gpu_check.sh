@@ -33,7 +33,7 @@ PY
 $PY -m vae.cli data shard --source "$SAMPLE" --out "$WORK/shards" --workers 12 --quiet || exit 1
 
 echo "== 1. training throughput: shard loader vs data on the GPU"
-$PY bench/train.py --shards "$WORK/shards" --config configs/celeba64-gpu.yaml --steps $STEPS "${EXTRA[@]}" \
+[ "${SKIP_THROUGHPUT:-0}" = 1 ] || $PY bench/train.py --shards "$WORK/shards" --config configs/celeba64-gpu.yaml --steps $STEPS "${EXTRA[@]}" \
   | tail -1 | tee -a "$RESULTS"
 
 echo "== 2. timed training of configs/celeba64-gpu.yaml (${BUDGET}s), then valid bits/dim"
@@ -64,6 +64,8 @@ print(json.dumps({"step": "quality", "config": "configs/celeba64-gpu.yaml", "tra
                   "eval_s": round(time.time() - t0, 1), "active_units": m["active_units"]}))
 PY
 cp "$WORK/run/eval/samples.png" "$OUT_DIR/gpu_samples.png" 2>/dev/null
+cp "$WORK/run/train_log.jsonl" "$OUT_DIR/gpu_train_log.jsonl" 2>/dev/null
+if [ "${SKIP_ONNX:-0}" = 1 ]; then rm -rf "$WORK"; exit 0; fi
 
 echo "== 3. ONNX export and onnxruntime asked for CUDA"
 $PY -m vae.cli export --run "$WORK/run" --out "$WORK/model" --fp16 || echo '{"step": "export", "ok": false}' >> "$RESULTS"

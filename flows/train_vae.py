@@ -51,7 +51,8 @@ def shard_data(source: str, shards: str, size: int, crop: int = 148, workers: in
 
 def _stream(cmd: list[str]) -> int:
     logger = get_run_logger()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # tqdm redraws with carriage returns, which read back as lines: one progress line per 30 s is enough
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="30")
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
             line = line.rstrip()

@@ -47,7 +47,9 @@ def cmd_train(args) -> int:
     from vae.launch import run_launched
 
     cfg = load_config(args.config, args.overrides)
-    if args.num_processes == 1 and args.num_machines == 1:
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise BadInput(f"--accelerate-config {args.accelerate_config}: file not found")
+    if args.num_processes == 1 and args.num_machines == 1 and not args.accelerate_config:
         from vae.train import train
 
         run_dir = train(cfg)
@@ -56,7 +58,7 @@ def cmd_train(args) -> int:
         config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
         code = run_launched("vae.train", [str(config_file)], args.num_processes, num_machines=args.num_machines,
                             machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
-                            main_process_port=args.main_process_port)
+                            main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
         if code != 0:
             print(f"vae train: accelerate launch exited with code {code}", file=sys.stderr)
             return 1
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--main-process-ip", default=None)
     p.add_argument("--main-process-port", type=int, default=None, help="default: a free port (one machine), 29500")
+    p.add_argument("--accelerate-config", default=None,
+                   help="an accelerate config file (deploy/accelerate/*.yaml) setting processes and machines")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="bounds, bits/dim and grids into RUN_DIR/eval/metrics.json")

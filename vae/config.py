@@ -93,6 +93,7 @@ class TrainConfig:
     tensorboard: bool = True  # log through Accelerate's TensorBoard tracker as well as train_log.jsonl
     channels_last: bool = False  # GPU memory layout option
     compile: bool = False  # torch.compile the model (GPU option)
+    max_seconds: float = 0.0  # stop after this much training time (benchmarks at equal compute); 0: off
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -109,6 +110,7 @@ class TrainConfig:
         _check(self.max_nonfinite >= 1, "max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
         _check(self.grids_every >= 0, "grids_every", f"must be >= 0, got {self.grids_every}")
+        _check(self.max_seconds >= 0, "max_seconds", f"must be >= 0, got {self.max_seconds}")
 
 
 @dataclass

@@ -14,6 +14,8 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory early in training
         for k, v in model.state_dict().items():
+            if self.shadow[k].device != v.device:  # the model moved to its device after the EMA was made
+                self.shadow[k] = self.shadow[k].to(v.device)
             if v.dtype.is_floating_point:
                 self.shadow[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
             else:

@@ -36,7 +36,8 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict, tuple | None]:
+def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0,
+               max_images: int | None = None) -> tuple[dict, tuple | None]:
     """Sums over a split's images (reduced across ranks) and the first batch's images.
 
     Sums: n, recon, kl, iwae, iwae^2, mu and mu^2 per latent dimension, and per known attribute the sum
@@ -51,6 +52,11 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0) -> tuple[dict
             "attr_n": zero(len(ATTRIBUTE_DIRECTIONS), 2)}
     first = None
     for keys, x, metas in loader:
+        if max_images is not None:  # a fixed subset (the first images of the split), e.g. for benchmarks
+            room = max_images - int(sums["n"])
+            if room <= 0:
+                break
+            keys, x, metas = keys[:room], x[:room], metas[:room]
         if first is None:
             first = (x[:16].clone(), keys[:16])
         x = x.to(device, non_blocking=True)
@@ -131,7 +137,7 @@ def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
 
 
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
-             shards: str | None = None, rank: int = 0, world_size: int = 1) -> dict:
+             shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None) -> dict:
     """Evaluate a run's EMA model on a split; writes `eval/metrics.json` (main rank) and returns it."""
     run_dir = Path(run_dir)
     model, cfg, step = load_trained(run_dir)
@@ -143,7 +149,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     split = split or cfg.eval.split
     k = k or cfg.eval.k
     loader = eval_loader(shards or cfg.data.shards, split, cfg.eval.batch_size, rank, world_size)
-    sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank)
+    sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images)
     dims = 3 * cfg.model.image_size ** 2
     metrics = {"split": split, "k": k, **metrics_from_sums(sums, dims),
                "likelihood": cfg.model.likelihood, "likelihood_is_density": model.likelihood.is_density,

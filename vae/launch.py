@@ -20,8 +20,17 @@ def free_port() -> int:
 
 def launch_command(module: str, args: list[str], num_processes: int, num_machines: int = 1,
                    machine_rank: int = 0, main_process_ip: str | None = None,
-                   main_process_port: int | None = None) -> list[str]:
-    """`accelerate launch` running `python -m module args` on `num_processes` processes per machine."""
+                   main_process_port: int | None = None, accelerate_config: str | None = None) -> list[str]:
+    """`accelerate launch` running `python -m module args` on `num_processes` processes per machine.
+
+    With `accelerate_config` (e.g. deploy/accelerate/8gpu.yaml) the file sets processes and machines."""
+    if accelerate_config:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+        if num_machines > 1:
+            cmd += ["--machine_rank", str(machine_rank)]
+        if main_process_ip:
+            cmd += ["--main_process_ip", main_process_ip]
+        return cmd + ["-m", module, *args]
     port = main_process_port or (free_port() if num_machines == 1 else 29500)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines),

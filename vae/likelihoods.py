@@ -27,7 +27,17 @@ def _split(params: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [params[:, i * c:(i + 1) * c] for i in range(n)]
 
 
-class DiscretizedLogistic:
+class PixelLikelihood:
+    """Shared by the observation models: an image's log-probability is the sum over its sub-pixels."""
+
+    def log_prob_pixels(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_pixels(params, x).flatten(1).sum(1)
+
+
+class DiscretizedLogistic(PixelLikelihood):
     name = "discretized_logistic"
     params_per_channel = 2
     is_density = False
@@ -54,11 +64,8 @@ class DiscretizedLogistic:
         mean, _ = _split(params, 2)
         return (mean.clamp(-1.0, 1.0) + 1.0) / 2.0
 
-    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.log_prob_pixels(params, x).flatten(1).sum(1)
 
-
-class Bernoulli:
+class Bernoulli(PixelLikelihood):
     name = "bernoulli"
     params_per_channel = 1
     is_density = False
@@ -73,11 +80,8 @@ class Bernoulli:
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
 
-    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.log_prob_pixels(params, x).flatten(1).sum(1)
 
-
-class Gaussian:
+class Gaussian(PixelLikelihood):
     name = "gaussian"
     params_per_channel = 2
     is_density = True
@@ -92,9 +96,6 @@ class Gaussian:
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         mean_logit, _ = _split(params, 2)
         return ((256.0 * torch.sigmoid(mean_logit) - 0.5) / 255.0).clamp(0.0, 1.0)
-
-    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.log_prob_pixels(params, x).flatten(1).sum(1)
 
 
 def get_likelihood(name: str):

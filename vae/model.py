@@ -62,7 +62,9 @@ class ConvVAE(nn.Module):
         """x in [0, 1] -> (mu, logvar) of q(z|x)."""
         h = self.to_posterior(self.encoder(x * 2.0 - 1.0))
         mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar
+        # A soft bound on the posterior log-variance (|logvar| < 12): exp(logvar) cannot overflow, which
+        # is what made bf16 training diverge on a GPU (measured: non-finite losses from step ~330).
+        return mu, 12.0 * torch.tanh(logvar / 12.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z -> likelihood parameters [N, C * params_per_channel, H, W]."""

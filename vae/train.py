@@ -156,8 +156,10 @@ def train(cfg: Config, progress: bool = True) -> Path:
     seen: set[str] = set()  # keys this rank consumed in this process (audit of the data split)
     window = Window()
     grid_x = None
+    started = time.time()
+    out_of_time = False
     model.train()
-    while counters["step"] < cfg.train.steps:
+    while counters["step"] < cfg.train.steps and not out_of_time:
         segment_start = counters["step"]
         segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
                           * cfg.train.checkpoint_every)
@@ -220,6 +222,12 @@ def train(cfg: Config, progress: bool = True) -> Path:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
                     bar.set_postfix(bpd=f"{record['elbo_bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 window = Window()
+            if cfg.train.max_seconds:
+                # Every rank must stop at the same step: the main process's clock decides for all.
+                late = float(main and time.time() - started > cfg.train.max_seconds)
+                out_of_time = bool(accelerator.gather(torch.tensor([late], device=device)).max() > 0)
+                if out_of_time:
+                    break
             grids_every = cfg.train.grids_every or cfg.train.checkpoint_every
             if main and (done % grids_every == 0 or done == cfg.train.steps):
                 write_training_grids(run_dir, cfg, ema, grid_x, done)
