@@ -29,9 +29,12 @@ def version_dir(registry: str | Path, version: str) -> Path:
     return project_dir(registry) / "versions" / version
 
 
-def new_version(config_hash: str) -> str:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}-{config_hash[:8]}"
+def new_version(config_hash: str, started: datetime.datetime | None = None, run_id: str | None = None) -> str:
+    """`<UTC start>-<config hash>[-<flow run id>]`: the same for every retry of one flow run, so a retried
+    run finds its run folder (and resumes from its checkpoint) instead of starting a new version."""
+    started = started or datetime.datetime.now(datetime.timezone.utc)
+    stamp = started.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{config_hash[:8]}" + (f"-{run_id[:8]}" if run_id else "")
 
 
 def register(registry: str | Path, version: str, files: dict[str, str | Path]) -> Path:

@@ -137,6 +137,15 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
                        "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")
 
 
+def _flow_run_identity() -> tuple:
+    """(start time, id) of the current flow run: stable across retries of the run."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    started = flow_run.get_scheduled_start_time() if run_id else None
+    return started, run_id
+
+
 @flow(name="train-vae")
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
@@ -148,7 +157,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
-    version = reg.new_version(config_hash(cfg))
+    version = reg.new_version(config_hash(cfg), *_flow_run_identity())
     run_dir = str(Path(runs) / version)
     if synthesize_n > 0 and not (Path(source) / "list_eval_partition.txt").exists():
         synthesize_source(source, synthesize_n, synthesize_seed)

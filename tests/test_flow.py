@@ -155,3 +155,12 @@ def test_champion_replaced_only_by_a_better_comparable_version(tmp_path):
     assert reg.read_champion(tmp_path)["version"] == "v4"
     assert not list((tmp_path / "train-vae").glob(".*"))  # no temporary files left
     assert Path(reg.read_champion(tmp_path)["path"]).name == "v4"
+
+
+def test_version_is_stable_for_one_flow_run():
+    import datetime
+
+    started = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    a = reg.new_version("abcdef0123", started, "1234abcd-5678")
+    assert a == reg.new_version("abcdef0123", started, "1234abcd-5678") == "20260102T030405Z-abcdef01-1234abcd"
+    assert reg.new_version("abcdef0123", started, "99999999-0000") != a

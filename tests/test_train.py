@@ -161,3 +161,51 @@ def test_gradient_accumulation_counts_micro_batches(tiny_shards, tmp_path):
     assert int(state["images"]) == 4 * 3 * 16
     keys = (run / "ranks" / "rank-0.keys").read_text().split()
     assert len(keys) > 16  # more than one batch's worth per step was consumed
+
+
+def test_sigkill_mid_training_then_rerun_ends_with_the_uninterrupted_weights(tiny_shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY
+
+    args = [*TINY, "train.steps=60", "train.checkpoint_every=10", "train.tensorboard=false",
+            f"data.shards={tiny_shards}"]
+
+    def cli(run, **kw):  # both runs through the same command, so thread settings match
+        return subprocess.Popen([sys.executable, "-m", "vae.cli", "train", *args, f"run_dir={run}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+    assert cli(tmp_path / "whole").wait() == 0
+    killed = tmp_path / "killed"
+    proc = cli(killed, start_new_session=True)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000020.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-00000060.pt").exists()  # it really stopped midway
+    (killed / "checkpoints" / ".step-00000030.pt.abc123.tmp").write_bytes(b"torn")  # as a kill mid-write leaves
+    assert cli(killed).wait() == 0
+    assert not list((killed / "checkpoints").glob(".*.tmp"))  # torn writes are cleaned up
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-00000060.pt")
+    b = load_checkpoint(killed / "checkpoints" / "step-00000060.pt")
+    for part in ("model", "ema", "optimizer"):
+        flat_a = [t for t in _tensors(a[part])]
+        flat_b = [t for t in _tensors(b[part])]
+        assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), part
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from _tensors(tree[key])
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)

@@ -32,6 +32,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_torn_writes(run_dir: str | Path) -> int:
+    """Delete temporary files left by a checkpoint write that was killed; returns how many."""
+    folder = checkpoint_dir(run_dir)
+    torn = list(folder.glob(".step-*.pt.*.tmp")) if folder.is_dir() else []
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return len(torn)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

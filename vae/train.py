@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
 from vae.atomic import atomic_write_json, atomic_write_text
-from vae.checkpoint import config_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from vae.checkpoint import config_json, latest_checkpoint, load_checkpoint, remove_torn_writes, save_checkpoint
 from vae.config import Config, config_hash, config_to_dict
 from vae.ema import EMA
 from vae.errors import ConfigError, TrainingError
@@ -95,6 +95,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     device = accelerator.device
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_torn_writes(run_dir)
         atomic_write_json(run_dir / "config.json",
                           {"config": config_to_dict(cfg), "config_hash": config_hash(cfg)})
 
