@@ -187,6 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     evaluate(args.run, split=args.split, k=args.k, shards=args.shards,
              rank=accelerator.process_index, world_size=accelerator.num_processes)
     accelerator.wait_for_everyone()
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Tear the process group down before exit: a gloo group left alive can abort the interpreter at exit
+    ('terminate called without an active exception', seen in CI)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

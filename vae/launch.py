@@ -34,7 +34,9 @@ def launch_command(module: str, args: list[str], num_processes: int, num_machine
     port = main_process_port or (free_port() if num_machines == 1 else 29500)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines),
-           "--machine_rank", str(machine_rank), "--main_process_port", str(port)]
+           "--machine_rank", str(machine_rank), "--main_process_port", str(port),
+           # precision is the script's own config (Accelerator(mixed_precision=...)); say so to the launcher
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
     if main_process_ip:
         cmd += ["--main_process_ip", main_process_ip]
     return cmd + ["-m", module, *args]

@@ -272,9 +272,12 @@ def main() -> None:
     """Entry point for `accelerate launch -m vae.train CONFIG_JSON` (used by `vae train` for N > 1)."""
     from vae.config import config_from_dict
 
+    from vae.evaluate import end_process_group
+
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     train(cfg)
+    end_process_group()
 
 
 if __name__ == "__main__":
