@@ -69,7 +69,7 @@ def test_yaml_file_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/demo.yaml", "configs/celeba64.yaml"):
+    for name in ("configs/demo.yaml", "configs/celeba64.yaml", "configs/celeba64-hier.yaml"):
         load_config(name)
 
 

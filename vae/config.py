@@ -21,6 +21,7 @@ from vae.errors import ConfigError
 
 LIKELIHOODS = ("discretized_logistic", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")
+MODEL_KINDS = ("conv", "hierarchical")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -49,6 +50,18 @@ class ModelConfig:
     latent_dim: int = 128
     res_blocks: int = 1  # residual blocks after each resolution change
     likelihood: str = "discretized_logistic"
+    kind: str = "conv"  # conv: one latent vector; hierarchical: top-down latent groups (vae/hierarchical.py)
+    groups: int = 2  # hierarchical: latent groups, one per resolution from the coarsest up
+    latent_channels: int = 8  # hierarchical: channels of each group's spatial latent
+
+    def group_resolutions(self) -> list[int]:
+        """Hierarchical: each latent group's side, top (coarsest) group first."""
+        depth = len(self.channels)
+        return [self.image_size // 2 ** (s + 1) for s in range(depth - 1, depth - 1 - self.groups, -1)]
+
+    def hierarchical_latent_dim(self) -> int:
+        """Hierarchical: the flat latent size, latent_channels * side^2 summed over the groups."""
+        return sum(self.latent_channels * r * r for r in self.group_resolutions())
 
     def __post_init__(self) -> None:
         _check(self.latent_dim >= 1, "latent_dim", f"must be >= 1, got {self.latent_dim}")
@@ -60,6 +73,17 @@ class ModelConfig:
         stride = 2 ** len(self.channels)
         _check(self.image_size >= stride and self.image_size % stride == 0, "image_size",
                f"must be a multiple of 2**len(channels) = {stride}, got {self.image_size}")
+        _check(self.kind in MODEL_KINDS, "kind", f"must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        _check(self.groups >= 1, "groups", f"must be >= 1, got {self.groups}")
+        _check(self.latent_channels >= 1, "latent_channels", f"must be >= 1, got {self.latent_channels}")
+        if self.kind == "hierarchical":
+            _check(self.groups <= len(self.channels), "groups",
+                   f"one group per resolution: at most len(channels) = {len(self.channels)}, got {self.groups}")
+            want = self.hierarchical_latent_dim()
+            _check(self.latent_dim == want, "latent_dim",
+                   f"kind=hierarchical with {self.groups} groups of {self.latent_channels} channels at sides "
+                   f"{self.group_resolutions()} has {want} latent dimensions; set latent_dim={want}, "
+                   f"got {self.latent_dim}")
 
 
 @dataclass

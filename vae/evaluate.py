@@ -18,7 +18,7 @@ from vae.atomic import atomic_write_json
 from vae.checkpoint import load_trained
 from vae.config import config_hash
 from vae.grid import make_grid, write_png
-from vae.objectives import bits_per_dim, gaussian_kl, iwae_bound, to_unit
+from vae.objectives import bits_per_dim, elbo_terms, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 ATTRIBUTE_DIRECTIONS = ("Smiling", "Eyeglasses", "Male", "Blond_Hair")  # CelebA attributes to picture
@@ -60,12 +60,9 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0,
         if first is None:
             first = (x[:16].clone(), keys[:16])
         x = x.to(device, non_blocking=True)
-        mu, logvar = model.encode(to_unit(x))
-        mu, logvar = mu.float(), logvar.float()
-        eps = torch.randn(mu.shape, generator=generator, device=device)
-        params = model.decode(mu + torch.exp(0.5 * logvar) * eps)
-        recon = model.likelihood.log_prob(params, x)
-        kl = gaussian_kl(mu, logvar).sum(1)
+        eps = torch.randn((x.shape[0], d), generator=generator, device=device)
+        terms = elbo_terms(model, x, eps)  # the training objective's own pass, for every kind of model
+        recon, kl, mu = terms["recon"], terms["kl"], terms["mu"]
         iwae = iwae_bound(model, x, k, k_chunk, generator)
         sums["n"] += x.shape[0]
         sums["recon"] += recon.double().sum().cpu()

@@ -85,5 +85,9 @@ class ConvVAE(nn.Module):
         return self.likelihood.mean(self.decode(z))
 
 
-def build_model(cfg: ModelConfig) -> ConvVAE:
-    return ConvVAE(cfg)
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model `cfg.kind` names: both kinds present the same interface to objectives, training and export."""
+    from vae.hierarchical import HierarchicalVAE  # it builds on this module's ResBlock
+
+    kinds = {"conv": ConvVAE, "hierarchical": HierarchicalVAE}
+    return kinds[cfg.kind](cfg)

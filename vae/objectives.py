@@ -5,7 +5,10 @@ combines chunks of them with a running logsumexp so memory does not grow with K;
 analytic KL (lower variance) with beta, warm-up and free bits applied to training only. All values are
 per image, in nats, computed in float32 whatever the autocast context.
 
-The model only needs `encode(x01) -> (mu, logvar)`, `decode(z) -> params` and `likelihood.log_prob`.
+The model only needs `encode(x01) -> (mu, logvar)`, `decode(z) -> params` and `likelihood.log_prob`. A model
+whose posterior depends on its own sample (the top-down hierarchical VAE: q(u_l | x, u_<l)) also provides
+`bottom_up(x01)` and `posterior_pass(features, eps) -> (params, u, mu, logvar)`; `posterior_samples` below
+gives every model that interface, so there is one log-weight computation for all of them.
 """
 
 from __future__ import annotations
@@ -36,34 +39,56 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
-def log_weights(model, x: torch.Tensor, k: int, mu: torch.Tensor | None = None,
-                logvar: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def posterior_features(model, x01: torch.Tensor):
+    """What the posterior needs from x, computed once per image: `model.bottom_up(x01)` where the model has
+    one (the hierarchical VAE's feature maps), else the Gaussian's (mu, logvar)."""
+    if hasattr(model, "bottom_up"):
+        return model.bottom_up(x01)
+    return model.encode(x01)
+
+
+def posterior_samples(model, features, eps: torch.Tensor):
+    """Samples u = mu + exp(logvar / 2) * eps of q(u|x), eps [K, N, D] ~ N(0, I), and their likelihood params.
+
+    Returns (params [K*N, ...], u, mu, logvar [K, N, D]); for a hierarchical model mu and logvar are the
+    conditional posterior parameters along each sample's own path."""
+    if hasattr(model, "posterior_pass"):
+        params, u, mu, logvar = model.posterior_pass(features, eps)
+        return params, u.float(), mu.float(), logvar.float()
+    mu, logvar = (t.float() for t in features)
+    k, n, d = eps.shape
+    u = mu + torch.exp(0.5 * logvar) * eps
+    params = model.decode(u.reshape(k * n, d).to(next(model.parameters()).dtype))
+    return params, u, mu.expand(k, n, d), logvar.expand(k, n, d)
+
+
+def log_weights(model, x: torch.Tensor, k: int, features=None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k samples z_k ~ q(z|x): shape [k, N].
 
-    `x` holds pixel levels 0..255. Pass `mu, logvar` to reuse one encoder pass across chunks of samples.
+    `x` holds pixel levels 0..255. Pass `features` (`posterior_features`) to reuse one encoder pass across
+    chunks of samples.
     """
-    if mu is None or logvar is None:
-        mu, logvar = model.encode(to_unit(x))
-    mu, logvar = mu.float(), logvar.float()
-    n, d = mu.shape
-    eps = torch.randn((k, n, d), device=mu.device, generator=generator)
-    z = mu + torch.exp(0.5 * logvar) * eps
-    params = model.decode(z.reshape(k * n, d).to(next(model.parameters()).dtype))
+    if features is None:
+        features = posterior_features(model, to_unit(x))
+    n, d = x.shape[0], model.latent_dim
+    eps = torch.randn((k, n, d), device=x.device, generator=generator)
+    params, u, mu, logvar = posterior_samples(model, features, eps)
     x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
     log_px = model.likelihood.log_prob(params.float(), x_rep).view(k, n)
-    return log_px + log_standard_normal(z) - log_normal(z, mu, logvar)
+    return log_px + log_standard_normal(u) - log_normal(u, mu, logvar)
 
 
 @torch.no_grad()
 def iwae_bound(model, x: torch.Tensor, k: int, chunk: int = 50,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """log (1/K) sum_k p(x, z_k) / q(z_k|x), per image [N], chunked over K with a running logsumexp."""
-    mu, logvar = model.encode(to_unit(x))
+    features = posterior_features(model, to_unit(x))
     running = None
     done = 0
     while done < k:
         step = min(chunk, k - done)
-        lw = torch.logsumexp(log_weights(model, x, step, mu, logvar, generator), dim=0)
+        lw = torch.logsumexp(log_weights(model, x, step, features, generator), dim=0)
         running = lw if running is None else torch.logaddexp(running, lw)
         done += step
     return running - math.log(k)
@@ -72,7 +97,9 @@ def iwae_bound(model, x: torch.Tensor, k: int, chunk: int = 50,
 def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor, likelihood=None) -> dict[str, torch.Tensor]:
     """One-sample reconstruction term and analytic KL per image; `kl_dims` is per latent dimension.
 
-    Calls `model(x01, eps)` (the forward pass, so DDP hooks run); `likelihood` defaults to the model's.
+    Calls `model(x01, eps)` (the forward pass, so DDP hooks run); `likelihood` defaults to the model's. For
+    the hierarchical VAE, (mu, logvar) are each group's conditional posterior along the sampled path, so
+    `kl_dims` is the per-group analytic KL against the whitened prior N(0, I) there (NVAE's estimator).
     """
     params, mu, logvar = model(to_unit(x), eps)
     likelihood = likelihood or model.likelihood
