@@ -7,7 +7,7 @@ active units, and a last line comparing each model with the plain baseline. The 
 the issue describes: 4 stride-2 convs 32-64-128-256, latent 128, factorized discretized logistic, Adam 1e-3 with
 cosine decay, batch 64, float32, no EMA.
 
-    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,default]
+    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,default,hierarchical]
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ MODELS = {
                         "train.lr=1e-3", "train.warmup_steps=0", "train.ema_decay=0", "data.batch_size=64",
                         "train.weight_decay=0"]),
     "default": (REPO / "configs" / "celeba64.yaml", []),
+    "hierarchical": (REPO / "configs" / "celeba64-hier.yaml", []),
 }
 
 
-def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int) -> dict:
+def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_images: int) -> dict:
     import torch
 
     from vae.config import load_config
@@ -56,7 +57,7 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int) -> dict
 
     done = int(latest_checkpoint(tmp / name).stem.split("-")[1])  # steps reached within the budget
     valid = evaluate(tmp / name, split="valid", k=k)
-    train_metrics = evaluate(tmp / name, split="train", k=k, max_images=780)
+    train_metrics = evaluate(tmp / name, split="train", k=k, max_images=train_images)
     return {"model": name, "minutes": minutes, "threads": torch.get_num_threads(), "steps": done,
             "planned_steps": steps, "images_per_s": round(done * cfg.data.batch_size / seconds, 1),
             "valid_elbo_bpd": round(valid["elbo_bpd"], 4), "valid_nll_bpd": round(valid["nll_bpd"], 4),
@@ -67,9 +68,10 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--models", default="baseline,default")
+    parser.add_argument("--models", default="baseline,default,hierarchical")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--train-images", type=int, default=780, help="training images evaluated")
     args = parser.parse_args()
     if not SHARED_SAMPLE.is_dir():
         print(json.dumps({"bench": "quality", "skipped": f"no shared CelebA sample at {SHARED_SAMPLE}"}))
@@ -88,7 +90,7 @@ def main() -> None:
         tmp = Path(tmp)
         shard(SHARED_SAMPLE, tmp / "shards", size=64, crop=148, workers=2, progress=False)
         for name in names:
-            results[name] = run_model(name, args.minutes, str(tmp / "shards"), tmp, args.k)
+            results[name] = run_model(name, args.minutes, str(tmp / "shards"), tmp, args.k, args.train_images)
             print(json.dumps({"bench": "quality", **results[name]}), flush=True)
     if "baseline" in results:
         base = results["baseline"]["valid_nll_bpd"]
