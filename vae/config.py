@@ -29,6 +29,11 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def _at_least(section, name: str, low: float) -> None:
+    value = getattr(section, name)
+    _check(value >= low, name, f"must be >= {low}, got {value}")
+
+
 @dataclass
 class DataConfig:
     shards: str = "data/shards"  # local folder or fsspec URL holding manifest.json
@@ -38,9 +43,9 @@ class DataConfig:
     in_memory: bool = False  # load the rank's train split onto the training device once (data that fits)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        _at_least(self, "batch_size", 1)
+        _at_least(self, "num_workers", 0)
+        _at_least(self, "shuffle_buffer", 1)
 
 
 @dataclass
@@ -64,18 +69,18 @@ class ModelConfig:
         return sum(self.latent_channels * r * r for r in self.group_resolutions())
 
     def __post_init__(self) -> None:
-        _check(self.latent_dim >= 1, "latent_dim", f"must be >= 1, got {self.latent_dim}")
+        _at_least(self, "latent_dim", 1)
         _check(len(self.channels) >= 1, "channels", "needs at least one layer")
         _check(all(c >= 1 for c in self.channels), "channels", f"widths must be >= 1, got {self.channels}")
-        _check(self.res_blocks >= 0, "res_blocks", f"must be >= 0, got {self.res_blocks}")
+        _at_least(self, "res_blocks", 0)
         _check(self.likelihood in LIKELIHOODS, "likelihood",
                f"must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         stride = 2 ** len(self.channels)
         _check(self.image_size >= stride and self.image_size % stride == 0, "image_size",
                f"must be a multiple of 2**len(channels) = {stride}, got {self.image_size}")
         _check(self.kind in MODEL_KINDS, "kind", f"must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
-        _check(self.groups >= 1, "groups", f"must be >= 1, got {self.groups}")
-        _check(self.latent_channels >= 1, "latent_channels", f"must be >= 1, got {self.latent_channels}")
+        _at_least(self, "groups", 1)
+        _at_least(self, "latent_channels", 1)
         if self.kind == "hierarchical":
             _check(self.groups <= len(self.channels), "groups",
                    f"one group per resolution: at most len(channels) = {len(self.channels)}, got {self.groups}")
@@ -94,8 +99,8 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _check(self.kl_warmup_steps >= 0, "kl_warmup_steps", f"must be >= 0, got {self.kl_warmup_steps}")
-        _check(self.free_bits >= 0, "free_bits", f"must be >= 0, got {self.free_bits}")
+        _at_least(self, "kl_warmup_steps", 0)
+        _at_least(self, "free_bits", 0)
 
 
 @dataclass
@@ -120,21 +125,21 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop after this much training time (benchmarks at equal compute); 0: off
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _at_least(self, "steps", 1)
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _at_least(self, "weight_decay", 0)
+        _at_least(self, "warmup_steps", 0)
         _check(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.mixed_precision in PRECISIONS, "mixed_precision",
                f"must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
-        _check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
-        _check(self.max_nonfinite >= 1, "max_nonfinite", f"must be >= 1, got {self.max_nonfinite}")
-        _check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        _check(self.grids_every >= 0, "grids_every", f"must be >= 0, got {self.grids_every}")
-        _check(self.max_seconds >= 0, "max_seconds", f"must be >= 0, got {self.max_seconds}")
+        _at_least(self, "checkpoint_every", 1)
+        _at_least(self, "keep_checkpoints", 1)
+        _at_least(self, "log_every", 1)
+        _at_least(self, "max_nonfinite", 1)
+        _at_least(self, "grad_accum_steps", 1)
+        _at_least(self, "grids_every", 0)
+        _at_least(self, "max_seconds", 0)
 
 
 @dataclass
@@ -146,8 +151,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.k <= 100_000, "k", f"must be in [1, 100000], got {self.k}")
-        _check(self.k_chunk >= 1, "k_chunk", f"must be >= 1, got {self.k_chunk}")
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _at_least(self, "k_chunk", 1)
+        _at_least(self, "batch_size", 1)
         _check(self.split in ("train", "valid", "test"), "split",
                f"must be train, valid or test, got {self.split!r}")
 
