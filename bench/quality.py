@@ -29,6 +29,7 @@ MODELS = {
                         "train.weight_decay=0"]),
     "default": (REPO / "configs" / "celeba64.yaml", []),
     "hierarchical": (REPO / "configs" / "celeba64-hier.yaml", []),
+    "cpu": (REPO / "configs" / "celeba64-cpu.yaml", []),
 }
 
 
