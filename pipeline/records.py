@@ -75,8 +75,10 @@ def _pax_path(payload: bytes) -> str | None:
     return None
 
 
-def _walk(data: bytes) -> Iterator[tuple[str, int, int]]:
-    """(name, payload offset, payload size) of each regular file in an uncompressed tar held in memory."""
+def _walk(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(name, payload offset, payload size) of each regular file in an uncompressed tar held in memory.
+
+    A tight loop over the 512-byte headers; PAX and GNU long names apply to the member that follows."""
     offset = 0
     next_name = None
     end = len(data)
@@ -88,21 +90,21 @@ def _walk(data: bytes) -> Iterator[tuple[str, int, int]]:
             size = int(header[124:135], 8)  # the usual field: 11 octal digits and a NUL
         except ValueError:
             size = _size_field(header)
-        kind = header[156:157]
+        kind = header[156]
         body = offset + BLOCK
         offset = body + (size + BLOCK - 1) // BLOCK * BLOCK
-        if kind == b"0" or kind == b"\0":
+        if kind == 48 or kind == 0:  # b"0" or b"\0": a regular file
             if next_name is not None:
                 name, next_name = next_name, None
             else:
-                name = header[0:100].split(b"\0", 1)[0].decode()
+                name = header[0:100].split(b"\0", 1)[0]
                 if header[257:262] == b"ustar" and header[345] != 0:
-                    name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
+                    name = header[345:500].split(b"\0", 1)[0] + b"/" + name
             yield name, body, size
-        elif kind == b"x":
-            next_name = _pax_path(data[body:body + size]) or next_name
-        elif kind == b"L":
-            next_name = data[body:body + size].rstrip(b"\0").decode()
+        elif kind == 120:  # b"x": a PAX header for the next member
+            next_name = (_pax_path(data[body:body + size]) or "").encode() or next_name
+        elif kind == 76:  # b"L": a GNU long name for the next member
+            next_name = data[body:body + size].rstrip(b"\0")
         else:
             next_name = None
 
@@ -111,7 +113,7 @@ def iter_members(data: bytes) -> Iterator[tuple[str, memoryview]]:
     """(name, payload) of each regular file in an uncompressed tar held in memory."""
     view = memoryview(data)
     for name, start, size in _walk(bytes(data)):
-        yield name, view[start:start + size]
+        yield name.decode(), view[start:start + size]
 
 
 class ShardIndex:
@@ -161,52 +163,29 @@ def index_shard(data: bytes, meta: bool = True) -> ShardIndex:
     key = None
     has_pixels = False
     pending_meta = None
-    next_name = None
-    offset, end = 0, len(data)
-    while offset + BLOCK <= end:
-        if data[offset] == 0:
-            break
-        header = data[offset:offset + BLOCK]
-        try:
-            size = int(header[124:135], 8)  # the usual field: 11 octal digits and a NUL
-        except ValueError:
-            size = _size_field(header)
-        kind = header[156]
-        body = offset + BLOCK
-        offset = body + (size + BLOCK - 1) // BLOCK * BLOCK
-        if kind == 48 or kind == 0:  # b"0" or b"\0": a regular file
-            if next_name is not None:
-                name, next_name = next_name, None
+    for name, body, size in _walk(data):
+        # WebDataset's key: the base name up to its first dot (the folder prefix never matters here)
+        stem, _, ext = name.rpartition(b"/")[2].partition(b".")
+        if stem != key:
+            key, has_pixels, pending_meta = stem, False, None
+        if ext == b"npy":
+            if layout is None:
+                dtype, shape, skip = npy_layout(view[body:body + size])
+                layout = (data[body:body + skip], dtype, shape, skip, size - skip)
+            elif size != layout[3] + layout[4] or data[body:body + layout[3]] != layout[0]:
+                raise ValueError(f"sample {stem.decode()!r}: pixels differ in shape or type from the "
+                                 "shard's first")
+            if has_pixels:
+                continue
+            has_pixels = True
+            keys.append(stem)
+            starts.append(body + layout[3])
+            metas.append(pending_meta)
+        elif ext == b"json" and meta:
+            if has_pixels:
+                metas[-1] = view[body:body + size]
             else:
-                name = header[0:100].split(b"\0", 1)[0]
-            # WebDataset's key: the base name up to its first dot (the folder prefix never matters here)
-            stem, _, ext = name.rpartition(b"/")[2].partition(b".")
-            if stem != key:
-                key, has_pixels, pending_meta = stem, False, None
-            if ext == b"npy":
-                if layout is None:
-                    dtype, shape, skip = npy_layout(view[body:body + size])
-                    layout = (data[body:body + skip], dtype, shape, skip, size - skip)
-                elif size != layout[3] + layout[4] or data[body:body + layout[3]] != layout[0]:
-                    raise ValueError(f"sample {stem.decode()!r}: pixels differ in shape or type from the "
-                                     "shard's first")
-                if has_pixels:
-                    continue
-                has_pixels = True
-                keys.append(stem)
-                starts.append(body + layout[3])
-                metas.append(pending_meta)
-            elif ext == b"json" and meta:
-                if has_pixels:
-                    metas[-1] = view[body:body + size]
-                else:
-                    pending_meta = view[body:body + size]
-        elif kind == 120:  # b"x": a PAX header for the next member
-            next_name = (_pax_path(data[body:body + size]) or "").encode() or next_name
-        elif kind == 76:  # b"L": a GNU long name for the next member
-            next_name = data[body:body + size].rstrip(b"\0")
-        else:
-            next_name = None
+                pending_meta = view[body:body + size]
     if layout is None:
         return ShardIndex([], np.empty(0, np.int64), [], np.dtype(np.uint8), (0, 0, 3), 0)
     return ShardIndex([k.decode() for k in keys], np.asarray(starts, np.int64), metas, layout[1], layout[2],
