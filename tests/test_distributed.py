@@ -4,7 +4,6 @@ parameters identical, and distributed evaluation visits every image exactly once
 import json
 
 import pytest
-import torch
 
 from conftest import TINY
 from vae.checkpoint import list_checkpoints, load_checkpoint

@@ -2,12 +2,11 @@
 endless, shuffled, deterministic in (seed, rank, start step) and disjoint across ranks."""
 
 import itertools
-import json
 
 import pytest
 import torch
 
-from pipeline.loader import EvalStream, ShardRef, TrainStream, eval_loader, partition, split_shards, train_loader
+from pipeline.loader import TrainStream, eval_loader, partition, split_shards, train_loader
 from pipeline.records import iter_samples
 
 
