@@ -42,13 +42,14 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
 
     config, overrides = MODELS[name]
     common = [f"data.shards={shards}", "data.num_workers=0", "train.tensorboard=false", "train.log_every=20"]
-    # A short probe sets the step count so the learning-rate schedule ends with the budget.
-    probe = load_config(config, [*overrides, *common, f"run_dir={tmp / (name + '-probe')}", "train.steps=12",
-                                 "train.checkpoint_every=12", "train.log_every=4"])
-    started = time.time()
+    # A short probe sets the step count so the learning-rate schedule ends with the budget: its steady
+    # windows (not the first, which holds start-up) give the step time; max_seconds still caps the run.
+    probe = load_config(config, [*overrides, *common, f"run_dir={tmp / (name + '-probe')}", "train.steps=24",
+                                 "train.checkpoint_every=24", "train.log_every=6"])
     train(probe, progress=False)
-    step_s = (time.time() - started) / 12
-    steps = max(20, int(minutes * 60 / step_s))
+    records = [json.loads(line) for line in (tmp / (name + "-probe") / "train_log.jsonl").read_text().splitlines()]
+    images_per_s = sum(r["images_per_s"] for r in records[1:]) / len(records[1:])
+    steps = max(20, int(minutes * 60 * images_per_s / probe.data.batch_size))
     cfg = load_config(config, [*overrides, *common, f"run_dir={tmp / name}", f"train.steps={steps}",
                                f"train.checkpoint_every={steps}", f"train.max_seconds={minutes * 60}"])
     started = time.time()
@@ -59,7 +60,8 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
     done = int(latest_checkpoint(tmp / name).stem.split("-")[1])  # steps reached within the budget
     valid = evaluate(tmp / name, split="valid", k=k)
     train_metrics = evaluate(tmp / name, split="train", k=k, max_images=train_images)
-    return {"model": name, "minutes": minutes, "threads": torch.get_num_threads(), "steps": done,
+    return {"model": name, "minutes": minutes, "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
+            "steps": done,
             "planned_steps": steps, "images_per_s": round(done * cfg.data.batch_size / seconds, 1),
             "valid_elbo_bpd": round(valid["elbo_bpd"], 4), "valid_nll_bpd": round(valid["nll_bpd"], 4),
             "train_elbo_bpd": round(train_metrics["elbo_bpd"], 4), "train_nll_bpd": round(train_metrics["nll_bpd"], 4),
