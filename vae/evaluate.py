@@ -162,11 +162,6 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     return metrics
 
 
-def load_metrics(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
-
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `accelerate launch -m vae.evaluate --run RUN [...]` (`vae eval --num-processes N`)."""
     import argparse
