@@ -7,13 +7,16 @@ active units, and a last line comparing each model with the plain baseline. The 
 the issue describes: 4 stride-2 convs 32-64-128-256, latent 128, factorized discretized logistic, Adam 1e-3 with
 cosine decay, batch 64, float32, no EMA.
 
-    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,default,hierarchical]
+    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,default,hierarchical] [--grids DIR]
+
+`--models` also takes config files, to compare a variant; `--grids` keeps each model's prior-sample grid.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -33,34 +36,46 @@ MODELS = {
 }
 
 
-def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_images: int) -> dict:
+def model_spec(name: str) -> tuple[Path | None, list[str]]:
+    """A named model, or any config file (a variant to compare: `--models baseline,my.yaml`)."""
+    if name in MODELS:
+        return MODELS[name]
+    return Path(name), []
+
+
+def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_images: int,
+              grids: Path | None = None) -> dict:
     import torch
 
     from vae.config import load_config
     from vae.evaluate import evaluate
     from vae.train import train
 
-    config, overrides = MODELS[name]
+    config, overrides = model_spec(name)
+    label = Path(name).stem if name not in MODELS else name
     common = [f"data.shards={shards}", "data.num_workers=0", "train.tensorboard=false", "train.log_every=20"]
     # A short probe sets the step count so the learning-rate schedule ends with the budget: its steady
     # windows (not the first, which holds start-up) give the step time; max_seconds still caps the run.
-    probe = load_config(config, [*overrides, *common, f"run_dir={tmp / (name + '-probe')}", "train.steps=24",
+    probe = load_config(config, [*overrides, *common, f"run_dir={tmp / (label + '-probe')}", "train.steps=24",
                                  "train.checkpoint_every=24", "train.log_every=6"])
     train(probe, progress=False)
-    records = [json.loads(line) for line in (tmp / (name + "-probe") / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp / (label + "-probe") / "train_log.jsonl").read_text().splitlines()]
     images_per_s = sum(r["images_per_s"] for r in records[1:]) / len(records[1:])
     steps = max(20, int(minutes * 60 * images_per_s / probe.data.batch_size))
-    cfg = load_config(config, [*overrides, *common, f"run_dir={tmp / name}", f"train.steps={steps}",
+    cfg = load_config(config, [*overrides, *common, f"run_dir={tmp / label}", f"train.steps={steps}",
                                f"train.checkpoint_every={steps}", f"train.max_seconds={minutes * 60}"])
     started = time.time()
     train(cfg, progress=False)
     seconds = time.time() - started
     from vae.checkpoint import latest_checkpoint
 
-    done = int(latest_checkpoint(tmp / name).stem.split("-")[1])  # steps reached within the budget
-    valid = evaluate(tmp / name, split="valid", k=k)
-    train_metrics = evaluate(tmp / name, split="train", k=k, max_images=train_images)
-    return {"model": name, "minutes": minutes, "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
+    done = int(latest_checkpoint(tmp / label).stem.split("-")[1])  # steps reached within the budget
+    valid = evaluate(tmp / label, split="valid", k=k)
+    if grids is not None:  # prior samples only: the other grids show CelebA images, which stay out of the repo
+        grids.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(valid["images"]["samples"], grids / f"{label}-samples.png")
+    train_metrics = evaluate(tmp / label, split="train", k=k, max_images=train_images)
+    return {"model": label, "minutes": minutes, "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
             "steps": done,
             "planned_steps": steps, "images_per_s": round(done * cfg.data.batch_size / seconds, 1),
             "valid_elbo_bpd": round(valid["elbo_bpd"], 4), "valid_nll_bpd": round(valid["nll_bpd"], 4),
@@ -75,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--train-images", type=int, default=780, help="training images evaluated")
+    parser.add_argument("--grids", type=Path, default=None, help="copy each model's prior-sample grid here")
     args = parser.parse_args()
     if not SHARED_SAMPLE.is_dir():
         print(json.dumps({"bench": "quality", "skipped": f"no shared CelebA sample at {SHARED_SAMPLE}"}))
@@ -85,16 +101,17 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in MODELS and not Path(n).is_file()]
     if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+        raise SystemExit(f"--models: {unknown} are neither known models ({', '.join(MODELS)}) nor config files")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         tmp = Path(tmp)
         shard(SHARED_SAMPLE, tmp / "shards", size=64, crop=148, workers=2, progress=False)
         for name in names:
-            results[name] = run_model(name, args.minutes, str(tmp / "shards"), tmp, args.k, args.train_images)
-            print(json.dumps({"bench": "quality", **results[name]}), flush=True)
+            result = run_model(name, args.minutes, str(tmp / "shards"), tmp, args.k, args.train_images, args.grids)
+            results[result["model"]] = result
+            print(json.dumps({"bench": "quality", **result}), flush=True)
     if "baseline" in results:
         base = results["baseline"]["valid_nll_bpd"]
         print(json.dumps({"bench": "quality", "compare_to_baseline": {

@@ -173,3 +173,26 @@ def test_export_without_fp16_removes_a_stale_fp16_decoder(trained_run, tmp_path,
         assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
     assert "EMA weights" in capsys.readouterr().out
+
+
+def test_mixture_decoder_exports_its_expected_image(tmp_path):
+    """logistic_mixture's x_mean (the mixture's expected colour, channels coupled) survives export."""
+    from vae.config import load_config
+    from vae.export import export_graphs
+    from vae.model import build_model
+
+    cfg = load_config(None, ["model.image_size=16", "model.channels=[8,16]", "model.latent_dim=6",
+                             "model.likelihood=logistic_mixture", "model.mixtures=4"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    export_graphs(model, tmp_path)
+    assert random_ops(tmp_path / "decoder.onnx") == set()
+    z = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32) * 3
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["x_mean"], {"z": z})[0]
+    with torch.no_grad():
+        want = model.decode_mean(torch.from_numpy(z)).numpy()
+    assert want.std() > 0.01  # a real image, not a constant
+    np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)

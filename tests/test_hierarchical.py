@@ -49,7 +49,7 @@ def test_build_model_picks_the_kind():
                       ConvVAE)
 
 
-@pytest.mark.parametrize("likelihood", ["discretized_logistic", "bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["discretized_logistic", "logistic_mixture", "bernoulli", "gaussian"])
 def test_shapes_and_the_mean_path(likelihood):
     model = _perturb(_model(0, f"model.likelihood={likelihood}"))
     assert model.latent_dim == 80 and model.group_sizes == [16, 64]
@@ -57,7 +57,7 @@ def test_shapes_and_the_mean_path(likelihood):
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (3, 80)
     params = model.decode(mu)
-    assert params.shape == (3, 3 * model.likelihood.params_per_channel, 16, 16)
+    assert params.shape == (3, model.likelihood.num_params(3), 16, 16)
     mean = model.decode_mean(torch.randn(4, 80) * 10)
     assert mean.shape == (4, 3, 16, 16) and mean.min() >= 0 and mean.max() <= 1
     # eps = 0 follows the posterior-mean path: the same (mu, logvar) as encode, and decode(mu) reconstructs

@@ -7,7 +7,7 @@ from vae.config import load_config
 from vae.model import build_model
 
 
-@pytest.mark.parametrize("likelihood", ["discretized_logistic", "bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["discretized_logistic", "logistic_mixture", "bernoulli", "gaussian"])
 @pytest.mark.parametrize("size, channels", [(16, [8, 16]), (32, [8, 16, 16])])
 def test_shapes_and_ranges(likelihood, size, channels):
     cfg = load_config(None, [f"model.image_size={size}", f"model.channels={channels}", "model.latent_dim=5",
@@ -17,7 +17,7 @@ def test_shapes_and_ranges(likelihood, size, channels):
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (3, 5)
     params = model.decode(mu)
-    assert params.shape == (3, 3 * model.likelihood.params_per_channel, size, size)
+    assert params.shape == (3, model.likelihood.num_params(3), size, size)
     mean = model.decode_mean(torch.randn(4, 5) * 10)
     assert mean.shape == (4, 3, size, size) and mean.min() >= 0 and mean.max() <= 1
     out, mu2, _ = model(x, torch.zeros(3, 5))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vae.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
+from vae.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, LogisticMixture
 from vae.objectives import (bits_per_dim, elbo_terms, gaussian_kl, iwae_bound, log_weights,
                             training_loss)
 
@@ -140,7 +140,7 @@ def _all_levels(likelihood, params):
 @pytest.mark.parametrize("likelihood", [DiscretizedLogistic(), Bernoulli()], ids=lambda l: l.name)
 def test_discrete_likelihoods_sum_to_one_over_256_levels(likelihood):
     g = torch.Generator().manual_seed(0)
-    params = torch.randn(2, 3 * likelihood.params_per_channel, 4, 4, generator=g) * 2
+    params = torch.randn(2, likelihood.num_params(3), 4, 4, generator=g) * 2
     if likelihood.name == "discretized_logistic":
         params[:, 3:] = params[:, 3:].clamp(-6, 1)  # log scales from sharp to broad
     torch.testing.assert_close(_all_levels(likelihood, params), torch.ones(2, 3, 4, 4), atol=1e-4, rtol=0)
@@ -159,6 +159,61 @@ def test_discretized_logistic_bin_mass_by_hand():
     x0 = torch.zeros(1, 3, 1, 1)
     edge = (-1 + 1 / 255 - (100 / 127.5 - 1)) / math.exp(-5.0)
     assert DiscretizedLogistic().log_prob(params, x0).item() == pytest.approx(3 * math.log(sigmoid(edge)), rel=1e-4)
+
+
+def _mixture_params(mixtures: int, seed: int) -> torch.Tensor:
+    """Logistic-mixture parameters for two RGB pixels: the first harsh (scales e^-5..e^-1, strong coupling that
+    pushes locations past the edges), the second mild (locations well inside, scales <= e^-3)."""
+    g = torch.Generator().manual_seed(seed)
+    n = mixtures
+    logits = torch.randn(1, n, 1, 2, generator=g)
+    means = torch.rand(1, 3 * n, 1, 2, generator=g) * 1.2 - 0.6
+    log_scales = torch.rand(1, 3 * n, 1, 2, generator=g) * -4.0 - 1.0
+    coeffs = torch.randn(1, 3 * n, 1, 2, generator=g)
+    means[..., 1] *= 0.5
+    log_scales[..., 1] = log_scales[..., 1].clamp(max=-3.0)
+    coeffs[..., 1] *= 0.3
+    return torch.cat([logits, means, log_scales, coeffs], dim=1)
+
+
+def _mixture_joint(likelihood: LogisticMixture, params: torch.Tensor) -> torch.Tensor:
+    """P(r, g, b) of every one of the 256^3 colours of each pixel: [256, 256, 256, pixels]."""
+    gb = torch.cartesian_prod(torch.arange(256.0), torch.arange(256.0))  # [65536, 2]
+    pixels = params.shape[-1]
+    out = []
+    for r in range(256):
+        x = torch.cat([torch.full((gb.shape[0], 1), float(r)), gb], dim=1).view(-1, 3, 1, 1).expand(-1, 3, 1, pixels)
+        out.append(likelihood.log_prob_pixels(params.expand(x.shape[0], -1, -1, -1), x).exp().view(256, 256, pixels))
+    return torch.stack(out)
+
+
+def test_logistic_mixture_is_a_distribution_over_all_colours_and_mean_is_its_expectation():
+    likelihood = LogisticMixture(mixtures=3)
+    params = _mixture_params(3, seed=1).double()
+    joint = _mixture_joint(likelihood, params)
+    # the colour channels are modelled jointly: the joint over all 256^3 colours of a pixel sums to one
+    torch.testing.assert_close(joint.sum((0, 1, 2)).float(), torch.ones(2), atol=1e-4, rtol=0)
+    # the exported mean is the distribution's expected colour (in [0, 1] units), from the exact joint, where
+    # no mass piles up at the end levels (the mild pixel)
+    levels = torch.arange(256.0, dtype=torch.float64) / 255.0
+    expected = torch.stack([(joint.sum((1, 2)) * levels[:, None]).sum(0), (joint.sum((0, 2)) * levels[:, None]).sum(0),
+                            (joint.sum((0, 1)) * levels[:, None]).sum(0)])
+    torch.testing.assert_close(likelihood.mean(params)[0, :, 0, 1], expected[:, 1], atol=1e-3, rtol=0)
+
+
+def test_logistic_mixture_couples_channels():
+    """With coupling G = R exactly is cheap to encode; without it, G costs as much as R alone."""
+    params = torch.zeros(1, 10, 1, 1)  # one component: logit, 3 means, 3 log scales, 3 coefficients
+    params[:, 4:7] = -5.0
+    x = torch.tensor([200.0, 200.0, 128.0]).view(1, 3, 1, 1)
+    independent = LogisticMixture(1).log_prob(params, x)
+    coupled = params.clone()
+    coupled[:, 7] = 10.0  # G's location: 0 plus tanh(10) ~ 1 times R's value, so G follows R
+    assert LogisticMixture(1).log_prob(coupled, x) > independent + 10.0
+    # a single uncoupled component is the factorized discretized logistic
+    params[:, 1:4] = torch.tensor([0.5, 0.2, -0.3]).view(1, 3, 1, 1)
+    factorized = torch.cat([params[:, 1:4], params[:, 4:7]], dim=1)
+    torch.testing.assert_close(LogisticMixture(1).log_prob(params, x), DiscretizedLogistic().log_prob(factorized, x))
 
 
 def test_gaussian_density_integrates_to_about_one_over_the_levels():

@@ -19,7 +19,7 @@ import yaml
 
 from vae.errors import ConfigError
 
-LIKELIHOODS = ("discretized_logistic", "bernoulli", "gaussian")
+LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")
 MODEL_KINDS = ("conv", "hierarchical")
 
@@ -55,6 +55,7 @@ class ModelConfig:
     latent_dim: int = 128
     res_blocks: int = 1  # residual blocks after each resolution change
     likelihood: str = "discretized_logistic"
+    mixtures: int = 10  # logistic_mixture: components per pixel
     kind: str = "conv"  # conv: one latent vector; hierarchical: top-down latent groups (vae/hierarchical.py)
     groups: int = 2  # hierarchical: latent groups, one per resolution from the coarsest up
     latent_channels: int = 8  # hierarchical: channels of each group's spatial latent
@@ -73,6 +74,7 @@ class ModelConfig:
         _check(len(self.channels) >= 1, "channels", "needs at least one layer")
         _check(all(c >= 1 for c in self.channels), "channels", f"widths must be >= 1, got {self.channels}")
         _at_least(self, "res_blocks", 0)
+        _at_least(self, "mixtures", 1)
         _check(self.likelihood in LIKELIHOODS, "likelihood",
                f"must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         stride = 2 ** len(self.channels)

@@ -72,7 +72,7 @@ class HierarchicalVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.in_channels = in_channels
-        self.likelihood = get_likelihood(cfg.likelihood)
+        self.likelihood = get_likelihood(cfg.likelihood, cfg.mixtures)
         widths = list(cfg.channels)
         self.depth = len(widths)
         self.sides = cfg.group_resolutions()  # top group first
@@ -97,7 +97,7 @@ class HierarchicalVAE(nn.Module):
             out = widths[s - 1] if s > 0 else widths[0]
             self.up.append(nn.Sequential(*[ResBlock(widths[s]) for _ in range(cfg.res_blocks)],
                                          nn.ConvTranspose2d(widths[s], out, 4, stride=2, padding=1), nn.SiLU()))
-        out_channels = in_channels * self.likelihood.params_per_channel
+        out_channels = self.likelihood.num_params(in_channels)
         self.to_params = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     # -- the flat latent <-> the groups ------------------------------------------------------------------

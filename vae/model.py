@@ -34,7 +34,7 @@ class ConvVAE(nn.Module):
         self.cfg = cfg
         self.in_channels = in_channels
         self.latent_dim = cfg.latent_dim
-        self.likelihood = get_likelihood(cfg.likelihood)
+        self.likelihood = get_likelihood(cfg.likelihood, cfg.mixtures)
         widths = list(cfg.channels)
         self.bottom = cfg.image_size // 2 ** len(widths)
         flat = widths[-1] * self.bottom * self.bottom
@@ -55,7 +55,7 @@ class ConvVAE(nn.Module):
             out = rev[i + 1] if i + 1 < len(rev) else widths[0]
             dec += [ResBlock(width) for _ in range(cfg.res_blocks)]
             dec += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.SiLU()]
-        out_channels = in_channels * self.likelihood.params_per_channel
+        out_channels = self.likelihood.num_params(in_channels)
         self.decoder = nn.Sequential(*dec, nn.Conv2d(widths[0], out_channels, 3, padding=1))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +67,7 @@ class ConvVAE(nn.Module):
         return mu, 12.0 * torch.tanh(logvar / 12.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z -> likelihood parameters [N, C * params_per_channel, H, W]."""
+        """z -> likelihood parameters [N, likelihood.num_params(C), H, W]."""
         h = self.from_latent(z).view(z.shape[0], -1, self.bottom, self.bottom)
         return self.decoder(h)
 
