@@ -7,7 +7,7 @@ active units, and a last line comparing each model with the plain baseline. The 
 the issue describes: 4 stride-2 convs 32-64-128-256, latent 128, factorized discretized logistic, Adam 1e-3 with
 cosine decay, batch 64, float32, no EMA.
 
-    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,default,hierarchical] [--grids DIR]
+    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,cpu,hierarchical] [--grids DIR]
 
 `--models` also takes config files, to compare a variant; `--grids` keeps each model's prior-sample grid.
 """
@@ -28,6 +28,7 @@ SHARED_SAMPLE = REPO.parent / "shared" / "data" / "celeba-sample"
 
 MODELS = {
     "baseline": (None, ["model.channels=[32,64,128,256]", "model.latent_dim=128", "model.res_blocks=0",
+                        "model.likelihood=discretized_logistic",
                         "train.lr=1e-3", "train.warmup_steps=0", "train.ema_decay=0", "data.batch_size=64",
                         "train.weight_decay=0"]),
     "default": (REPO / "configs" / "celeba64.yaml", []),
@@ -86,7 +87,7 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--models", default="baseline,default,hierarchical")
+    parser.add_argument("--models", default="baseline,cpu,hierarchical")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--train-images", type=int, default=780, help="training images evaluated")

@@ -1,4 +1,5 @@
-"""Image sources: a CelebA folder, the official `img_align_celeba.zip`, or any folder of images.
+"""Image sources: a CelebA folder, the official `img_align_celeba.zip`, or any folder of images, on local disk
+or at an fsspec URL (s3://, gs://, http(s)://, memory://): a zip at a URL is read in place by byte ranges.
 
 A source lists its images (key = file stem, relative name, byte size), reads one image's bytes, and
 carries CelebA's metadata when present: the split from `list_eval_partition.txt` (else a deterministic
@@ -15,6 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import storage
 from vae.errors import BadInput
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -90,7 +92,7 @@ def _parse_attrs(text: str, where: str) -> dict[str, dict[str, int]]:
 class Source:
     """Base for the two storage kinds: subclasses list files and read bytes; this class does the rest."""
 
-    root: Path
+    root: str  # a local path or an fsspec URL
 
     def _files(self) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -151,38 +153,43 @@ class Source:
 class FolderSource(Source):
     """A folder of images: CelebA's root (with `img_align_celeba/`) or any tree of image files."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: str):
         self.root = root
-        celeba_images = root / "img_align_celeba"
-        self.image_dir = celeba_images if celeba_images.is_dir() else root
+        celeba_images = storage.join(root, "img_align_celeba")
+        self.image_dir = celeba_images if storage.is_dir(celeba_images) else root
 
     def _files(self) -> list[tuple[str, int]]:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(self.image_dir):
-            dirnames.sort()
-            for filename in filenames:
-                if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
-                    path = Path(dirpath) / filename
-                    files.append((path.relative_to(self.image_dir).as_posix(), path.stat().st_size))
-        return files
+        return [(name, size) for name, size in storage.list_files(self.image_dir)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.rsplit("/", 1)[-1].startswith(".")]
 
     def read(self, name: str) -> bytes:
-        return (self.image_dir / name).read_bytes()
+        return storage.read_bytes(storage.join(self.image_dir, *name.split("/")))
 
     def _metadata_text(self, filename: str) -> str | None:
-        path = self.root / filename
-        return path.read_text() if path.is_file() else None
+        return _text_if_present(storage.join(self.root, filename))
+
+
+def _text_if_present(location: str) -> str | None:
+    try:
+        return storage.read_bytes(location).decode()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
 
 
 class ZipSource(Source):
     """The official `img_align_celeba.zip`, read in place; metadata files beside it or inside it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str):
         self.root = path
         try:
-            self.zip = zipfile.ZipFile(path)
+            self.zip = zipfile.ZipFile(storage.open_binary(path))
         except zipfile.BadZipFile:
             raise BadInput(f"source {path}: not a valid zip file") from None
+        except ValueError as e:  # fsspec's HTTP file, when the server ignores Range headers
+            if "range" not in str(e).lower():
+                raise
+            raise BadInput(f"source {path}: cannot be read in place: the server does not answer byte-range "
+                           f"requests; download the zip and shard the local copy") from None
         self.infos = {i.filename: i for i in self.zip.infolist() if not i.is_dir()}
 
     def _files(self) -> list[tuple[str, int]]:
@@ -194,9 +201,9 @@ class ZipSource(Source):
         return self.zip.read(name)
 
     def _metadata_text(self, filename: str) -> str | None:
-        beside = self.root.parent / filename
-        if beside.is_file():
-            return beside.read_text()
+        beside = _text_if_present(storage.join(storage.parent(self.root), filename))
+        if beside is not None:
+            return beside
         for name in self.infos:
             if Path(name).name == filename:
                 return self.zip.read(name).decode()
@@ -210,11 +217,16 @@ class ZipSource(Source):
 
 
 def open_source(path: str | os.PathLike) -> Source:
-    path = Path(path)
-    if path.is_dir():
-        return FolderSource(path)
-    if path.is_file() and path.suffix.lower() == ".zip":
-        return ZipSource(path)
-    if not path.exists():
+    """The source at a local path or an fsspec URL: a folder, or a .zip file."""
+    path = str(path)
+    try:
+        if storage.is_dir(path):
+            return FolderSource(path)
+        found = storage.exists(path)
+    except (ImportError, ValueError, OSError) as e:  # an unknown scheme, a missing fsspec backend, no access
+        raise BadInput(f"source {path}: cannot be reached ({type(e).__name__}: {e})") from None
+    if not found:
         raise BadInput(f"source {path}: does not exist")
+    if path.lower().endswith(".zip"):
+        return ZipSource(path)
     raise BadInput(f"source {path}: expected a folder of images or a .zip file")

@@ -59,6 +59,46 @@ def exists(location: str) -> bool:
     return os.path.exists(_local(location))
 
 
+def is_dir(location: str) -> bool:
+    if is_url(location):
+        fs, path = _fs(location)
+        return fs.isdir(path)
+    return os.path.isdir(_local(location))
+
+
+def parent(location: str) -> str:
+    """The folder that holds `location` (a URL stays a URL)."""
+    if is_url(location):
+        return location.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(_local(location)))
+
+
+def list_files(folder: str) -> list[tuple[str, int]]:
+    """Every file under `folder`, recursively: (path relative to it with '/' separators, size in bytes)."""
+    if is_url(folder):
+        fs, path = _fs(folder)
+        prefix = path.rstrip("/") + "/"
+        found = fs.find(path, detail=True)
+        return [(name[len(prefix):], int(info.get("size") or 0)) for name, info in found.items()
+                if name.startswith(prefix) and info.get("type", "file") == "file"]
+    root = _local(folder)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            files.append((os.path.relpath(path, root).replace(os.sep, "/"), os.path.getsize(path)))
+    return files
+
+
+def open_binary(location: str):
+    """A seekable binary file object for reading (object stores and HTTP read byte ranges on demand)."""
+    if is_url(location):
+        fs, path = _fs(location)
+        return fs.open(path, "rb")
+    return open(_local(location), "rb")
+
+
 def write_bytes_atomic(location: str, data: bytes) -> None:
     """Write `data` so that readers see the old content or the new one, never a part."""
     if is_url(location):

@@ -50,12 +50,7 @@ def test_zip_shards_like_the_extracted_folder(synth_source, tiny_shards, tmp_pat
     # worker processes reopen the zip themselves (the headline use: `--workers 8` on the official zip)
     summary = shard(zip_path, out, size=16, maxcount=25, workers=2 if metadata == "inside" else 1, progress=False)
     assert summary["written"] == 120
-    from_zip, from_folder = _tree(out), _tree(tiny_shards)
-    assert sorted(from_zip) == sorted(from_folder)
-    for rel in from_zip:
-        if rel != "manifest.json":
-            assert from_zip[rel] == from_folder[rel], rel  # byte-identical shards
-    assert _without_source(out / "manifest.json") == _without_source(tiny_shards / "manifest.json")
+    _same_shards(out, tiny_shards)
     assert shard(zip_path, out, size=16, maxcount=25, progress=False)["up_to_date"]
 
 
@@ -86,6 +81,97 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     (tmp_path / "src" / PARTITION_FILE).write_text("000001.jpg 7\n")
     with pytest.raises(BadInput, match=f"{PARTITION_FILE} line 1"):
         open_source(tmp_path / "src").listing()
+
+
+def _serve(root, ranges: bool):
+    """A real HTTP server (python's http.server, in a thread) for `root`; with `ranges`, it answers byte-range
+    requests (206) as object stores and web servers do. Returns (server, base URL)."""
+    import functools
+    import http.server
+    import re
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            path = root / self.path.lstrip("/")
+            if not (ranges and wanted and path.is_file()):
+                return super().do_GET()
+            data = path.read_bytes()
+            start = int(wanted[1])
+            end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self.wfile.write(data[start:end + 1])
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(params=[True], ids=["ranges"])
+def http_root(tmp_path, request):
+    root = tmp_path / "www"
+    root.mkdir()
+    server, url = _serve(root, ranges=request.param)
+    yield root, url
+    server.shutdown()
+    server.server_close()
+
+
+def _same_shards(out, reference):
+    from_url, from_folder = _tree(out), _tree(reference)
+    assert sorted(from_url) == sorted(from_folder)
+    for rel in from_url:
+        if rel != "manifest.json":
+            assert from_url[rel] == from_folder[rel], rel  # byte-identical shards
+    assert _without_source(out / "manifest.json") == _without_source(reference / "manifest.json")
+
+
+def test_zip_at_an_http_url_shards_like_the_local_folder(synth_source, tiny_shards, tmp_path, http_root):
+    """The official zip on a web server or object store is read in place (byte ranges), by worker processes
+    too, with its partition file beside it at the same URL."""
+    root, url = http_root
+    _make_zip(synth_source, root / "img_align_celeba.zip", with_metadata_inside=False)
+    for name in META_FILES:
+        shutil.copy(synth_source / name, root / name)
+    source = f"{url}/img_align_celeba.zip"
+    summary = shard(source, tmp_path / "shards", size=16, maxcount=25, workers=2, progress=False)
+    assert summary["written"] == 120
+    _same_shards(tmp_path / "shards", tiny_shards)
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["source"]["path"] == source
+    assert shard(source, tmp_path / "shards", size=16, maxcount=25, progress=False)["up_to_date"]
+
+
+def test_folder_at_a_url_shards_like_the_local_folder(synth_source, tiny_shards, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"memory://celeba-{tmp_path.name}"
+    for path in synth_source.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{base}/{path.relative_to(synth_source).as_posix()}", path.read_bytes())
+    summary = shard(base, tmp_path / "shards", size=16, maxcount=25, progress=False)
+    assert summary["written"] == 120
+    _same_shards(tmp_path / "shards", tiny_shards)
+
+
+@pytest.mark.parametrize("http_root", [False], ids=["no-ranges"], indirect=True)
+def test_unreachable_url_sources_are_one_line_errors(synth_source, http_root):
+    root, url = http_root
+    with pytest.raises(BadInput, match=r"celeba\.zip: does not exist"):
+        open_source(f"{url}/celeba.zip")
+    _make_zip(synth_source, root / "img_align_celeba.zip", with_metadata_inside=False)
+    with pytest.raises(BadInput, match="img_align_celeba.zip: cannot be read in place: the server does not "
+                                       "answer byte-range requests"):
+        open_source(f"{url}/img_align_celeba.zip")
+    with pytest.raises(BadInput, match="nosuchscheme://bucket/celeba.zip: cannot be reached"):
+        open_source("nosuchscheme://bucket/celeba.zip")
 
 
 @pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason=f"{SHARED_SAMPLE} (real CelebA sample) is absent")

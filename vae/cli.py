@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("shard", help="preprocess images into WebDataset shards and manifest.json")
-    p.add_argument("--source", required=True, help="CelebA folder, img_align_celeba.zip, or any image folder")
+    p.add_argument("--source", required=True, help="CelebA folder, img_align_celeba.zip, or any image folder: a local path or an fsspec URL")
     p.add_argument("--out", required=True, help="shard folder")
     p.add_argument("--size", type=_positive, default=64, help="output side in pixels (default 64)")
     p.add_argument("--crop", type=int, default=148, help="center crop before resizing (0: largest square)")
