@@ -101,13 +101,14 @@ class LogisticMixture(PixelLikelihood):
     @staticmethod
     def _locations(means: torch.Tensor, coeffs: torch.Tensor, values: list[torch.Tensor] | None) -> torch.Tensor:
         """Each channel's location: its own plus coefficient * the values of the channels before it; with
-        no `values`, the channels' expected values (a logistic's mean is its location). [B, n, C, H, W]."""
+        no `values`, the channels' expected values (a sharp logistic's mean is its location, within the
+        range the end levels clamp it to). [B, n, C, H, W]."""
         out: list[torch.Tensor] = []
         pair = 0
         for c in range(means.shape[2]):
             loc = means[:, :, c]
             for j in range(c):
-                loc = loc + coeffs[:, :, pair] * (values[j] if values is not None else out[j])
+                loc = loc + coeffs[:, :, pair] * (values[j] if values is not None else out[j].clamp(-1.0, 1.0))
                 pair += 1
             out.append(loc)
         return torch.stack(out, dim=2)
