@@ -15,6 +15,7 @@ import pytest
 
 from exported_model import exported_once
 from vae.cli import main
+from vae.grid import make_grid, write_png
 from vae.runtime import Decoder, Encoder, RuntimeModelError, interpolate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +174,13 @@ def test_vae_sample_writes_a_seeded_png_and_exits_2_on_a_bad_model(exported, tmp
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert "provider CPUExecutionProvider" in capsys.readouterr().out
+    # --temperature scales the seeded prior draw: the grid of decode(0.5 * z) for the same z
+    assert main(["sample", "--model", str(out), "--n", "4", "--seed", "3", "--temperature", "0.5",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    decoder = Decoder(out / "decoder.onnx")
+    z = np.random.default_rng(3).standard_normal((4, decoder.latent_dim)) * 0.5
+    write_png(tmp_path / "want.png", make_grid(decoder.decode(z.astype(np.float32)), ncols=2))
+    assert (tmp_path / "t.png").read_bytes() == (tmp_path / "want.png").read_bytes() != (tmp_path / "a.png").read_bytes()
     one_line_error(capsys, main(["sample", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.png")]),
                    "file not found")
     assert not (tmp_path / "c.png").exists()

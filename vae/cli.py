@@ -22,6 +22,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 10:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 10], got {text}")
+    return value
+
+
 def cmd_synth(args) -> int:
     from pipeline.synth import synthesize
 
@@ -127,9 +134,10 @@ def cmd_sample(args) -> int:
     from vae.grid import make_grid, write_png
 
     decoder = _runtime_model("Decoder", args.model, args.device)
-    images = decoder.sample(args.n, seed=args.seed)
+    images = decoder.sample(args.n, seed=args.seed, temperature=args.temperature)
     write_png(args.out, make_grid(images, ncols=int(max(1, round(args.n ** 0.5)))))
-    print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, provider {decoder.provider})")
+    print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, temperature {args.temperature}, "
+          f"provider {decoder.provider})")
     return 0
 
 
@@ -253,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="folder with decoder.onnx, or the file")
     p.add_argument("--n", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=_temperature, default=1.0,
+                   help="z ~ N(0, t^2 I); below 1 gives smoother, more typical faces (hierarchical models)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_sample)
