@@ -105,6 +105,9 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS and not Path(n).is_file()]
     if unknown:
         raise SystemExit(f"--models: {unknown} are neither known models ({', '.join(MODELS)}) nor config files")
+    labels = [n if n in MODELS else Path(n).stem for n in names]
+    if len(set(labels)) != len(labels):  # each label names a run folder: a repeat would resume another's run
+        raise SystemExit(f"--models: the names {labels} repeat; give config files distinct names")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         tmp = Path(tmp)

@@ -181,15 +181,19 @@ class ZipSource(Source):
 
     def __init__(self, path: str):
         self.root = path
+        file = storage.open_binary(path)
         try:
-            self.zip = zipfile.ZipFile(storage.open_binary(path))
+            self.zip = zipfile.ZipFile(file)
         except zipfile.BadZipFile:
+            file.close()
             raise BadInput(f"source {path}: not a valid zip file") from None
         except ValueError as e:  # fsspec's HTTP file, when the server ignores Range headers
+            file.close()
             if "range" not in str(e).lower():
                 raise
             raise BadInput(f"source {path}: cannot be read in place: the server does not answer byte-range "
                            f"requests; download the zip and shard the local copy") from None
+        self.file = file
         self.infos = {i.filename: i for i in self.zip.infolist() if not i.is_dir()}
 
     def _files(self) -> list[tuple[str, int]]:
@@ -219,14 +223,16 @@ class ZipSource(Source):
 def open_source(path: str | os.PathLike) -> Source:
     """The source at a local path or an fsspec URL: a folder, or a .zip file."""
     path = str(path)
+    is_zip = path.lower().endswith(".zip")
     try:
-        if storage.is_dir(path):
+        # a .zip URL is never asked whether it is a folder: over HTTP that can download the whole file
+        if not (is_zip and storage.is_url(path)) and storage.is_dir(path):
             return FolderSource(path)
         found = storage.exists(path)
     except (ImportError, ValueError, OSError) as e:  # an unknown scheme, a missing fsspec backend, no access
         raise BadInput(f"source {path}: cannot be reached ({type(e).__name__}: {e})") from None
     if not found:
         raise BadInput(f"source {path}: does not exist")
-    if path.lower().endswith(".zip"):
+    if is_zip:
         return ZipSource(path)
     raise BadInput(f"source {path}: expected a folder of images or a .zip file")

@@ -87,7 +87,11 @@ def list_files(folder: str) -> list[tuple[str, int]]:
         dirnames.sort()
         for filename in filenames:
             path = os.path.join(dirpath, filename)
-            files.append((os.path.relpath(path, root).replace(os.sep, "/"), os.path.getsize(path)))
+            try:
+                size = os.path.getsize(path)
+            except OSError:  # a dangling symlink, or a file deleted while listing: not there to read
+                continue
+            files.append((os.path.relpath(path, root).replace(os.sep, "/"), size))
     return files
 
 

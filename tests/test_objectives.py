@@ -163,7 +163,7 @@ def test_discretized_logistic_bin_mass_by_hand():
 
 def _mixture_params(mixtures: int, seed: int) -> torch.Tensor:
     """Logistic-mixture parameters for two RGB pixels: the first harsh (scales e^-5..e^-1, strong coupling that
-    pushes locations past the edges), the second mild (G and B locations well inside, scales <= e^-3)."""
+    pushes locations past the edges), the second mild (locations well inside but one, scales <= e^-3)."""
     g = torch.Generator().manual_seed(seed)
     n = mixtures
     logits = torch.randn(1, n, 1, 2, generator=g)
@@ -171,7 +171,8 @@ def _mixture_params(mixtures: int, seed: int) -> torch.Tensor:
     log_scales = torch.rand(1, 3 * n, 1, 2, generator=g) * -4.0 - 1.0
     coeffs = torch.randn(1, 3 * n, 1, 2, generator=g)
     means[..., 1] *= 0.5
-    means[0, 0::3, 0, 1] = 1.4  # ... except R, beyond the top level: its value is 255, and G and B couple to that
+    means[0, 0, 0, 1] = 1.4  # ... except one component's R, beyond the top level: its value is 255 there, and
+    # that component's G and B couple to 255, while the other components' R stay inside
     log_scales[..., 1] = log_scales[..., 1].clamp(max=-3.0)
     coeffs[..., 1] *= 0.3
     return torch.cat([logits, means, log_scales, coeffs], dim=1)

@@ -110,6 +110,7 @@ def _serve(root, ranges: bool):
             self.wfile.write(data[start:end + 1])
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    server.handle_error = lambda request, address: None  # a client that stops reading is not a failure here
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -206,3 +207,16 @@ def test_real_celeba_sample_shards_by_its_partition(tmp_path):
         assert sorted(seen) == sorted(n[:-4] for n in expected)
         for key, meta in seen.items():
             assert meta == {"image_id": key, "split": split, "identity": int(identity[f"{key}.jpg"])}
+
+
+def test_folder_listing_skips_hidden_files_and_dangling_links(synth_source, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = sorted((synth_source / "img_align_celeba").iterdir())[:3]
+    for path in images:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(images[0], folder / ".hidden.jpg")
+    (folder / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")  # e.g. a half-synced file
+    listing = open_source(folder).listing()
+    keys = sorted(e.key for split in listing.entries.values() for e in split)
+    assert keys == sorted(p.stem for p in images)

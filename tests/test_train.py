@@ -155,7 +155,9 @@ def test_in_memory_training_resumes_bitwise(tiny_shards, tmp_path):
 
 def test_gradient_accumulation_steps_like_one_large_batch(tiny_shards, tmp_path):
     """3 micro-batches of 8 update the weights as one batch of 24 does: in memory, both runs draw the same
-    images (one permutation) and the same noise (one generator), so only the accumulation could differ."""
+    images (one permutation) and the same noise (one generator: three draws of [8, 4] equal one of [24, 4],
+    which holds when 8 * latent_dim is a multiple of 16), so only the accumulation could differ. Free bits
+    are off: they clamp the KL per micro-batch, so with them accumulation is not one large batch."""
     def weights_after(name, *overrides):
         run = tmp_path / name
         train(tiny_config(run, tiny_shards, "data.in_memory=true", "train.steps=2", "train.checkpoint_every=2",

@@ -84,9 +84,8 @@ class LogisticMixture(PixelLikelihood):
     name = "logistic_mixture"
     is_density = False
 
-    def __init__(self, mixtures: int = 10, channels: int = 3):
+    def __init__(self, mixtures: int = 10):
         self.mixtures = mixtures
-        self.channels = channels
 
     def num_params(self, channels: int) -> int:
         return self.mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
@@ -121,12 +120,21 @@ class LogisticMixture(PixelLikelihood):
         per_component = discretized_logistic_log_prob(locs, log_scales, x).sum(2)  # [B, n, H, W]
         return torch.logsumexp(F.log_softmax(logits, dim=1) + per_component, dim=1)
 
+    def channels_of(self, params: torch.Tensor) -> int:
+        """The colour channels that `params` holds parameters for."""
+        for channels in range(1, 65):
+            if self.num_params(channels) == params.shape[1]:
+                return channels
+        raise ValueError(f"{params.shape[1]} parameters per pixel fit no channel count with {self.mixtures} "
+                         f"mixture components")
+
     def mean(self, params: torch.Tensor) -> torch.Tensor:
-        """The expected image in [0, 1]: each component's expected colour, weighted by the mixture."""
-        logits, means, _, coeffs = self._unpack(params, self.channels)
+        """The image in [0, 1] that the decoder means: each component's expected colour (its locations,
+        clamped to the levels' range; exact for sharp components), weighted by the mixture."""
+        logits, means, _, coeffs = self._unpack(params, self.channels_of(params))
         weights = torch.softmax(logits, dim=1).unsqueeze(2)
-        image = (weights * self._locations(means, coeffs, None)).sum(1)
-        return (image.clamp(-1.0, 1.0) + 1.0) / 2.0
+        colours = self._locations(means, coeffs, None).clamp(-1.0, 1.0)
+        return ((weights * colours).sum(1) + 1.0) / 2.0
 
 
 class Bernoulli(PixelLikelihood):
