@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=_temperature, default=1.0,
-                   help="z ~ N(0, t^2 I); below 1 gives smoother, more typical faces (hierarchical models)")
+                   help="the prior draw's scale: z ~ N(0, t^2 I) (default 1, the model's prior)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_sample)
