@@ -212,6 +212,10 @@ def test_logistic_mixture_couples_channels():
     coupled = params.clone()
     coupled[:, 7] = 10.0  # G's location: 0 plus tanh(10) ~ 1 times R's value, so G follows R
     assert LogisticMixture(1).log_prob(coupled, x) > independent + 10.0
+    # one component's mean (a shortcut) equals the general path's for two identical components
+    one = torch.randn(2, 10, 3, 3)
+    two = torch.cat([one[:, :1].repeat(1, 2, 1, 1), *[one[:, i:i + 3].repeat(1, 2, 1, 1) for i in (1, 4, 7)]], 1)
+    torch.testing.assert_close(LogisticMixture(1).mean(one), LogisticMixture(2).mean(two))
     # a single uncoupled component is the factorized discretized logistic
     params[:, 1:4] = torch.tensor([0.5, 0.2, -0.3]).view(1, 3, 1, 1)
     factorized = torch.cat([params[:, 1:4], params[:, 4:7]], dim=1)
