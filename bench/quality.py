@@ -74,7 +74,8 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
     valid = evaluate(tmp / label, split="valid", k=k)
     if grids is not None:  # prior samples only: the other grids show CelebA images, which stay out of the repo
         grids.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp / label / "eval" / valid["images"]["samples"], grids / f"{label}-samples.png")
+        stem = Path(config).stem if config is not None else label  # celeba64-cpu-samples.png, as in docs/quality
+        shutil.copyfile(tmp / label / "eval" / valid["images"]["samples"], grids / f"{stem}-samples.png")
     train_metrics = evaluate(tmp / label, split="train", k=k, max_images=train_images)
     return {"model": label, "minutes": minutes, "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
             "steps": done,
