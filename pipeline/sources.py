@@ -193,7 +193,6 @@ class ZipSource(Source):
                 raise
             raise BadInput(f"source {path}: cannot be read in place: the server does not answer byte-range "
                            f"requests; download the zip and shard the local copy") from None
-        self.file = file
         self.infos = {i.filename: i for i in self.zip.infolist() if not i.is_dir()}
 
     def _files(self) -> list[tuple[str, int]]:

@@ -30,12 +30,7 @@ from torch import nn
 
 from vae.config import ModelConfig
 from vae.likelihoods import get_likelihood
-from vae.model import ResBlock
-
-
-def _soft_bound(t: torch.Tensor, limit: float = 12.0) -> torch.Tensor:
-    """|t| < limit smoothly: exp(t) cannot overflow (the conv VAE's bound on logvar)."""
-    return limit * torch.tanh(t / limit)
+from vae.model import ResBlock, soft_bound
 
 
 class LatentGroup(nn.Module):
@@ -55,11 +50,11 @@ class LatentGroup(nn.Module):
 
     def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu_p, log_sigma_p = self.prior(h).chunk(2, dim=1)
-        return mu_p, _soft_bound(log_sigma_p, 6.0)
+        return mu_p, soft_bound(log_sigma_p, 6.0)
 
     def posterior_params(self, h: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu_q, logvar_q = self.posterior(torch.cat([h, features], dim=1)).chunk(2, dim=1)
-        return mu_q, _soft_bound(logvar_q)
+        return mu_q, soft_bound(logvar_q)
 
     def merge_sample(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         mu_p, log_sigma_p = self.prior_params(h)

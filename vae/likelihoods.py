@@ -44,12 +44,16 @@ class PixelLikelihood:
         return channels * self.params_per_channel
 
 
+def bin_centres(x: torch.Tensor) -> torch.Tensor:
+    """Levels 0..255 -> their bins' centres in [-1, 1] (bin half-width 1/255)."""
+    return x / 127.5 - 1.0
+
+
 def discretized_logistic_log_prob(mean: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log P(x) of integer levels x (0..255) under logistics with `mean` in [-1, 1] units, integrated over
     each level's 2/255-wide bin, the end levels taking the tails; all three broadcast together."""
     log_scale = log_scale.clamp(min=LOG_SCALE_MIN)
-    xs = x / 127.5 - 1.0  # bin centres in [-1, 1], bin half-width 1/255
-    centered = xs - mean
+    centered = bin_centres(x) - mean
     inv_scale = torch.exp(-log_scale)
     plus_in = inv_scale * (centered + 1.0 / 255.0)
     min_in = inv_scale * (centered - 1.0 / 255.0)
@@ -84,7 +88,7 @@ class LogisticMixture(PixelLikelihood):
     name = "logistic_mixture"
     is_density = False
 
-    def __init__(self, mixtures: int = 10):
+    def __init__(self, mixtures: int = 1):
         self.mixtures = mixtures
 
     def num_params(self, channels: int) -> int:
@@ -116,7 +120,7 @@ class LogisticMixture(PixelLikelihood):
         channels = x.shape[1]
         logits, means, log_scales, coeffs = self._unpack(params.float(), channels)
         x = x.float().unsqueeze(1)  # [B, 1, C, H, W] against the n components
-        locs = self._locations(means, coeffs, [x[:, :, c] / 127.5 - 1.0 for c in range(channels)])
+        locs = self._locations(means, coeffs, [bin_centres(x[:, :, c]) for c in range(channels)])
         per_component = discretized_logistic_log_prob(locs, log_scales, x).sum(2)  # [B, n, H, W]
         return torch.logsumexp(F.log_softmax(logits, dim=1) + per_component, dim=1)
 
@@ -172,7 +176,7 @@ class Gaussian(PixelLikelihood):
         return ((256.0 * torch.sigmoid(mean_logit) - 0.5) / 255.0).clamp(0.0, 1.0)
 
 
-def get_likelihood(name: str, mixtures: int = 10):
+def get_likelihood(name: str, mixtures: int = 1):
     """The observation model named in `model.likelihood` (`mixtures`: components of logistic_mixture)."""
     table = {cls.name: cls for cls in (DiscretizedLogistic, LogisticMixture, Bernoulli, Gaussian)}
     if name not in table:
