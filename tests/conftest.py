@@ -51,5 +51,7 @@ def trained_run(tiny_shards, tmp_path_factory) -> Path:
     from vae.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    train(tiny_config(run_dir, tiny_shards, "train.steps=30", "train.checkpoint_every=15"), progress=False)
+    # the channel-coupled decoder every shipped config uses, so export and runtime tests see its graph
+    train(tiny_config(run_dir, tiny_shards, "train.steps=30", "train.checkpoint_every=15",
+                      "model.likelihood=logistic_mixture"), progress=False)
     return run_dir

@@ -139,16 +139,38 @@ def test_fp16_validation_skips_with_a_clear_message_where_onnxruntime_cannot_run
         shutil.copy(out / name, tmp_path / name)
     real_session = export_module._session
 
-    def no_float16(path):
+    def no_float16(path, device="cpu"):
         if path.name == FP16_DECODER:
             raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation "
                                "for Conv(11) node with name 'conv' (float16)")
         return real_session(path)
 
     monkeypatch.setattr(export_module, "_session", no_float16)
-    with pytest.warns(RuntimeWarning, match="validation skipped.*cannot run float16 on the CPU"):
+    with pytest.warns(RuntimeWarning, match="validation skipped.*cannot run float16 on the CPU here"):
         report = validate_fp16(tmp_path, latent_dim=4)
     assert report["validated"] is False and "NOT_IMPLEMENTED" in report["skipped"]
+
+
+def test_fp16_validation_asks_for_cuda_and_reports_the_provider_that_actually_ran(exported, tmp_path,
+                                                                                  monkeypatch):
+    import onnxruntime as ort
+
+    import vae.export as export_module
+
+    out, _ = exported
+    for name in ("decoder.onnx", FP16_DECODER):
+        shutil.copy(out / name, tmp_path / name)
+    asked = []
+    real_session = export_module._session
+    monkeypatch.setattr(export_module, "_session", lambda path, device="cpu": asked.append((path.name, device))
+                        or real_session(path, device))
+    # an onnxruntime that lists CUDA but cannot start it (no GPU here) falls back to the CPU without raising
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = validate_fp16(tmp_path, latent_dim=4)
+    assert (FP16_DECODER, "cuda") in asked and ("decoder.onnx", "cpu") in asked
+    assert report["validated"] is True and report["provider"] == "CPUExecutionProvider"
 
 
 def test_fp16_decoder_that_disagrees_fails_the_export_check(exported, tmp_path, monkeypatch):

@@ -50,15 +50,22 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
     return options
 
 
+def providers_for(device: str) -> list[str]:
+    """The providers asked for: CUDA first where onnxruntime has it (onnxruntime-gpu) and it is wanted, then CPU.
+
+    A provider that is available may still fail to start (no GPU, missing CUDA libraries): onnxruntime then
+    runs on the next one, so what runs is the session's first provider, not this list's."""
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def _session(path: str, device: str, threads: int | None, spinning: bool) -> tuple[ort.InferenceSession, dict]:
     if not os.path.isfile(path):
         raise RuntimeModelError(f"model {path}: file not found")
     options = session_options(threads, spinning)
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(path, options, providers=providers)
+        session = ort.InferenceSession(path, options, providers=providers_for(device))
     except Exception as err:
         raise RuntimeModelError(f"model {path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
