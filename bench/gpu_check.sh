@@ -7,7 +7,7 @@
 # Usage (repo root): bash bench/gpu_check.sh [OUTDIR]   (QUICK=1 for a CPU dry run of every step)
 # STAGE=train runs steps 1-2 only and STAGE=onnx step 3 only, on the run STAGE=train left in $GPU_WORK: a lent
 # machine can train (started with setsid) while later calls carry what step 3 needs (onnxruntime-gpu is larger
-# than one call may carry). Figures go to OUTDIR/gpu_check.jsonl, one JSON line per step.
+# than one call may carry). ORT_EXPLORE=1 adds bench/gpu_onnx.py --explore. Figures go to OUTDIR/gpu_check.jsonl, one JSON line per step.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/gpu-check}}
 mkdir -p "$OUT_DIR"
@@ -15,8 +15,9 @@ export PYTHONUNBUFFERED=1 ORT_DISABLE_TELEMETRY=1 TQDM_DISABLE=1
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (webdataset), carried as wheels
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 fi
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"  # also in a later STAGE=onnx call
 SAMPLE=.gpu-data/celeba-sample
 [ -d "$SAMPLE" ] || SAMPLE=../shared/data/celeba-sample
 STAGE=${STAGE:-all}
@@ -79,5 +80,5 @@ echo "== 3. ONNX export with the float16 decoder, onnxruntime asked for CUDA, ag
 $PY -c 'import json, onnxruntime as o; print(json.dumps({"step": "ort", "version": o.__version__, "providers": o.get_available_providers()}))' | tee -a "$RESULTS"
 $PY -m vae.cli export --run "$WORK/run" --out "$WORK/model" --fp16 || echo '{"step": "export", "ok": false}' >> "$RESULTS"
 [ -f "$WORK/model/model.json" ] && $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); print(json.dumps({"step": "export", "validation": c["validation"]}))' "$WORK/model/model.json" | tee -a "$RESULTS"
-$PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" | tee -a "$RESULTS"
+$PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" ${ORT_EXPLORE:+--explore} | tee -a "$RESULTS"
 echo "== done: $RESULTS"

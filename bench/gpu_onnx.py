@@ -1,6 +1,6 @@
 """The exported decoder on a GPU: onnxruntime's CUDA provider (float32 and float16 graphs) against PyTorch.
 
-    python bench/gpu_onnx.py --run RUN_DIR --model MODEL_DIR [--seconds 3]
+    python bench/gpu_onnx.py --run RUN_DIR --model MODEL_DIR [--seconds 3] [--explore]
 
 MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON line:
 - which provider actually ran each graph when CUDA was asked for (`vae.runtime.Decoder(device="cuda")`), and
@@ -10,6 +10,9 @@ MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON 
 - decoding speed at batch 1 (ms per call) and 256 (images/s): onnxruntime through the runtime (NumPy in and
   out, so host-device copies are counted) against PyTorch eager on the GPU in float32 and in float16
   (`model.half()`), each also copying z in and images out.
+
+`--explore` adds both graphs under other CUDA provider options (the runtime's, none, heuristic convolution
+search, TF32 off), timed one after another, under "cuda_options".
 
 Without a GPU it still runs (everything falls back to the CPU, PyTorch rows are null): a dry run of the script.
 """
@@ -32,7 +35,11 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from vae.checkpoint import load_trained  # noqa: E402
-from vae.runtime import Decoder  # noqa: E402
+from vae.runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
+
+CUDA_VARIANTS = {"runtime": cuda_provider_options(), "none": {},
+                 "heuristic_search": {**cuda_provider_options(), "cudnn_conv_algo_search": "HEURISTIC"},
+                 "no_tf32": {**cuda_provider_options(), "use_tf32": "0"}}
 
 
 def timed(fn, seconds: float) -> float:
@@ -57,11 +64,28 @@ def torch_decoder(model, dtype):
     return decode
 
 
+def explore(model_dir: Path, z: np.ndarray, want: np.ndarray, seconds: float) -> dict:
+    """Each graph under each of CUDA_VARIANTS: provider that ran, b1 ms, b256 images/s, max abs diff."""
+    found = {}
+    for name in ("decoder.onnx", "decoder.fp16.onnx"):
+        for label, options in CUDA_VARIANTS.items():
+            session = ort.InferenceSession(str(model_dir / name), session_options(),
+                                           providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
+            one = np.ascontiguousarray(z[:1])
+            found[f"{name}:{label}"] = {
+                "provider": session.get_providers()[0],
+                "b1_ms": round(1e3 * timed(lambda: session.run(None, {"z": one}), seconds), 3),
+                "b256_img_s": round(len(z) / timed(lambda: session.run(None, {"z": z}), seconds), 1),
+                "max_abs_diff": float(f"{np.abs(session.run(None, {'z': z})[0] - want).max():.3g}")}
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    parser.add_argument("--explore", action="store_true", help="also time other CUDA provider options")
     args = parser.parse_args()
     model_dir = Path(args.model)
     result: dict = {"bench": "gpu_onnx", "onnxruntime": ort.__version__, "torch": torch.__version__,
@@ -104,6 +128,8 @@ def main() -> int:
             else:
                 speed[label]["b256_img_s"] = round(batch / per_call, 1)
     result["speed"] = speed
+    if args.explore:
+        result["cuda_options"] = explore(model_dir, z, want, args.seconds)
     print(json.dumps(result))
     return 0
 

@@ -4,6 +4,7 @@ random op, nothing written when validation fails, and the float16 decoder valida
 import json
 import shutil
 import warnings
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -128,6 +129,16 @@ def test_fp16_decoder_keeps_the_float32_interface_and_matches_float32(exported):
     half = Decoder(out / FP16_DECODER).decode(z)
     assert half.dtype == np.float32
     assert np.abs(half - Decoder(out / "decoder.onnx").decode(z)).max() <= FP16_TOLERANCE
+
+
+def test_fp16_decoder_is_the_float32_graph_with_casts_at_its_ends(exported):
+    """Same ops as decoder.onnx but two Casts (z in, the likelihood's parameters out): no float16-only ops
+    such as the sequence ops and CastLikes that an earlier form had, which a GPU provider may leave on the CPU."""
+    out, _ = exported
+    ops32 = Counter(n.op_type for n in onnx.load(str(out / "decoder.onnx")).graph.node)
+    ops16 = Counter(n.op_type for n in onnx.load(str(out / FP16_DECODER)).graph.node)
+    assert ops16 - ops32 == Counter({"Cast": 2})
+    assert not ops32 - ops16
 
 
 def test_fp16_validation_skips_with_a_clear_message_where_onnxruntime_cannot_run_it(exported, tmp_path,

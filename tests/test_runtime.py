@@ -146,6 +146,27 @@ def test_cuda_request_that_falls_back_warns(exported):
         assert decoder.provider == "CPUExecutionProvider"
 
 
+def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning(exported, monkeypatch):
+    """onnxruntime-gpu without a usable GPU lists CUDA yet runs on the CPU: the runtime asks for CUDA (with its
+    provider options) and reports the CPU, with the warning."""
+    import onnxruntime
+
+    from vae import runtime
+
+    out, _ = exported
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA provider present: the request is served, nothing falls back")
+    monkeypatch.setattr(runtime.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    asked = runtime.providers_for("cuda")
+    assert asked[0][0] == "CUDAExecutionProvider" and asked[-1] == "CPUExecutionProvider"
+    assert runtime.providers_for("cpu") == ["CPUExecutionProvider"]
+    with pytest.warns(RuntimeWarning, match="CUDA was requested but onnxruntime runs it on CPUExecutionProvider"):
+        decoder = Decoder(out / "decoder.onnx", device="cuda")
+    assert decoder.provider == "CPUExecutionProvider"
+    assert decoder.decode(np.zeros((2, decoder.latent_dim), np.float32)).shape[0] == 2
+
+
 def test_session_options_and_a_silent_cpu_request(exported, recwarn):
     import onnxruntime
 

@@ -69,24 +69,25 @@ class DecoderGraph(nn.Module):
 
 
 class HalfDecoderGraph(nn.Module):
-    """The decoder in float16 behind a float32 interface: casts at the input and the output only."""
+    """The decoder network in float16 behind a float32 interface; the likelihood's mean (a few elementwise
+    ops on its parameters) in float32, as in `decoder.onnx`."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).half()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_mean(z.half()).float()
+        return self.model.likelihood.mean(self.model.decode(z.half()).float())
 
 
 def _export_graph(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],
-                  path: Path, optimize: bool = True) -> None:
+                  path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, (example,), dynamo=True, input_names=[input_name], output_names=output_names,
             dynamic_shapes={input_name: {0: torch.export.Dim("batch", min=1, max=65536)}},
-            external_data=False, verbose=False, optimize=optimize)
+            external_data=False, verbose=False)
     program.save(str(path), external_data=False)
 
 
@@ -182,11 +183,7 @@ def export_graphs(model: nn.Module, folder: Path, fp16: bool = False) -> list[st
     _export_graph(DecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / "decoder.onnx")
     if not fp16:
         return list(GRAPHS)
-    # Without the exporter's graph optimizer: on the channel-coupled decoder in float16 it drops one of two
-    # equal Clip bounds (onnxscript 0.7.2: "input 'select_min_1' ... not topologically sorted" from the
-    # checker). onnxruntime optimizes the graph when it loads it anyway.
-    _export_graph(HalfDecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / FP16_DECODER,
-                  optimize=False)
+    _export_graph(HalfDecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / FP16_DECODER)
     return [*GRAPHS, FP16_DECODER]
 
 

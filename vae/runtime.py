@@ -50,13 +50,21 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
     return options
 
 
-def providers_for(device: str) -> list[str]:
+def cuda_provider_options() -> dict[str, str]:
+    """CUDA provider options: NHWC convolutions (`prefer_nhwc`, built into onnxruntime-gpu since 1.20). Measured
+    on an H100 with onnxruntime-gpu 1.31 (README): the celeba64-gpu decoder 1.12 -> 0.72 ms at batch 1 and
+    20k -> 25k images/s at batch 256, the same outputs."""
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+    return {"prefer_nhwc": "1"} if version >= (1, 20) else {}
+
+
+def providers_for(device: str) -> list:
     """The providers asked for: CUDA first where onnxruntime has it (onnxruntime-gpu) and it is wanted, then CPU.
 
     A provider that is available may still fail to start (no GPU, missing CUDA libraries): onnxruntime then
     runs on the next one, so what runs is the session's first provider, not this list's."""
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
