@@ -17,7 +17,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "celeba-sample"
 
+# logistic_mixture: the channel-coupled decoder every shipped config uses, so the tests (export and runtime
+# above all) see its graph
 TINY = ["model.image_size=16", "model.channels=[8,16]", "model.latent_dim=4", "model.res_blocks=1",
+        "model.likelihood=logistic_mixture",
         "data.batch_size=16", "train.lr=3e-3", "train.warmup_steps=2", "train.log_every=5",
         "eval.k=8", "eval.k_chunk=4", "eval.batch_size=16"]
 
@@ -51,7 +54,5 @@ def trained_run(tiny_shards, tmp_path_factory) -> Path:
     from vae.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    # the channel-coupled decoder every shipped config uses, so export and runtime tests see its graph
-    train(tiny_config(run_dir, tiny_shards, "train.steps=30", "train.checkpoint_every=15",
-                      "model.likelihood=logistic_mixture"), progress=False)
+    train(tiny_config(run_dir, tiny_shards, "train.steps=30", "train.checkpoint_every=15"), progress=False)
     return run_dir
