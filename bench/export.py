@@ -8,6 +8,11 @@ apps get), images per second, and the ratio onnxruntime / PyTorch in throughput.
 2 threads (`torch.set_num_threads(2)`, `intra_op_num_threads=2`), interleaved in each repetition so that load
 from other processes hits both alike; figures are medians over the repetitions.
 
+To read the ratios against the machine: the line also gives each graph's floating-point operations per image
+(its convolutions and linear layers, 2 per multiply-add), the rate each side reaches, PyTorch's best float32
+matrix-product rate on the same threads (`gemm_gflops`, before and after), and `speedup_at_gemm_rate`, the
+speedup onnxruntime would show if it ran every operation at that rate: a target above it cannot be met here.
+
 Weights are random (speed does not depend on training; the zero-initialized second convolution of each
 residual block is filled with noise so no layer is trivially zero). `--explore` adds the decoder's and the
 encoder's onnxruntime timings under other session options (optimization level, memory pattern, execution mode)
@@ -52,6 +57,48 @@ def per_call(fn, calls: int) -> float:
 
 def calls_for(batch: int) -> int:
     return 10 if batch == 1 else 1
+
+
+def flops_per_image(model, fn, example: torch.Tensor) -> float:
+    """Floating-point operations (2 per multiply-add) of the convolutions and linear layers in `fn(example)`,
+    per image: the work both sides must do, whatever the framework."""
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.ConvTranspose2d):  # each input value meets out_ch * kh * kw weights
+            total[0] += 2 * inputs[0].numel() * module.out_channels * module.weight[0, 0].numel() // module.groups
+        elif isinstance(module, torch.nn.Conv2d):
+            total[0] += 2 * output.numel() * module.weight[0].numel()
+        elif isinstance(module, torch.nn.Linear):
+            total[0] += 2 * output.numel() * module.in_features
+
+    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, kinds)]
+    with torch.inference_mode():
+        fn(example)
+    for hook in hooks:
+        hook.remove()
+    return total[0] / example.shape[0]
+
+
+def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """The best float32 matrix-product rate of PyTorch and of onnxruntime (a one-node MatMul graph) on these
+    threads, whichever is higher: about what the cores can do."""
+    from onnx import TensorProto, helper
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), session_options(THREADS),
+                                   providers=["CPUExecutionProvider"])
+    feed = {"a": a.numpy(), "b": b.numpy()}
+    best = float("inf")
+    for fn in (lambda: torch.mm(a, b), lambda: session.run(None, feed)):
+        fn()
+        best = min(best, *(per_call(fn, 1) for _ in range(reps)))
+    return 2 * n ** 3 / best / 1e9
 
 
 def random_model(config: str, seed: int = 0):
@@ -143,7 +190,11 @@ def main() -> int:
                   "reps": args.reps, "torch": torch.__version__, "onnxruntime": ort.__version__,
                   "cpu": platform.processor() or platform.machine(), "targets": TARGETS,
                   "load_average_1min_before": round(os.getloadavg()[0], 2)}
+        flops = {"decoder": flops_per_image(model, model.decode_mean, torch.from_numpy(z[1])),
+                 "encoder": flops_per_image(model, model.encode, torch.from_numpy(x[1]))}
+        report["gemm_gflops"] = round(gemm_gflops(), 1)
         for graph, (torch_fn, ort_fn) in cases.items():
+            report[f"{graph}_gflop_per_image"] = round(flops[graph] / 1e9, 3)
             for batch in (1, 64):
                 with torch.inference_mode():
                     torch_fn(batch), ort_fn(batch)  # warm up both
@@ -158,11 +209,20 @@ def main() -> int:
                     "speedup": round(mt / mo, 2), "target": TARGETS[str(batch)],
                     "met": mt / mo >= TARGETS[str(batch)],
                     # the fastest repetition of each: less sensitive to load from other processes
-                    "speedup_best_of_reps": round(min(t_torch) / min(t_ort), 2)}
+                    "speedup_best_of_reps": round(min(t_torch) / min(t_ort), 2),
+                    # the rates both sides reach (speedup_at_gemm_rate is added at the end)
+                    "torch_gflops": round(batch * flops[graph] / mt / 1e9, 1),
+                    "onnxruntime_gflops": round(batch * flops[graph] / mo / 1e9, 1)}
         if args.explore:
             inputs = {"decoder": ("decoder.onnx", ["x_mean"], ("z", lambda b: z[b])),
                       "encoder": ("encoder.onnx", ["mu", "logvar"], ("x", lambda b: x[b]))}
             report["session_options"] = explore(folder, inputs, 3)
+    report["gemm_gflops_after"] = round(gemm_gflops(), 1)
+    peak = max(report["gemm_gflops"], report["gemm_gflops_after"])
+    for graph in cases:
+        for batch in (1, 64):
+            case = report[f"{graph}_b{batch}"]
+            case["speedup_at_gemm_rate"] = round(peak / case["torch_gflops"], 2)
     report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report))
     return 0

@@ -146,6 +146,7 @@ def test_cuda_request_that_falls_back_warns(exported):
         assert decoder.provider == "CPUExecutionProvider"
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider .CUDAExecutionProvider. is not in available")
 def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning(exported, monkeypatch):
     """onnxruntime-gpu without a usable GPU lists CUDA yet runs on the CPU: the runtime asks for CUDA (with its
     provider options) and reports the CPU, with the warning."""
