@@ -11,7 +11,9 @@ from other processes hits both alike; figures are medians over the repetitions.
 To read the ratios against the machine: the line also gives each graph's floating-point operations per image
 (its convolutions and linear layers, 2 per multiply-add), the rate each side reaches, PyTorch's best float32
 matrix-product rate on the same threads (`gemm_gflops`, before and after), and `speedup_at_gemm_rate`, the
-speedup onnxruntime would show if it ran every operation at that rate: a target above it cannot be met here.
+speedup onnxruntime would show if it ran every operation at that rate. That rate is a reference, not a hard
+ceiling (onnxruntime's blocked convolutions can beat a 2048x2048 product), but a target well above it asks
+for more than the cores do on their best-suited work.
 
 Weights are random (speed does not depend on training; the zero-initialized second convolution of each
 residual block is filled with noise so no layer is trivially zero). `--explore` adds the decoder's and the
@@ -193,6 +195,7 @@ def main() -> int:
         flops = {"decoder": flops_per_image(model, model.decode_mean, torch.from_numpy(z[1])),
                  "encoder": flops_per_image(model, model.encode, torch.from_numpy(x[1]))}
         report["gemm_gflops"] = round(gemm_gflops(), 1)
+        rates = {}  # PyTorch's GFLOP/s per (graph, batch), unrounded
         for graph, (torch_fn, ort_fn) in cases.items():
             report[f"{graph}_gflop_per_image"] = round(flops[graph] / 1e9, 3)
             for batch in (1, 64):
@@ -213,6 +216,7 @@ def main() -> int:
                     # the rates both sides reach (speedup_at_gemm_rate is added at the end)
                     "torch_gflops": round(batch * flops[graph] / mt / 1e9, 1),
                     "onnxruntime_gflops": round(batch * flops[graph] / mo / 1e9, 1)}
+                rates[graph, batch] = batch * flops[graph] / mt / 1e9
         if args.explore:
             inputs = {"decoder": ("decoder.onnx", ["x_mean"], ("z", lambda b: z[b])),
                       "encoder": ("encoder.onnx", ["mu", "logvar"], ("x", lambda b: x[b]))}
@@ -222,7 +226,7 @@ def main() -> int:
     for graph in cases:
         for batch in (1, 64):
             case = report[f"{graph}_b{batch}"]
-            case["speedup_at_gemm_rate"] = round(peak / case["torch_gflops"], 2)
+            case["speedup_at_gemm_rate"] = round(peak / rates[graph, batch], 2)
     report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report))
     return 0

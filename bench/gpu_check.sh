@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU checks for a lent H100/H200, in one call of at most 8 minutes:
+# GPU checks for a lent H100/H200 (about 5 minutes with BUDGET=60 and SKIP_THROUGHPUT=1):
 #   1. bf16 training images/s with the shard loader and with the train split on the GPU (bench/train.py);
 #   2. a timed bf16 training run of configs/celeba64-gpu.yaml on the real CelebA sample, then valid bits/dim;
 #   3. ONNX export with the float16 decoder (validated on CUDA where onnxruntime-gpu is installed), then
 #      bench/gpu_onnx.py: which provider really ran, float16 agreement and speed against PyTorch on the GPU.
 # Usage (repo root): bash bench/gpu_check.sh [OUTDIR]   (QUICK=1 for a CPU dry run of every step)
-# STAGE=train runs steps 1-2 only and STAGE=onnx step 3 only, on the run STAGE=train left in $GPU_WORK: a lent
+# STAGE=train runs steps 1-2 only and STAGE=onnx step 3 only, on the run STAGE=train left in $GPU_WORK (one
+# check at a time: the folder is emptied by each STAGE=train or all); a lent
 # machine can train (started with setsid) while later calls carry what step 3 needs (onnxruntime-gpu is larger
 # than one call may carry). ORT_EXPLORE=1 adds bench/gpu_onnx.py --explore. Figures go to OUTDIR/gpu_check.jsonl, one JSON line per step.
 set -uo pipefail
@@ -21,6 +22,7 @@ fi
 SAMPLE=.gpu-data/celeba-sample
 [ -d "$SAMPLE" ] || SAMPLE=../shared/data/celeba-sample
 STAGE=${STAGE:-all}
+case "$STAGE" in all|train|onnx) ;; *) echo "STAGE=$STAGE: expected all, train or onnx" >&2; exit 2 ;; esac
 WORK=${GPU_WORK:-/tmp/gpu-check-work}
 RESULTS="$OUT_DIR/gpu_check.jsonl"
 [ "$STAGE" = onnx ] || { rm -rf "$WORK"; mkdir -p "$WORK"; : > "$RESULTS"; }
@@ -30,7 +32,7 @@ else
   STEPS=300; BUDGET=${BUDGET:-180}; K=100; EXTRA=()
 fi
 if [ "$STAGE" != onnx ]; then
-trap 'touch "$WORK/train.done"' EXIT
+trap 'echo $? > "$WORK/train.done"' EXIT  # the status, for a STAGE=onnx call waiting on it
 (nvidia-smi -L 2>/dev/null || echo "no GPU") | tee "$OUT_DIR/device.txt"
 $PY - <<'PY' >> "$RESULTS"
 import json, torch
@@ -72,13 +74,16 @@ print(json.dumps({"step": "quality", "config": "configs/celeba64-gpu.yaml", "tra
 PY
 cp "$WORK/run/eval/samples.png" "$OUT_DIR/gpu_samples.png" 2>/dev/null
 cp "$WORK/run/train_log.jsonl" "$OUT_DIR/gpu_train_log.jsonl" 2>/dev/null
-trap - EXIT; touch "$WORK/train.done"
 fi
 if [ "$STAGE" = train ] || [ "${SKIP_ONNX:-0}" = 1 ]; then exit 0; fi
 
 echo "== 3. ONNX export with the float16 decoder, onnxruntime asked for CUDA, against PyTorch on the GPU"
+if [ ! -f "$WORK/run/train_log.jsonl" ]; then
+  echo "{\"step\": \"export\", \"ok\": false, \"why\": \"no trained run in $WORK/run (training status: $(cat "$WORK/train.done" 2>/dev/null || echo none))\"}" | tee -a "$RESULTS"
+  exit 1
+fi
 $PY -c 'import json, onnxruntime as o; print(json.dumps({"step": "ort", "version": o.__version__, "providers": o.get_available_providers()}))' | tee -a "$RESULTS"
 $PY -m vae.cli export --run "$WORK/run" --out "$WORK/model" --fp16 || echo '{"step": "export", "ok": false}' >> "$RESULTS"
 [ -f "$WORK/model/model.json" ] && $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); print(json.dumps({"step": "export", "validation": c["validation"]}))' "$WORK/model/model.json" | tee -a "$RESULTS"
-$PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" ${ORT_EXPLORE:+--explore} | tee -a "$RESULTS"
+$PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" $([ "${ORT_EXPLORE:-0}" = 1 ] && echo --explore) | tee -a "$RESULTS"
 echo "== done: $RESULTS"

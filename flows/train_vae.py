@@ -84,12 +84,13 @@ def evaluate_model(run_dir: str, k: int | None = None) -> dict:
 
 
 @task(retries=1, retry_delay_seconds=[10])
-def export_model(run_dir: str, version: str) -> str:
-    """Export and validate (ONNX check + onnxruntime parity); raises and writes nothing on failure."""
+def export_model(run_dir: str, version: str, fp16: bool = False) -> str:
+    """Export and validate (ONNX check + onnxruntime parity; with `fp16` also `decoder.fp16.onnx`, validated
+    against float32); raises and writes nothing on failure."""
     from vae.export import export
 
     out = Path(run_dir) / "export"
-    export(run_dir, out, version=version)
+    export(run_dir, out, version=version, fp16=fp16)
     return str(out)
 
 
@@ -110,8 +111,12 @@ def validate_model(export_dir: str, seed: int = 0) -> str:
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict) -> dict:
+    from vae.export import FP16_DECODER
+
     export = Path(export_dir)
-    files = {name: export / name for name in ("encoder.onnx", "decoder.onnx", "model.json", "samples.png")}
+    names = ["encoder.onnx", "decoder.onnx", "model.json", "samples.png"]
+    names += [FP16_DECODER] if (export / FP16_DECODER).exists() else []  # export removes a stale one
+    files = {name: export / name for name in names}
     files["metrics.json"] = Path(run_dir) / "eval" / "metrics.json"
     target = reg.register(registry, version, files)
     promoted, reason, previous = reg.promote(registry, version, metrics)
@@ -149,10 +154,12 @@ def _flow_run_identity() -> tuple:
 @flow(name="train-vae")
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
-              crop: int = 148, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0) -> dict:
+              crop: int = 148, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
+              fp16: bool = False) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
     `synthesize_n > 0`: when `source` holds no data set yet, write that many synthetic faces there first.
+    `fp16`: the version also holds `decoder.fp16.onnx` (float16 network, float32 interface) for GPU apps.
     """
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
@@ -164,7 +171,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     shard_data(source, shards, cfg.model.image_size, crop, shard_workers)
     train_model(config, overrides, run_dir, shards, num_processes)
     metrics = evaluate_model(run_dir, k)
-    export_dir = export_model(run_dir, version)
+    export_dir = export_model(run_dir, version, fp16)
     grid = validate_model(export_dir)
     result = promote_model(registry, version, run_dir, export_dir, metrics)
 

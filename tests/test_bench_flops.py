@@ -20,6 +20,16 @@ def test_transposed_convolution_costs_what_its_adjoint_convolution_costs():
     assert bench_export.flops_per_image(up, up, x) == bench_export.flops_per_image(down, down, y) == 2 * 3 * 64 * 80
 
 
+def test_grouped_transposed_convolution_against_its_grouped_adjoint():
+    up = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2)
+    down = nn.Conv2d(6, 4, 3, stride=2, groups=2)
+    x = torch.randn(1, 4, 5, 5)
+    y = torch.randn(1, 6, *up(x).shape[2:])  # 11x11 back to 5x5
+    assert down(y).shape[2:] == x.shape[2:]
+    expected = 2 * 4 * 25 * 3 * 9  # each input value meets out_ch / groups = 3 filters of 3x3
+    assert bench_export.flops_per_image(up, up, x) == bench_export.flops_per_image(down, down, y) == expected
+
+
 def test_linear_and_a_stack_add_up():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 7))
     expected = 2 * (4 * 25 * 3 * 9) + 2 * (7 * 100)

@@ -32,12 +32,14 @@ def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_pa
     registry = tmp_path / "registry"
     result = train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
                        registry=str(registry), runs=str(tmp_path / "runs"),
-                       overrides=[*TINY, "train.steps=10", "train.checkpoint_every=10"])
+                       overrides=[*TINY, "train.steps=10", "train.checkpoint_every=10"], fp16=True)
     champion = reg.read_champion(registry)
     assert result["promoted"] and champion["version"] == result["version"]
     folder = registry / "train-vae" / "versions" / result["version"]
-    assert sorted(p.name for p in folder.iterdir()) == ["decoder.onnx", "encoder.onnx", "metrics.json",
-                                                         "model.json", "samples.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder.fp16.onnx", "decoder.onnx", "encoder.onnx",
+                                                         "metrics.json", "model.json", "samples.png"]
+    assert json.loads((folder / "model.json").read_text())["validation"]["fp16_decoder"]["validated"]
+    assert Decoder(folder / "decoder.fp16.onnx").sample(2, seed=0).shape == (2, 3, 16, 16)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert champion["nll_bpd"] == metrics["nll_bpd"] and metrics["split"] == "test"
     assert Decoder(folder / "decoder.onnx").sample(2, seed=0).shape == (2, 3, 16, 16)

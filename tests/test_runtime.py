@@ -161,11 +161,19 @@ def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     asked = runtime.providers_for("cuda")
     assert asked[0][0] == "CUDAExecutionProvider" and asked[-1] == "CPUExecutionProvider"
-    assert runtime.providers_for("cpu") == ["CPUExecutionProvider"]
     with pytest.warns(RuntimeWarning, match="CUDA was requested but onnxruntime runs it on CPUExecutionProvider"):
         decoder = Decoder(out / "decoder.onnx", device="cuda")
     assert decoder.provider == "CPUExecutionProvider"
     assert decoder.decode(np.zeros((2, decoder.latent_dim), np.float32)).shape[0] == 2
+
+
+@pytest.mark.parametrize("version, nhwc", [("1.31.1", True), ("1.20.0", True), ("1.20rc1", True),
+                                           ("2.0.0+cu13", True), ("1.19.2", False), ("1.9.0", False),
+                                           ("dev", False)])
+def test_nhwc_convolutions_are_asked_for_only_from_onnxruntime_1_20(version, nhwc):
+    from vae.runtime import cuda_provider_options
+
+    assert cuda_provider_options(version) == ({"prefer_nhwc": "1"} if nhwc else {})
 
 
 def test_session_options_and_a_silent_cpu_request(exported, recwarn):

@@ -12,8 +12,9 @@ evaluation measured), never the raw training weights.
 With `fp16=True` a third graph, `decoder.fp16.onnx`, holds the decoder in float16 for GPUs. Its interface
 stays float32 (`z` float32 in, `x_mean` float32 out, the casts are inside the graph), so the runtime and any
 app use it exactly like `decoder.onnx`. It is validated against the float32 decoder within `FP16_TOLERANCE`
-(max abs difference on outputs in [0, 1]); where onnxruntime cannot run float16 on this machine that check is
-skipped, and the model card says so and why.
+(max abs difference on outputs in [0, 1]) on onnxruntime's CUDA provider where onnxruntime-gpu has one, else on
+the CPU provider, and the model card names the provider that ran it; where onnxruntime cannot run float16 the
+check is skipped, and the model card says so and why.
 """
 
 from __future__ import annotations
