@@ -39,13 +39,15 @@ def synthesize_source(source: str, n: int, seed: int = 0) -> dict:
 @task(retries=2, retry_delay_seconds=[5, 30])
 def shard_data(source: str, shards: str, size: int, crop: int = 148, workers: int = 1) -> dict:
     """Shard the source (no work when the manifest is current; new images land in new shards)."""
-    from pipeline.shard import shard
+    from pipeline.shard import changed_note, shard
 
     summary = shard(source, shards, crop=crop, size=size, workers=workers, progress=False)
     get_run_logger().info(
         "shards %s: %s; written %d, skipped %d, counts %s", shards,
         "up to date" if summary["up_to_date"] else "updated", summary["written"], summary["skipped"],
         summary["counts"])
+    if summary["changed_in_source"]:
+        get_run_logger().warning(changed_note(shards, summary["changed_in_source"]))
     return summary
 
 

@@ -10,7 +10,9 @@ Every input that cannot be used is recorded in `skipped`.
 Killed at any moment (SIGKILL), a re-run removes the temporary files the killed run left, keeps the shards the
 manifest names, rewrites (identically) any shard written after the last manifest update, and ends with the
 same bytes as an uninterrupted run. An image deleted from the source stays in its shard (shards are never
-rewritten) and is listed in the manifest's `not_in_source`; shard into a fresh folder to drop it.
+rewritten) and is listed in the manifest's `not_in_source`; an image whose file changed size since it was
+sharded (edited in place) keeps its first sharded version and is listed in `changed_in_source`. Shard into a
+fresh folder to drop or refresh them.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def read_manifest(shards: str | os.PathLike) -> dict | None:
 def _empty_manifest(dataset: str, preprocessing: dict) -> dict:
     return {"format_version": FORMAT_VERSION, "dataset": dataset, "preprocessing": preprocessing,
             "source": {}, "splits": {s: {"count": 0, "shards": []} for s in SPLITS},
-            "skipped": [], "partition_missing": [], "not_in_source": []}
+            "skipped": [], "partition_missing": [], "not_in_source": [], "changed_in_source": []}
 
 
 # Worker processes hold the source and settings once, instead of receiving them with every image.
@@ -85,18 +87,38 @@ def write_manifest(shards: str, manifest: dict) -> None:
     storage.write_bytes_atomic(storage.join(shards, MANIFEST), data)
 
 
-def _write_shard(folder: str, name: str, samples: list[tuple[str, object, dict]]) -> dict:
-    """Write one tar atomically (local or object storage); returns its manifest record."""
+def _write_shard(folder: str, name: str, samples: list[tuple[str, object, dict, int]]) -> dict:
+    """Write one tar atomically (local or object storage); returns its manifest record.
+
+    `samples`: (key, pixels, metadata, byte size of the source file). The sizes go to the record
+    (`source_bytes`, beside `keys`) so that a later run can tell an image edited in place."""
     import io
 
     buf = io.BytesIO()
     with wds.TarWriter(buf, mtime=0, user="vae", group="vae") as writer:
-        for key, pixels, meta in samples:
+        for key, pixels, meta, _ in samples:
             writer.write(sample_members(key, pixels, meta))
     data = buf.getvalue()
     storage.write_bytes_atomic(storage.join(folder, name), data)
     return {"name": name, "count": len(samples), "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "keys": [key for key, _, _ in samples]}
+            "bytes": len(data), "keys": [s[0] for s in samples], "source_bytes": [s[3] for s in samples]}
+
+
+def changed_note(out: str, keys: list[str]) -> str:
+    """One line for users: which images changed in the source and what to do about it."""
+    shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return (f"shards {out}: {len(keys)} image(s) changed in the source since they were sharded and keep their "
+            f"first sharded version ({shown}; manifest changed_in_source); shard into a fresh folder to take "
+            f"the new versions")
+
+
+def changed_in_source(manifest: dict, entries: dict[str, list[Entry]]) -> list[str]:
+    """Keys in the shards whose source file now has another byte size than when it was sharded (records
+    written before sizes were kept are not compared)."""
+    now = {e.key: e.size for split in SPLITS for e in entries[split]}
+    return sorted(key for split in SPLITS for record in manifest["splits"][split]["shards"]
+                  for key, size in zip(record["keys"], record.get("source_bytes", []))
+                  if key in now and now[key] != size)
 
 
 def remove_stale_temps(out: str, dataset: str) -> list[str]:
@@ -134,7 +156,8 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
     if manifest["source"].get("fingerprint") == fingerprint:
         return {"written": 0, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
-                "up_to_date": True, "counts": counts, "manifest": storage.join(out, MANIFEST)}
+                "up_to_date": True, "counts": counts, "manifest": storage.join(out, MANIFEST),
+                "changed_in_source": manifest.get("changed_in_source", [])}
 
     done = {k for s in SPLITS for shard_rec in manifest["splits"][s]["shards"] for k in shard_rec["keys"]}
     present = set(listing.metadata)  # every key the source holds now
@@ -146,6 +169,7 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     total = sum(len(v) for v in todo.values())
     # Shards are immutable: an image deleted from the source stays in its shard and is listed here.
     manifest["not_in_source"] = sorted(done - present)
+    manifest["changed_in_source"] = changed_in_source(manifest, listing.entries)  # kept as first sharded
     # Until this run ends, the manifest must not claim to match any source (a killed run is re-done).
     manifest["source"] = {"path": src.describe(), "fingerprint": None}
 
@@ -184,7 +208,7 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
                     failed[entry.key] = {"key": entry.key, "reason": result}
                     continue
                 meta = {"image_id": entry.key, "split": split, **listing.metadata.get(entry.key, {})}
-                pending.append((entry.key, result, meta))
+                pending.append((entry.key, result, meta, entry.size))
                 written += 1
                 if len(pending) == maxcount:
                     flush()
@@ -198,4 +222,5 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     save_manifest()
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
     return {"written": written, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
-            "up_to_date": False, "counts": counts, "manifest": storage.join(out, MANIFEST)}
+            "up_to_date": False, "counts": counts, "manifest": storage.join(out, MANIFEST),
+            "changed_in_source": manifest["changed_in_source"]}

@@ -174,3 +174,29 @@ def test_corrupt_manifest_is_a_one_line_error(tmp_path, synth_source):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BadInput, match="manifest.json: not valid JSON"):
         shard(synth_source, tmp_path, size=16, progress=False)
+
+
+def test_image_edited_in_place_keeps_its_shard_and_is_reported(synth_source, tmp_path, capsys):
+    from vae.cli import main
+
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    out = tmp_path / "shards"
+    shard(source, out, size=16, maxcount=25, progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tar")}
+    assert json.loads((out / "manifest.json").read_text())["changed_in_source"] == []
+    edited = source / "img_align_celeba" / "000005.jpg"
+    size = edited.stat().st_size
+    Image.open(edited).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(edited, quality=60)
+    assert edited.stat().st_size != size
+    assert main(["data", "shard", "--source", str(source), "--out", str(out), "--size", "16",
+                 "--maxcount", "25", "--quiet"]) == 0
+    out_err = capsys.readouterr()
+    assert "written 0" in out_err.out
+    assert "1 image(s) changed in the source" in out_err.err and "000005" in out_err.err
+    assert json.loads((out / "manifest.json").read_text())["changed_in_source"] == ["000005"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*.tar")} == before  # shards untouched
+    again = shard(source, out, size=16, maxcount=25, progress=False)  # still reported when up to date
+    assert again["up_to_date"] and again["changed_in_source"] == ["000005"]
+    fresh = shard(source, tmp_path / "fresh", size=16, maxcount=25, progress=False)
+    assert fresh["changed_in_source"] == []

@@ -38,13 +38,15 @@ def cmd_synth(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from pipeline.shard import shard
+    from pipeline.shard import changed_note, shard
 
     summary = shard(args.source, args.out, crop=args.crop, size=args.size, workers=args.workers,
                     dataset=args.dataset, maxcount=args.maxcount, progress=not args.quiet)
     state = "up to date, nothing to do" if summary["up_to_date"] else f"written {summary['written']}"
     print(f"shards {args.out}: {state}, skipped {summary['skipped']}, counts {summary['counts']}, "
           f"{summary['seconds']:.1f} s")
+    if summary["changed_in_source"]:
+        print(changed_note(args.out, summary["changed_in_source"]), file=sys.stderr)
     return 0
 
 
