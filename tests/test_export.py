@@ -2,6 +2,7 @@
 random op, nothing written when validation fails, and the float16 decoder validated against float32."""
 
 import json
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -208,6 +209,11 @@ def test_export_without_fp16_removes_a_stale_fp16_decoder(trained_run, tmp_path,
         assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
     assert "EMA weights" in capsys.readouterr().out
+    assert main(["export", "--run", str(trained_run), "--out", str(out), "--fp16"]) == 0
+    assert FP16_DECODER in {p.name for p in out.iterdir()}
+    printed = capsys.readouterr().out
+    assert re.search(r"decoder\.fp16\.onnx: max abs diff from decoder\.onnx \S+ \(tolerance 1e-02, on "
+                     r"(CPU|CUDA)ExecutionProvider\)", printed), printed
 
 
 def test_mixture_decoder_exports_its_expected_image(tmp_path):

@@ -114,7 +114,7 @@ def cmd_export(args) -> int:
     fp16 = card["validation"].get("fp16_decoder")
     if fp16 and fp16["validated"]:
         print(f"{FP16_DECODER}: max abs diff from decoder.onnx {fp16['max_abs_diff']:.1e} "
-              f"(tolerance {fp16['tolerance']:.0e})")
+              f"(tolerance {fp16['tolerance']:.0e}, on {fp16['provider']})")
     elif fp16:
         print(f"{FP16_DECODER}: validation skipped: {fp16['skipped']}")
     return 0
