@@ -1,6 +1,7 @@
 """The model registry on a file system: versions and the champion (plain Python, no Prefect).
 
     REGISTRY/train-vae/versions/<version>/  encoder.onnx, decoder.onnx, model.json, metrics.json, samples.png
+                                            and decoder.fp16.onnx when the export made one
     REGISTRY/train-vae/champion.json        {"version", "nll_bpd", "split", "k", ...}
 
 A version folder is assembled under a temporary name and renamed into place; `champion.json` is replaced
@@ -40,8 +41,11 @@ def new_version(config_hash: str, started: datetime.datetime | None = None, run_
 def register(registry: str | Path, version: str, files: dict[str, str | Path]) -> Path:
     """Copy `files` ({name in the version: source path}) into a new version folder, atomically."""
     target = version_dir(registry, version)
-    if target.exists():
-        return target  # a retried step: the version was already complete (it is renamed into place whole)
+    if target.exists():  # a retried step: the version was already complete (it is renamed into place whole)
+        held = sorted(p.name for p in target.iterdir())
+        if held != sorted(files):
+            raise ValueError(f"registry version {target} already holds {held}, not {sorted(files)}")
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{version}.", dir=target.parent) as tmp:
         staging = Path(tmp) / version

@@ -113,12 +113,11 @@ def validate_model(export_dir: str, seed: int = 0) -> str:
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict) -> dict:
-    from vae.export import FP16_DECODER
+    import json
 
     export = Path(export_dir)
-    names = ["encoder.onnx", "decoder.onnx", "model.json", "samples.png"]
-    names += [FP16_DECODER] if (export / FP16_DECODER).exists() else []  # export removes a stale one
-    files = {name: export / name for name in names}
+    graphs = json.loads((export / "model.json").read_text())["files"]  # what this export wrote and validated
+    files = {name: export / name for name in [*graphs, "model.json", "samples.png"]}
     files["metrics.json"] = Path(run_dir) / "eval" / "metrics.json"
     target = reg.register(registry, version, files)
     promoted, reason, previous = reg.promote(registry, version, metrics)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline import storage
 from pipeline.preprocess import SkipImage, preprocess
 from pipeline.records import sample_members
-from pipeline.sources import LISTING_REASONS, SPLITS, Entry, Source, open_source
+from pipeline.sources import LISTING_REASONS, SPLITS, Entry, Listing, Source, open_source
 from vae.errors import BadInput
 
 FORMAT_VERSION = 1
@@ -112,13 +112,22 @@ def changed_note(out: str, keys: list[str]) -> str:
             f"the new versions")
 
 
-def changed_in_source(manifest: dict, entries: dict[str, list[Entry]]) -> list[str]:
-    """Keys in the shards whose source file now has another byte size than when it was sharded (records
-    written before sizes were kept are not compared)."""
-    now = {e.key: e.size for split in SPLITS for e in entries[split]}
-    return sorted(key for split in SPLITS for record in manifest["splits"][split]["shards"]
-                  for key, size in zip(record["keys"], record.get("source_bytes", []))
-                  if key in now and now[key] != size)
+def changed_in_source(manifest: dict, listing: Listing) -> list[str]:
+    """Keys in the shards whose source file now has another byte size than when it was sharded.
+
+    Not compared: sizes a source does not know (0, e.g. some HTTP listings) and keys with several files in the
+    source now (which file was sharded is not recorded). Records written before sizes were kept get the
+    current sizes, so edits from now on are noticed."""
+    now = {e.key: e.size for split in SPLITS for e in listing.entries[split]}
+    duplicated = {r["key"] for r in listing.skipped if r["reason"].startswith("duplicate key")}
+    changed = []
+    for split in SPLITS:
+        for record in manifest["splits"][split]["shards"]:
+            if "source_bytes" not in record:  # a shard from before sizes were recorded
+                record["source_bytes"] = [now.get(key, 0) for key in record["keys"]]
+            changed += [key for key, size in zip(record["keys"], record["source_bytes"])
+                        if size and now.get(key) and now[key] != size and key not in duplicated]
+    return sorted(changed)
 
 
 def remove_stale_temps(out: str, dataset: str) -> list[str]:
@@ -132,7 +141,8 @@ def remove_stale_temps(out: str, dataset: str) -> list[str]:
 
 def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148, size: int = 64,
           workers: int = 1, dataset: str = "celeba", maxcount: int = 1000, progress: bool = True) -> dict:
-    """Shard `source` into `out`; returns a summary {written, skipped, seconds, up_to_date, counts}."""
+    """Shard `source` into `out`; returns a summary {written, skipped, seconds, up_to_date, counts, manifest,
+    changed_in_source}."""
     started = time.time()
     if size < 1 or crop < 0 or maxcount < 1 or workers < 1:
         raise BadInput(f"shard settings: need size >= 1, crop >= 0, maxcount >= 1, workers >= 1 "
@@ -155,6 +165,10 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
                        f"{manifest['dataset']!r}; shard into another folder")
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
     if manifest["source"].get("fingerprint") == fingerprint:
+        if any("source_bytes" not in r for s in SPLITS for r in manifest["splits"][s]["shards"]):
+            # a manifest from before sizes were kept: the source is as sharded, so its sizes are the shards'
+            manifest["changed_in_source"] = changed_in_source(manifest, listing)
+            write_manifest(out, manifest)
         return {"written": 0, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
                 "up_to_date": True, "counts": counts, "manifest": storage.join(out, MANIFEST),
                 "changed_in_source": manifest.get("changed_in_source", [])}
@@ -169,7 +183,7 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     total = sum(len(v) for v in todo.values())
     # Shards are immutable: an image deleted from the source stays in its shard and is listed here.
     manifest["not_in_source"] = sorted(done - present)
-    manifest["changed_in_source"] = changed_in_source(manifest, listing.entries)  # kept as first sharded
+    manifest["changed_in_source"] = changed_in_source(manifest, listing)  # kept as first sharded
     # Until this run ends, the manifest must not claim to match any source (a killed run is re-done).
     manifest["source"] = {"path": src.describe(), "fingerprint": None}
 
@@ -192,7 +206,7 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
             folder = storage.join(out, split)
             storage.make_dirs(folder)
             records = manifest["splits"][split]["shards"]
-            pending: list[tuple[str, object, dict]] = []
+            pending: list[tuple[str, object, dict, int]] = []
 
             def flush() -> None:
                 index = len(records)

@@ -108,6 +108,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     assert steps.count(5) == 1 and steps[-1] == 30  # not restarted from step 0
     assert latest_checkpoint(run_dir).name == "step-00000030.pt"
     assert result["promoted"] and reg.read_champion(registry)["version"] == result["version"]
+    assert "decoder.fp16.onnx" not in {p.name for p in Path(result["path"]).iterdir()}  # fp16 defaults to off
 
 
 @pytest.mark.parametrize("params, message", [
@@ -166,3 +167,14 @@ def test_version_is_stable_for_one_flow_run():
     a = reg.new_version("abcdef0123", started, "1234abcd-5678")
     assert a == reg.new_version("abcdef0123", started, "1234abcd-5678") == "20260102T030405Z-abcdef01-1234abcd"
     assert reg.new_version("abcdef0123", started, "99999999-0000") != a
+
+
+def test_a_retried_registration_accepts_the_same_files_only(tmp_path):
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    files = {"model.json": src, "decoder.onnx": src}
+    target = reg.register(tmp_path, "v1", files)
+    assert reg.register(tmp_path, "v1", files) == target  # a retry of the same step
+    with pytest.raises(ValueError, match="already holds"):
+        reg.register(tmp_path, "v1", {**files, "decoder.fp16.onnx": src})
+    assert sorted(p.name for p in target.iterdir()) == ["decoder.onnx", "model.json"]

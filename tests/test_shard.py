@@ -200,3 +200,38 @@ def test_image_edited_in_place_keeps_its_shard_and_is_reported(synth_source, tmp
     assert again["up_to_date"] and again["changed_in_source"] == ["000005"]
     fresh = shard(source, tmp_path / "fresh", size=16, maxcount=25, progress=False)
     assert fresh["changed_in_source"] == []
+
+
+def test_shards_from_before_sizes_were_kept_learn_them_and_then_notice_edits(synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    out = tmp_path / "shards"
+    shard(source, out, size=16, maxcount=25, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for record in split["shards"]:
+            del record["source_bytes"]  # as an older version wrote it
+    del manifest["changed_in_source"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert shard(source, out, size=16, maxcount=25, progress=False)["up_to_date"]  # the source is as sharded
+    upgraded = json.loads((out / "manifest.json").read_text())
+    record = upgraded["splits"]["train"]["shards"][0]
+    assert record["source_bytes"] == [(source / "img_align_celeba" / f"{k}.jpg").stat().st_size
+                                      for k in record["keys"]]
+    key = record["keys"][0]
+    edited = source / "img_align_celeba" / f"{key}.jpg"
+    Image.open(edited).convert("RGB").rotate(90).save(edited, quality=55)
+    assert shard(source, out, size=16, maxcount=25, progress=False)["changed_in_source"] == [key]
+
+
+def test_a_second_file_for_a_sharded_key_is_not_taken_for_an_edit(synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    out = tmp_path / "shards"
+    shard(source, out, size=16, maxcount=25, progress=False)
+    # 000005.bmp sorts before 000005.jpg, so the listing now keeps the .bmp (another size) for the key
+    Image.open(source / "img_align_celeba" / "000005.jpg").save(source / "img_align_celeba" / "000005.bmp")
+    summary = shard(source, out, size=16, maxcount=25, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any(r["key"] == "000005" and r["reason"].startswith("duplicate key") for r in manifest["skipped"])
+    assert summary["changed_in_source"] == [] and manifest["changed_in_source"] == []
