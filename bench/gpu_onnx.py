@@ -14,7 +14,7 @@ MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON 
 `--explore` adds both graphs under other CUDA provider options (the runtime's, none, heuristic convolution
 search, TF32 off), timed one after another, under "cuda_options".
 
-Without a GPU it still runs (everything falls back to the CPU, PyTorch rows are null): a dry run of the script.
+Without a GPU it still runs (everything falls back to the CPU, with no PyTorch rows): a dry run of the script.
 """
 
 from __future__ import annotations

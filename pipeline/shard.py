@@ -112,22 +112,30 @@ def changed_note(out: str, keys: list[str]) -> str:
             f"the new versions")
 
 
+def _sizes(listing: Listing) -> dict[str, int]:
+    return {e.key: e.size for split in SPLITS for e in listing.entries[split]}
+
+
+def learn_source_bytes(manifest: dict, listing: Listing) -> bool:
+    """Give shard records from before sizes were kept (no `source_bytes`) the listing's sizes; True if any.
+    Only right when the source is as sharded (its fingerprint matches the manifest's)."""
+    now = _sizes(listing)
+    old = [r for split in SPLITS for r in manifest["splits"][split]["shards"] if "source_bytes" not in r]
+    for record in old:
+        record["source_bytes"] = [now.get(key, 0) for key in record["keys"]]
+    return bool(old)
+
+
 def changed_in_source(manifest: dict, listing: Listing) -> list[str]:
     """Keys in the shards whose source file now has another byte size than when it was sharded.
 
-    Not compared: sizes a source does not know (0, e.g. some HTTP listings) and keys with several files in the
-    source now (which file was sharded is not recorded). Records written before sizes were kept get the
-    current sizes, so edits from now on are noticed."""
-    now = {e.key: e.size for split in SPLITS for e in listing.entries[split]}
+    Not compared: sizes a source does not know (0, e.g. some HTTP listings), keys with several files in the
+    source now (which file was sharded is not recorded) and records without sizes."""
+    now = _sizes(listing)
     duplicated = {r["key"] for r in listing.skipped if r["reason"].startswith("duplicate key")}
-    changed = []
-    for split in SPLITS:
-        for record in manifest["splits"][split]["shards"]:
-            if "source_bytes" not in record:  # a shard from before sizes were recorded
-                record["source_bytes"] = [now.get(key, 0) for key in record["keys"]]
-            changed += [key for key, size in zip(record["keys"], record["source_bytes"])
-                        if size and now.get(key) and now[key] != size and key not in duplicated]
-    return sorted(changed)
+    return sorted(key for split in SPLITS for record in manifest["splits"][split]["shards"]
+                  for key, size in zip(record["keys"], record.get("source_bytes", []))
+                  if size and now.get(key) and now[key] != size and key not in duplicated)
 
 
 def remove_stale_temps(out: str, dataset: str) -> list[str]:
@@ -165,9 +173,8 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
                        f"{manifest['dataset']!r}; shard into another folder")
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
     if manifest["source"].get("fingerprint") == fingerprint:
-        if any("source_bytes" not in r for s in SPLITS for r in manifest["splits"][s]["shards"]):
-            # a manifest from before sizes were kept: the source is as sharded, so its sizes are the shards'
-            manifest["changed_in_source"] = changed_in_source(manifest, listing)
+        if learn_source_bytes(manifest, listing):  # a manifest from before sizes were kept, upgraded once
+            manifest.setdefault("changed_in_source", [])
             write_manifest(out, manifest)
         return {"written": 0, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
                 "up_to_date": True, "counts": counts, "manifest": storage.join(out, MANIFEST),
