@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from flows.registry import read_champion
+from vae.registry import read_champion
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train_vae(source=str(source), shards=str(out / "shards"), config=args.config,
                        registry=str(out / "registry"), runs=str(out / "runs"), overrides=args.overrides)
     champion = read_champion(out / "registry")
-    folder = Path(champion["path"])
+    folder = out / "registry" / champion["path"]  # relative to the registry
     print()
     print(f"train-vae finished in {time.time() - started:.0f} s: version {result['version']} "
           f"{'promoted' if result['promoted'] else 'not promoted'} ({result['reason']})")

@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows import registry as reg
+from vae import registry as reg
 from vae.config import config_hash, load_config
 from vae.errors import BadInput
 
@@ -93,37 +93,75 @@ def export_model(run_dir: str, version: str, fp16: bool = False) -> str:
 
     out = Path(run_dir) / "export"
     export(run_dir, out, version=version, fp16=fp16)
-    return str(out)
+    return str(out.resolve())  # the complete folder the link points to now
 
 
 @task
-def validate_model(export_dir: str, seed: int = 0) -> str:
-    """Load the exported decoder with the torch-free runtime, sample a grid, check the images are sane."""
+def validate_model(export_dir: str, run_dir: str, seed: int = 0) -> str:
+    """Load the exported model folder with the torch-free runtime (hashes verified), sample a grid into the
+    run folder, check the images are sane."""
     import numpy as np
 
     from vae.grid import make_grid, write_png
     from vae.runtime import Decoder
 
-    decoder = Decoder(Path(export_dir) / "decoder.onnx")
-    images = decoder.sample(64, seed=seed)
+    images = Decoder(export_dir).sample(64, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
         raise ValueError(f"{export_dir}/decoder.onnx produced images outside [0, 1]")
-    return write_png(Path(export_dir) / "samples.png", make_grid(images, 8))
+    return write_png(Path(run_dir) / "samples.png", make_grid(images, 8))
+
+
+def reevaluate_champion(champion: dict, challenger: dict, runs: str) -> dict:
+    """The champion's test metrics on the challenger's test set and K, from the champion's run folder (kept
+    under `runs`: its checkpoint is what was exported); cached in that run as `eval-<fingerprint>-k<K>/`."""
+    import json
+
+    from vae.evaluate import evaluate
+
+    run = Path(champion.get("run") or Path(runs) / champion["version"])
+    if not (run / "checkpoints").is_dir():
+        raise reg.RegistryError(f"its run folder {run} is gone (champion runs must be kept)")
+    out = run / f"eval-{challenger['split_fingerprint'][:16]}-k{challenger['k']}"
+    if (out / "metrics.json").exists():
+        cached = json.loads((out / "metrics.json").read_text())
+        if reg.comparable(reg.evidence_of(cached), challenger):
+            return cached
+    try:
+        metrics = evaluate(run, split=challenger["split"], k=challenger["k"], shards=challenger["shards"], out=out,
+                           grids=False)
+    except (BadInput, OSError) as err:
+        raise reg.RegistryError(str(err)) from None
+    recorded = reg.champion_evidence(champion).get("weights_sha256")
+    if recorded and metrics["weights_sha256"] != recorded:
+        raise reg.RegistryError(f"its run folder {run} now holds other weights than the promoted ones")
+    return metrics
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict) -> dict:
+def promote_model(registry: str, version: str, run_dir: str, export_dir: str, samples: str, metrics: dict,
+                  runs: str) -> dict:
+    """Register the version whole, then promote it when it beats the champion on the same test set and K
+    (re-evaluating the champion first when it was measured on other images or at another K)."""
     import json
 
     export = Path(export_dir)
-    graphs = json.loads((export / "model.json").read_text())["files"]  # what this export wrote and validated
-    files = {name: export / name for name in [*graphs, "model.json", "samples.png"]}
-    files["metrics.json"] = Path(run_dir) / "eval" / "metrics.json"
+    card = json.loads((export / "model.json").read_text())
+    if card["weights_sha256"] != metrics["weights_sha256"]:
+        raise ValueError(f"{export}: exported other weights than the evaluated ones")
+    files = {name: export / name for name in [*card["files"], "model.json", "metrics.json"]}
+    files["samples.png"] = Path(samples)
     target = reg.register(registry, version, files)
-    promoted, reason, previous = reg.promote(registry, version, metrics)
-    get_run_logger().info("version %s %s: %s", version, "promoted" if promoted else "kept, not promoted", reason)
-    return {"version": version, "path": str(target), "promoted": promoted, "reason": reason,
-            "previous": previous}
+    logger = get_run_logger()
+
+    def reevaluate(champion: dict, challenger: dict) -> dict:
+        logger.info("champion %s was measured on %s: re-evaluating it on this test set at K=%d",
+                    champion["version"], reg.difference(reg.champion_evidence(champion), challenger), challenger["k"])
+        return reevaluate_champion(champion, challenger, runs)
+
+    outcome = reg.promote(registry, version, metrics, run=str(Path(run_dir).resolve()), reevaluate=reevaluate)
+    logger.info("version %s %s: %s", version, "promoted" if outcome["promoted"] else "kept, not promoted",
+                outcome["reason"])
+    return {"version": version, "path": str(target), **outcome}
 
 
 def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
@@ -173,20 +211,24 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     train_model(config, overrides, run_dir, shards, num_processes)
     metrics = evaluate_model(run_dir, k)
     export_dir = export_model(run_dir, version, fp16)
-    grid = validate_model(export_dir)
-    result = promote_model(registry, version, run_dir, export_dir, metrics)
+    grid = validate_model(export_dir, run_dir)
+    result = promote_model(registry, version, run_dir, export_dir, grid, metrics, runs)
 
     create_table_artifact(key="train-vae-metrics", table=[
         {"metric": name, "value": metrics[name]} for name in METRIC_ROWS], description=f"Test metrics of {version}")
-    previous = result["previous"]
-    comparison = (f"champion {previous['version']}: nll_bpd {previous['nll_bpd']:.4f}" if previous
-                  else "no previous champion")
+    previous, again = result["previous"], result["reevaluated"]
+    comparison = "no previous champion"
+    if previous and again:
+        comparison = (f"champion {previous['version']} re-evaluated on this test set at K={again['k']}: nll_bpd "
+                      f"{again['nll_bpd']:.4f}")
+    elif previous:
+        comparison = f"champion {previous['version']}: nll_bpd {previous['nll_bpd']}"
     create_markdown_artifact(key="train-vae-summary", markdown="\n".join([
         f"# train-vae {version}",
         f"- **{'promoted' if result['promoted'] else 'not promoted'}**: {result['reason']}",
         f"- test nll_bpd **{metrics['nll_bpd']:.4f}** (IWAE, K={metrics['k']}), elbo_bpd {metrics['elbo_bpd']:.4f},"
         f" {metrics['n_images']} images; {comparison}",
         f"- version folder: `{result['path']}`",
-        f"\n![samples](file://{Path(result['path']).resolve() / 'samples.png'})",
+        f"\n![samples](file://{Path(grid).resolve()})",
         f"![reconstructions](file://{(Path(run_dir) / 'eval' / 'reconstructions.png').resolve()})"]))
     return {**result, "metrics": metrics, "samples": str(Path(result["path"]) / "samples.png"), "grid": grid}

@@ -43,6 +43,18 @@ def shard_name(dataset: str, split: str, index: int) -> str:
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
+def split_fingerprint(manifest: dict, split: str, max_images: int | None = None) -> str:
+    """The identity of a split's images: a sha256 over its shards' sha256 and counts (in order), the
+    preprocessing, and the image cap of a partial evaluation. Two evaluations with the same fingerprint
+    measured the same images, wherever the shards live."""
+    if split not in manifest.get("splits", {}):
+        raise BadInput(f"shards: no split {split!r} in the manifest")
+    shards = [[rec["name"], rec["sha256"], rec["count"]] for rec in manifest["splits"][split]["shards"]]
+    blob = json.dumps({"split": split, "shards": shards, "preprocessing": manifest.get("preprocessing"),
+                       "max_images": max_images}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def read_manifest(shards: str | os.PathLike) -> dict | None:
     """The manifest at a local path or URL, or None when there is none yet."""
     path = storage.join(shards, MANIFEST)

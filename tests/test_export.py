@@ -107,8 +107,8 @@ def test_failed_validation_writes_nothing(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="disagrees"):
         export(trained_run, out)
-    assert not out.exists() or not any(out.iterdir())
-    assert [p.name for p in tmp_path.iterdir()] in ([], ["out"])
+    assert not out.exists() and not out.is_symlink()
+    assert [p.name for p in tmp_path.iterdir()] == [".out.export.lock"]  # no staging folder is left
 
 
 def test_fp16_decoder_keeps_the_float32_interface_and_matches_float32(exported):
@@ -198,22 +198,35 @@ def test_fp16_decoder_that_disagrees_fails_the_export_check(exported, tmp_path, 
         validate_fp16(tmp_path, latent_dim=4)
 
 
-def test_export_without_fp16_removes_a_stale_fp16_decoder(trained_run, tmp_path, capsys):
+def test_reexport_switches_the_whole_folder_and_drops_a_stale_fp16_decoder(trained_run, tmp_path, capsys):
     from vae.cli import main
 
     out = tmp_path / "model"
-    out.mkdir()
-    (out / FP16_DECODER).write_bytes(b"stale graph from an older export")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json"]
-    assert "EMA weights" in capsys.readouterr().out
     assert main(["export", "--run", str(trained_run), "--out", str(out), "--fp16"]) == 0
     assert FP16_DECODER in {p.name for p in out.iterdir()}
     printed = capsys.readouterr().out
     assert re.search(r"decoder\.fp16\.onnx: max abs diff from decoder\.onnx \S+ \(tolerance 1e-02, on "
                      r"(CPU|CUDA)ExecutionProvider\)", printed), printed
+    first = out.resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
+    assert out.is_symlink() and out.resolve() != first and not first.exists()  # switched whole, old one removed
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "metrics.json", "model.json"]
+    assert "EMA weights" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.export.lock", out.resolve().name, "model"])
+
+
+def test_export_refuses_a_real_folder_that_holds_files(trained_run, tmp_path, capsys):
+    from vae.cli import main
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "decoder.onnx").write_bytes(b"someone else's graph")
+    assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a non-empty folder, not a link" in err and len(err.strip().splitlines()) == 1
+    assert (out / "decoder.onnx").read_bytes() == b"someone else's graph"
 
 
 def test_mixture_decoder_exports_its_expected_image(tmp_path):

@@ -7,6 +7,7 @@ so a run is reproducible from its checkpoint alone. The newest complete file is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -67,6 +68,16 @@ def config_of(state: dict) -> Config:
 
 def config_json(cfg: Config) -> str:
     return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes, values): which weights were measured."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_trained(run_dir: str | Path, ema: bool = True):

@@ -120,14 +120,12 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _runtime_model(kind: str, model: str, device: str, threads: int | None = None):
-    """`Decoder` or `Encoder` from a model folder (or the .onnx file itself); bad input exits 2."""
+def _runtime_model(kind: str, model: str, device: str, precision: str | None = None):
+    """`Decoder` or `Encoder` from a registry (its champion), a model folder or an .onnx file; bad input exits 2."""
     from vae import runtime
 
-    path = Path(model)
-    path = path / f"{kind.lower()}.onnx" if path.is_dir() else path
     try:
-        return getattr(runtime, kind)(path, device=device, threads=threads)
+        return getattr(runtime, kind)(model, device=device, precision=precision)
     except runtime.RuntimeModelError as err:
         raise BadInput(str(err)) from None
 
@@ -135,11 +133,11 @@ def _runtime_model(kind: str, model: str, device: str, threads: int | None = Non
 def cmd_sample(args) -> int:
     from vae.grid import make_grid, write_png
 
-    decoder = _runtime_model("Decoder", args.model, args.device)
+    decoder = _runtime_model("Decoder", args.model, args.device, args.precision)
     images = decoder.sample(args.n, seed=args.seed, temperature=args.temperature)
     write_png(args.out, make_grid(images, ncols=int(max(1, round(args.n ** 0.5)))))
     print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, temperature {args.temperature}, "
-          f"provider {decoder.provider})")
+          f"model {decoder.version}, provider {decoder.provider})")
     return 0
 
 
@@ -260,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="a PNG grid of samples from decoder.onnx (onnxruntime only)")
-    p.add_argument("--model", required=True, help="folder with decoder.onnx, or the file")
+    p.add_argument("--model", required=True,
+                   help="a registry (local path or URL: its champion), a model folder, or decoder.onnx itself")
+    p.add_argument("--precision", default=None, help="a reduced-precision graph of the model, e.g. fp16")
     p.add_argument("--n", type=_positive, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=_temperature, default=1.0,
@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("encode", help="codes (mu, logvar) of images from encoder.onnx (onnxruntime only)")
-    p.add_argument("--model", required=True, help="folder with encoder.onnx, or the file")
+    p.add_argument("--model", required=True,
+                   help="a registry (local path or URL: its champion), a model folder, or encoder.onnx itself")
     p.add_argument("--images", required=True, help="a folder of images or one image file")
     p.add_argument("--out", required=True, help=".npz file to write: keys, mu, logvar")
     p.add_argument("--crop", type=int, default=None,

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.loader import eval_loader
+from pipeline.loader import eval_loader, load_manifest
+from pipeline.shard import split_fingerprint
 from vae.atomic import atomic_write_json
-from vae.checkpoint import load_trained
+from vae.checkpoint import load_trained, weights_digest
 from vae.config import config_hash
 from vae.grid import make_grid, write_png
 from vae.objectives import bits_per_dim, elbo_terms, iwae_bound, to_unit
@@ -134,10 +135,14 @@ def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
 
 
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
-             shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None) -> dict:
-    """Evaluate a run's EMA model on a split; writes `eval/metrics.json` (main rank) and returns it."""
+             shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
+             out: str | Path | None = None, grids: bool = True) -> dict:
+    """Evaluate a run's EMA model on a split; writes `metrics.json` into `out` (default `RUN_DIR/eval`, main
+    rank) and returns it. The metrics say which images (the split's fingerprint), which weights (their
+    sha256) and which K they measured, so promotion compares only like with like."""
     run_dir = Path(run_dir)
     model, cfg, step = load_trained(run_dir)
+    weights = weights_digest(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # each rank on its own GPU
         torch.cuda.set_device(torch.cuda.current_device() if world_size == 1 else rank % torch.cuda.device_count())
@@ -145,19 +150,23 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     model.to(device)
     split = split or cfg.eval.split
     k = k or cfg.eval.k
-    loader = eval_loader(shards or cfg.data.shards, split, cfg.eval.batch_size, rank, world_size)
+    shards = shards or cfg.data.shards
+    fingerprint = split_fingerprint(load_manifest(shards), split, max_images)
+    loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size)
     sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images)
     dims = 3 * cfg.model.image_size ** 2
     metrics = {"split": split, "k": k, **metrics_from_sums(sums, dims),
                "likelihood": cfg.model.likelihood, "likelihood_is_density": model.likelihood.is_density,
-               "world_size": world_size, "config_hash": config_hash(cfg), "model_version": f"{run_dir.name}@{step}", "model_step": step,
-               "run": str(run_dir)}
+               "world_size": world_size, "config_hash": config_hash(cfg), "model_version": f"{run_dir.name}@{step}",
+               "model_step": step, "weights_sha256": weights, "run": str(run_dir),
+               "split_fingerprint": fingerprint, "shards": str(shards), "image_size": cfg.model.image_size,
+               "max_images": max_images}
     if rank == 0:
-        out = run_dir / "eval"
+        out = Path(out) if out is not None else run_dir / "eval"
         directions = attribute_directions(sums)
         metrics["attribute_directions"] = sorted(directions)
         model.cpu()
-        metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions) if first else {}
+        metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions) if first and grids else {}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -4,9 +4,10 @@ The encoder maps `x` float32 [N, 3, H, W] in [0, 1] to `mu`, `logvar` [N, latent
 [N, latent_dim] to `x_mean` [N, 3, H, W] in [0, 1]. N is dynamic; no random op is inside either graph (the
 caller draws the noise). Both files carry the metadata in `metadata_props` as well as `model.json`.
 
-Nothing is written to `out` unless the full ONNX check passes and onnxruntime reproduces PyTorch on real
-inputs (max abs difference `TOLERANCE`) at several batch sizes: files are built in a temporary folder and
-renamed into place one by one only after validation. The weights exported are the run's EMA weights (what
+Nothing is published at `out` unless the full ONNX check passes and onnxruntime reproduces PyTorch on real
+inputs (max abs difference `TOLERANCE`) at several batch sizes: the folder is built beside `out` and switched
+in whole (`vae.publish`). The card's metrics are those of the exported weights (re-evaluated when the run's
+`eval/metrics.json` measured other weights or is missing), and it lists every graph's sha256. The weights exported are the run's EMA weights (what
 evaluation measured), never the raw training weights.
 
 With `fp16=True` a third graph, `decoder.fp16.onnx`, holds the decoder in float16 for GPUs. Its interface
@@ -22,8 +23,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import shutil
-import tempfile
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from vae.atomic import atomic_write_json
 from vae.checkpoint import load_trained
 from vae.config import config_hash
 from vae.errors import VaeError
+from vae.publish import check_out, publishing
 
 CONTRACT_VERSION = "1"
 TOLERANCE = 1e-4
@@ -225,35 +226,61 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
             "provider": session.get_providers()[0]}
 
 
+def current_metrics(run_dir: Path, model: nn.Module, shards: str | None) -> dict:
+    """The run's `eval/metrics.json` when it measured exactly these weights; otherwise evaluate them now (the
+    card must carry the test metrics of the weights it ships, never those of an earlier step)."""
+    from vae.checkpoint import weights_digest
+
+    path = run_dir / "eval" / "metrics.json"
+    digest = weights_digest(model)
+    metrics = json.loads(path.read_text()) if path.exists() else None
+    if metrics is not None and metrics.get("weights_sha256") == digest:
+        return metrics
+    why = "missing" if metrics is None else f"from other weights (step {metrics.get('model_step')})"
+    print(f"vae export: {path} is {why}: evaluating the exported weights first", file=sys.stderr)
+    from vae.evaluate import evaluate
+
+    metrics = evaluate(run_dir, shards=shards)
+    if metrics.get("weights_sha256") != digest:
+        raise ExportError(f"run {run_dir}: its checkpoint changed while exporting; export again")
+    return metrics
+
+
 def export(run_dir: str | Path, out: str | Path, shards: str | None = None, version: str | None = None,
            fp16: bool = False) -> dict:
-    """Export a run's EMA model to `out`; returns the model card (`model.json`)."""
+    """Export a run's EMA model to the folder `out`, published whole; returns the model card (`model.json`).
+
+    The folder holds the graphs, `model.json` (with every graph's sha256) and `metrics.json`. `out` is a link
+    to a hidden sibling folder holding one complete export; a new export is built beside it and the link is
+    switched in one rename, so a reader never sees two exports mixed. A real, non-empty folder at `out` is
+    refused. Leftovers of a killed export are removed by the next one.
+    """
     run_dir, out = Path(run_dir), Path(out)
     model, cfg, step = load_trained(run_dir, ema=True)
-    metrics_path = run_dir / "eval" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    check_out(out)
+    metrics = current_metrics(run_dir, model, shards)
     images, preprocessing = validation_images(cfg, shards)
     card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim,
             "image_size": cfg.model.image_size, "channels": 3, "likelihood": cfg.model.likelihood,
             "version": version or f"{run_dir.name}@{step}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config_hash": config_hash(cfg), "metrics": metrics, "weights": "ema", "step": step,
-            "preprocessing": preprocessing}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
-        tmp = Path(tmp)
-        names = export_graphs(model, tmp, fp16=fp16)
+            "weights_sha256": metrics["weights_sha256"], "preprocessing": preprocessing}
+    with publishing(out) as staging:
+        names = export_graphs(model, staging, fp16=fp16)
         for name in names:
-            _set_metadata(tmp / name, {**card, "precision": "float16" if name == FP16_DECODER else "float32"})
-        card["validation"] = validate(tmp, model, images)
+            _set_metadata(staging / name, {**card, "precision": "float16" if name == FP16_DECODER else "float32"})
+        card["validation"] = validate(staging, model, images)
         if fp16:
-            card["validation"]["fp16_decoder"] = validate_fp16(tmp, cfg.model.latent_dim)
+            card["validation"]["fp16_decoder"] = validate_fp16(staging, cfg.model.latent_dim)
         card["files"] = names
-        atomic_write_json(tmp / "model.json", card)
-        out.mkdir(parents=True, exist_ok=True)
-        if not fp16:
-            (out / FP16_DECODER).unlink(missing_ok=True)  # never leave a stale fp16 graph beside new weights
-        for name in [*names, "model.json"]:
-            shutil.move(str(tmp / name), str(out / f".{name}.incoming"))
-            (out / f".{name}.incoming").replace(out / name)
+        card["sha256"] = {name: _sha256(staging / name) for name in names}
+        atomic_write_json(staging / "metrics.json", metrics)
+        atomic_write_json(staging / "model.json", card)
     return card
+
+
+def _sha256(path: Path) -> str:
+    from vae.registry import sha256_file
+
+    return sha256_file(path)

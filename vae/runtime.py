@@ -1,8 +1,14 @@
-"""The torch-free runtime for exported models: NumPy and onnxruntime only (never import torch here).
+"""The torch-free runtime for exported models: NumPy, onnxruntime and fsspec only (never import torch here).
 
-    from vae.runtime import Decoder
-    decoder = Decoder("registry/train-vae/versions/<version>/decoder.onnx")
+    from vae.runtime import Champion
+    champion = Champion("s3://bucket/registry")  # or a local registry path; files cached and sha256-verified
+    decoder = champion.decoder()                 # or Decoder(model_folder), Decoder("decoder.onnx")
     images = decoder.sample(16, seed=0)          # float32 [16, 3, H, W] in [0, 1]
+    if champion.refresh(): decoder = champion.decoder()   # one small read: True when the champion changed
+
+A model is a registry location (its champion), a model folder (its graphs are checked against the sha256 in
+`model.json`; a folder exported before hashes loads with a warning) or a bare `.onnx` file (loaded as is).
+`precision="fp16"` picks `decoder.fp16.onnx` (and `precision=P` in general `<kind>.P.onnx`), explicitly.
 
 The noise is drawn here with NumPy from the caller's seed, so the same seed gives the same images. The
 provider that actually runs is reported (`.provider`); a requested CUDA provider that fell back to the CPU is
@@ -16,10 +22,12 @@ physical core). See the README for what was measured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +39,66 @@ KNOWN_CONTRACTS = ("1",)
 
 class RuntimeModelError(ValueError):
     """The model file or the input given to it is not usable; the message names which."""
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_name(kind: str, precision: str | None = None) -> str:
+    """`decoder.onnx`, or `decoder.<precision>.onnx` for a reduced-precision graph (`fp16`, ...)."""
+    if precision in (None, "float32", "fp32"):
+        return f"{kind}.onnx"
+    if not re.fullmatch(r"[a-z0-9]+", str(precision)):
+        raise RuntimeModelError(f"precision {precision!r}: expected a name such as 'fp16'")
+    return f"{kind}.{precision}.onnx"
+
+
+def verified_graph(folder: str | os.PathLike, name: str) -> str:
+    """`folder/name`, checked against the sha256 that the folder's `model.json` lists for it.
+
+    The folder is resolved once (an export's `--out` is a link switched whole), so the graph and the card come
+    from one export. A folder whose card lists no hashes (exported before they existed) loads with a warning."""
+    folder = os.path.realpath(folder)
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise RuntimeModelError(f"model {path}: file not found")
+    try:
+        with open(os.path.join(folder, "model.json"), "rb") as f:
+            card = json.loads(f.read())
+    except FileNotFoundError:
+        raise RuntimeModelError(f"model folder {folder}: no model.json (pass the .onnx file itself to load "
+                                "a graph without its card)") from None
+    except ValueError as err:
+        raise RuntimeModelError(f"model folder {folder}: model.json is not valid JSON ({err})") from None
+    hashes = card.get("sha256") if isinstance(card, dict) else None
+    if not hashes:
+        warnings.warn(f"model folder {folder}: model.json lists no sha256 (an older export); {name} is not "
+                      "verified", RuntimeWarning, stacklevel=3)
+        return path
+    if name not in hashes:
+        raise RuntimeModelError(f"model folder {folder}: model.json lists no sha256 for {name}")
+    if _sha256(path) != hashes[name]:
+        raise RuntimeModelError(f"model {path}: sha256 differs from model.json's (damaged or replaced file)")
+    return path
+
+
+def resolve_model(model, kind: str, precision: str | None = None) -> tuple[str, str | None]:
+    """(local path of the graph to load, champion version or None) for a model given as a `Champion`, a
+    registry location (local path or URL), a model folder, or an `.onnx` file."""
+    if isinstance(model, Champion):
+        return model.graph(kind, precision), model.version
+    location = os.fspath(model)
+    if "://" in location or os.path.isfile(os.path.join(location, "train-vae", "champion.json")):
+        champion = Champion(location)
+        return champion.graph(kind, precision), champion.version
+    if os.path.isdir(location):
+        return verified_graph(location, graph_name(kind, precision)), None
+    return location, None
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
@@ -90,16 +158,20 @@ def _session(path: str, device: str, threads: int | None, spinning: bool) -> tup
 
 
 class _Model:
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 spinning: bool = False):
+    KIND = ""
+
+    def __init__(self, model, device: str = "cpu", threads: int | None = None, spinning: bool = False,
+                 precision: str | None = None):
+        """`model`: a `Champion`, a registry location, a model folder or an `.onnx` file (see the module)."""
         if device not in ("cpu", "cuda"):
             raise RuntimeModelError(f"device {device!r}: expected 'cpu' or 'cuda'")
-        self.path = os.fspath(path)
+        self.path, self.champion_version = resolve_model(model, self.KIND, precision)
         self.session, self.metadata = _session(self.path, device, threads, spinning)
         self.provider = self.session.get_providers()[0]
         self.latent_dim = int(self.metadata["latent_dim"])
         self.image_size = int(self.metadata["image_size"])
         self.channels = int(self.metadata["channels"])
+        self.version = self.metadata.get("version")  # the model version the graph was exported as
 
     def card(self) -> dict:
         """The metadata as Python values (JSON-decoded where they are JSON)."""
@@ -114,6 +186,8 @@ class _Model:
 
 class Decoder(_Model):
     """`decoder.onnx`: latents [N, latent_dim] -> images float32 [N, 3, H, W] in [0, 1]."""
+
+    KIND = "decoder"
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         z = np.asarray(z)
@@ -137,6 +211,8 @@ class Decoder(_Model):
 
 class Encoder(_Model):
     """`encoder.onnx`: images -> (mu, logvar) of q(z|x), each [N, latent_dim]."""
+
+    KIND = "encoder"
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images: uint8 [N, H, W, 3] (0..255) or float [N, 3, H, W] in [0, 1]; returns (mu, logvar)."""
@@ -188,3 +264,112 @@ def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
                                 f"{list(a.shape)} and {list(b.shape)}")
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
     return (1 - t) * a[None] + t * b[None]
+
+
+def default_cache_dir() -> str:
+    """Where remote champions are cached: `$VAE_RUNTIME_CACHE`, else `~/.cache/vae-runtime`."""
+    return os.environ.get("VAE_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vae-runtime")
+
+
+class Champion:
+    """The promoted version of a registry (a local path or an fsspec URL such as s3://bucket/registry).
+
+    `champion.json` names the version relative to the registry; its `version.json` lists every file's sha256
+    and is itself pinned by the champion record. Graphs of a remote registry are downloaded once into
+    `cache_dir` (versions are immutable, so a cached file never goes stale) and every graph is verified against
+    the record before it loads. `refresh()` re-reads only `champion.json`.
+    """
+
+    def __init__(self, registry: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        from vae import registry as reg
+
+        self._reg = reg
+        self.registry = os.fspath(registry)
+        self.remote = "://" in self.registry and not self.registry.startswith("file://")
+        key = hashlib.sha256(self.registry.rstrip("/").encode()).hexdigest()[:16]
+        self.cache = Path(cache_dir or default_cache_dir()) / key
+        self.record: dict = {}
+        self.files: dict[str, str] = {}
+        self._load(self._read_record())
+
+    @property
+    def version(self) -> str:
+        return self.record["version"]
+
+    def _read_record(self) -> dict:
+        try:
+            record = self._reg.read_champion(self.registry)
+        except (OSError, self._reg.RegistryError) as err:
+            raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({err})") from None
+        if record is None:
+            raise RuntimeModelError(f"registry {self.registry}: no champion yet "
+                                    f"({self._reg.PROJECT}/{self._reg.CHAMPION} not found)")
+        return record
+
+    def _load(self, record: dict) -> None:
+        version = record["version"]
+        try:
+            raw = self._reg.storage.read_bytes(
+                self._reg.storage.join(self._version_location(version), self._reg.VERSION_RECORD))
+        except FileNotFoundError:
+            raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
+                                    f"{self._reg.VERSION_RECORD} (not published whole)") from None
+        pinned = record.get("record_sha256")
+        if pinned is None:
+            warnings.warn(f"registry {self.registry}: champion record of {version} pins no version record (an "
+                          "older registry)", RuntimeWarning, stacklevel=3)
+        elif hashlib.sha256(raw).hexdigest() != pinned:
+            raise RuntimeModelError(f"registry {self.registry}: {self._reg.VERSION_RECORD} of {version} differs "
+                                    "from the one the champion record pins")
+        self.record, self.files = record, json.loads(raw)["files"]
+
+    def _version_location(self, version: str) -> str:
+        return self._reg.storage.join(self.registry, *self._reg.version_path(version).split("/"))
+
+    def graph(self, kind: str, precision: str | None = None) -> str:
+        """A local, sha256-verified copy (or the registry's own file) of one graph of the champion."""
+        name = graph_name(kind, precision)
+        if name not in self.files:
+            raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name} "
+                                    f"(it holds {', '.join(sorted(self.files))})")
+        return self.file(name)
+
+    def file(self, name: str) -> str:
+        want = self.files.get(name)
+        if want is None:
+            raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
+        source = self._reg.storage.join(self._version_location(self.version), name)
+        if not self.remote:
+            path = self._reg.storage._local(source)
+            if _sha256(path) != want:
+                raise RuntimeModelError(f"model {path}: sha256 differs from the registry's version record")
+            return path
+        path = self.cache / self.version / name
+        if path.is_file() and _sha256(path) == want:
+            return str(path)
+        try:
+            data = self._reg.storage.read_bytes(source)
+        except (OSError, FileNotFoundError) as err:
+            raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} ({err})") \
+                from None
+        if hashlib.sha256(data).hexdigest() != want:
+            raise RuntimeModelError(f"registry {self.registry}: {name} of {self.version} differs from its "
+                                    "version record (damaged or replaced)")
+        from vae.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, data)
+        return str(path)
+
+    def refresh(self) -> bool:
+        """Re-read `champion.json`; True (and this object now names the new champion) when it changed."""
+        record = self._read_record()
+        if record.get("version") == self.record.get("version"):
+            return False
+        self._load(record)
+        return True
+
+    def decoder(self, **options) -> "Decoder":
+        return Decoder(self, **options)
+
+    def encoder(self, **options) -> "Encoder":
+        return Encoder(self, **options)

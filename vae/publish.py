@@ -1,0 +1,102 @@
+"""Publishing a model folder whole: `OUT` is a symbolic link to a hidden sibling that holds one complete export.
+
+    OUT -> .OUT.export-XXXXXXXX/     encoder.onnx decoder.onnx ... model.json metrics.json
+
+A new export is built in a fresh sibling (`.OUT.export-*`), then a new link is renamed over `OUT` in one step,
+so a reader that opens `OUT/decoder.onnx` sees the old export or the new one, never a mix; a rename cannot
+replace a non-empty folder, a link can. Exports into one `OUT` take turns (a lock file beside it), and each one
+first removes the folders and links a killed export left behind. A real, non-empty folder at `OUT` (not a
+link) is refused rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from vae.atomic import _UMASK
+from vae.errors import BadInput
+
+
+def _stage_prefix(out: Path) -> str:
+    return f".{out.name}.export-"
+
+
+def _link_prefix(out: Path) -> str:
+    return f".{out.name}.link-"
+
+
+def check_out(out: Path) -> None:
+    """Refuse an `OUT` that cannot be switched whole, before any work."""
+    if out.is_symlink():
+        return
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: is a file, not a model folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise BadInput(f"--out {out}: a non-empty folder, not a link from an earlier export; exports are switched "
+                       "in whole through a link, so remove it or choose a new --out")
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete staging folders and links of killed exports into `out` (never the folder it links to)."""
+    live = os.readlink(out) if out.is_symlink() else None
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        if entry.name.startswith(_link_prefix(out)) and entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+        elif entry.name.startswith(_stage_prefix(out)) and entry.name != live and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def publishing(out: Path):
+    """Yield an empty staging folder; when the block ends without an error, switch `out` to it."""
+    import fcntl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.export.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # exports into one OUT take turns; released if this process dies
+        check_out(out)
+        remove_leftovers(out)
+        staging = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), dir=out.parent))
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; readers (apps) may be other users
+        try:
+            yield staging
+            _fsync_tree(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        previous = os.readlink(out) if out.is_symlink() else None
+        if out.is_dir() and not out.is_symlink():
+            out.rmdir()  # empty (check_out): a folder made for this export, e.g. by an earlier tool
+        link = out.parent / f"{_link_prefix(out)}{uuid.uuid4().hex[:8]}"
+        os.symlink(staging.name, link)  # relative: the pair can move together
+        os.replace(link, out)
+        _fsync_dir(out.parent)
+        if previous and previous.startswith(_stage_prefix(out)) and "/" not in previous:
+            shutil.rmtree(out.parent / previous, ignore_errors=True)

@@ -1,0 +1,373 @@
+"""The model registry: immutable versions and the champion, on a local path or an fsspec URL (torch-free).
+
+    REGISTRY/train-vae/versions/<version>/  the model folder (graphs, model.json, metrics.json, samples.png) and
+                                            version.json {"version", "files": {name: sha256}}, written last
+    REGISTRY/train-vae/champion.json        {"version", "path": "train-vae/versions/<version>", "record_sha256",
+                                             "evidence": {...}, "run", "promoted_at"}
+
+A version is immutable and published whole: locally it is staged under a temporary name and renamed into
+place; on object storage its files are uploaded first and `version.json` last, and a version exists only once
+its record does. `champion.json` names the version relative to the registry, so any host that can read the
+registry can follow it.
+
+Promotion compares evidence (`evidence_of(metrics)`): the test `nll_bpd`, and what makes two numbers comparable
+(split, the split's fingerprint, K, image size). Non-finite numbers never win. The champion is replaced by
+compare-and-swap: read the record and a token, decide (slow work such as re-evaluating the champion happens
+here, outside any lock), then write only if the token is unchanged; otherwise read and decide again. The swap
+is a file lock (`fcntl.flock`) around read-compare-rename on local disks, a conditional PUT (`If-Match` on the
+ETag, `If-None-Match: *` for the first champion) on S3, and a process lock for `memory://` (tests). Other URL
+schemes can be read but not promoted into.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+from pipeline import storage
+from vae.errors import VaeError
+
+PROJECT = "train-vae"
+CHAMPION = "champion.json"
+VERSION_RECORD = "version.json"
+COMPARABLE_KEYS = ("split", "split_fingerprint", "k", "image_size")
+EVIDENCE_KEYS = (*COMPARABLE_KEYS, "nll_bpd", "elbo_bpd", "n_images", "shards", "config_hash",
+                 "weights_sha256", "model_step")
+MAX_ROUNDS = 20
+
+
+class RegistryError(VaeError):
+    """The registry cannot be read or written as asked; the message names it."""
+
+
+def project_dir(registry: str | os.PathLike) -> str:
+    return storage.join(registry, PROJECT)
+
+
+def version_path(version: str) -> str:
+    """A version's folder relative to the registry (what `champion.json` holds)."""
+    return f"{PROJECT}/versions/{version}"
+
+
+def version_dir(registry: str | os.PathLike, version: str) -> str:
+    return storage.join(registry, *version_path(version).split("/"))
+
+
+def new_version(config_hash: str, started: datetime.datetime | None = None, run_id: str | None = None) -> str:
+    """`<UTC start>-<config hash>[-<flow run id>]`: the same for every retry of one flow run, so a retried
+    run finds its run folder (and resumes from its checkpoint) instead of starting a new version."""
+    started = started or datetime.datetime.now(datetime.timezone.utc)
+    stamp = started.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{config_hash[:8]}" + (f"-{run_id[:8]}" if run_id else "")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_bytes(record: dict) -> bytes:
+    return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Versions
+
+
+def read_version_record(registry: str | os.PathLike, version: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(version_dir(registry, version), VERSION_RECORD)))
+    except FileNotFoundError:
+        return None
+
+
+def register(registry: str | os.PathLike, version: str, files: dict[str, str | os.PathLike]) -> str:
+    """Publish `files` ({name in the version: local source path}) as an immutable version; returns its location.
+
+    A retried registration of the same files returns the existing version; other files are refused."""
+    hashes = {name: sha256_file(src) for name, src in sorted(files.items())}
+    record = {"version": version, "files": hashes}
+    target = version_dir(registry, version)
+    held = read_version_record(registry, version)
+    if held is not None:
+        if held.get("files") != hashes:
+            raise RegistryError(f"registry version {target} already holds {sorted(held.get('files', {}))} "
+                                f"with other contents than {sorted(hashes)}: versions are immutable")
+        return target
+    if storage.is_url(registry):
+        fs, root = storage._fs(target)
+        for name, src in files.items():
+            fs.put_file(str(src), f"{root}/{name}")
+        storage.write_bytes_atomic(storage.join(target, VERSION_RECORD), _record_bytes(record))
+        return target
+    target_path = Path(target)
+    if target_path.exists():  # a folder without a record is not something this module writes
+        raise RegistryError(f"registry version {target} exists without {VERSION_RECORD}; remove it")
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{version}.", dir=target_path.parent) as tmp:
+        staging = Path(tmp) / version
+        staging.mkdir()
+        for name, src in files.items():
+            shutil.copyfile(src, staging / name)
+        (staging / VERSION_RECORD).write_bytes(_record_bytes(record))
+        for path in staging.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        staging.rename(target_path)
+    return target
+
+
+def list_versions(registry: str | os.PathLike) -> list[str]:
+    """Published versions (those with a record), oldest name first."""
+    folder = storage.join(project_dir(registry), "versions")
+    if storage.is_url(folder):
+        names = {rel.split("/")[0] for rel, _ in storage.list_files(folder) if rel.endswith("/" + VERSION_RECORD)}
+    else:
+        names = {p.parent.name for p in Path(folder).glob(f"*/{VERSION_RECORD}")} if Path(folder).is_dir() else set()
+    return sorted(n for n in names if not n.startswith("."))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evidence and the decision
+
+
+def evidence_of(metrics: dict) -> dict:
+    """What promotion compares, from a `metrics.json`."""
+    return {key: metrics.get(key) for key in EVIDENCE_KEYS}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def comparable(a: dict | None, b: dict | None) -> bool:
+    """Whether two evidences measured the same thing: same split, same images (fingerprint), same K and size."""
+    if not a or not b or a.get("split_fingerprint") is None:
+        return False
+    return all(a.get(key) == b.get(key) for key in COMPARABLE_KEYS)
+
+
+def difference(a: dict | None, b: dict) -> str:
+    """Which comparability keys differ, in words."""
+    a = a or {}
+    differ = [key for key in COMPARABLE_KEYS if a.get(key) != b.get(key)]
+    return ", ".join(f"{key} {a.get(key)!r} vs {b.get(key)!r}" for key in differ) or "no measurement"
+
+
+def decide(champion: dict | None, challenger: dict) -> tuple[bool, str]:
+    """Whether `challenger` evidence should replace the `champion` evidence (comparable, or None), and why."""
+    if not _finite(challenger.get("nll_bpd")):
+        return False, f"test nll_bpd {challenger.get('nll_bpd')!r} is not a finite number: never promoted"
+    if champion is None:
+        return True, "no champion yet"
+    if not _finite(champion.get("nll_bpd")):
+        return True, f"the champion's nll_bpd {champion.get('nll_bpd')!r} is not finite"
+    if challenger["nll_bpd"] < champion["nll_bpd"]:
+        return True, f"test nll_bpd {challenger['nll_bpd']:.4f} beats the champion's {champion['nll_bpd']:.4f}"
+    return False, f"test nll_bpd {challenger['nll_bpd']:.4f} does not beat the champion's {champion['nll_bpd']:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The champion record and its compare-and-swap
+
+
+class _LocalChampion:
+    """champion.json on a local disk: the swap holds an exclusive `flock` on a lock file beside it."""
+
+    def __init__(self, registry: str | os.PathLike):
+        self.folder = Path(project_dir(registry))
+        self.path = self.folder / CHAMPION
+
+    def read(self) -> tuple[dict | None, bytes | None]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return _parse(data, self.path), data
+
+    def swap(self, token: bytes | None, data: bytes) -> bool:
+        import fcntl
+
+        from vae.atomic import atomic_write_bytes
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".champion.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+            current = self.path.read_bytes() if self.path.exists() else None
+            if current != token:
+                return False
+            atomic_write_bytes(self.path, data)
+            return True
+
+
+class _S3Champion:
+    """champion.json on S3: conditional PUTs on its ETag (S3 has had them since 2024)."""
+
+    def __init__(self, registry: str):
+        self.url = storage.join(project_dir(registry), CHAMPION)
+        self.fs, self.path = storage._fs(self.url)
+
+    def _etag(self) -> str | None:
+        try:
+            return self.fs.info(self.path, refresh=True)["ETag"]
+        except FileNotFoundError:
+            return None
+
+    def read(self) -> tuple[dict | None, str | None]:
+        for _ in range(10):  # an ETag read before and after the body: both the same, the body is that object's
+            before = self._etag()
+            if before is None:
+                return None, None
+            try:
+                data = self.fs.cat_file(self.path)
+            except FileNotFoundError:
+                continue
+            if self._etag() == before:
+                return _parse(data, self.url), before
+        raise RegistryError(f"{self.url}: changed on every read")
+
+    def swap(self, token: str | None, data: bytes) -> bool:
+        try:
+            if token is None:
+                self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *
+            else:
+                self.fs.pipe_file(self.path, data, IfMatch=token)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            text = str(err)
+            if (getattr(err, "errno", None) == errno.EINVAL or "PreconditionFailed" in text
+                    or "ConditionalRequestConflict" in text or "412" in text or "409" in text):
+                return False  # another writer got there first
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path)
+        return True
+
+
+_MEMORY_LOCK = threading.Lock()
+
+
+class _MemoryChampion:
+    """champion.json on fsspec's in-process `memory://` file system: a process lock is the whole story."""
+
+    def __init__(self, registry: str):
+        self.url = storage.join(project_dir(registry), CHAMPION)
+
+    def read(self) -> tuple[dict | None, bytes | None]:
+        try:
+            data = storage.read_bytes(self.url)
+        except FileNotFoundError:
+            return None, None
+        return _parse(data, self.url), data
+
+    def swap(self, token: bytes | None, data: bytes) -> bool:
+        with _MEMORY_LOCK:
+            if self.read()[1] != token:
+                return False
+            storage.write_bytes_atomic(self.url, data)
+            return True
+
+
+def _parse(data: bytes, where) -> dict:
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RegistryError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(record, dict) or "version" not in record:
+        raise RegistryError(f"{where}: not a champion record (no 'version')")
+    return record
+
+
+def champion_store(registry: str | os.PathLike):
+    """The champion record's read/compare-and-swap for this registry location."""
+    location = str(registry)
+    if not storage.is_url(location):
+        return _LocalChampion(location)
+    scheme = location.split("://", 1)[0]
+    if scheme in ("s3", "s3a"):
+        return _S3Champion(location)
+    if scheme == "memory":
+        return _MemoryChampion(location)
+    raise RegistryError(f"registry {location}: promotion needs conditional writes (a local path, s3:// or "
+                        f"memory://); {scheme}:// can be read but not promoted into")
+
+
+def read_champion(registry: str | os.PathLike) -> dict | None:
+    """The champion record, or None. Works on any registry location (read-only)."""
+    location = str(registry)
+    try:
+        data = storage.read_bytes(storage.join(project_dir(location), CHAMPION))
+    except FileNotFoundError:
+        return None
+    return _parse(data, storage.join(project_dir(location), CHAMPION))
+
+
+def champion_evidence(record: dict | None) -> dict | None:
+    """The evidence a champion record carries (records from before evidence carry their few keys at the top)."""
+    if record is None:
+        return None
+    return record.get("evidence") or {key: record.get(key) for key in EVIDENCE_KEYS}
+
+
+Reevaluate = Callable[[dict, dict], dict]
+
+
+def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str | None = None,
+            reevaluate: Reevaluate | None = None, store=None) -> dict:
+    """Make `version` the champion when its evidence beats the champion's; safe with concurrent promoters.
+
+    `reevaluate(champion_record, challenger_evidence)` measures the champion like the challenger (same test set
+    and K) and returns that evidence, or raises `RegistryError` when it cannot; it is called when the
+    champion's evidence is not comparable. Returns {"promoted", "reason", "previous", "reevaluated"}.
+    """
+    evidence = evidence_of(metrics)
+    store = store or champion_store(registry)
+    record = read_version_record(registry, version)
+    if record is None:
+        raise RegistryError(f"registry version {version_dir(registry, version)}: not published (no "
+                            f"{VERSION_RECORD}); register it first")
+    record_sha = hashlib.sha256(_record_bytes(record)).hexdigest()
+    for _ in range(MAX_ROUNDS):
+        current, token = store.read()
+        if current is not None and current.get("version") == version:
+            return {"promoted": True, "reason": "already the champion", "previous": current, "reevaluated": None}
+        against, reevaluated = champion_evidence(current), None
+        if current is not None and not comparable(against, evidence):
+            if reevaluate is None:
+                return {"promoted": False, "previous": current, "reevaluated": None,
+                        "reason": f"not comparable with champion {current['version']} "
+                                  f"({difference(against, evidence)}) and no way to re-evaluate it"}
+            try:
+                against = reevaluated = evidence_of(reevaluate(current, evidence))
+            except RegistryError as err:
+                return {"promoted": False, "previous": current, "reevaluated": None,
+                        "reason": f"champion {current['version']} could not be re-evaluated: {err}"}
+            if not comparable(against, evidence):
+                return {"promoted": False, "previous": current, "reevaluated": reevaluated,
+                        "reason": f"champion {current['version']} re-evaluated but still not comparable "
+                                  f"({difference(against, evidence)})"}
+        promoted, reason = decide(against, evidence)
+        if reevaluated is not None:
+            reason += f" (champion {current['version']} re-evaluated on this test set and K)"
+        if not promoted:
+            return {"promoted": False, "reason": reason, "previous": current, "reevaluated": reevaluated}
+        new = {"version": version, "path": version_path(version), "record_sha256": record_sha,
+               "evidence": evidence, "run": run, **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
+               "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if store.swap(token, _record_bytes(new)):
+            return {"promoted": True, "reason": reason, "previous": current, "reevaluated": reevaluated}
+        # the champion changed while this promoter decided: decide again against the new one
+    raise RegistryError(f"registry {registry}: the champion changed {MAX_ROUNDS} times while promoting {version}")
