@@ -1,0 +1,217 @@
+"""The registry: immutable versions, the champion rule (comparable evidence only, never a non-finite number),
+and compare-and-swap promotion that stays right with concurrent promoters in separate processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import random
+from pathlib import Path
+
+import pytest
+
+from vae import registry as reg
+
+FINGERPRINT = "f" * 64
+
+
+def evidence(nll, k=100, fingerprint=FINGERPRINT, split="test", weights="w"):
+    return {"nll_bpd": nll, "elbo_bpd": 1.0, "k": k, "split": split, "split_fingerprint": fingerprint,
+            "image_size": 64, "n_images": 10, "shards": "shards", "config_hash": "h", "weights_sha256": weights,
+            "model_step": 1}
+
+
+def publish(registry, version: str, tmp_path: Path) -> str:
+    src = tmp_path / f"{version}.bin"
+    src.write_bytes(version.encode())
+    return reg.register(registry, version, {"decoder.onnx": src, "model.json": src})
+
+
+def test_a_version_is_published_whole_with_a_record_of_every_file(tmp_path):
+    target = Path(publish(tmp_path, "v1", tmp_path))
+    record = json.loads((target / "version.json").read_text())
+    assert record["version"] == "v1" and sorted(record["files"]) == ["decoder.onnx", "model.json"]
+    assert record["files"]["decoder.onnx"] == reg.sha256_file(target / "decoder.onnx")
+    assert reg.list_versions(tmp_path) == ["v1"]
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_a_version_is_immutable(tmp_path):
+    publish(tmp_path, "v1", tmp_path)
+    assert publish(tmp_path, "v1", tmp_path)  # a retried registration of the same files is a no-op
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"other weights")
+    with pytest.raises(reg.RegistryError, match="versions are immutable"):
+        reg.register(tmp_path, "v1", {"decoder.onnx": other, "model.json": other})
+    assert (tmp_path / "train-vae/versions/v1/decoder.onnx").read_bytes() == b"v1"
+
+
+def test_champion_is_replaced_only_by_a_better_comparable_version(tmp_path):
+    for version in ("v1", "v2", "v3", "v4"):
+        publish(tmp_path, version, tmp_path)
+    assert reg.promote(tmp_path, "v1", evidence(5.0))["promoted"]
+    outcome = reg.promote(tmp_path, "v2", evidence(5.2))
+    assert not outcome["promoted"] and "does not beat" in outcome["reason"]
+    outcome = reg.promote(tmp_path, "v3", evidence(4.0, k=10))  # another K and no way to re-evaluate
+    assert not outcome["promoted"] and "not comparable" in outcome["reason"] and "k 100 vs 10" in outcome["reason"]
+    outcome = reg.promote(tmp_path, "v3", evidence(4.0, fingerprint="0" * 64))  # other test images
+    assert not outcome["promoted"] and "split_fingerprint" in outcome["reason"]
+    assert reg.promote(tmp_path, "v4", evidence(4.9))["promoted"]
+    champion = reg.read_champion(tmp_path)
+    assert champion["version"] == "v4" and champion["path"] == "train-vae/versions/v4"  # relative to the registry
+    assert (tmp_path / champion["path"] / "decoder.onnx").read_bytes() == b"v4"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None, "5.0"])
+def test_a_non_finite_score_is_never_promoted_even_without_a_champion(tmp_path, bad):
+    publish(tmp_path, "v1", tmp_path)
+    outcome = reg.promote(tmp_path, "v1", evidence(bad))
+    assert not outcome["promoted"] and "not a finite number" in outcome["reason"]
+    assert reg.read_champion(tmp_path) is None
+
+
+def test_a_champion_with_a_non_finite_score_is_replaced(tmp_path):
+    publish(tmp_path, "v2", tmp_path)
+    (tmp_path / "train-vae").mkdir(exist_ok=True)
+    (tmp_path / "train-vae/champion.json").write_text(json.dumps({"version": "v1", "evidence": evidence(math.nan)}))
+    assert reg.promote(tmp_path, "v2", evidence(6.0))["promoted"]
+
+
+def test_an_incomparable_champion_is_re_evaluated_before_deciding(tmp_path):
+    publish(tmp_path, "v1", tmp_path)
+    publish(tmp_path, "v2", tmp_path)
+    reg.promote(tmp_path, "v1", evidence(5.0, fingerprint="old" * 20))
+    seen = []
+
+    def reevaluate(champion, challenger):
+        seen.append((champion["version"], challenger["split_fingerprint"], challenger["k"]))
+        return evidence(4.5)  # the champion on the new test set
+
+    outcome = reg.promote(tmp_path, "v2", evidence(4.8), reevaluate=reevaluate)
+    assert seen == [("v1", FINGERPRINT, 100)]
+    assert not outcome["promoted"] and "4.8000 does not beat the champion's 4.5000" in outcome["reason"]
+    assert outcome["reevaluated"]["nll_bpd"] == 4.5 and "re-evaluated" in outcome["reason"]
+
+    def unavailable(champion, challenger):
+        raise reg.RegistryError("its run folder runs/v1 is gone")
+
+    outcome = reg.promote(tmp_path, "v2", evidence(1.0), reevaluate=unavailable)
+    assert not outcome["promoted"] and "could not be re-evaluated: its run folder runs/v1 is gone" in outcome["reason"]
+    assert reg.read_champion(tmp_path)["version"] == "v1"
+
+
+class RacingStore:
+    """A champion store in which another promoter writes between this promoter's read and its swap, `times`
+    times: the deterministic form of a race."""
+
+    def __init__(self, registry, competitors):
+        self.inner, self.competitors, self.swaps = reg.champion_store(registry), list(competitors), 0
+
+    def read(self):
+        return self.inner.read()
+
+    def swap(self, token, data):
+        self.swaps += 1
+        if self.competitors:
+            version, nll = self.competitors.pop(0)
+            _, now = self.inner.read()
+            record = {"version": version, "path": reg.version_path(version), "evidence": evidence(nll)}
+            assert self.inner.swap(now, json.dumps(record).encode())
+        return self.inner.swap(token, data)
+
+
+def test_a_lost_swap_reads_the_new_champion_and_decides_again(tmp_path):
+    for version in ("v1", "v2", "v3"):
+        publish(tmp_path, version, tmp_path)
+    reg.promote(tmp_path, "v1", evidence(6.0))
+    # v3 (4.0) lands while v2 (5.0) decides: v2 must not overwrite the better champion
+    store = RacingStore(tmp_path, [("v3", 4.0)])
+    outcome = reg.promote(tmp_path, "v2", evidence(5.0), store=store)
+    assert store.swaps == 1 and not outcome["promoted"] and outcome["previous"]["version"] == "v3"
+    assert reg.read_champion(tmp_path)["version"] == "v3"
+    # a worse competitor lands first: the promoter re-decides against it and still wins, with a second swap
+    store = RacingStore(tmp_path, [("v1", 4.5)])
+    outcome = reg.promote(tmp_path, "v2", evidence(3.0), store=store)
+    assert store.swaps == 2 and outcome["promoted"] and outcome["previous"]["version"] == "v1"
+    assert reg.read_champion(tmp_path)["version"] == "v2"
+
+
+def test_promotion_gives_up_with_one_line_when_the_champion_never_settles(tmp_path):
+    publish(tmp_path, "v2", tmp_path)
+    store = RacingStore(tmp_path, [("v1", 9.0 + i) for i in range(reg.MAX_ROUNDS)])
+    with pytest.raises(reg.RegistryError, match="changed 20 times"):
+        reg.promote(tmp_path, "v2", evidence(5.0), store=store)
+
+
+def test_an_unpublished_version_cannot_be_promoted(tmp_path):
+    with pytest.raises(reg.RegistryError, match="not published"):
+        reg.promote(tmp_path, "ghost", evidence(1.0))
+
+
+def test_memory_registry_promotes_and_other_schemes_are_refused_with_one_line(tmp_path):
+    registry = f"memory://registry-{tmp_path.name}"
+    publish(registry, "v1", tmp_path)
+    publish(registry, "v2", tmp_path)
+    assert reg.promote(registry, "v1", evidence(5.0))["promoted"]
+    assert not reg.promote(registry, "v2", evidence(5.5))["promoted"]
+    assert reg.read_champion(registry)["version"] == "v1" and reg.list_versions(registry) == ["v1", "v2"]
+    with pytest.raises(reg.RegistryError, match=r"gs:// can be read but not promoted into"):
+        reg.champion_store("gs://bucket/registry")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real processes racing on one local registry
+
+
+def _promoter(registry: str, version: str, nll: float, barrier) -> None:
+    barrier.wait()
+    reg.promote(registry, version, evidence(nll))
+
+
+def _reader(registry: str, stop, bad) -> None:
+    path = Path(registry) / "train-vae" / "champion.json"
+    while not stop.is_set():
+        try:
+            record = json.loads(path.read_bytes())
+            if "version" not in record:
+                bad.value += 1
+        except FileNotFoundError:
+            pass
+        except ValueError:  # a torn or partial record
+            bad.value += 1
+
+
+@pytest.mark.slow
+def test_concurrent_promoters_always_leave_the_best_comparable_version(tmp_path):
+    """120 trials: 4 processes promote random scores at once over a champion at 6.0, while a reader process
+    parses champion.json as fast as it can. Every trial must end with the best score as champion (no lost
+    update, never the worse one) and the reader must never see a torn record."""
+    ctx = multiprocessing.get_context("fork")
+    rng = random.Random(13)
+    stop, bad = ctx.Event(), ctx.Value("i", 0)
+    wrong = []
+    for trial in range(120):
+        registry = str(tmp_path / f"r{trial}")
+        scores = [round(rng.uniform(3.0, 7.0), 4) for _ in range(4)]
+        for i in range(4):
+            publish(registry, f"v{i}", tmp_path)
+        publish(registry, "base", tmp_path)
+        reg.promote(registry, "base", evidence(6.0))
+        barrier = ctx.Barrier(4)
+        reader = ctx.Process(target=_reader, args=(registry, stop, bad))
+        reader.start()
+        procs = [ctx.Process(target=_promoter, args=(registry, f"v{i}", s, barrier)) for i, s in enumerate(scores)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        stop.set()
+        reader.join(10)
+        stop.clear()
+        assert all(p.exitcode == 0 for p in procs)
+        best = min([6.0, *scores])
+        champion = reg.read_champion(registry)
+        if champion["nll_bpd"] != best:
+            wrong.append((trial, scores, champion["version"]))
+    assert wrong == [] and bad.value == 0

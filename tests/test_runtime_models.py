@@ -1,0 +1,118 @@
+"""How the runtime finds and trusts a model: folders checked against model.json's sha256, registries followed
+to their champion (relative paths, version records pinned by the champion), bare graphs loaded as they are,
+and `vae sample` / `vae encode` given a registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+from exported_model import exported_once
+from vae import registry as reg
+from vae.cli import main
+from vae.runtime import Champion, Decoder, Encoder, RuntimeModelError
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    return exported_once(trained_run, tmp_path_factory)
+
+
+@pytest.fixture()
+def copy(exported, tmp_path):
+    out, _ = exported
+    target = tmp_path / "model"
+    shutil.copytree(out.resolve(), target)
+    return target
+
+
+def evidence(nll):
+    return {"nll_bpd": nll, "elbo_bpd": 1.0, "k": 8, "split": "test", "split_fingerprint": "f" * 64,
+            "image_size": 16}
+
+
+def test_model_json_lists_the_sha256_of_every_graph(exported):
+    out, card = exported
+    assert sorted(card["sha256"]) == sorted(card["files"]) == ["decoder.fp16.onnx", "decoder.onnx", "encoder.onnx"]
+    assert all(reg.sha256_file(out / name) == digest for name, digest in card["sha256"].items())
+
+
+def test_a_folder_loads_verified_and_a_replaced_graph_is_refused(copy):
+    want = Decoder(copy).sample(2, seed=0)
+    np.testing.assert_array_equal(Decoder(copy / "decoder.onnx").sample(2, seed=0), want)  # a bare graph
+    np.testing.assert_array_equal(Decoder(copy, precision="fp16").sample(2, seed=0).round(1), want.round(1))
+    shutil.copyfile(copy / "decoder.fp16.onnx", copy / "decoder.onnx")  # a valid graph, but not this export's
+    with pytest.raises(RuntimeModelError, match=r"decoder.onnx: sha256 differs from model.json's"):
+        Decoder(copy)
+    Encoder(copy)  # the encoder is still the one the card describes
+    with pytest.raises(RuntimeModelError, match="model.json lists no sha256 for decoder.int8.onnx|file not found"):
+        Decoder(copy, precision="int8")
+
+
+def test_an_older_folder_without_hashes_loads_with_a_warning(copy):
+    card = json.loads((copy / "model.json").read_text())
+    del card["sha256"]
+    (copy / "model.json").write_text(json.dumps(card))
+    with pytest.warns(RuntimeWarning, match="lists no sha256"):
+        assert Decoder(copy).sample(1, seed=0).shape == (1, 3, 16, 16)
+
+
+def test_a_local_registry_champion_loads_verified_and_refreshes(exported, tmp_path):
+    out, _ = exported
+    registry = tmp_path / "registry"
+    files = {name: out / name for name in ("decoder.onnx", "encoder.onnx", "model.json")}
+    reg.register(registry, "v1", files)
+    reg.promote(registry, "v1", evidence(5.0))
+    champion = Champion(registry)
+    assert champion.version == "v1" and not champion.refresh()
+    decoder = Decoder(registry)  # a registry location loads its champion
+    assert decoder.champion_version == "v1" and decoder.version == "test-1"
+    np.testing.assert_array_equal(decoder.sample(2, seed=3), Decoder(out).sample(2, seed=3))
+
+    reg.register(registry, "v2", files)
+    reg.promote(registry, "v2", evidence(4.0))
+    assert champion.refresh() and champion.version == "v2" and champion.decoder().champion_version == "v2"
+
+    (registry / "train-vae/versions/v2/decoder.onnx").write_bytes(b"tampered")
+    with pytest.raises(RuntimeModelError, match="sha256 differs from the registry's version record"):
+        champion.decoder()
+    record = registry / "train-vae/versions/v2/version.json"
+    record.write_text(record.read_text().replace("decoder.onnx", "decoder2.onnx"))
+    with pytest.raises(RuntimeModelError, match="differs from the one the champion record pins"):
+        Champion(registry)
+    with pytest.raises(RuntimeModelError, match="has no decoder.fp16.onnx"):
+        champion.graph("decoder", "fp16")
+
+
+def test_a_registry_without_a_champion_is_one_line(tmp_path):
+    (tmp_path / "empty" / "train-vae").mkdir(parents=True)
+    with pytest.raises(RuntimeModelError, match="no champion yet"):
+        Champion(tmp_path / "empty")
+
+
+def test_sample_and_encode_accept_a_registry(exported, tmp_path, capsys, synth_source):
+    out, _ = exported
+    registry = tmp_path / "registry"
+    reg.register(registry, "v1", {name: out / name for name in ("decoder.onnx", "encoder.onnx", "model.json")})
+    reg.promote(registry, "v1", evidence(5.0))
+    assert main(["sample", "--model", str(registry), "--n", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert "model test-1" in capsys.readouterr().out
+    assert main(["encode", "--model", str(registry), "--images", str(synth_source / "img_align_celeba"),
+                 "--out", str(tmp_path / "c.npz")]) == 0
+    with np.load(tmp_path / "c.npz") as npz:
+        assert npz["mu"].shape[1] == 4
+    (tmp_path / "broken" / "train-vae").mkdir(parents=True)
+    (tmp_path / "broken" / "train-vae" / "champion.json").write_text("{")
+    assert main(["sample", "--model", str(tmp_path / "broken"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot read the champion" in err and "not valid JSON" in err
+
+
+def test_a_warning_free_load_of_a_current_folder(copy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Decoder(copy)
