@@ -2,9 +2,7 @@
 sampling, input validation, providers, contract versions, preprocessing identical to the shards', no torch
 anywhere, and the README's example for app developers run as written."""
 
-import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,25 +307,3 @@ assert frames.shape == (5, 3, 16, 16) and np.abs(frames - half).max() <= 1e-2
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with np.load(tmp_path / "c.npz") as npz:
         assert npz["keys"].tolist() == ["000002"] and npz["mu"].shape == (1, 4)
-
-
-def readme_example() -> str:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Export and the runtime"):]
-    section = section[:section.index("\n### ", 1)]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "README's export section lost its Python example"
-    return blocks[0]
-
-
-def test_readme_example_runs_as_written_without_torch(exported, tmp_path):
-    out, _ = exported
-    code = readme_example()
-    assert len(code.strip().splitlines()) <= 12 and "torch" not in code
-    champion = tmp_path / "demo-output" / "registry" / "train-vae" / "champion.json"
-    champion.parent.mkdir(parents=True)
-    champion.write_text(json.dumps({"version": "test-1", "path": str(out)}))
-    result = without_torch(tmp_path, code, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "faces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "CPUExecutionProvider" in result.stdout

@@ -7,7 +7,6 @@ across ranks when `torch.distributed` is initialised, so every image counts exac
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -1,0 +1,1 @@
+../../vae/runtime.py

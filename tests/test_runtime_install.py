@@ -1,0 +1,86 @@
+"""The runtime as an app developer meets it: a fresh virtual environment, the README's install line, and the
+README's app snippet following a champion served over s3:// (moto), with torch, accelerate, prefect and
+tensorboard absent from that environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from exported_model import exported_once
+
+pytestmark = pytest.mark.slow
+OFFLINE = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
+           "Failed to establish a new connection")
+
+
+def readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Registry and consuming the champion"):]
+    return section[:section.index("\n### ", 1)]
+
+
+def test_readme_app_runs_from_a_runtime_only_install_against_s3(trained_run, tmp_path_factory, tmp_path):
+    section = readme_section()
+    install = re.search(r'^pip install "\./runtime\[([a-z0-9,]+)\]"', section, flags=re.M)
+    app = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    assert install and "s3" in install[1].split(",") and "cpu" in install[1].split(",")
+    assert len([line for line in app.splitlines() if line.strip()]) <= 10 and "torch" not in app
+
+    # the runtime folder as a checkout holds it (copied so the build writes nothing into the repository)
+    source = tmp_path / "runtime"
+    shutil.copytree(REPO / "runtime", source)
+    venv = tmp_path / "app-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"{source}[{install[1]}]"],
+                          capture_output=True, text=True)
+    if done.returncode != 0 and any(marker in done.stderr for marker in OFFLINE):
+        pytest.skip(f"no package index reachable: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    for heavy in ("torch", "accelerate", "prefect", "tensorboard", "webdataset"):
+        found = subprocess.run([str(python), "-c", f"import {heavy}"], capture_output=True, cwd=tmp_path)
+        assert found.returncode != 0, f"{heavy} is importable in the runtime-only environment"
+
+    from vae import registry as reg
+
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "moto_single.py")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
+        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                   AWS_DEFAULT_REGION="us-east-1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+                   VAE_RUNTIME_CACHE=str(tmp_path / "cache"))
+        env.pop("PYTHONPATH", None)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+            out, card = exported_once(trained_run, tmp_path_factory)
+            registry = "s3://models/registry"
+            reg.register(registry, "v1", {p.name: p for p in out.iterdir()})
+            evidence = {**reg.evidence_of(card["metrics"]), "nll_bpd": 5.0}
+            assert reg.promote(registry, "v1", evidence)["promoted"]
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        work = tmp_path / "app"
+        work.mkdir()
+        ran = subprocess.run([str(python), "-c", app + "\nimport sys\nassert 'torch' not in sys.modules\n"],
+                             cwd=work, env=env, capture_output=True, text=True)
+    finally:
+        server.kill()
+        server.wait()
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["v1", "CPUExecutionProvider"]
+    assert (work / "faces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(venv) in subprocess.run([str(python), "-c", "import vae.runtime; print(vae.runtime.__file__)"],
+                                       cwd=work, capture_output=True, text=True).stdout
