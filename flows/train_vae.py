@@ -181,6 +181,17 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
                        "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")
 
 
+def warm_start_overrides(registry: str, runs: str) -> list[str]:
+    """`train.init_from=<the champion's run>`, or nothing when there is no champion yet."""
+    champion = reg.read_champion(registry)
+    if champion is None:
+        get_run_logger().info("warm_start: no champion yet, training from scratch")
+        return []
+    run = champion.get("run") or str(Path(runs) / champion["version"])
+    get_run_logger().info("warm_start: from champion %s (run %s)", champion["version"], run)
+    return [f"train.init_from={run}"]
+
+
 def _flow_run_identity() -> tuple:
     """(start time, id) of the current flow run: stable across retries of the run."""
     from prefect.runtime import flow_run
@@ -194,15 +205,23 @@ def _flow_run_identity() -> tuple:
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
               crop: int = 148, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
-              fp16: bool = False) -> dict:
+              fp16: bool = False, warm_start: bool = False) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
     `synthesize_n > 0`: when `source` holds no data set yet, write that many synthetic faces there first.
     `fp16`: the version also holds `decoder.fp16.onnx` (float16 network, float32 interface) for GPU apps.
+    `warm_start`: start training from the champion's EMA weights (its run folder under `runs`), with this run's
+    own schedule; refused before any work when the architecture differs. Without a champion it starts fresh.
     """
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
+    if warm_start:
+        overrides += warm_start_overrides(registry, runs)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
+    if cfg.train.init_from:
+        from vae.checkpoint import warm_start_weights
+
+        warm_start_weights(cfg)  # another architecture, or no checkpoint: one line, before any work
     version = reg.new_version(config_hash(cfg), *_flow_run_identity())
     run_dir = str(Path(runs) / version)
     if synthesize_n > 0 and not (Path(source) / "list_eval_partition.txt").exists():

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from flows import registry as reg
+from vae import registry as reg
 from flows import serve
 
 pytestmark = pytest.mark.slow

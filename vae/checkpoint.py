@@ -80,6 +80,25 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def warm_start_weights(cfg: Config) -> dict | None:
+    """The EMA weights a new run starts from (`train.init_from`, a run folder), or None; refuses, with one line,
+    a source that has no checkpoint or another model section (architecture, likelihood, sizes)."""
+    source = cfg.train.init_from
+    if not source:
+        return None
+    path = latest_checkpoint(source)
+    if path is None:
+        raise BadInput(f"train.init_from {source}: no checkpoint there to start from")
+    state = load_checkpoint(path)
+    theirs, ours = config_to_dict(config_of(state))["model"], config_to_dict(cfg)["model"]
+    differ = [f"model.{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+              if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise BadInput(f"train.init_from {source}: another architecture ({'; '.join(differ)}); warm starts need "
+                       "the same model section")
+    return {"ema": state["ema"], "checkpoint": str(path), "step": int(state["step"])}
+
+
 def load_trained(run_dir: str | Path, ema: bool = True):
     """The trained model of a run (EMA weights by default), its config and its step, on the CPU."""
     from vae.model import build_model

@@ -125,6 +125,7 @@ class TrainConfig:
     channels_last: bool = False  # GPU memory layout option
     compile: bool = False  # torch.compile the model (GPU option)
     max_seconds: float = 0.0  # stop after this much training time (benchmarks at equal compute); 0: off
+    init_from: str = ""  # a run folder: a new run starts from its latest EMA weights (same model section only)
 
     def __post_init__(self) -> None:
         _at_least(self, "steps", 1)
@@ -291,5 +292,6 @@ def config_hash(cfg: Config) -> str:
     values.pop("run_dir")
     values["data"].pop("shards")
     values["data"].pop("num_workers")
+    values["train"].pop("init_from")  # a location, like run_dir: the starting weights are recorded in the run
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
 from vae.atomic import atomic_write_json, atomic_write_text
-from vae.checkpoint import config_json, latest_checkpoint, load_checkpoint, remove_torn_writes, save_checkpoint
+from vae.checkpoint import (config_json, latest_checkpoint, load_checkpoint, remove_torn_writes, save_checkpoint,
+                            warm_start_weights)
 from vae.config import Config, config_hash, config_to_dict
 from vae.ema import EMA
 from vae.errors import ConfigError, TrainingError
@@ -93,6 +94,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
+    resume = latest_checkpoint(run_dir)
+    warm = warm_start_weights(cfg) if resume is None else None  # checked before anything is written
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_torn_writes(run_dir)
@@ -101,13 +104,17 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
+    if warm is not None:  # a new run from another run's EMA weights (e.g. the champion's); the EMA starts there too
+        model.load_state_dict(warm["ema"])
+        if main:
+            print(f"starting {run_dir} from the EMA weights of {warm['checkpoint']} (step {warm['step']})",
+                  file=sys.stderr)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps))
     ema = EMA(model, cfg.train.ema_decay)
     counters = {"step": 0, "skipped": 0, "images": 0}
 
-    resume = latest_checkpoint(run_dir)
     state = load_checkpoint(resume) if resume is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
