@@ -14,7 +14,9 @@ Shards are local paths or fsspec URLs (s3://, gs://, http://). Never pass these 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +29,14 @@ from pipeline.shard import MANIFEST, read_manifest
 from vae.errors import BadInput
 
 
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*-(train|valid|test)-\d{6}\.tar")
+
+
 @dataclass(frozen=True)
 class ShardRef:
     url: str
     count: int
+    sha256: str | None = None  # the manifest's; None only for shards read without a manifest
 
 
 def load_manifest(shards: str) -> dict:
@@ -40,23 +46,69 @@ def load_manifest(shards: str) -> dict:
     return manifest
 
 
+_VERIFIED: set[tuple[str, str]] = set()  # (url, sha256) whose bytes this process checked
+
+
+def verify(ref: ShardRef, data: bytes) -> None:
+    """The shard's bytes against the manifest's sha256, once per shard and process (training re-reads shards
+    many times; bench/loader.py measures the cost). A mismatch is one line naming the shard."""
+    if ref.sha256 is None or (ref.url, ref.sha256) in _VERIFIED:
+        return
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise BadInput(f"shard {ref.url}: sha256 differs from the manifest's (damaged or altered); restore it or "
+                       "re-shard")
+    _VERIFIED.add((ref.url, ref.sha256))
+
+
 def _read(ref: ShardRef, meta: bool):
-    """A shard's bytes and index; a missing or unreadable shard is one line naming it."""
+    """A shard's bytes (checked against the manifest) and index; a missing, altered or unreadable shard is one
+    line naming it and, for damage, the offset."""
     try:
         data = read_bytes(ref.url)
-        return data, index_shard(data, meta)
     except FileNotFoundError:
         raise BadInput(f"shard {ref.url}: listed in the manifest but missing") from None
+    verify(ref, data)
+    return data, decode_shard(data, ref.url, meta)
+
+
+def decode_shard(data: bytes, where: str, meta: bool = True):
+    """The index of a shard's bytes (`pipeline.records.index_shard`); damage is one `BadInput` line naming the
+    shard and the offset. The reader itself: no checksum here (see `verify`)."""
+    try:
+        return index_shard(data, meta)
     except ValueError as err:
-        raise BadInput(f"shard {ref.url}: unreadable ({err})") from None
+        raise BadInput(f"shard {where}: unreadable ({err})") from None
+
+
+def parse_meta(payload, where: str, key: str) -> dict:
+    """A sample's `json` member as a dict; anything else is one `BadInput` line naming the shard and key."""
+    if payload is None:
+        return {}
+    try:
+        meta = json.loads(bytes(payload))
+    except (ValueError, RecursionError) as err:
+        raise BadInput(f"shard {where}: sample {key!r} has a json member that is not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise BadInput(f"shard {where}: sample {key!r} has a json member that is not an object")
+    return meta
 
 
 def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[ShardRef]:
     manifest = manifest or load_manifest(shards)
     if split not in manifest["splits"]:
         raise BadInput(f"shards {shards}: no split {split!r} in the manifest")
-    return [ShardRef(join(shards, split, rec["name"]), rec["count"])
-            for rec in manifest["splits"][split]["shards"] if rec["count"] > 0]
+    refs = []
+    for rec in manifest["splits"][split]["shards"]:
+        name = rec.get("name")
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise BadInput(f"shards {shards}: manifest names shard {name!r} in {split}, not a plain "
+                           "'<dataset>-<split>-NNNNNN.tar' file name in that folder")
+        count = rec.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise BadInput(f"shards {shards}: manifest gives shard {name} the count {count!r}")
+        if count > 0:
+            refs.append(ShardRef(join(shards, split, name), count, rec.get("sha256")))
+    return refs
 
 
 def _to_batch(pixels: np.ndarray) -> torch.Tensor:
@@ -172,7 +224,8 @@ class EvalStream(IterableDataset):
             if hi <= start or lo >= stop:
                 continue
             data, index = _read(ref, meta=True)
-            keys, metas = index.keys, index.metas
+            keys = index.keys
+            metas = [parse_meta(m, ref.url, k) for k, m in zip(keys, index.metas)]
             rows = index.rows(data)  # a view over the shard's bytes: only this consumer's rows get copied
             if index.dtype != np.uint8:
                 raise BadInput(f"shard {ref.url}: pixels are {index.dtype}, expected uint8")
@@ -197,7 +250,7 @@ def _join(pieces: list[tuple]) -> tuple[list[str], torch.Tensor, list[dict]]:
     if any(piece[3] != pieces[0][3] for piece in pieces):
         raise BadInput(f"shards hold images of different shapes: {sorted({piece[3] for piece in pieces})}")
     pixels = np.concatenate([piece[1] for piece in pieces]).reshape(len(keys), *pieces[0][3])
-    metas = [json.loads(bytes(m)) if m is not None else {} for piece in pieces for m in piece[2]]
+    metas = [m for piece in pieces for m in piece[2]]
     return keys, _to_batch(pixels), metas
 
 

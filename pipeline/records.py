@@ -30,25 +30,43 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+MAX_NPY_HEADER = 4096  # ours are 128 bytes; a longer header is not one this project wrote
+
+
 def npy_layout(data: bytes | memoryview) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, offset of the array data) of a `.npy` payload, without pickle (formats 1.0-3.0)."""
+    """(dtype, shape, offset of the array data) of a `.npy` payload, without pickle (formats 1.0-3.0).
+
+    Every field is checked against the payload: a header that runs past it, is not a plain dict literal,
+    names an object dtype, Fortran order, a malformed shape, or an array larger or smaller than the bytes
+    that follow it raises ValueError."""
     data = memoryview(data)
-    if bytes(data[:6]) != b"\x93NUMPY":
+    if len(data) < 10 or bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("not a .npy payload")
     major = data[6]
-    if major == 1:
-        header_len = int.from_bytes(data[8:10], "little")
-        start = 10
-    else:
-        header_len = int.from_bytes(data[8:12], "little")
-        start = 12
-    header = ast.literal_eval(bytes(data[start:start + header_len]).decode("latin1"))
-    if header["fortran_order"]:
-        raise ValueError(".npy payload in Fortran order is not supported")
-    dtype = np.dtype(header["descr"])
+    if major not in (1, 2, 3):
+        raise ValueError(f".npy format version {major} is unknown")
+    size_bytes = 2 if major == 1 else 4
+    start = 8 + size_bytes
+    header_len = int.from_bytes(data[8:start], "little")
+    if header_len > MAX_NPY_HEADER or start + header_len > len(data):
+        raise ValueError(f".npy header of {header_len} bytes does not fit the {len(data)}-byte payload")
+    try:
+        header = ast.literal_eval(bytes(data[start:start + header_len]).decode("latin1"))
+        dtype = np.dtype(header["descr"])
+        shape, fortran = header["shape"], header["fortran_order"]
+    except Exception as err:  # literal_eval and np.dtype raise many types on crafted input
+        raise ValueError(f".npy header is malformed ({type(err).__name__})") from None
     if dtype.hasobject:
         raise ValueError(".npy payload holds Python objects; refusing to unpickle")
-    return dtype, tuple(header["shape"]), start + header_len
+    if fortran is not False:
+        raise ValueError(".npy payload in Fortran order is not supported")
+    if not (isinstance(shape, tuple) and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+        raise ValueError(f".npy shape {shape!r} is not a tuple of sizes")
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if need != len(data) - start - header_len:
+        raise ValueError(f".npy header declares {need} bytes of data, the payload holds "
+                         f"{len(data) - start - header_len}")
+    return dtype, tuple(shape), start + header_len
 
 
 def decode_npy(data: bytes | memoryview) -> np.ndarray:
@@ -57,9 +75,19 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=start).reshape(shape)
 
 
+def escape_key(key: str) -> str:
+    """A key as it is written into member names: '%' and '.' percent-encoded, because tar readers (this one and
+    WebDataset's) take a member's key to be its name up to the first dot. `unescape_key` reverses it."""
+    return key.replace("%", "%25").replace(".", "%2E")
+
+
+def unescape_key(name: str) -> str:
+    return name.replace("%2E", ".").replace("%2e", ".").replace("%25", "%") if "%" in name else name
+
+
 def sample_members(key: str, pixels: np.ndarray, meta: dict) -> dict[str, bytes]:
     """The members of one sample, as `webdataset.TarWriter.write` takes them."""
-    return {"__key__": key, "npy": encode_npy(pixels),
+    return {"__key__": escape_key(key), "npy": encode_npy(pixels),
             "json": json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -78,7 +106,10 @@ def _pax_path(payload: bytes) -> str | None:
 def _walk(data: bytes) -> Iterator[tuple[bytes, int, int]]:
     """(name, payload offset, payload size) of each regular file in an uncompressed tar held in memory.
 
-    A tight loop over the 512-byte headers; PAX and GNU long names apply to the member that follows."""
+    A tight loop over the 512-byte headers; PAX and GNU long names apply to the member that follows. Each
+    header moves the walk forward by at least one block, and a member whose size is not a non-negative number
+    or whose payload runs past the end of the bytes raises ValueError with its offset: a damaged or crafted
+    tar can neither loop nor make anything read outside `data`."""
     offset = 0
     next_name = None
     end = len(data)
@@ -89,9 +120,11 @@ def _walk(data: bytes) -> Iterator[tuple[bytes, int, int]]:
         try:
             size = int(header[124:135], 8)  # the usual field: 11 octal digits and a NUL
         except ValueError:
-            size = _size_field(header)
-        kind = header[156]
+            size = _size_field(header, offset)
         body = offset + BLOCK
+        if size < 0 or body + size > end:
+            raise ValueError(f"tar member at offset {offset}: size {size} runs outside the {end}-byte shard")
+        kind = header[156]
         offset = body + (size + BLOCK - 1) // BLOCK * BLOCK
         if kind == 48 or kind == 0:  # b"0" or b"\0": a regular file
             if next_name is not None:
@@ -170,10 +203,16 @@ def index_shard(data: bytes, meta: bool = True) -> ShardIndex:
             key, has_pixels, pending_meta = stem, False, None
         if ext == b"npy":
             if layout is None:
-                dtype, shape, skip = npy_layout(view[body:body + size])
+                try:
+                    dtype, shape, skip = npy_layout(view[body:body + size])
+                except ValueError as err:
+                    raise ValueError(f"member {name!r} at offset {body}: {err}") from None
+                if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3:
+                    raise ValueError(f"member {name!r} at offset {body}: pixels are {dtype} {list(shape)}, "
+                                     "expected uint8 [H, W, 3]")
                 layout = (data[body:body + skip], dtype, shape, skip, size - skip)
             elif size != layout[3] + layout[4] or data[body:body + layout[3]] != layout[0]:
-                raise ValueError(f"sample {stem.decode()!r}: pixels differ in shape or type from the "
+                raise ValueError(f"member {name!r} at offset {body}: pixels differ in shape or type from the "
                                  "shard's first")
             if has_pixels:
                 continue
@@ -188,15 +227,21 @@ def index_shard(data: bytes, meta: bool = True) -> ShardIndex:
                 pending_meta = view[body:body + size]
     if layout is None:
         return ShardIndex([], np.empty(0, np.int64), [], np.dtype(np.uint8), (0, 0, 3), 0)
-    return ShardIndex([k.decode() for k in keys], np.asarray(starts, np.int64), metas, layout[1], layout[2],
-                      layout[4])
+    try:
+        names = [unescape_key(k.decode()) for k in keys]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"a member name is not UTF-8 ({err.object[:40]!r})") from None
+    return ShardIndex(names, np.asarray(starts, np.int64), metas, layout[1], layout[2], layout[4])
 
 
-def _size_field(header: bytes) -> int:
+def _size_field(header: bytes, offset: int) -> int:
     field = header[124:136]
-    if field[0] & 0x80:  # GNU base-256 size (members over 8 GiB)
-        return int.from_bytes(field[1:], "big")
-    return _octal(field)
+    if field[0] & 0x80:  # GNU base-256 size (members over 8 GiB); 0xff starts a negative number
+        return -1 if field[0] == 0xFF else int.from_bytes(field[1:], "big")
+    try:
+        return _octal(field)
+    except ValueError:
+        raise ValueError(f"tar member at offset {offset}: size field {bytes(field)!r} is not a number") from None
 
 
 def read_shard(data: bytes, meta: bool = True) -> tuple[list[str], np.ndarray, list[memoryview | None]]:

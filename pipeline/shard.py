@@ -167,6 +167,8 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
     if size < 1 or crop < 0 or maxcount < 1 or workers < 1:
         raise BadInput(f"shard settings: need size >= 1, crop >= 0, maxcount >= 1, workers >= 1 "
                        f"(got size={size}, crop={crop}, maxcount={maxcount}, workers={workers})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", dataset):
+        raise BadInput(f"--dataset {dataset!r}: letters, digits, '-' and '_' only (it names the shard files)")
     src = open_source(source)
     out = str(out)
     remove_stale_temps(out, dataset)

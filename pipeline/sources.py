@@ -122,6 +122,13 @@ class Source:
         for text in (partition_text, identity_text, attr_text):
             digest.update(hashlib.sha256((text or "").encode()).digest())
         for name, size in files:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # a POSIX name that is not UTF-8: keys and tar names must be text
+                shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                digest.update(f"{shown}\0{size}\n".encode())
+                skipped.append({"key": Path(shown).stem, "reason": f"file name {shown!r} is not UTF-8"})
+                continue
             key = Path(name).stem
             digest.update(f"{name}\0{size}\n".encode())
             if key in seen:

@@ -6,6 +6,8 @@ Everything is generated here (no data is committed); sizes are tiny so the suite
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,38 @@ def trained_run(tiny_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     train(tiny_config(run_dir, tiny_shards, "train.steps=30", "train.checkpoint_every=15"), progress=False)
     return run_dir
+
+
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "NO_PROXY",
+          "no_proxy")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A local S3 (moto, one request at a time: tests/moto_single.py) and the environment that points s3fs and
+    boto3 at it; the bucket `models` exists. fsspec's cached clients are dropped on the way in and out."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import boto3
+    import s3fs
+
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "moto_single.py")], stdout=subprocess.PIPE,
+                              text=True)
+    endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    # moto accepts any credentials; these are placeholders, and the endpoint is the local server only
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.kill()
+        server.wait()

@@ -215,3 +215,10 @@ def test_concurrent_promoters_always_leave_the_best_comparable_version(tmp_path)
         if champion["nll_bpd"] != best:
             wrong.append((trial, scores, champion["version"]))
     assert wrong == [] and bad.value == 0
+
+
+def test_a_killed_registration_leaves_no_staging_folder_behind_the_retry(tmp_path):
+    versions = tmp_path / "train-vae" / "versions"
+    (versions / ".v1.abc123" / "v1").mkdir(parents=True)  # what a SIGKILLed copy leaves
+    publish(tmp_path, "v1", tmp_path)
+    assert sorted(p.name for p in versions.iterdir()) == ["v1"]

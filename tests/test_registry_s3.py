@@ -10,11 +10,9 @@ that, and moto's threaded server does not (which is why this server handles one 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,31 +22,6 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-HERE = Path(__file__).resolve().parent
-ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "NO_PROXY",
-            "no_proxy")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = subprocess.Popen([sys.executable, str(HERE / "moto_single.py")], stdout=subprocess.PIPE, text=True)
-    port = int(server.stdout.readline())
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    # moto accepts any credentials; these are placeholders, and the endpoint is the local server only
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", NO_PROXY="127.0.0.1",
-                      no_proxy="127.0.0.1")
-    import boto3
-
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="models")
-    yield os.environ["AWS_ENDPOINT_URL"]
-    server.kill()
-    server.wait()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def evidence(nll):

@@ -26,7 +26,8 @@ def readme_section() -> str:
     return section[:section.index("\n### ", 1)]
 
 
-def test_readme_app_runs_from_a_runtime_only_install_against_s3(trained_run, tmp_path_factory, tmp_path):
+def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, trained_run, tmp_path_factory,
+                                                                  tmp_path):
     section = readme_section()
     install = re.search(r'^pip install "\./runtime\[([a-z0-9,]+)\]"', section, flags=re.M)
     app = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
@@ -50,35 +51,16 @@ def test_readme_app_runs_from_a_runtime_only_install_against_s3(trained_run, tmp
 
     from vae import registry as reg
 
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "moto_single.py")], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
-        env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                   AWS_DEFAULT_REGION="us-east-1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-                   VAE_RUNTIME_CACHE=str(tmp_path / "cache"))
-        env.pop("PYTHONPATH", None)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            import boto3
-
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
-            out, card = exported_once(trained_run, tmp_path_factory)
-            registry = "s3://models/registry"
-            reg.register(registry, "v1", {p.name: p for p in out.iterdir()})
-            evidence = {**reg.evidence_of(card["metrics"]), "nll_bpd": 5.0}
-            assert reg.promote(registry, "v1", evidence)["promoted"]
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        work = tmp_path / "app"
-        work.mkdir()
-        ran = subprocess.run([str(python), "-c", app + "\nimport sys\nassert 'torch' not in sys.modules\n"],
-                             cwd=work, env=env, capture_output=True, text=True)
-    finally:
-        server.kill()
-        server.wait()
+    out, card = exported_once(trained_run, tmp_path_factory)
+    registry = "s3://models/registry"
+    reg.register(registry, "v1", {p.name: p for p in out.iterdir()})
+    assert reg.promote(registry, "v1", {**reg.evidence_of(card["metrics"]), "nll_bpd": 5.0})["promoted"]
+    work = tmp_path / "app"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["VAE_RUNTIME_CACHE"] = str(tmp_path / "cache")
+    ran = subprocess.run([str(python), "-c", app + "\nimport sys\nassert 'torch' not in sys.modules\n"],
+                         cwd=work, env=env, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == ["v1", "CPUExecutionProvider"]
     assert (work / "faces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,3 +116,16 @@ def test_a_warning_free_load_of_a_current_folder(copy):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Decoder(copy)
+
+
+def test_a_champion_of_an_older_registry_loads_with_a_warning(exported, tmp_path):
+    out, _ = exported
+    folder = tmp_path / "registry" / "train-vae" / "versions" / "old"
+    shutil.copytree(out.resolve(), folder)
+    (folder.parents[1] / "champion.json").write_text(json.dumps({"version": "old", "path": str(folder),
+                                                                  "nll_bpd": 5.0, "split": "test", "k": 8}))
+    with pytest.warns(RuntimeWarning, match="without version records"):
+        champion = Champion(tmp_path / "registry")
+    assert champion.decoder().sample(1, seed=0).shape == (1, 3, 16, 16)
+    with pytest.raises(RuntimeModelError, match="has no decoder.int8.onnx"):
+        champion.graph("decoder", "int8")

@@ -7,7 +7,6 @@ import json
 import os
 import uuid
 
-import pytest
 import torch
 
 from pipeline.loader import eval_loader, train_loader
@@ -40,33 +39,6 @@ def _check_url_shards(url, synth_source, tiny_shards):
 
 def test_memory_url_round_trip(synth_source, tiny_shards):
     _check_url_shards(f"memory://shards-{uuid.uuid4().hex}", synth_source, tiny_shards)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "NO_PROXY", "no_proxy")}
-    # moto accepts any credentials; these are placeholders, and the endpoint is the local server only
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        import fsspec
-
-        fsspec.filesystem("s3").clear_instance_cache()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
 
 
 def test_s3_round_trip(s3_endpoint, synth_source, tiny_shards):

@@ -116,6 +116,8 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
     if target_path.exists():  # a folder without a record is not something this module writes
         raise RegistryError(f"registry version {target} exists without {VERSION_RECORD}; remove it")
     target_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target_path.parent.glob(f".{version}.*"):  # a registration of this version that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f".{version}.", dir=target_path.parent) as tmp:
         staging = Path(tmp) / version
         staging.mkdir()

@@ -308,13 +308,18 @@ class Champion:
 
     def _load(self, record: dict) -> None:
         version = record["version"]
+        pinned = record.get("record_sha256")
         try:
             raw = self._reg.storage.read_bytes(
                 self._reg.storage.join(self._version_location(version), self._reg.VERSION_RECORD))
         except FileNotFoundError:
-            raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
-                                    f"{self._reg.VERSION_RECORD} (not published whole)") from None
-        pinned = record.get("record_sha256")
+            if pinned is not None:
+                raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
+                                        f"{self._reg.VERSION_RECORD} (not published whole)") from None
+            warnings.warn(f"registry {self.registry}: champion {version} is from a registry without version "
+                          "records; its files are not verified", RuntimeWarning, stacklevel=3)
+            self.record, self.files = record, None
+            return
         if pinned is None:
             warnings.warn(f"registry {self.registry}: champion record of {version} pins no version record (an "
                           "older registry)", RuntimeWarning, stacklevel=3)
@@ -329,30 +334,33 @@ class Champion:
     def graph(self, kind: str, precision: str | None = None) -> str:
         """A local, sha256-verified copy (or the registry's own file) of one graph of the champion."""
         name = graph_name(kind, precision)
-        if name not in self.files:
+        if self.files is not None and name not in self.files:
             raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name} "
                                     f"(it holds {', '.join(sorted(self.files))})")
         return self.file(name)
 
     def file(self, name: str) -> str:
-        want = self.files.get(name)
-        if want is None:
+        """A local copy of one file of the champion, verified against its version record (when it has one)."""
+        want = self.files.get(name) if self.files is not None else None
+        if want is None and self.files is not None:
             raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
         source = self._reg.storage.join(self._version_location(self.version), name)
         if not self.remote:
             path = self._reg.storage._local(source)
-            if _sha256(path) != want:
+            if not os.path.isfile(path):
+                raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
+            if want is not None and _sha256(path) != want:
                 raise RuntimeModelError(f"model {path}: sha256 differs from the registry's version record")
             return path
         path = self.cache / self.version / name
-        if path.is_file() and _sha256(path) == want:
+        if want is not None and path.is_file() and _sha256(path) == want:
             return str(path)
         try:
             data = self._reg.storage.read_bytes(source)
         except (OSError, FileNotFoundError) as err:
             raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} ({err})") \
                 from None
-        if hashlib.sha256(data).hexdigest() != want:
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
             raise RuntimeModelError(f"registry {self.registry}: {name} of {self.version} differs from its "
                                     "version record (damaged or replaced)")
         from vae.atomic import atomic_write_bytes
