@@ -121,6 +121,39 @@ def pixel_formats(shards: str, n: int = 1000) -> dict:
             "raw_bytes_per_image": int(pixels[0].nbytes)}
 
 
+def verification(shards: str, batch: int, seconds: float) -> dict:
+    """What checking shard bytes against the manifest's sha256 costs. The loader checks each shard once per
+    process, so a training stream pays it on its first pass over the shards only; evaluation reads every shard
+    once, so it pays it in full. Measured: sha256 alone, and the evaluation loader with every read checked
+    (the set of checked shards emptied before each pass) against the same loader with nothing left to check."""
+    from pipeline import loader
+    from pipeline.storage import read_bytes
+
+    refs = loader.split_shards(shards, "train")
+    blobs = [read_bytes(ref.url) for ref in refs]
+    n = sum(ref.count for ref in refs)
+
+    def hashing():
+        start = time.perf_counter()
+        for blob in blobs:
+            loader.hashlib.sha256(blob).hexdigest()
+        return n, time.perf_counter() - start
+
+    def fresh_eval():
+        loader._VERIFIED.clear()
+        return loader.eval_loader(shards, "train", batch)
+
+    count = lambda b: len(b[0])  # noqa: E731
+    checked = loader_rate(lambda: _repeat(fresh_eval), batch, seconds, count=count)
+    loader_rate(lambda: _repeat(lambda: loader.eval_loader(shards, "train", batch)), batch, 0.1, count=count)
+    unchecked = loader_rate(lambda: _repeat(lambda: loader.eval_loader(shards, "train", batch)), batch, seconds,
+                            count=count)
+    return {"sha256_img_s_per_core": round(best_rate(hashing)),
+            "eval_loader_every_read_verified_img_s": round(checked),
+            "eval_loader_already_verified_img_s": round(unchecked),
+            "verification_cost_first_read_pct": round(100 * (unchecked / checked - 1), 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=os.environ.get("VAE_CELEBA_SAMPLE", str(DEFAULT_SOURCE)),
@@ -154,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_eval = loader_rate(lambda: _repeat(lambda: eval_loader(shards, "train", b)), b, args.seconds,
                                 count=lambda batch: len(batch[0]))
         formats = pixel_formats(shards)
+        verified = verification(shards, b, args.seconds)
     result = {
         "bench": "loader", "images": summary["written"], "batch": b, "image_size": 64,
         "cpu": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -162,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "c_shards_2_workers_img_s": round(ours_2), "c_shards_2_workers_img_s_per_core": round(ours_2 / 2),
         "eval_loader_img_s_per_core": round(ours_eval),
         "ratio_b_over_a": round(ours / a, 1), "target_ratio": 20,
-        **formats,
+        **formats, **verified,
     }
     print(json.dumps(result))
     return 0

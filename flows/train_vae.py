@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vae import registry as reg
-from vae.config import config_hash, load_config
+from vae.config import MAX_K, config_hash, load_config
 from vae.errors import BadInput
 
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
@@ -174,8 +174,8 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
                              ("crop", crop, 0), ("synthesize_n", synthesize_n, 0)):
         if value < low:
             raise BadInput(f"train-vae parameter '{name}': must be >= {low}, got {value}")
-    if k is not None and k < 1:
-        raise BadInput(f"train-vae parameter 'k': must be >= 1 or null, got {k}")
+    if k is not None and not 1 <= k <= MAX_K:
+        raise BadInput(f"train-vae parameter 'k': must be in [1, {MAX_K}] or null, got {k}")
     if synthesize_n == 0 and "://" not in source and not Path(source).exists():
         raise BadInput(f"train-vae parameter 'source': {source} does not exist (point it at a CelebA folder, "
                        "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")

@@ -111,6 +111,16 @@ def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[
     return refs
 
 
+def require_image_size(shards: str, size: int, manifest: dict | None = None) -> dict:
+    """The manifest, after checking that its images have the side a model takes (one line naming both)."""
+    manifest = manifest or load_manifest(shards)
+    found = (manifest.get("preprocessing") or {}).get("size")
+    if found != size:
+        raise BadInput(f"shards {shards}: images of {found}x{found} pixels, the model takes {size}x{size} "
+                       f"(re-shard with --size {size}, or use the model's own shards)")
+    return manifest
+
+
 def _to_batch(pixels: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> a uint8 [B, 3, H, W] tensor sharing its memory (a view, no copy)."""
     return torch.from_numpy(pixels).permute(0, 3, 1, 2)

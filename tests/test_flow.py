@@ -119,7 +119,8 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
 @pytest.mark.parametrize("params, message", [
     ({"source": "/no/such/folder"}, "parameter 'source': /no/such/folder does not exist"),
     ({"num_processes": 0}, "parameter 'num_processes': must be >= 1, got 0"),
-    ({"k": 0}, "parameter 'k': must be >= 1 or null, got 0"),
+    ({"k": 0}, "parameter 'k': must be in [1, 100000] or null, got 0"),
+    ({"k": 10**9}, "parameter 'k': must be in [1, 100000] or null, got 1000000000"),
     ({"synthesize_n": -5}, "parameter 'synthesize_n': must be >= 0, got -5"),
     ({"shards": " "}, "parameter 'shards': must not be empty"),
 ])

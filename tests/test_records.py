@@ -63,7 +63,7 @@ def test_reads_repacked_shards_with_long_names_and_uneven_members(fmt):
 
 def test_refuses_mixed_shapes_and_object_arrays():
     a, b = np.zeros((4, 4, 3), np.uint8), np.zeros((5, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match="'2'.*differ"):
+    with pytest.raises(ValueError, match="'2.npy'.*differ"):
         read_shard(_tar([("1.npy", encode_npy(a)), ("2.npy", encode_npy(b))], tarfile.USTAR_FORMAT))
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)

@@ -52,7 +52,7 @@ def test_sampling_is_seeded(exported):
     assert not np.array_equal(a, c) and a.min() >= 0.0 and a.max() <= 1.0
     z = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
     assert np.array_equal(decoder.decode(z), a)  # the documented noise: numpy's default_rng(seed)
-    with pytest.raises(RuntimeModelError, match="n: expected >= 1"):
+    with pytest.raises(RuntimeModelError, match="n: expected an integer >= 1"):
         decoder.sample(0)
 
 

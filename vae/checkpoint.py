@@ -56,10 +56,67 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's state, loaded with `weights_only=True`; anything else is one line naming the file."""
+    import pickle
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise BadInput(f"checkpoint {path}: cannot be loaded ({str(err).splitlines()[0]})") from None
+        if Path(path).stat().st_size == 0:
+            raise BadInput(f"checkpoint {path}: empty file (a write that never finished?); delete it to resume "
+                           "from the one before")
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except BadInput:
+        raise
+    except pickle.UnpicklingError:
+        raise BadInput(f"checkpoint {path}: holds Python objects beyond tensors and plain values; refusing to "
+                       "unpickle it (checkpoints of this project never do)") from None
+    except Exception as err:  # torch.load raises many types on damaged files
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise BadInput(f"checkpoint {path}: cannot be loaded ({first})") from None
+    if not isinstance(state, dict) or not {"model", "ema", "step", "config"} <= set(state):
+        raise BadInput(f"checkpoint {path}: not a checkpoint of this project (missing model, ema, step or config)")
+    return state
+
+
+# Keys that may differ between a run's checkpoint and the config it is resumed with: how long and how often,
+# where data and outputs live, evaluation. Anything else changes what is being trained.
+RESUMABLE = ("run_dir", "train.steps", "train.max_seconds", "train.checkpoint_every", "train.log_every",
+             "train.grids_every", "train.keep_checkpoints", "train.tensorboard", "train.init_from",
+             "data.shards", "data.num_workers", "eval.")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_differences(state: dict, cfg: Config) -> list[str]:
+    """`key saved -> requested` for every key that differs and may not change on resume. A key the checkpoint
+    does not know (added by a later version) counts as unchanged when it is requested at its default."""
+    saved = _flat(json.loads(state["config"]))
+    requested = _flat(config_to_dict(cfg))
+    defaults = _flat(config_to_dict(Config()))
+    differ = []
+    for key, value in sorted(requested.items()):
+        if key in RESUMABLE or any(key.startswith(p) for p in RESUMABLE if p.endswith(".")):
+            continue
+        before = saved.get(key, defaults.get(key))
+        if before != value and not (isinstance(before, (int, float)) and isinstance(value, (int, float))
+                                    and float(before) == float(value)):
+            differ.append(f"{key} {before!r} -> {value!r}")
+    return differ
+
+
+def check_resume(path: Path, state: dict, cfg: Config) -> None:
+    differ = resume_differences(state, cfg)
+    if differ:
+        raise BadInput(f"run {cfg.run_dir}: resuming from {path.name} with another config ({'; '.join(differ)}); "
+                       "only steps, time budget, cadences, locations and eval settings may change: start a new "
+                       "run_dir")
 
 
 def config_of(state: dict) -> Config:

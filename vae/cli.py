@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from vae.config import MAX_K
 from vae.errors import BadInput, VaeError
 
 
@@ -20,6 +21,23 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
+
+
+def _bounded(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}] ({what}), got {text}")
+        return value
+    return parse
+
+
+SEED = _bounded(0, 2**63 - 1, "a non-negative seed")
+K = _bounded(1, MAX_K, "importance samples; the config caps eval.k the same way")
+GRID_IMAGES = _bounded(1, 10_000, "images in one PNG grid")
 
 
 def _temperature(text: str) -> float:
@@ -198,8 +216,15 @@ def cmd_encode(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2 (`vae CMD --help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vae", description="Train, evaluate and export VAEs on CelebA.")
+    parser = _Parser(prog="vae", description="Train, evaluate and export VAEs on CelebA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make and shard data sets").add_subparsers(dest="data_command",
@@ -207,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="write a synthetic data set in CelebA's layout")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--n", type=_positive, required=True, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("shard", help="preprocess images into WebDataset shards and manifest.json")
@@ -236,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="bounds, bits/dim and grids into RUN_DIR/eval/metrics.json")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--split", default=None, choices=["train", "valid", "test"])
-    p.add_argument("--k", type=_positive, default=None, help="importance samples for the IWAE bound")
+    p.add_argument("--k", type=K, default=None, help="importance samples for the IWAE bound")
     p.add_argument("--shards", default=None, help="shards location (default: the run's)")
     p.add_argument("--num-processes", type=_positive, default=1, help="ranks sharing the split")
     p.set_defaults(func=cmd_eval)
@@ -244,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="per-image NLL in bits/dim (IWAE), most anomalous first, as CSV")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--source", required=True, help="shards folder/URL, image folder, CelebA folder or zip")
-    p.add_argument("--k", type=_positive, default=100)
+    p.add_argument("--k", type=K, default=100)
     p.add_argument("--out", required=True, help="CSV file to write (key,nll_bpd)")
     p.set_defaults(func=cmd_score)
 
@@ -261,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="a registry (local path or URL: its champion), a model folder, or decoder.onnx itself")
     p.add_argument("--precision", default=None, help="a reduced-precision graph of the model, e.g. fp16")
-    p.add_argument("--n", type=_positive, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=GRID_IMAGES, default=64, help="images in the grid (decoded in batches)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--temperature", type=_temperature, default=1.0,
                    help="the prior draw's scale: z ~ N(0, t^2 I) (default 1, the model's prior)")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -290,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as err:
         print(f"vae: error: {err}", file=sys.stderr)
         return 2
+    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+        print(f"vae: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine, not the input: disk full, I/O errors
+        print(f"vae: failed: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return 1
     except VaeError as err:
         print(f"vae: failed: {err}", file=sys.stderr)
         return 1

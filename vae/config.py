@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from vae.errors import ConfigError
 LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")
 MODEL_KINDS = ("conv", "hierarchical")
+MAX_K = 100_000  # importance samples: the cap on eval.k, `vae eval --k`, `vae score --k` and the flow's k
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -153,7 +155,7 @@ class EvalConfig:
     split: str = "test"
 
     def __post_init__(self) -> None:
-        _check(1 <= self.k <= 100_000, "k", f"must be in [1, 100000], got {self.k}")
+        _check(1 <= self.k <= MAX_K, "k", f"must be in [1, {MAX_K}], got {self.k}")
         _at_least(self, "k_chunk", 1)
         _at_least(self, "batch_size", 1)
         _check(self.split in ("train", "valid", "test"), "split",
@@ -185,6 +187,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {value!r}")
+        _check(math.isfinite(value), key, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key,
@@ -266,7 +269,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path}: cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if loaded is None:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.loader import eval_loader, load_manifest
+from pipeline.loader import eval_loader, require_image_size
 from pipeline.shard import split_fingerprint
 from vae.atomic import atomic_write_json
 from vae.checkpoint import load_trained, weights_digest
-from vae.config import config_hash
+from vae.config import MAX_K, config_hash
+from vae.errors import BadInput
 from vae.grid import make_grid, write_png
 from vae.objectives import bits_per_dim, elbo_terms, iwae_bound, to_unit
 
@@ -149,8 +150,10 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     model.to(device)
     split = split or cfg.eval.split
     k = k or cfg.eval.k
+    if not 1 <= k <= MAX_K:
+        raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
     shards = shards or cfg.data.shards
-    fingerprint = split_fingerprint(load_manifest(shards), split, max_images)
+    fingerprint = split_fingerprint(require_image_size(shards, cfg.model.image_size), split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size)
     sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images)
     dims = 3 * cfg.model.image_size ** 2

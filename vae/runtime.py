@@ -168,10 +168,30 @@ class _Model:
         self.path, self.champion_version = resolve_model(model, self.KIND, precision)
         self.session, self.metadata = _session(self.path, device, threads, spinning)
         self.provider = self.session.get_providers()[0]
-        self.latent_dim = int(self.metadata["latent_dim"])
-        self.image_size = int(self.metadata["image_size"])
-        self.channels = int(self.metadata["channels"])
+        try:
+            self.latent_dim = int(self.metadata["latent_dim"])
+            self.image_size = int(self.metadata["image_size"])
+            self.channels = int(self.metadata["channels"])
+        except (KeyError, ValueError) as err:
+            raise RuntimeModelError(f"model {self.path}: metadata_props lack or garble {err} (not an export of "
+                                    "this project)") from None
+        self._check_interface()
         self.version = self.metadata.get("version")  # the model version the graph was exported as
+
+    def _check_interface(self) -> None:
+        """The graph's input and output shapes against its metadata: a graph and card that disagree are refused
+        here rather than failing inside onnxruntime later."""
+        def dims(arg):
+            return [d if isinstance(d, int) else None for d in arg.shape]
+
+        want = {"decoder": ("z", [None, self.latent_dim]),
+                "encoder": ("x", [None, self.channels, self.image_size, self.image_size])}.get(self.KIND)
+        if want is None:
+            return
+        inputs = {arg.name: dims(arg) for arg in self.session.get_inputs()}
+        if inputs.get(want[0]) != want[1]:
+            raise RuntimeModelError(f"model {self.path}: input {want[0]} is {inputs.get(want[0])}, its metadata "
+                                    f"says {want[1]} (graph and metadata disagree, or not a {self.KIND})")
 
     def card(self) -> dict:
         """The metadata as Python values (JSON-decoded where they are JSON)."""
@@ -201,12 +221,22 @@ class Decoder(_Model):
             raise RuntimeModelError("z: contains NaN or infinite values")
         return self.session.run(["x_mean"], {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
-    def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
-        """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`."""
-        if n < 1:
-            raise RuntimeModelError(f"n: expected >= 1, got {n}")
-        z = np.random.default_rng(seed).standard_normal((n, self.latent_dim)) * temperature
-        return self.decode(z.astype(np.float32))
+    def sample(self, n: int, seed: int = 0, temperature: float = 1.0, batch_size: int = 256) -> np.ndarray:
+        """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`, decoded `batch_size`
+        at a time (the draws are the same as one draw of all n)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise RuntimeModelError(f"n: expected an integer >= 1, got {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise RuntimeModelError(f"seed: expected an integer >= 0, got {seed!r}")
+        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+            raise RuntimeModelError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, self.channels, self.image_size, self.image_size), np.float32)
+        for start in range(0, n, batch_size):
+            size = min(batch_size, n - start)
+            z = rng.standard_normal((size, self.latent_dim)) * temperature
+            out[start:start + size] = self.decode(z.astype(np.float32))
+        return out
 
 
 class Encoder(_Model):

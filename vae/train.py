@@ -20,11 +20,11 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pipeline.loader import train_loader
+from pipeline.loader import require_image_size, train_loader
 from pipeline.memory import MemoryStream, stream_seed
 from vae.atomic import atomic_write_json, atomic_write_text
-from vae.checkpoint import (config_json, latest_checkpoint, load_checkpoint, remove_torn_writes, save_checkpoint,
-                            warm_start_weights)
+from vae.checkpoint import (check_resume, config_json, latest_checkpoint, load_checkpoint, remove_torn_writes,
+                            save_checkpoint, warm_start_weights)
 from vae.config import Config, config_hash, config_to_dict
 from vae.ema import EMA
 from vae.errors import ConfigError, TrainingError
@@ -94,8 +94,12 @@ def train(cfg: Config, progress: bool = True) -> Path:
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
+    require_image_size(cfg.data.shards, cfg.model.image_size)
     resume = latest_checkpoint(run_dir)
-    warm = warm_start_weights(cfg) if resume is None else None  # checked before anything is written
+    state = load_checkpoint(resume) if resume is not None else None
+    if state is not None:
+        check_resume(resume, state, cfg)  # before anything is written
+    warm = warm_start_weights(cfg) if state is None else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_torn_writes(run_dir)
@@ -115,7 +119,6 @@ def train(cfg: Config, progress: bool = True) -> Path:
     ema = EMA(model, cfg.train.ema_decay)
     counters = {"step": 0, "skipped": 0, "images": 0}
 
-    state = load_checkpoint(resume) if resume is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -149,6 +152,11 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
+        # DDP keeps the weights identical on every rank, so every rank reaches the same verdict
+        if not all(bool(torch.isfinite(t).all()) for t in [*raw_model.parameters(), *ema.state_dict().values()]
+                   if t.is_floating_point()):
+            raise TrainingError(f"training stopped at step {counters['step']}: the weights are no longer finite; the "
+                                f"last good checkpoint is kept in {run_dir / 'checkpoints'}")
         if main:
             state = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
