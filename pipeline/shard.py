@@ -49,7 +49,7 @@ def split_fingerprint(manifest: dict, split: str, max_images: int | None = None)
     measured the same images, wherever the shards live."""
     if split not in manifest.get("splits", {}):
         raise BadInput(f"shards: no split {split!r} in the manifest")
-    shards = [[rec["name"], rec["sha256"], rec["count"]] for rec in manifest["splits"][split]["shards"]]
+    shards = [[rec.get("name"), rec.get("sha256"), rec.get("count")] for rec in manifest["splits"][split]["shards"]]
     blob = json.dumps({"split": split, "shards": shards, "preprocessing": manifest.get("preprocessing"),
                        "max_images": max_images}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -67,6 +67,12 @@ def read_manifest(shards: str | os.PathLike) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
         raise BadInput(f"{path}: not a shard manifest (format_version {found!r}, expected {FORMAT_VERSION})")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list)
+                                               for v in splits.values()):
+        raise BadInput(f"{path}: damaged manifest ('splits' must map each split to its list of 'shards')")
+    if not all(isinstance(rec, dict) for v in splits.values() for rec in v["shards"]):
+        raise BadInput(f"{path}: damaged manifest (a shard record is not an object)")
     return manifest
 
 

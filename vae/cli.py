@@ -309,13 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2, one line already printed)
+        return int(done.code or 0)
     try:
         return args.func(args)
     except BadInput as err:
         print(f"vae: error: {err}", file=sys.stderr)
         return 2
-    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+    except (PermissionError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         print(f"vae: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 2
     except OSError as err:  # the machine, not the input: disk full, I/O errors
