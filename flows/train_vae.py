@@ -70,6 +70,8 @@ def train_model(config: str, overrides: list[str], run_dir: str, shards: str, nu
            f"run_dir={run_dir}", f"data.shards={shards}", "--num-processes", str(num_processes)]
     get_run_logger().info("running %s", " ".join(cmd))
     code = _stream(cmd)
+    if code == 143:  # preempted (SIGTERM) after a checkpoint: the retry resumes from it
+        raise RuntimeError("vae train was stopped by SIGTERM (exit 143) after a checkpoint; a retry resumes it")
     if code != 0:
         raise RuntimeError(f"vae train exited with code {code}")
     return run_dir

@@ -77,20 +77,44 @@ def cmd_train(args) -> int:
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise BadInput(f"--accelerate-config {args.accelerate_config}: file not found")
     if args.num_processes == 1 and args.num_machines == 1 and not args.accelerate_config:
-        from vae.train import train
+        from vae.train import Preempted, train
 
-        run_dir = train(cfg)
+        try:
+            run_dir = train(cfg)
+        except Preempted as stopped:
+            print(f"vae train: {stopped}", file=sys.stderr)
+            return Preempted.exit_code
     else:
         run_dir = Path(cfg.run_dir)
         config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
         code = run_launched("vae.train", [str(config_file)], args.num_processes, num_machines=args.num_machines,
                             machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                             main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
+        if code == 143:
+            return _preempted_ranks(run_dir)
         if code != 0:
             print(f"vae train: accelerate launch exited with code {code}", file=sys.stderr)
             return 1
     print(f"trained {run_dir}")
     return 0
+
+
+def _preempted_ranks(run_dir: Path) -> int:
+    """After a SIGTERM passed to the ranks: 143 when every rank recorded the step of the last checkpoint (they
+    stopped together and resume from it), else 1."""
+    from vae.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    records = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
+    steps = {r["step"] for r in records}
+    if latest is not None and records and len(records) == records[0]["world_size"] and \
+            steps == {int(latest.stem.split("-")[1])}:
+        print(f"vae train: stopped by SIGTERM at step {steps.pop()}: every rank stopped there with a checkpoint; run "
+              "the same command again to resume", file=sys.stderr)
+        return 143
+    print(f"vae train: stopped by SIGTERM before every rank checkpointed; the last complete checkpoint "
+          f"({latest.name if latest else 'none'}) is kept", file=sys.stderr)
+    return 1
 
 
 def cmd_eval(args) -> int:

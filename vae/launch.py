@@ -7,6 +7,7 @@ the same command gives NCCL. Several machines add --num_machines, --machine_rank
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -43,4 +44,24 @@ def launch_command(module: str, args: list[str], num_processes: int, num_machine
 
 
 def run_launched(module: str, args: list[str], num_processes: int, **kwargs) -> int:
-    return subprocess.call(launch_command(module, args, num_processes, **kwargs))
+    """Run the launcher and wait; SIGTERM and SIGINT sent to this process are passed on to it (and by it to
+    every rank), so a preempted `vae train` stops all ranks with a checkpoint rather than orphaning them.
+    Returns the launcher's exit code, or 143 when it ended after a forwarded SIGTERM."""
+    proc = subprocess.Popen(launch_command(module, args, num_processes, **kwargs))
+    forwarded = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        proc.send_signal(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: signals stay where they are
+        previous = {}
+    try:
+        code = proc.wait()
+        # the launcher reports its own SIGTERM as a failure even when every rank stopped cleanly
+        return 143 if code != 0 and signal.SIGTERM in forwarded else code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

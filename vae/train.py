@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from vae.checkpoint import (check_resume, config_json, latest_checkpoint, load_c
                             save_checkpoint, warm_start_weights)
 from vae.config import Config, config_hash, config_to_dict
 from vae.ema import EMA
-from vae.errors import ConfigError, TrainingError
+from vae.errors import ConfigError, TrainingError, VaeError
 from vae.grid import make_grid, write_png
 from vae.model import build_model
 from vae.objectives import beta_at, bits_per_dim, elbo_terms, to_unit, training_loss
@@ -127,6 +128,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
         counters = {k: int(state[k]) for k in counters}
         if main:
             print(f"resuming {run_dir} from {resume.name} (step {counters['step']})", file=sys.stderr)
+            trim_log(run_dir / "train_log.jsonl", counters["step"])
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The scheduler is stepped by hand: a prepared one steps once per process. The data loaders are
@@ -150,7 +152,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
         return iter(train_loader(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, rank, world, start_step,
                                  cfg.data.num_workers, cfg.data.shuffle_buffer))
 
-    def checkpoint() -> None:
+    def checkpoint(stream_start: int) -> None:
         accelerator.wait_for_everyone()
         # DDP keeps the weights identical on every rank, so every rank reaches the same verdict
         if not all(bool(torch.isfinite(t).all()) for t in [*raw_model.parameters(), *ema.state_dict().values()]
@@ -160,7 +162,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
         if main:
             state = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "config": config_json(cfg), **counters}
+                     "config": config_json(cfg), "stream_start": stream_start, **counters}
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
             save_checkpoint(run_dir, counters["step"], state, cfg.train.keep_checkpoints)
@@ -173,14 +175,21 @@ def train(cfg: Config, progress: bool = True) -> Path:
     window = Window()
     grid_x = None
     started = time.time()
-    out_of_time = False
+    stop = False  # out of time, or preempted: every rank stops at the same step
+    sigterm = SigtermFlag()
+    # A stream (data and noise) starts at a segment's first step; a checkpoint written inside a segment (SIGTERM,
+    # time budget) records where its stream started, and the resume replays the stream up to the checkpoint.
+    stream_start = int(state.get("stream_start", counters["step"])) if state is not None else 0
     model.train()
-    while counters["step"] < cfg.train.steps and not out_of_time:
-        segment_start = counters["step"]
+    while counters["step"] < cfg.train.steps and not stop:
+        segment_start = stream_start
         segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
                           * cfg.train.checkpoint_every)
         noise = torch.Generator(device="cpu").manual_seed(stream_seed(cfg.train.seed, rank, segment_start))
         batches = batches_from(segment_start)
+        for _ in range((counters["step"] - segment_start) * accum):  # what the checkpoint's steps consumed
+            next(batches)
+            torch.randn((cfg.data.batch_size, cfg.model.latent_dim), generator=noise)
         while counters["step"] < segment_end:
             step = counters["step"]
             beta = beta_at(step, cfg.objective.beta, cfg.objective.kl_warmup_steps)
@@ -238,21 +247,62 @@ def train(cfg: Config, progress: bool = True) -> Path:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
                     bar.set_postfix(bpd=f"{record['elbo_bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 window = Window()
-            if cfg.train.max_seconds:
-                # Every rank must stop at the same step: the main process's clock decides for all.
-                late = float(main and time.time() - started > cfg.train.max_seconds)
-                out_of_time = bool(accelerator.gather(torch.tensor([late], device=device)).max() > 0)
-                if out_of_time:
-                    break
+            # Every rank must stop at the same step: the main process's clock and any rank's SIGTERM decide for all.
+            late = bool(cfg.train.max_seconds) and main and time.time() - started > cfg.train.max_seconds
+            stop = 2.0 if sigterm.raised else float(late)  # 2: preempted, 1: out of time
+            if world > 1:
+                stop = accelerator.gather(torch.tensor([stop], device=device)).max().item()
+            if stop:
+                break
             grids_every = cfg.train.grids_every or cfg.train.checkpoint_every
             if main and (done % grids_every == 0 or done == cfg.train.steps):
                 write_training_grids(run_dir, cfg, ema, grid_x, done)
-        checkpoint()
+        stream_start = segment_start if counters["step"] < segment_end else counters["step"]
+        checkpoint(stream_start)
     bar.close()
+    sigterm.restore()
     write_rank_record(run_dir, raw_model, rank, world, counters["step"], seen)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if stop == 2.0:
+        raise Preempted(f"stopped by SIGTERM at step {counters['step']} with a checkpoint; run the same command "
+                        "again to resume")
     return run_dir
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after `step` (logged before a kill, then trained again on resume)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+
+
+class Preempted(VaeError):
+    """SIGTERM stopped training after a checkpoint (exit code 143, as for a process ended by SIGTERM)."""
+
+    exit_code = 143
+
+
+class SigtermFlag:
+    """Turns SIGTERM (Kubernetes, spot instances, `accelerate launch` passing it on) into a flag the loop reads
+    after each step, so training stops at a step boundary with a checkpoint instead of dying mid-write."""
+
+    def __init__(self):
+        self.raised = False
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a test harness): no handler, never raised
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 @torch.no_grad()
@@ -291,7 +341,12 @@ def main() -> None:
 
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as stopped:
+        print(f"vae train: {stopped}", file=sys.stderr)
+        end_process_group()
+        sys.exit(Preempted.exit_code)
     end_process_group()
 
 
