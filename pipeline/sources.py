@@ -131,6 +131,9 @@ class Source:
                 continue
             key = Path(name).stem
             digest.update(f"{name}\0{size}\n".encode())
+            if size < 0:
+                skipped.append({"key": key, "reason": f"{name} cannot be read (a dangling link or a link loop)"})
+                continue
             if key in seen:
                 skipped.append({"key": key, "reason": f"duplicate key: {name} (kept {seen[key]})"})
                 continue

@@ -74,7 +74,8 @@ def parent(location: str) -> str:
 
 
 def list_files(folder: str) -> list[tuple[str, int]]:
-    """Every file under `folder`, recursively: (path relative to it with '/' separators, size in bytes)."""
+    """Every file under `folder`, recursively: (path relative to it with '/' separators, size in bytes); a
+    name that cannot be read (a dangling link, a link loop) has size -1, so callers can say why it is left out."""
     if is_url(folder):
         fs, path = _fs(folder)
         prefix = path.rstrip("/") + "/"
@@ -89,8 +90,10 @@ def list_files(folder: str) -> list[tuple[str, int]]:
             path = os.path.join(dirpath, filename)
             try:
                 size = os.path.getsize(path)
-            except OSError:  # a dangling symlink, or a file deleted while listing: not there to read
-                continue
+            except OSError:
+                if not os.path.islink(path):  # deleted while listing: not there at all
+                    continue
+                size = -1  # a dangling link or a link loop
             files.append((os.path.relpath(path, root).replace(os.sep, "/"), size))
     return files
 

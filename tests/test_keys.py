@@ -68,3 +68,15 @@ def test_a_name_that_is_not_utf8_is_skipped_and_recorded(tmp_path, capsys):
     assert skipped == [{"key": "bad\\xff", "reason": "file name 'bad\\\\xff.jpg' is not UTF-8"}]
     assert sum(s["count"] for s in load_manifest(str(out))["splits"].values()) == 1
     shutil.rmtree(out)
+
+
+def test_dangling_links_and_link_loops_are_recorded_in_skipped(tmp_path):
+    source = tmp_path / "photos"
+    source.mkdir()
+    (source / "good.jpg").write_bytes(face(1))
+    (source / "gone.jpg").symlink_to(source / "missing.jpg")
+    (source / "loop.jpg").symlink_to(source / "loop.jpg")
+    out = tmp_path / "shards"
+    assert main(["data", "shard", "--source", str(source), "--out", str(out), "--size", "16", "--quiet"]) == 0
+    skipped = {s["key"]: s["reason"] for s in load_manifest(str(out))["skipped"]}
+    assert sorted(skipped) == ["gone", "loop"] and all("link" in r for r in skipped.values())
