@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, tiny_config
+from conftest import REPO, TINY, tiny_config
 
 
 def test_the_first_step_starts_from_the_source_ema_weights(trained_run, tiny_shards, tmp_path):
@@ -35,13 +35,13 @@ def test_another_architecture_is_refused_before_anything_is_written(trained_run,
     from vae.cli import main
 
     run = tmp_path / "warm"
-    code = main(["train", *[a for a in __import__("conftest").TINY if not a.startswith("model.latent_dim")],
+    code = main(["train", *[a for a in TINY if not a.startswith("model.latent_dim")],
                  "model.latent_dim=6", f"run_dir={run}", f"data.shards={tiny_shards}", "train.steps=2",
                  f"train.init_from={trained_run}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "another architecture (model.latent_dim 4 vs 6)" in err and not run.exists()
-    assert main(["train", f"run_dir={run}", f"data.shards={tiny_shards}",
+    assert main(["train", *TINY, f"run_dir={run}", f"data.shards={tiny_shards}",
                  f"train.init_from={tmp_path / 'nothing'}"]) == 2
     assert "no checkpoint there to start from" in capsys.readouterr().err and not run.exists()
 
