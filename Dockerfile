@@ -35,6 +35,7 @@ RUN pip install --index-url ${TORCH_INDEX} ${TORCH_SPEC}
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY common common
 COPY vae vae
 COPY pipeline pipeline
 COPY flows flows

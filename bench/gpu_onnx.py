@@ -35,7 +35,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from vae.checkpoint import load_trained  # noqa: E402
-from vae.runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
+from vae.serving.runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
 
 CUDA_VARIANTS = {"runtime": cuda_provider_options(), "none": {},
                  "heuristic_search": {**cuda_provider_options(), "cudnn_conv_algo_search": "HEURISTIC"},

@@ -84,9 +84,9 @@ def pixel_formats(shards: str, n: int = 1000) -> dict:
     from PIL import Image
     from torchvision.io import decode_png
 
-    from pipeline.loader import split_shards
+    from pipeline.manifest import split_shards
     from pipeline.records import encode_npy, read_shard
-    from pipeline.storage import read_bytes
+    from common.storage import read_bytes
 
     data = read_bytes(split_shards(shards, "train")[0].url)
     keys, pixels, _ = read_shard(data)
@@ -126,10 +126,11 @@ def verification(shards: str, batch: int, seconds: float) -> dict:
     process, so a training stream pays it on its first pass over the shards only; evaluation reads every shard
     once, so it pays it in full. Measured: sha256 alone, and the evaluation loader with every read checked
     (the set of checked shards emptied before each pass) against the same loader with nothing left to check."""
+    from common.storage import read_bytes
     from pipeline import loader
-    from pipeline.storage import read_bytes
+    from pipeline.manifest import split_shards
 
-    refs = loader.split_shards(shards, "train")
+    refs = split_shards(shards, "train")
     blobs = [read_bytes(ref.url) for ref in refs]
     n = sum(ref.count for ref in refs)
 

@@ -49,8 +49,8 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
     import torch
 
     from vae.config import load_config
-    from vae.evaluate import evaluate
-    from vae.train import train
+    from vae.evaluation.evaluate import evaluate
+    from vae.training.train import train
 
     config, overrides = model_spec(name)
     label = Path(name).stem if name not in MODELS else name

@@ -57,7 +57,7 @@ def main() -> None:
     import torch
 
     from vae.config import load_config
-    from vae.train import train
+    from vae.training.train import train
 
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)

@@ -97,12 +97,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
     """Start `prefect ARGS` in a new session, output to `PREFECT_HOME/<name>.log`; the PID is recorded at once."""
     stack.home.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from vae import registry as reg
+from vae.serving import registry as reg
 from vae.config import MAX_K, config_hash, load_config
-from vae.errors import BadInput
+from common.errors import BadInput
 
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
@@ -79,7 +79,7 @@ def train_model(config: str, overrides: list[str], run_dir: str, shards: str, nu
 
 @task(retries=1, retry_delay_seconds=[10])
 def evaluate_model(run_dir: str, k: int | None = None) -> dict:
-    from vae.evaluate import evaluate
+    from vae.evaluation.evaluate import evaluate
 
     metrics = evaluate(run_dir, split="test", k=k)
     get_run_logger().info("test nll_bpd %.4f (K=%d), elbo_bpd %.4f over %d images",
@@ -91,7 +91,7 @@ def evaluate_model(run_dir: str, k: int | None = None) -> dict:
 def export_model(run_dir: str, version: str, fp16: bool = False) -> str:
     """Export and validate (ONNX check + onnxruntime parity; with `fp16` also `decoder.fp16.onnx`, validated
     against float32); raises and writes nothing on failure."""
-    from vae.export import export
+    from vae.serving.export import export
 
     out = Path(run_dir) / "export"
     export(run_dir, out, version=version, fp16=fp16)
@@ -104,8 +104,8 @@ def validate_model(export_dir: str, run_dir: str, seed: int = 0) -> str:
     run folder, check the images are sane."""
     import numpy as np
 
-    from vae.grid import make_grid, write_png
-    from vae.runtime import Decoder
+    from common.grid import make_grid, write_png
+    from vae.serving.runtime import Decoder
 
     images = Decoder(export_dir).sample(64, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
@@ -118,7 +118,7 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str) -> dict:
     under `runs`: its checkpoint is what was exported); cached in that run as `eval-<fingerprint>-k<K>/`."""
     import json
 
-    from vae.evaluate import evaluate
+    from vae.evaluation.evaluate import evaluate
 
     run = Path(champion.get("run") or Path(runs) / champion["version"])
     if not (run / "checkpoints").is_dir():

@@ -16,34 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from common.errors import BadInput
+from common.storage import read_bytes
+from pipeline.manifest import ShardRef, split_shards
 from pipeline.records import index_shard
-from pipeline.storage import join, read_bytes
-from pipeline.shard import MANIFEST, read_manifest
-from vae.errors import BadInput
 
 
-SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*-(train|valid|test)-\d{6}\.tar")
 
 
-@dataclass(frozen=True)
-class ShardRef:
-    url: str
-    count: int
-    sha256: str | None = None  # the manifest's; None only for shards read without a manifest
 
-
-def load_manifest(shards: str) -> dict:
-    manifest = read_manifest(shards)
-    if manifest is None:
-        raise BadInput(f"shards {shards}: no {MANIFEST} (run `vae data shard` first)")
-    return manifest
 
 
 _VERIFIED: set[tuple[str, str]] = set()  # (url, sha256) whose bytes this process checked
@@ -60,7 +46,7 @@ def verify(ref: ShardRef, data: bytes) -> None:
     _VERIFIED.add((ref.url, ref.sha256))
 
 
-def _read(ref: ShardRef, meta: bool):
+def read_verified(ref: ShardRef, meta: bool):
     """A shard's bytes (checked against the manifest) and index; a missing, altered or unreadable shard is one
     line naming it and, for damage, the offset."""
     try:
@@ -91,34 +77,6 @@ def parse_meta(payload, where: str, key: str) -> dict:
     if not isinstance(meta, dict):
         raise BadInput(f"shard {where}: sample {key!r} has a json member that is not an object")
     return meta
-
-
-def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[ShardRef]:
-    manifest = manifest or load_manifest(shards)
-    if split not in manifest["splits"]:
-        raise BadInput(f"shards {shards}: no split {split!r} in the manifest")
-    refs = []
-    for rec in manifest["splits"][split]["shards"]:
-        name = rec.get("name")
-        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
-            raise BadInput(f"shards {shards}: manifest names shard {name!r} in {split}, not a plain "
-                           "'<dataset>-<split>-NNNNNN.tar' file name in that folder")
-        count = rec.get("count")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise BadInput(f"shards {shards}: manifest gives shard {name} the count {count!r}")
-        if count > 0:
-            refs.append(ShardRef(join(shards, split, name), count, rec.get("sha256")))
-    return refs
-
-
-def require_image_size(shards: str, size: int, manifest: dict | None = None) -> dict:
-    """The manifest, after checking that its images have the side a model takes (one line naming both)."""
-    manifest = manifest or load_manifest(shards)
-    found = (manifest.get("preprocessing") or {}).get("size")
-    if found != size:
-        raise BadInput(f"shards {shards}: images of {found}x{found} pixels, the model takes {size}x{size} "
-                       f"(re-shard with --size {size}, or use the model's own shards)")
-    return manifest
 
 
 def _to_batch(pixels: np.ndarray) -> torch.Tensor:
@@ -153,7 +111,7 @@ class TrainStream(IterableDataset):
         while True:
             while len(buffer) < target:
                 ref = self.shards[rng.choice(len(self.shards), p=weights)]
-                buffer.add(ref.url, *_read(ref, meta=False))
+                buffer.add(ref.url, *read_verified(ref, meta=False))
             keys, batch = buffer.draw(rng, self.batch_size)
             yield keys, batch.permute(0, 3, 1, 2)
 
@@ -233,7 +191,7 @@ class EvalStream(IterableDataset):
             offset = hi
             if hi <= start or lo >= stop:
                 continue
-            data, index = _read(ref, meta=True)
+            data, index = read_verified(ref, meta=True)
             keys = index.keys
             metas = [parse_meta(m, ref.url, k) for k, m in zip(keys, index.metas)]
             rows = index.rows(data)  # a view over the shard's bytes: only this consumer's rows get copied

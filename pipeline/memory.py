@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.loader import _read, split_shards
+from pipeline.loader import read_verified
+from pipeline.manifest import split_shards
 
 
 def stream_seed(seed: int, rank: int, step: int) -> int:
@@ -25,7 +26,7 @@ class MemoryStream:
         refs = refs[rank::world_size] if len(refs) >= world_size else refs
         keys, pixels = [], []
         for ref in refs:
-            data, index = _read(ref, meta=False)
+            data, index = read_verified(ref, meta=False)
             keys += index.keys
             pixels.append(index.pixels(data))
         self.keys = np.array(keys, dtype=object)

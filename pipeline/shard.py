@@ -22,64 +22,20 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 import re
+import time
 
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline import storage
+from common import storage
+from common.errors import BadInput
+from pipeline.manifest import (MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest, shard_name,
+                               write_manifest)
 from pipeline.preprocess import SkipImage, preprocess
 from pipeline.records import sample_members
-from pipeline.sources import LISTING_REASONS, SPLITS, Entry, Listing, Source, open_source
-from vae.errors import BadInput
+from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
 
-FORMAT_VERSION = 1
-PIXEL_FORMAT = "npy:uint8:HWC:RGB"
-MANIFEST = "manifest.json"
-
-
-def shard_name(dataset: str, split: str, index: int) -> str:
-    return f"{dataset}-{split}-{index:06d}.tar"
-
-
-def split_fingerprint(manifest: dict, split: str, max_images: int | None = None) -> str:
-    """The identity of a split's images: a sha256 over its shards' sha256 and counts (in order), the
-    preprocessing, and the image cap of a partial evaluation. Two evaluations with the same fingerprint
-    measured the same images, wherever the shards live."""
-    if split not in manifest.get("splits", {}):
-        raise BadInput(f"shards: no split {split!r} in the manifest")
-    shards = [[rec.get("name"), rec.get("sha256"), rec.get("count")] for rec in manifest["splits"][split]["shards"]]
-    blob = json.dumps({"split": split, "shards": shards, "preprocessing": manifest.get("preprocessing"),
-                       "max_images": max_images}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def read_manifest(shards: str | os.PathLike) -> dict | None:
-    """The manifest at a local path or URL, or None when there is none yet."""
-    path = storage.join(shards, MANIFEST)
-    try:
-        manifest = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadInput(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BadInput(f"{path}: not a shard manifest (format_version {found!r}, expected {FORMAT_VERSION})")
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list)
-                                               for v in splits.values()):
-        raise BadInput(f"{path}: damaged manifest ('splits' must map each split to its list of 'shards')")
-    if not all(isinstance(rec, dict) for v in splits.values() for rec in v["shards"]):
-        raise BadInput(f"{path}: damaged manifest (a shard record is not an object)")
-    return manifest
-
-
-def _empty_manifest(dataset: str, preprocessing: dict) -> dict:
-    return {"format_version": FORMAT_VERSION, "dataset": dataset, "preprocessing": preprocessing,
-            "source": {}, "splits": {s: {"count": 0, "shards": []} for s in SPLITS},
-            "skipped": [], "partition_missing": [], "not_in_source": [], "changed_in_source": []}
 
 
 # Worker processes hold the source and settings once, instead of receiving them with every image.
@@ -98,11 +54,6 @@ def _process(entry: Entry) -> tuple[Entry, object]:
         return entry, str(err)
     except OSError as err:
         return entry, f"unreadable: {err}"
-
-
-def write_manifest(shards: str, manifest: dict) -> None:
-    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-    storage.write_bytes_atomic(storage.join(shards, MANIFEST), data)
 
 
 def _write_shard(folder: str, name: str, samples: list[tuple[str, object, dict, int]]) -> dict:
@@ -187,7 +138,7 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148,
 
     manifest = read_manifest(out)
     if manifest is None:
-        manifest = _empty_manifest(dataset, preprocessing)
+        manifest = empty_manifest(dataset, preprocessing)
     elif manifest["preprocessing"] != preprocessing or manifest["dataset"] != dataset:
         raise BadInput(f"{storage.join(out, MANIFEST)}: holds shards made with {manifest['preprocessing']} for "
                        f"{manifest['dataset']!r}; shard into another folder")

@@ -16,12 +16,12 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import storage
-from vae.errors import BadInput
+from common import storage
+from common.errors import BadInput
+from pipeline.manifest import SPLITS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 SPLIT_CODES = {"0": "train", "1": "valid", "2": "test"}
-SPLITS = ("train", "valid", "test")
 PARTITION_FILE = "list_eval_partition.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 ATTR_FILE = "list_attr_celeba.txt"

@@ -53,7 +53,7 @@ def tiny_config(run_dir: Path, shards: Path, *extra: str):
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_shards, tmp_path_factory) -> Path:
-    from vae.train import train
+    from vae.training.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
     train(tiny_config(run_dir, tiny_shards, "train.steps=30", "train.checkpoint_every=15"), progress=False)

@@ -11,7 +11,7 @@ _CACHE: dict[str, tuple[Path, dict]] = {}
 def exported_once(trained_run: Path, tmp_path_factory) -> tuple[Path, dict]:
     key = str(trained_run)
     if key not in _CACHE:
-        from vae.export import export
+        from vae.serving.export import export
 
         out = tmp_path_factory.mktemp("export")
         _CACHE[key] = out, export(trained_run, out, version="test-1", fp16=True)

@@ -3,7 +3,7 @@
 import pytest
 
 from vae.config import config_hash, load_config
-from vae.errors import ConfigError
+from common.errors import ConfigError
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
-from vae import registry as reg
+from vae.serving import registry as reg
+from common.net import free_port
 from flows import serve
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     started = time.time()
-    stack = serve.Stack(home, serve.free_port(), "e2e-local",
+    stack = serve.Stack(home, free_port(), "e2e-local",
                         extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"})
     try:
         serve.start(stack)  # server, pool, `prefect deploy --name demo --name celeba-64`, worker

@@ -3,7 +3,7 @@
 import json
 import math
 
-from vae.evaluate import evaluate
+from vae.evaluation.evaluate import evaluate
 
 CONTRACT = ("split", "n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
             "elbo_bpd", "nll_bpd", "active_units", "config_hash", "model_version")
@@ -30,7 +30,7 @@ def test_metrics_contract_and_consistency(trained_run, tiny_shards):
 def test_attribute_directions_are_mean_differences():
     import torch
 
-    from vae.evaluate import ATTRIBUTE_DIRECTIONS, attribute_directions
+    from vae.evaluation.evaluate import ATTRIBUTE_DIRECTIONS, attribute_directions
 
     n_attr = len(ATTRIBUTE_DIRECTIONS)
     sums = {"attr_mu": torch.zeros(n_attr, 2, 2, dtype=torch.float64), "attr_n": torch.zeros(n_attr, 2)}
@@ -67,7 +67,7 @@ def test_anomaly_scores_rank_foreign_images_above_faces(tiny_shards, synth_sourc
         noise = Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).resize((178, 218), Image.NEAREST)
         noise.save(folder / f"noise-{path.stem}.png")
     from conftest import tiny_config
-    from vae.train import train
+    from vae.training.train import train
 
     trained_run = tmp_path / "run"  # long enough to have learned what faces look like
     train(tiny_config(trained_run, tiny_shards, "train.steps=150", "train.checkpoint_every=150",

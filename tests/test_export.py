@@ -14,8 +14,8 @@ import torch
 
 from exported_model import exported_once
 from vae.checkpoint import load_trained
-from vae.export import FP16_DECODER, FP16_TOLERANCE, TOLERANCE, ExportError, export, random_ops, validate_fp16
-from vae.runtime import Decoder, Encoder
+from vae.serving.export import FP16_DECODER, FP16_TOLERANCE, TOLERANCE, ExportError, export, random_ops, validate_fp16
+from vae.serving.runtime import Decoder, Encoder
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_export_holds_the_ema_weights_not_the_raw_ones(exported, trained_run):
 
 
 def test_failed_validation_writes_nothing(trained_run, tmp_path, monkeypatch):
-    import vae.export as export_module
+    import vae.serving.export as export_module
 
     monkeypatch.setattr(export_module, "TOLERANCE", -1.0)  # nothing can pass
     out = tmp_path / "out"
@@ -144,7 +144,7 @@ def test_fp16_decoder_is_the_float32_graph_with_casts_at_its_ends(exported):
 
 def test_fp16_validation_skips_with_a_clear_message_where_onnxruntime_cannot_run_it(exported, tmp_path,
                                                                                    monkeypatch):
-    import vae.export as export_module
+    import vae.serving.export as export_module
 
     out, _ = exported
     for name in ("decoder.onnx", FP16_DECODER):
@@ -167,7 +167,7 @@ def test_fp16_validation_asks_for_cuda_and_reports_the_provider_that_actually_ra
                                                                                   monkeypatch):
     import onnxruntime as ort
 
-    import vae.export as export_module
+    import vae.serving.export as export_module
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA provider present: it may really run the graph on a GPU")
@@ -188,7 +188,7 @@ def test_fp16_validation_asks_for_cuda_and_reports_the_provider_that_actually_ra
 
 
 def test_fp16_decoder_that_disagrees_fails_the_export_check(exported, tmp_path, monkeypatch):
-    import vae.export as export_module
+    import vae.serving.export as export_module
 
     out, _ = exported
     for name in ("decoder.onnx", FP16_DECODER):
@@ -232,8 +232,8 @@ def test_export_refuses_a_real_folder_that_holds_files(trained_run, tmp_path, ca
 def test_mixture_decoder_exports_its_expected_image(tmp_path):
     """logistic_mixture's x_mean (the mixture's expected colour, channels coupled) survives export."""
     from vae.config import load_config
-    from vae.export import export_graphs
-    from vae.model import build_model
+    from vae.serving.export import export_graphs
+    from vae.models import build_model
 
     cfg = load_config(None, ["model.image_size=16", "model.channels=[8,16]", "model.latent_dim=6",
                              "model.likelihood=logistic_mixture", "model.mixtures=4"]).model

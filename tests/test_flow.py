@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vae import registry as reg
+from vae.serving import registry as reg
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def prefect_harness(tmp_path_factory):
 def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_path):
     from conftest import TINY
     from flows.train_vae import train_vae
-    from vae.runtime import Decoder
+    from vae.serving.runtime import Decoder
 
     registry = tmp_path / "registry"
     result = train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
@@ -53,7 +53,7 @@ def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_pa
 
 def test_flow_rejects_bad_configuration_before_any_work(prefect_harness, synth_source, tmp_path):
     from flows.train_vae import train_vae
-    from vae.errors import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.nope"):
         train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
@@ -126,7 +126,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
     from flows.train_vae import check_parameters
-    from vae.errors import BadInput
+    from common.errors import BadInput
 
     values = {"source": str(synth_source), "shards": str(tmp_path / "s"), "registry": str(tmp_path / "r"),
               "runs": str(tmp_path / "runs"), "num_processes": 1, "k": None, "crop": 148, "shard_workers": 1,
@@ -138,7 +138,7 @@ def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, 
 
 def test_flow_rejects_a_missing_source_before_any_work(prefect_harness, tmp_path):
     from flows.train_vae import train_vae
-    from vae.errors import BadInput
+    from common.errors import BadInput
 
     with pytest.raises(BadInput, match="set synthesize_n"):
         train_vae(source=str(tmp_path / "absent"), shards=str(tmp_path / "shards"), config="configs/demo.yaml",

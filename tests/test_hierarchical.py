@@ -12,13 +12,14 @@ from conftest import tiny_config
 from pipeline.loader import eval_loader
 from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
 from vae.config import load_config
-from vae.errors import ConfigError
-from vae.evaluate import evaluate
-from vae.export import TOLERANCE, export, export_graphs, random_ops
-from vae.hierarchical import HierarchicalVAE
-from vae.model import ConvVAE, build_model
+from common.errors import ConfigError
+from vae.evaluation.evaluate import evaluate
+from vae.serving.export import TOLERANCE, export, export_graphs, random_ops
+from vae.models.hierarchical import HierarchicalVAE
+from vae.models import build_model
+from vae.models.conv import ConvVAE
 from vae.objectives import elbo_terms, gaussian_kl, iwae_bound, log_weights
-from vae.runtime import Decoder, Encoder
+from vae.serving.runtime import Decoder, Encoder
 
 # 16x16 images, resolutions 8 and 4: groups of 1 channel at sides 4 and 8 -> 16 + 64 latent dimensions.
 HIER = ["model.kind=hierarchical", "model.groups=2", "model.latent_channels=1", "model.latent_dim=80"]
@@ -161,7 +162,7 @@ def test_latent_dim_error_says_what_to_set():
 
 @pytest.fixture(scope="module")
 def hier_run(tiny_shards, tmp_path_factory):
-    from vae.train import train
+    from vae.training.train import train
 
     run_dir = tmp_path_factory.mktemp("hier-run")
     cfg = tiny_config(run_dir, tiny_shards, *HIER, "train.steps=30", "train.checkpoint_every=15")

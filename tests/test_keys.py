@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.loader import eval_loader, load_manifest
+from pipeline.loader import eval_loader
+from pipeline.manifest import load_manifest
 from pipeline.records import escape_key, unescape_key
 from vae.cli import main
 

@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from pipeline.loader import TrainStream, eval_loader, partition, split_shards, train_loader
+from pipeline.loader import TrainStream, eval_loader, partition, train_loader
+from pipeline.manifest import split_shards
 from pipeline.records import iter_samples
 
 
@@ -71,7 +72,7 @@ def test_train_loader_batches_with_workers(tiny_shards):
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    from vae.errors import BadInput
+    from common.errors import BadInput
 
     with pytest.raises(BadInput, match="no manifest.json"):
         split_shards(str(tmp_path), "train")
@@ -80,7 +81,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 def test_missing_or_corrupt_shard_is_a_one_line_error_naming_it(tiny_shards, tmp_path):
     import shutil
 
-    from vae.errors import BadInput
+    from common.errors import BadInput
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vae.config import load_config
-from vae.model import build_model
+from vae.models import build_model
 
 
 @pytest.mark.parametrize("likelihood", ["discretized_logistic", "logistic_mixture", "bernoulli", "gaussian"])

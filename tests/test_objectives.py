@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from vae.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, LogisticMixture
+from vae.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, LogisticMixture
+from vae.models.protocol import gaussian_posterior_pass
 from vae.objectives import (bits_per_dim, elbo_terms, gaussian_kl, iwae_bound, log_weights,
                             training_loss)
 
@@ -56,6 +57,12 @@ class LinearGaussian(torch.nn.Module):
     def forward(self, u, eps):
         mu, logvar = self.encode(u)
         return self.decode(mu + torch.exp(0.5 * logvar) * eps), mu, logvar
+
+    def bottom_up(self, u):
+        return self.encode(u)
+
+    def posterior_pass(self, features, eps):
+        return gaussian_posterior_pass(self, features, eps)
 
 
 def _data(model, n, seed=1):

@@ -48,7 +48,7 @@ def _state(run: Path) -> dict:
 
 
 def test_sigterm_checkpoints_and_the_rerun_matches_an_uninterrupted_run(tiny_shards, tmp_path):
-    from vae.train import train
+    from vae.training.train import train
 
     reference = tmp_path / "uninterrupted"
     train(tiny_config(reference, tiny_shards, *STEPS), progress=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vae import registry as reg
+from vae.serving import registry as reg
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def copy_run(run: Path, to: Path) -> Path:
 def test_metrics_name_the_images_k_and_weights_they_measured(trained_run, tiny_shards, synth_source, tmp_path):
     from pipeline.shard import shard
     from vae.checkpoint import load_trained, weights_digest
-    from vae.evaluate import evaluate
+    from vae.evaluation.evaluate import evaluate
 
     run = copy_run(trained_run, tmp_path / "run")
     a = evaluate(run, k=4, out=tmp_path / "a", grids=False)
@@ -43,7 +43,7 @@ def test_metrics_name_the_images_k_and_weights_they_measured(trained_run, tiny_s
 
 def test_export_never_embeds_metrics_of_other_weights(trained_run, tmp_path, capsys):
     from vae.checkpoint import load_trained, weights_digest
-    from vae.export import export
+    from vae.serving.export import export
 
     run = copy_run(trained_run, tmp_path / "run")
     digest = weights_digest(load_trained(run)[0])
@@ -59,10 +59,10 @@ def test_export_never_embeds_metrics_of_other_weights(trained_run, tmp_path, cap
 
 def _version(run: Path, name: str, tmp_path: Path, shards: str | None = None) -> tuple[str, str, dict]:
     """Evaluate (on `shards`), export and sample a run as the flow does: (export folder, samples, metrics)."""
-    from vae.evaluate import evaluate
-    from vae.export import export
-    from vae.grid import make_grid, write_png
-    from vae.runtime import Decoder
+    from vae.evaluation.evaluate import evaluate
+    from vae.serving.export import export
+    from common.grid import make_grid, write_png
+    from vae.serving.runtime import Decoder
 
     metrics = evaluate(run, shards=shards, grids=False)
     out = tmp_path / f"export-{name}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vae import registry as reg
+from vae.serving import registry as reg
 
 FINGERPRINT = "f" * 64
 

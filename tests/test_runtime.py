@@ -13,7 +13,7 @@ import pytest
 
 from exported_model import exported_once
 from vae.cli import main
-from vae.grid import make_grid, write_png
+from common.grid import make_grid, write_png
 from vae.runtime import Decoder, Encoder, RuntimeModelError, interpolate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning
     provider options) and reports the CPU, with the warning."""
     import onnxruntime
 
-    from vae import runtime
+    from vae.serving import runtime
 
     out, _ = exported
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():

@@ -49,7 +49,7 @@ def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, tra
         found = subprocess.run([str(python), "-c", f"import {heavy}"], capture_output=True, cwd=tmp_path)
         assert found.returncode != 0, f"{heavy} is importable in the runtime-only environment"
 
-    from vae import registry as reg
+    from vae.serving import registry as reg
 
     out, card = exported_once(trained_run, tmp_path_factory)
     registry = "s3://models/registry"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from exported_model import exported_once
-from vae import registry as reg
+from vae.serving import registry as reg
 from vae.cli import main
 from vae.runtime import Champion, Decoder, Encoder, RuntimeModelError
 

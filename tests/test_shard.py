@@ -169,7 +169,7 @@ def test_image_deleted_from_the_source_stays_in_its_shard_and_is_reported(synth_
 
 
 def test_corrupt_manifest_is_a_one_line_error(tmp_path, synth_source):
-    from vae.errors import BadInput
+    from common.errors import BadInput
 
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BadInput, match="manifest.json: not valid JSON"):

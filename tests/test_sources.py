@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED_SAMPLE
 from pipeline.shard import shard
 from pipeline.sources import PARTITION_FILE, open_source
-from vae.errors import BadInput
+from common.errors import BadInput
 
 META_FILES = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt")
 

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.loader import eval_loader, train_loader
 from pipeline.shard import shard
-from pipeline.storage import read_bytes
+from common.storage import read_bytes
 
 
 def _local_tree(root):

@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_config
 from pipeline.loader import eval_loader
 from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
-from vae.errors import ConfigError, TrainingError
-from vae.model import build_model
+from common.errors import ConfigError, TrainingError
+from vae.models import build_model
 from vae.objectives import elbo_terms
-from vae.train import train
+from vae.training.train import train
 
 
 def _fixed_batch(shards):
@@ -70,7 +70,7 @@ def test_persistent_nonfinite_loss_stops_with_checkpoint_intact(tiny_shards, tmp
     train(cfg, progress=False)
     good = load_checkpoint(run / "checkpoints" / "step-00000010.pt")
 
-    import vae.train as train_module
+    import vae.training.train as train_module
 
     real = train_module.elbo_terms
 
@@ -90,7 +90,7 @@ def test_persistent_nonfinite_loss_stops_with_checkpoint_intact(tiny_shards, tmp
 
 
 def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path, monkeypatch):
-    import vae.train as train_module
+    import vae.training.train as train_module
 
     real = train_module.elbo_terms
     calls = {"n": 0}

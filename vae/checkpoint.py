@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from vae.atomic import atomic_write
+from common.atomic import atomic_write
 from vae.config import Config, config_from_dict, config_to_dict
-from vae.errors import BadInput
+from common.errors import BadInput
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -158,7 +158,7 @@ def warm_start_weights(cfg: Config) -> dict | None:
 
 def load_trained(run_dir: str | Path, ema: bool = True):
     """The trained model of a run (EMA weights by default), its config and its step, on the CPU."""
-    from vae.model import build_model
+    from vae.models import build_model
 
     path = latest_checkpoint(run_dir)
     if path is None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vae.config import MAX_K
-from vae.errors import BadInput, VaeError
+from common.errors import BadInput, VaeError
 
 
 def _positive(text: str) -> int:
@@ -69,15 +69,15 @@ def cmd_shard(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vae.atomic import atomic_write_json
+    from common.atomic import atomic_write_json
     from vae.config import config_to_dict, load_config
-    from vae.launch import run_launched
+    from vae.distributed import run_launched
 
     cfg = load_config(args.config, args.overrides)
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise BadInput(f"--accelerate-config {args.accelerate_config}: file not found")
     if args.num_processes == 1 and args.num_machines == 1 and not args.accelerate_config:
-        from vae.train import Preempted, train
+        from vae.training.train import Preempted, train
 
         try:
             run_dir = train(cfg)
@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
     else:
         run_dir = Path(cfg.run_dir)
         config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
-        code = run_launched("vae.train", [str(config_file)], args.num_processes, num_machines=args.num_machines,
+        code = run_launched("vae.training.train", [str(config_file)], args.num_processes, num_machines=args.num_machines,
                             machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                             main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
         if code == 143:
@@ -119,18 +119,18 @@ def _preempted_ranks(run_dir: Path) -> int:
 
 def cmd_eval(args) -> int:
     if args.num_processes > 1:
-        from vae.launch import run_launched
+        from vae.distributed import run_launched
 
         forwarded = ["--run", args.run] + [f for name in ("split", "k", "shards")
                                             if getattr(args, name) is not None
                                             for f in (f"--{name}", str(getattr(args, name)))]
-        code = run_launched("vae.evaluate", forwarded, args.num_processes)
+        code = run_launched("vae.evaluation.evaluate", forwarded, args.num_processes)
         if code != 0:
             print(f"vae eval: accelerate launch exited with code {code}", file=sys.stderr)
             return 1
         metrics = json.loads((Path(args.run) / "eval" / "metrics.json").read_text())
     else:
-        from vae.evaluate import evaluate
+        from vae.evaluation.evaluate import evaluate
 
         metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards)
     print(json.dumps({k: v for k, v in metrics.items() if k != "images"}))
@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from vae.score import score
+    from vae.evaluation.score import score
 
     scores = score(args.run, args.source, k=args.k, out=args.out)
     print(f"wrote {args.out}: {len(scores)} images, most anomalous {scores[0][0]} ({scores[0][1]:.3f} bits/dim)")
@@ -147,7 +147,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vae.export import FP16_DECODER, export
+    from vae.serving.export import FP16_DECODER, export
 
     card = export(args.run, args.out, shards=args.shards, fp16=args.fp16)
     worst = max(max(v.values()) for v in card["validation"]["max_abs_diff"].values())
@@ -164,7 +164,7 @@ def cmd_export(args) -> int:
 
 def _runtime_model(kind: str, model: str, device: str, precision: str | None = None):
     """`Decoder` or `Encoder` from a registry (its champion), a model folder or an .onnx file; bad input exits 2."""
-    from vae import runtime
+    from vae.serving import runtime
 
     try:
         return getattr(runtime, kind)(model, device=device, precision=precision)
@@ -173,7 +173,7 @@ def _runtime_model(kind: str, model: str, device: str, precision: str | None = N
 
 
 def cmd_sample(args) -> int:
-    from vae.grid import make_grid, write_png
+    from common.grid import make_grid, write_png
 
     decoder = _runtime_model("Decoder", args.model, args.device, args.precision)
     images = decoder.sample(args.n, seed=args.seed, temperature=args.temperature)
@@ -206,7 +206,7 @@ def cmd_encode(args) -> int:
     import numpy as np
 
     from pipeline.preprocess import SkipImage, preprocess
-    from vae.atomic import atomic_write
+    from common.atomic import atomic_write
 
     if not args.out.endswith(".npz"):
         raise BadInput(f"out {args.out}: expected a .npz file name")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from vae.errors import ConfigError
+from common.errors import ConfigError
 
 LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")

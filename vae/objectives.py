@@ -5,16 +5,19 @@ combines chunks of them with a running logsumexp so memory does not grow with K;
 analytic KL (lower variance) with beta, warm-up and free bits applied to training only. All values are
 per image, in nats, computed in float32 whatever the autocast context.
 
-The model only needs `encode(x01) -> (mu, logvar)`, `decode(z) -> params` and `likelihood.log_prob`. A model
-whose posterior depends on its own sample (the top-down hierarchical VAE: q(u_l | x, u_<l)) also provides
-`bottom_up(x01)` and `posterior_pass(features, eps) -> (params, u, mu, logvar)`; `posterior_samples` below
-gives every model that interface, so there is one log-weight computation for all of them.
+Models present `vae.models.protocol.VAEModel`: `bottom_up(x01)` once per image, then
+`posterior_pass(features, eps) -> (params, u, mu, logvar)` for any number of samples, and `likelihood.log_prob`;
+so there is one log-weight computation for every kind of model, including those whose posterior depends on its
+own sample (the top-down hierarchical VAE: q(u_l | x, u_<l)).
 """
 
 from __future__ import annotations
 
 import math
+
 import torch
+
+from vae.models.protocol import VAEModel
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -39,30 +42,21 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
-def posterior_features(model, x01: torch.Tensor):
-    """What the posterior needs from x, computed once per image: `model.bottom_up(x01)` where the model has
-    one (the hierarchical VAE's feature maps), else the Gaussian's (mu, logvar)."""
-    if hasattr(model, "bottom_up"):
-        return model.bottom_up(x01)
-    return model.encode(x01)
+def posterior_features(model: VAEModel, x01: torch.Tensor):
+    """What the posterior needs from x, computed once per image (`VAEModel.bottom_up`)."""
+    return model.bottom_up(x01)
 
 
-def posterior_samples(model, features, eps: torch.Tensor):
+def posterior_samples(model: VAEModel, features, eps: torch.Tensor):
     """Samples u = mu + exp(logvar / 2) * eps of q(u|x), eps [K, N, D] ~ N(0, I), and their likelihood params.
 
-    Returns (params [K*N, ...], u, mu, logvar [K, N, D]); for a hierarchical model mu and logvar are the
-    conditional posterior parameters along each sample's own path."""
-    if hasattr(model, "posterior_pass"):
-        params, u, mu, logvar = model.posterior_pass(features, eps)
-        return params, u.float(), mu.float(), logvar.float()
-    mu, logvar = (t.float() for t in features)
-    k, n, d = eps.shape
-    u = mu + torch.exp(0.5 * logvar) * eps
-    params = model.decode(u.reshape(k * n, d).to(next(model.parameters()).dtype))
-    return params, u, mu.expand(k, n, d), logvar.expand(k, n, d)
+    Returns (params [K*N, ...], u, mu, logvar [K, N, D]) in float32; for a hierarchical model mu and logvar are
+    the conditional posterior parameters along each sample's own path."""
+    params, u, mu, logvar = model.posterior_pass(features, eps)
+    return params, u.float(), mu.float(), logvar.float()
 
 
-def log_weights(model, x: torch.Tensor, k: int, features=None,
+def log_weights(model: VAEModel, x: torch.Tensor, k: int, features=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k samples z_k ~ q(z|x): shape [k, N].
 
@@ -80,7 +74,7 @@ def log_weights(model, x: torch.Tensor, k: int, features=None,
 
 
 @torch.no_grad()
-def iwae_bound(model, x: torch.Tensor, k: int, chunk: int = 50,
+def iwae_bound(model: VAEModel, x: torch.Tensor, k: int, chunk: int = 50,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """log (1/K) sum_k p(x, z_k) / q(z_k|x), per image [N], chunked over K with a running logsumexp."""
     features = posterior_features(model, to_unit(x))
@@ -94,7 +88,7 @@ def iwae_bound(model, x: torch.Tensor, k: int, chunk: int = 50,
     return running - math.log(k)
 
 
-def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor, likelihood=None) -> dict[str, torch.Tensor]:
+def elbo_terms(model: VAEModel, x: torch.Tensor, eps: torch.Tensor, likelihood=None) -> dict[str, torch.Tensor]:
     """One-sample reconstruction term and analytic KL per image; `kl_dims` is per latent dimension.
 
     Calls `model(x01, eps)` (the forward pass, so DDP hooks run); `likelihood` defaults to the model's. For

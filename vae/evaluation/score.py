@@ -15,14 +15,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vae.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from vae.checkpoint import load_trained
-from vae.errors import BadInput
+from common.errors import BadInput
 from vae.objectives import bits_per_dim, iwae_bound
 
 
 def _shard_batches(shards: str, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    from pipeline.loader import eval_loader, load_manifest
+    from pipeline.loader import eval_loader
+    from pipeline.manifest import load_manifest
 
     for split in load_manifest(shards)["splits"]:
         for keys, x, _ in eval_loader(shards, split, batch_size):
@@ -53,7 +54,7 @@ def _image_batches(source: str, crop: int, size: int, batch_size: int, skipped: 
 
 def _training_crop(cfg) -> int:
     try:
-        from pipeline.loader import load_manifest
+        from pipeline.manifest import load_manifest
 
         return int(load_manifest(cfg.data.shards)["preprocessing"]["crop"])
     except (BadInput, OSError, KeyError, ValueError):

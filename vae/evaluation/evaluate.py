@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.loader import eval_loader, require_image_size
-from pipeline.shard import split_fingerprint
-from vae.atomic import atomic_write_json
+from pipeline.loader import eval_loader
+from pipeline.manifest import require_image_size, split_fingerprint
+from common.atomic import atomic_write_json
 from vae.checkpoint import load_trained, weights_digest
 from vae.config import MAX_K, config_hash
-from vae.errors import BadInput
-from vae.grid import make_grid, write_png
+from common.errors import BadInput
+from common.grid import make_grid, write_png
 from vae.objectives import bits_per_dim, elbo_terms, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed
     from accelerate import Accelerator
 
-    parser = argparse.ArgumentParser(prog="vae.evaluate")
+    from vae.distributed import end_process_group
+
+    parser = argparse.ArgumentParser(prog="vae.evaluation.evaluate")
     parser.add_argument("--run", required=True)
     parser.add_argument("--split", default=None)
     parser.add_argument("--k", type=int, default=None)
@@ -191,14 +193,6 @@ def main(argv: list[str] | None = None) -> None:
              rank=accelerator.process_index, world_size=accelerator.num_processes)
     accelerator.wait_for_everyone()
     end_process_group()
-
-
-def end_process_group() -> None:
-    """Tear the process group down before exit: a gloo group left alive can abort the interpreter at exit
-    ('terminate called without an active exception', seen in CI)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

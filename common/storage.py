@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from vae.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 # The names vae.atomic gives its temporary files: a dot, the target's name, a random part, `.tmp`.
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")

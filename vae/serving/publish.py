@@ -18,8 +18,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from vae.atomic import _UMASK
-from vae.errors import BadInput
+from common.atomic import UMASK
+from common.errors import BadInput
 
 
 def _stage_prefix(out: Path) -> str:
@@ -84,7 +84,7 @@ def publishing(out: Path):
         check_out(out)
         remove_leftovers(out)
         staging = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), dir=out.parent))
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; readers (apps) may be other users
+        os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes 0700; readers (apps) may be other users
         try:
             yield staging
             _fsync_tree(staging)

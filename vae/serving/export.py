@@ -32,11 +32,11 @@ import onnx
 import torch
 from torch import nn
 
-from vae.atomic import atomic_write_json
+from common.atomic import atomic_write_json
 from vae.checkpoint import load_trained
 from vae.config import config_hash
-from vae.errors import VaeError
-from vae.publish import check_out, publishing
+from common.errors import VaeError
+from vae.serving.publish import check_out, publishing
 
 CONTRACT_VERSION = "1"
 TOLERANCE = 1e-4
@@ -117,7 +117,7 @@ def _session(path: Path, device: str = "cpu"):
     runs is the session's first provider."""
     import onnxruntime as ort
 
-    from vae.runtime import providers_for, session_options
+    from vae.serving.runtime import providers_for, session_options
 
     return ort.InferenceSession(str(path), session_options(), providers=providers_for(device))
 
@@ -165,7 +165,8 @@ def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray,
 
     The test split when it has images; else valid, then train (e.g. the shared CelebA sample has no test
     partition)."""
-    from pipeline.loader import eval_loader, load_manifest
+    from pipeline.loader import eval_loader
+    from pipeline.manifest import load_manifest
 
     shards = shards or cfg.data.shards
     manifest = load_manifest(shards)
@@ -199,7 +200,7 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
     """
     import onnxruntime as ort
 
-    from vae.runtime import providers_for
+    from vae.serving.runtime import providers_for
 
     path = folder / FP16_DECODER
     try:
@@ -238,7 +239,7 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str | None) -> dict
         return metrics
     why = "missing" if metrics is None else f"from other weights (step {metrics.get('model_step')})"
     print(f"vae export: {path} is {why}: evaluating the exported weights first", file=sys.stderr)
-    from vae.evaluate import evaluate
+    from vae.evaluation.evaluate import evaluate
 
     metrics = evaluate(run_dir, shards=shards)
     if metrics.get("weights_sha256") != digest:
@@ -281,6 +282,6 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
 
 
 def _sha256(path: Path) -> str:
-    from vae.registry import sha256_file
+    from vae.serving.registry import sha256_file
 
     return sha256_file(path)

@@ -21,16 +21,17 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pipeline.loader import require_image_size, train_loader
+from pipeline.loader import train_loader
+from pipeline.manifest import require_image_size
 from pipeline.memory import MemoryStream, stream_seed
-from vae.atomic import atomic_write_json, atomic_write_text
+from common.atomic import atomic_write_json, atomic_write_text
 from vae.checkpoint import (check_resume, config_json, latest_checkpoint, load_checkpoint, remove_torn_writes,
                             save_checkpoint, warm_start_weights)
 from vae.config import Config, config_hash, config_to_dict
-from vae.ema import EMA
-from vae.errors import ConfigError, TrainingError, VaeError
-from vae.grid import make_grid, write_png
-from vae.model import build_model
+from vae.training.ema import EMA
+from common.errors import ConfigError, TrainingError, VaeError
+from common.grid import make_grid, write_png
+from vae.models import build_model
 from vae.objectives import beta_at, bits_per_dim, elbo_terms, to_unit, training_loss
 
 
@@ -337,7 +338,7 @@ def main() -> None:
     """Entry point for `accelerate launch -m vae.train CONFIG_JSON` (used by `vae train` for N > 1)."""
     from vae.config import config_from_dict
 
-    from vae.evaluate import end_process_group
+    from vae.distributed import end_process_group
 
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -33,8 +33,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from pipeline import storage
-from vae.errors import VaeError
+from common import storage
+from common.errors import VaeError
 
 PROJECT = "train-vae"
 CHAMPION = "champion.json"
@@ -202,7 +202,7 @@ class _LocalChampion:
     def swap(self, token: bytes | None, data: bytes) -> bool:
         import fcntl
 
-        from vae.atomic import atomic_write_bytes
+        from common.atomic import atomic_write_bytes
 
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".champion.lock", "a+b") as lock:

@@ -1,4 +1,5 @@
-"""Starting several processes with `accelerate launch`: one command line for training and evaluation.
+"""Several processes: `accelerate launch` command lines for training and evaluation, and the process group's
+teardown.
 
 On CPU the launched script creates `Accelerator(cpu=True)`, which makes a real gloo process group (STACK.md:
 `accelerate launch --cpu` would start one process, and without cpu=True each process trains alone); on GPUs
@@ -8,15 +9,10 @@ the same command gives NCCL. Several machines add --num_machines, --machine_rank
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common.net import free_port
 
 
 def launch_command(module: str, args: list[str], num_processes: int, num_machines: int = 1,
@@ -65,3 +61,13 @@ def run_launched(module: str, args: list[str], num_processes: int, **kwargs) -> 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def end_process_group() -> None:
+    """Tear the process group down before exit: a gloo group left alive can abort the interpreter at exit
+    ('terminate called without an active exception', seen in CI)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

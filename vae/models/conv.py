@@ -1,7 +1,7 @@
 """The convolutional VAE: encoder q(z|x) = N(mu, diag(exp(logvar))), decoder to likelihood parameters.
 
 The model computes nothing but the networks: objectives live in `vae/objectives.py`, the observation model
-in `vae/likelihoods.py`. Inputs are images in [0, 1], float, [N, 3, H, W]; latents are [N, latent_dim].
+in `vae/models/likelihoods.py`, shared blocks in `vae/models/blocks.py`. Inputs are images in [0, 1], float, [N, 3, H, W]; latents are [N, latent_dim].
 """
 
 from __future__ import annotations
@@ -10,28 +10,9 @@ import torch
 from torch import nn
 
 from vae.config import ModelConfig
-from vae.likelihoods import get_likelihood
-
-
-def soft_bound(t: torch.Tensor, limit: float = 12.0) -> torch.Tensor:
-    """|t| < limit smoothly, for log-variances: exp(t) cannot overflow, which is what made bf16 training
-    diverge on a GPU (measured: non-finite losses from step ~330)."""
-    return limit * torch.tanh(t / limit)
-
-
-class ResBlock(nn.Module):
-    """x + f(x): two 3x3 convolutions; the second starts at zero so a new block is the identity."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.act(self.conv1(self.act(x))))
+from vae.models.blocks import ResBlock, soft_bound
+from vae.models.likelihoods import get_likelihood
+from vae.models.protocol import gaussian_posterior_pass
 
 
 class ConvVAE(nn.Module):
@@ -70,6 +51,14 @@ class ConvVAE(nn.Module):
         mu, logvar = h.chunk(2, dim=1)
         return mu, soft_bound(logvar)
 
+    def bottom_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the posterior needs from x: (mu, logvar), shared by any number of samples."""
+        return self.encode(x)
+
+    def posterior_pass(self, features: tuple[torch.Tensor, torch.Tensor], eps: torch.Tensor):
+        """K samples from eps [K, N, D]: (params [K*N, ...], u, mu, logvar [K, N, D])."""
+        return gaussian_posterior_pass(self, features, eps)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z -> likelihood parameters [N, likelihood.num_params(C), H, W]."""
         h = self.from_latent(z).view(z.shape[0], -1, self.bottom, self.bottom)
@@ -87,11 +76,3 @@ class ConvVAE(nn.Module):
     def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
         """z -> the image the decoder means, in [0, 1] (what `decoder.onnx` returns as `x_mean`)."""
         return self.likelihood.mean(self.decode(z))
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model `cfg.kind` names: both kinds present the same interface to objectives, training and export."""
-    from vae.hierarchical import HierarchicalVAE  # it builds on this module's ResBlock
-
-    kinds = {"conv": ConvVAE, "hierarchical": HierarchicalVAE}
-    return kinds[cfg.kind](cfg)

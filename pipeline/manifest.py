@@ -1,0 +1,111 @@
+"""The shard manifest, `SHARDS/manifest.json`: its format, reading and validating it, writing it, and what it
+says about the shards (their references, a split's fingerprint, the image size). The writer (`shard.py`) and
+the readers (`loader.py`, `memory.py`) both go through this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from common import storage
+from common.errors import BadInput
+
+SPLITS = ("train", "valid", "test")
+FORMAT_VERSION = 1
+PIXEL_FORMAT = "npy:uint8:HWC:RGB"
+MANIFEST = "manifest.json"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*-(train|valid|test)-\d{6}\.tar")
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    url: str
+    count: int
+    sha256: str | None = None  # the manifest's; None only for shards read without a manifest
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}-{split}-{index:06d}.tar"
+
+
+def read_manifest(shards: str | os.PathLike) -> dict | None:
+    """The manifest at a local path or URL, or None when there is none yet."""
+    path = storage.join(shards, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BadInput(f"{path}: not a shard manifest (format_version {found!r}, expected {FORMAT_VERSION})")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list)
+                                               for v in splits.values()):
+        raise BadInput(f"{path}: damaged manifest ('splits' must map each split to its list of 'shards')")
+    if not all(isinstance(rec, dict) for v in splits.values() for rec in v["shards"]):
+        raise BadInput(f"{path}: damaged manifest (a shard record is not an object)")
+    return manifest
+
+
+def load_manifest(shards: str) -> dict:
+    manifest = read_manifest(shards)
+    if manifest is None:
+        raise BadInput(f"shards {shards}: no {MANIFEST} (run `vae data shard` first)")
+    return manifest
+
+
+def empty_manifest(dataset: str, preprocessing: dict) -> dict:
+    return {"format_version": FORMAT_VERSION, "dataset": dataset, "preprocessing": preprocessing,
+            "source": {}, "splits": {s: {"count": 0, "shards": []} for s in SPLITS},
+            "skipped": [], "partition_missing": [], "not_in_source": [], "changed_in_source": []}
+
+
+def write_manifest(shards: str, manifest: dict) -> None:
+    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    storage.write_bytes_atomic(storage.join(shards, MANIFEST), data)
+
+
+def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[ShardRef]:
+    manifest = manifest or load_manifest(shards)
+    if split not in manifest["splits"]:
+        raise BadInput(f"shards {shards}: no split {split!r} in the manifest")
+    refs = []
+    for rec in manifest["splits"][split]["shards"]:
+        name = rec.get("name")
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise BadInput(f"shards {shards}: manifest names shard {name!r} in {split}, not a plain "
+                           "'<dataset>-<split>-NNNNNN.tar' file name in that folder")
+        count = rec.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise BadInput(f"shards {shards}: manifest gives shard {name} the count {count!r}")
+        if count > 0:
+            refs.append(ShardRef(storage.join(shards, split, name), count, rec.get("sha256")))
+    return refs
+
+
+def split_fingerprint(manifest: dict, split: str, max_images: int | None = None) -> str:
+    """The identity of a split's images: a sha256 over its shards' sha256 and counts (in order), the
+    preprocessing, and the image cap of a partial evaluation. Two evaluations with the same fingerprint
+    measured the same images, wherever the shards live."""
+    if split not in manifest.get("splits", {}):
+        raise BadInput(f"shards: no split {split!r} in the manifest")
+    shards = [[rec.get("name"), rec.get("sha256"), rec.get("count")] for rec in manifest["splits"][split]["shards"]]
+    blob = json.dumps({"split": split, "shards": shards, "preprocessing": manifest.get("preprocessing"),
+                       "max_images": max_images}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def require_image_size(shards: str, size: int, manifest: dict | None = None) -> dict:
+    """The manifest, after checking that its images have the side a model takes (one line naming both)."""
+    manifest = manifest or load_manifest(shards)
+    found = (manifest.get("preprocessing") or {}).get("size")
+    if found != size:
+        raise BadInput(f"shards {shards}: images of {found}x{found} pixels, the model takes {size}x{size} "
+                       f"(re-shard with --size {size}, or use the model's own shards)")
+    return manifest

@@ -1,0 +1,1 @@
+../../../vae/serving/__init__.py

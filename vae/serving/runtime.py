@@ -1,0 +1,417 @@
+"""The torch-free runtime for exported models: NumPy, onnxruntime and fsspec only (never import torch here).
+
+    from vae.runtime import Champion
+    champion = Champion("s3://bucket/registry")  # or a local registry path; files cached and sha256-verified
+    decoder = champion.decoder()                 # or Decoder(model_folder), Decoder("decoder.onnx")
+    images = decoder.sample(16, seed=0)          # float32 [16, 3, H, W] in [0, 1]
+    if champion.refresh(): decoder = champion.decoder()   # one small read: True when the champion changed
+
+A model is a registry location (its champion), a model folder (its graphs are checked against the sha256 in
+`model.json`; a folder exported before hashes loads with a warning) or a bare `.onnx` file (loaded as is).
+`precision="fp16"` picks `decoder.fp16.onnx` (and `precision=P` in general `<kind>.P.onnx`), explicitly.
+
+The noise is drawn here with NumPy from the caller's seed, so the same seed gives the same images. The
+provider that actually runs is reported (`.provider`); a requested CUDA provider that fell back to the CPU is
+a warning, never silent. Models whose contract version is unknown are refused. `decoder.fp16.onnx` (float16
+weights, float32 interface) loads the same way; use it on a GPU.
+
+Session options (`session_options`): all graph optimizations, sequential execution, idle threads that sleep
+(`spinning=True` to let them spin on dedicated cores), `threads` intra-op threads (default: onnxruntime's, one per
+physical core). See the README for what was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402
+
+__all__ = ["Champion", "Decoder", "Encoder", "KNOWN_CONTRACTS", "RuntimeModelError", "cuda_provider_options",
+           "default_cache_dir", "graph_name", "interpolate", "providers_for", "resolve_model", "session_options",
+           "verified_graph"]
+
+KNOWN_CONTRACTS = ("1",)
+
+
+class RuntimeModelError(ValueError):
+    """The model file or the input given to it is not usable; the message names which."""
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_name(kind: str, precision: str | None = None) -> str:
+    """`decoder.onnx`, or `decoder.<precision>.onnx` for a reduced-precision graph (`fp16`, ...)."""
+    if precision in (None, "float32", "fp32"):
+        return f"{kind}.onnx"
+    if not re.fullmatch(r"[a-z0-9]+", str(precision)):
+        raise RuntimeModelError(f"precision {precision!r}: expected a name such as 'fp16'")
+    return f"{kind}.{precision}.onnx"
+
+
+def verified_graph(folder: str | os.PathLike, name: str) -> str:
+    """`folder/name`, checked against the sha256 that the folder's `model.json` lists for it.
+
+    The folder is resolved once (an export's `--out` is a link switched whole), so the graph and the card come
+    from one export. A folder whose card lists no hashes (exported before they existed) loads with a warning."""
+    folder = os.path.realpath(folder)
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise RuntimeModelError(f"model {path}: file not found")
+    try:
+        with open(os.path.join(folder, "model.json"), "rb") as f:
+            card = json.loads(f.read())
+    except FileNotFoundError:
+        raise RuntimeModelError(f"model folder {folder}: no model.json (pass the .onnx file itself to load "
+                                "a graph without its card)") from None
+    except ValueError as err:
+        raise RuntimeModelError(f"model folder {folder}: model.json is not valid JSON ({err})") from None
+    hashes = card.get("sha256") if isinstance(card, dict) else None
+    if not hashes:
+        warnings.warn(f"model folder {folder}: model.json lists no sha256 (an older export); {name} is not "
+                      "verified", RuntimeWarning, stacklevel=3)
+        return path
+    if name not in hashes:
+        raise RuntimeModelError(f"model folder {folder}: model.json lists no sha256 for {name}")
+    if _sha256(path) != hashes[name]:
+        raise RuntimeModelError(f"model {path}: sha256 differs from model.json's (damaged or replaced file)")
+    return path
+
+
+def resolve_model(model, kind: str, precision: str | None = None) -> tuple[str, str | None]:
+    """(local path of the graph to load, champion version or None) for a model given as a `Champion`, a
+    registry location (local path or URL), a model folder, or an `.onnx` file."""
+    if isinstance(model, Champion):
+        return model.graph(kind, precision), model.version
+    location = os.fspath(model)
+    if "://" in location or os.path.isfile(os.path.join(location, "train-vae", "champion.json")):
+        champion = Champion(location)
+        return champion.graph(kind, precision), champion.version
+    if os.path.isdir(location):
+        return verified_graph(location, graph_name(kind, precision)), None
+    return location, None
+
+
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """The session options every model here runs with (export validates with the same ones).
+
+    `spinning=False` (the default) lets idle worker threads sleep: on CPUs shared with other processes,
+    spinning threads steal the cores the work needs (2x slower measured under load). On cores dedicated to
+    this model, `spinning=True` trims latency at batch 1 (about 15% measured). See bench/export.py.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # these graphs are chains: nothing to overlap
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise RuntimeModelError(f"threads: expected an integer >= 1, got {threads!r}")
+        options.intra_op_num_threads = threads
+    return options
+
+
+def cuda_provider_options(version: str | None = None) -> dict[str, str]:
+    """CUDA provider options for onnxruntime `version` (default: the installed one): NHWC convolutions
+    (`prefer_nhwc`, built into onnxruntime-gpu since 1.20). Measured on an H100 with onnxruntime-gpu 1.31.1
+    (README): the celeba64-gpu decoder 0.98 -> 0.68 ms at batch 1 and 20.8k -> 26.0k images/s at batch 256,
+    the same outputs."""
+    found = re.match(r"(\d+)\.(\d+)", version or ort.__version__)
+    return {"prefer_nhwc": "1"} if found and (int(found[1]), int(found[2])) >= (1, 20) else {}
+
+
+def providers_for(device: str) -> list:
+    """The providers asked for: CUDA first where onnxruntime has it (onnxruntime-gpu) and it is wanted, then CPU.
+
+    A provider that is available may still fail to start (no GPU, missing CUDA libraries): onnxruntime then
+    runs on the next one, so what runs is the session's first provider, not this list's."""
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session(path: str, device: str, threads: int | None, spinning: bool) -> tuple[ort.InferenceSession, dict]:
+    if not os.path.isfile(path):
+        raise RuntimeModelError(f"model {path}: file not found")
+    options = session_options(threads, spinning)
+    try:
+        session = ort.InferenceSession(path, options, providers=providers_for(device))
+    except Exception as err:
+        raise RuntimeModelError(f"model {path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        warnings.warn(f"model {path}: CUDA was requested but onnxruntime runs it on "
+                      f"{session.get_providers()[0]}", RuntimeWarning, stacklevel=3)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    version = meta.get("contract_version")
+    if version not in KNOWN_CONTRACTS:
+        raise RuntimeModelError(f"model {path}: unknown contract version {version!r} "
+                                f"(this runtime knows {', '.join(KNOWN_CONTRACTS)})")
+    return session, meta
+
+
+class _Model:
+    KIND = ""
+
+    def __init__(self, model, device: str = "cpu", threads: int | None = None, spinning: bool = False,
+                 precision: str | None = None):
+        """`model`: a `Champion`, a registry location, a model folder or an `.onnx` file (see the module)."""
+        if device not in ("cpu", "cuda"):
+            raise RuntimeModelError(f"device {device!r}: expected 'cpu' or 'cuda'")
+        self.path, self.champion_version = resolve_model(model, self.KIND, precision)
+        self.session, self.metadata = _session(self.path, device, threads, spinning)
+        self.provider = self.session.get_providers()[0]
+        try:
+            self.latent_dim = int(self.metadata["latent_dim"])
+            self.image_size = int(self.metadata["image_size"])
+            self.channels = int(self.metadata["channels"])
+        except (KeyError, ValueError) as err:
+            raise RuntimeModelError(f"model {self.path}: metadata_props lack or garble {err} (not an export of "
+                                    "this project)") from None
+        self._check_interface()
+        self.version = self.metadata.get("version")  # the model version the graph was exported as
+
+    def _check_interface(self) -> None:
+        """The graph's input and output shapes against its metadata: a graph and card that disagree are refused
+        here rather than failing inside onnxruntime later."""
+        def dims(arg):
+            return [d if isinstance(d, int) else None for d in arg.shape]
+
+        want = {"decoder": ("z", [None, self.latent_dim]),
+                "encoder": ("x", [None, self.channels, self.image_size, self.image_size])}.get(self.KIND)
+        if want is None:
+            return
+        inputs = {arg.name: dims(arg) for arg in self.session.get_inputs()}
+        if inputs.get(want[0]) != want[1]:
+            raise RuntimeModelError(f"model {self.path}: input {want[0]} is {inputs.get(want[0])}, its metadata "
+                                    f"says {want[1]} (graph and metadata disagree, or not a {self.KIND})")
+
+    def card(self) -> dict:
+        """The metadata as Python values (JSON-decoded where they are JSON)."""
+        out = {}
+        for key, value in self.metadata.items():
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        return out
+
+
+class Decoder(_Model):
+    """`decoder.onnx`: latents [N, latent_dim] -> images float32 [N, 3, H, W] in [0, 1]."""
+
+    KIND = "decoder"
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z)
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise RuntimeModelError(f"z: expected shape [N, {self.latent_dim}], got {list(z.shape)}")
+        if z.shape[0] == 0:
+            raise RuntimeModelError("z: expected at least one latent, got N = 0")
+        if not np.issubdtype(z.dtype, np.floating):
+            raise RuntimeModelError(f"z: expected floating point values, got {z.dtype}")
+        if not np.all(np.isfinite(z)):
+            raise RuntimeModelError("z: contains NaN or infinite values")
+        return self.session.run(["x_mean"], {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
+
+    def sample(self, n: int, seed: int = 0, temperature: float = 1.0, batch_size: int = 256) -> np.ndarray:
+        """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`, decoded `batch_size`
+        at a time (the draws are the same as one draw of all n)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise RuntimeModelError(f"n: expected an integer >= 1, got {n!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise RuntimeModelError(f"seed: expected an integer >= 0, got {seed!r}")
+        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+            raise RuntimeModelError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, self.channels, self.image_size, self.image_size), np.float32)
+        for start in range(0, n, batch_size):
+            size = min(batch_size, n - start)
+            z = rng.standard_normal((size, self.latent_dim)) * temperature
+            out[start:start + size] = self.decode(z.astype(np.float32))
+        return out
+
+
+class Encoder(_Model):
+    """`encoder.onnx`: images -> (mu, logvar) of q(z|x), each [N, latent_dim]."""
+
+    KIND = "encoder"
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """images: uint8 [N, H, W, 3] (0..255) or float [N, 3, H, W] in [0, 1]; returns (mu, logvar)."""
+        x = self.to_input(images)
+        mu, logvar = self.session.run(["mu", "logvar"], {"x": x})
+        return mu, logvar
+
+    def to_input(self, images: np.ndarray) -> np.ndarray:
+        """Validate images and convert them to the graph's input: float32 [N, 3, H, W] in [0, 1]."""
+        images = np.asarray(images)
+        s, c = self.image_size, self.channels
+        if images.dtype == np.uint8:
+            if images.ndim != 4 or images.shape[1:] != (s, s, c):
+                hint = " (it looks like CHW: uint8 must be HWC)" if images.shape[1:] == (c, s, s) else ""
+                raise RuntimeModelError(f"images: uint8 input must be [N, {s}, {s}, {c}] (HWC), "
+                                        f"got {list(images.shape)}{hint}")
+            x = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        elif np.issubdtype(images.dtype, np.floating):
+            if images.ndim != 4 or images.shape[1:] != (c, s, s):
+                hint = " (it looks like HWC: float must be CHW)" if images.shape[1:] == (s, s, c) else ""
+                raise RuntimeModelError(f"images: float input must be [N, {c}, {s}, {s}] (CHW), "
+                                        f"got {list(images.shape)}{hint}")
+            if not np.all(np.isfinite(images)):
+                raise RuntimeModelError("images: float input contains NaN or infinite values")
+            low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+            if low < 0.0 or high > 1.0:
+                hint = " (0..255 values? divide by 255, or pass uint8 HWC)" if high > 1.0 else ""
+                raise RuntimeModelError(f"images: float input must lie in [0, 1], got [{low:g}, {high:g}]{hint}")
+            x = images.astype(np.float32, copy=False)
+        else:
+            raise RuntimeModelError(f"images: expected uint8 HWC or float CHW, got dtype {images.dtype}")
+        if x.shape[0] == 0:
+            raise RuntimeModelError("images: expected at least one image, got N = 0")
+        return np.ascontiguousarray(x)
+
+
+def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
+    """Latents on the straight line from a to b, endpoints included: [steps, latent_dim].
+
+    a and b are single codes, [latent_dim] (or [1, latent_dim], e.g. one row of `Encoder.encode`'s mu).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise RuntimeModelError(f"steps: expected an integer >= 2, got {steps!r}")
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    a = a[0] if a.ndim == 2 and a.shape[0] == 1 else a
+    b = b[0] if b.ndim == 2 and b.shape[0] == 1 else b
+    if a.ndim != 1 or a.shape != b.shape:
+        raise RuntimeModelError(f"a, b: expected two codes of the same shape [latent_dim], got "
+                                f"{list(a.shape)} and {list(b.shape)}")
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
+    return (1 - t) * a[None] + t * b[None]
+
+
+def default_cache_dir() -> str:
+    """Where remote champions are cached: `$VAE_RUNTIME_CACHE`, else `~/.cache/vae-runtime`."""
+    return os.environ.get("VAE_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vae-runtime")
+
+
+class Champion:
+    """The promoted version of a registry (a local path or an fsspec URL such as s3://bucket/registry).
+
+    `champion.json` names the version relative to the registry; its `version.json` lists every file's sha256
+    and is itself pinned by the champion record. Graphs of a remote registry are downloaded once into
+    `cache_dir` (versions are immutable, so a cached file never goes stale) and every graph is verified against
+    the record before it loads. `refresh()` re-reads only `champion.json`.
+    """
+
+    def __init__(self, registry: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        from vae.serving import registry as reg
+
+        self._reg = reg
+        self.registry = os.fspath(registry)
+        self.remote = "://" in self.registry and not self.registry.startswith("file://")
+        key = hashlib.sha256(self.registry.rstrip("/").encode()).hexdigest()[:16]
+        self.cache = Path(cache_dir or default_cache_dir()) / key
+        self.record: dict = {}
+        self.files: dict[str, str] = {}
+        self._load(self._read_record())
+
+    @property
+    def version(self) -> str:
+        return self.record["version"]
+
+    def _read_record(self) -> dict:
+        try:
+            record = self._reg.read_champion(self.registry)
+        except (OSError, self._reg.RegistryError) as err:
+            raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({err})") from None
+        if record is None:
+            raise RuntimeModelError(f"registry {self.registry}: no champion yet "
+                                    f"({self._reg.PROJECT}/{self._reg.CHAMPION} not found)")
+        return record
+
+    def _load(self, record: dict) -> None:
+        version = record["version"]
+        pinned = record.get("record_sha256")
+        try:
+            raw = self._reg.storage.read_bytes(
+                self._reg.storage.join(self._version_location(version), self._reg.VERSION_RECORD))
+        except FileNotFoundError:
+            if pinned is not None:
+                raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
+                                        f"{self._reg.VERSION_RECORD} (not published whole)") from None
+            warnings.warn(f"registry {self.registry}: champion {version} is from a registry without version "
+                          "records; its files are not verified", RuntimeWarning, stacklevel=3)
+            self.record, self.files = record, None
+            return
+        if pinned is None:
+            warnings.warn(f"registry {self.registry}: champion record of {version} pins no version record (an "
+                          "older registry)", RuntimeWarning, stacklevel=3)
+        elif hashlib.sha256(raw).hexdigest() != pinned:
+            raise RuntimeModelError(f"registry {self.registry}: {self._reg.VERSION_RECORD} of {version} differs "
+                                    "from the one the champion record pins")
+        self.record, self.files = record, json.loads(raw)["files"]
+
+    def _version_location(self, version: str) -> str:
+        return self._reg.storage.join(self.registry, *self._reg.version_path(version).split("/"))
+
+    def graph(self, kind: str, precision: str | None = None) -> str:
+        """A local, sha256-verified copy (or the registry's own file) of one graph of the champion."""
+        name = graph_name(kind, precision)
+        if self.files is not None and name not in self.files:
+            raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name} "
+                                    f"(it holds {', '.join(sorted(self.files))})")
+        return self.file(name)
+
+    def file(self, name: str) -> str:
+        """A local copy of one file of the champion, verified against its version record (when it has one)."""
+        want = self.files.get(name) if self.files is not None else None
+        if want is None and self.files is not None:
+            raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
+        source = self._reg.storage.join(self._version_location(self.version), name)
+        if not self.remote:
+            path = self._reg.storage._local(source)
+            if not os.path.isfile(path):
+                raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
+            if want is not None and _sha256(path) != want:
+                raise RuntimeModelError(f"model {path}: sha256 differs from the registry's version record")
+            return path
+        path = self.cache / self.version / name
+        if want is not None and path.is_file() and _sha256(path) == want:
+            return str(path)
+        try:
+            data = self._reg.storage.read_bytes(source)
+        except (OSError, FileNotFoundError) as err:
+            raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} ({err})") \
+                from None
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise RuntimeModelError(f"registry {self.registry}: {name} of {self.version} differs from its "
+                                    "version record (damaged or replaced)")
+        from common.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, data)
+        return str(path)
+
+    def refresh(self) -> bool:
+        """Re-read `champion.json`; True (and this object now names the new champion) when it changed."""
+        record = self._read_record()
+        if record.get("version") == self.record.get("version"):
+            return False
+        self._load(record)
+        return True
+
+    def decoder(self, **options) -> "Decoder":
+        return Decoder(self, **options)
+
+    def encoder(self, **options) -> "Encoder":
+        return Encoder(self, **options)

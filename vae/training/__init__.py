@@ -1,0 +1,1 @@
+"""Training with Accelerate: the loop (`train.py`), its steps, the EMA of the weights."""
