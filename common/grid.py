@@ -11,6 +11,8 @@ import zlib
 
 import numpy as np
 
+from common.atomic import atomic_write_bytes
+
 
 __all__ = ["make_grid", "png_bytes", "to_uint8_hwc", "write_png"]
 
@@ -55,11 +57,5 @@ def png_bytes(picture: np.ndarray) -> bytes:
 
 def write_png(path: str | os.PathLike, picture: np.ndarray) -> str:
     """Write an RGB picture as PNG, atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(png_bytes(picture))
-    os.replace(tmp, path)
-    return path
+    atomic_write_bytes(path, png_bytes(picture))
+    return os.fspath(path)

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "local"
@@ -82,10 +84,7 @@ class Stack:
 
     def record(self, name: str, pid: int) -> None:
         pids = {**self.recorded(), name: pid}
-        self.home.mkdir(parents=True, exist_ok=True)
-        tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": self.port, "pool": self.pool, "pids": pids}, indent=1))
-        tmp.replace(self.pid_file)
+        atomic_write_json(self.pid_file, {"port": self.port, "pool": self.pool, "pids": pids})
 
 
 def port_free(port: int) -> bool:

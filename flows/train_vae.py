@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vae.serving import registry as reg
+from pipeline.preprocess import DEFAULT_CROP
 from vae.config import MAX_K, config_hash, load_config
 from common.errors import BadInput
 
@@ -37,7 +38,7 @@ def synthesize_source(source: str, n: int, seed: int = 0) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])
-def shard_data(source: str, shards: str, size: int, crop: int = 148, workers: int = 1) -> dict:
+def shard_data(source: str, shards: str, size: int, crop: int = DEFAULT_CROP, workers: int = 1) -> dict:
     """Shard the source (no work when the manifest is current; new images land in new shards)."""
     from pipeline.shard import changed_note, shard
 
@@ -206,7 +207,7 @@ def _flow_run_identity() -> tuple:
 @flow(name="train-vae")
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
-              crop: int = 148, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
+              crop: int = DEFAULT_CROP, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
               fp16: bool = False, warm_start: bool = False) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 

@@ -15,6 +15,9 @@ from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs with a clear skip reason
 
+DEFAULT_CROP = 148  # CelebA's aligned faces: the centred square that holds the face (0: the largest square)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")  # what we decode
+
 
 class SkipImage(Exception):
     """The input cannot be used; the message is the reason recorded in the manifest."""

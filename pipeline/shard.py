@@ -24,6 +24,7 @@ import os
 import sys
 import re
 import time
+from dataclasses import dataclass, field
 
 import webdataset as wds
 from tqdm import tqdm
@@ -32,7 +33,7 @@ from common import storage
 from common.errors import BadInput
 from pipeline.manifest import (MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest, shard_name,
                                write_manifest)
-from pipeline.preprocess import SkipImage, preprocess
+from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
 from pipeline.records import sample_members
 from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
 
@@ -116,103 +117,141 @@ def remove_stale_temps(out: str, dataset: str) -> list[str]:
     return removed
 
 
-def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = 148, size: int = 64,
+@dataclass
+class Plan:
+    """What one `shard` run will do: the source and its listing, the manifest as it stands, and per split the
+    images not sharded yet (`todo`); `failed` holds the images that could not be used, kept while they stay in
+    the source."""
+    src: Source
+    out: str
+    dataset: str
+    crop: int
+    size: int
+    maxcount: int
+    listing: Listing
+    fingerprint: str
+    manifest: dict
+    failed: dict = field(default_factory=dict)
+    todo: dict = field(default_factory=dict)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.manifest["source"].get("fingerprint") == self.fingerprint
+
+    def save_manifest(self) -> None:
+        self.manifest["skipped"] = sorted([*self.failed.values(), *self.listing.skipped],
+                                          key=lambda r: (r["key"], r["reason"]))
+        self.manifest["partition_missing"] = self.listing.partition_missing
+        write_manifest(self.out, self.manifest)
+
+
+def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = DEFAULT_CROP, size: int = 64,
           workers: int = 1, dataset: str = "celeba", maxcount: int = 1000, progress: bool = True) -> dict:
     """Shard `source` into `out`; returns a summary {written, skipped, seconds, up_to_date, counts, manifest,
     changed_in_source}."""
     started = time.time()
+    check_settings(crop, size, workers, dataset, maxcount)
+    plan = make_plan(open_source(source), str(out), dataset, crop, size, maxcount)
+    if plan.up_to_date:
+        if learn_source_bytes(plan.manifest, plan.listing):  # a manifest from before sizes were kept, upgraded once
+            plan.manifest.setdefault("changed_in_source", [])
+            write_manifest(plan.out, plan.manifest)
+        return summarize(plan, started, written=0, up_to_date=True)
+    total = sum(len(v) for v in plan.todo.values())
+    bar = tqdm(total=total, unit="img", desc="sharding", disable=not progress or total == 0, file=sys.stderr,
+               dynamic_ncols=True)
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (plan.src, crop, size)) \
+        if workers > 1 else None
+    if pool is None:
+        _init_worker(plan.src, crop, size)
+    written = 0
+    try:
+        for split in SPLITS:
+            if plan.todo[split]:
+                results = pool.imap(_process, plan.todo[split], chunksize=16) if pool else \
+                    map(_process, plan.todo[split])
+                written += write_split(plan, split, results, bar)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    plan.manifest["source"] = {"path": plan.src.describe(), "fingerprint": plan.fingerprint}
+    plan.save_manifest()
+    return summarize(plan, started, written, up_to_date=False)
+
+
+def check_settings(crop: int, size: int, workers: int, dataset: str, maxcount: int) -> None:
     if size < 1 or crop < 0 or maxcount < 1 or workers < 1:
         raise BadInput(f"shard settings: need size >= 1, crop >= 0, maxcount >= 1, workers >= 1 "
                        f"(got size={size}, crop={crop}, maxcount={maxcount}, workers={workers})")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", dataset):
         raise BadInput(f"--dataset {dataset!r}: letters, digits, '-' and '_' only (it names the shard files)")
-    src = open_source(source)
-    out = str(out)
+
+
+def make_plan(src: Source, out: str, dataset: str, crop: int, size: int, maxcount: int) -> Plan:
+    """List the source, read (or start) the manifest and decide what is left to shard."""
     remove_stale_temps(out, dataset)
     listing = src.listing()
-    preprocessing = {"crop": crop, "size": size, "pixel_format": PIXEL_FORMAT,
-                     "resize": "PIL bilinear, antialiased"}
+    preprocessing = {"crop": crop, "size": size, "pixel_format": PIXEL_FORMAT, "resize": "PIL bilinear, antialiased"}
     fingerprint = hashlib.sha256(
-        (listing.fingerprint + json.dumps(preprocessing, sort_keys=True) + f"/{maxcount}").encode()
-    ).hexdigest()
-
+        (listing.fingerprint + json.dumps(preprocessing, sort_keys=True) + f"/{maxcount}").encode()).hexdigest()
     manifest = read_manifest(out)
     if manifest is None:
         manifest = empty_manifest(dataset, preprocessing)
     elif manifest["preprocessing"] != preprocessing or manifest["dataset"] != dataset:
         raise BadInput(f"{storage.join(out, MANIFEST)}: holds shards made with {manifest['preprocessing']} for "
                        f"{manifest['dataset']!r}; shard into another folder")
-    counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
-    if manifest["source"].get("fingerprint") == fingerprint:
-        if learn_source_bytes(manifest, listing):  # a manifest from before sizes were kept, upgraded once
-            manifest.setdefault("changed_in_source", [])
-            write_manifest(out, manifest)
-        return {"written": 0, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
-                "up_to_date": True, "counts": counts, "manifest": storage.join(out, MANIFEST),
-                "changed_in_source": manifest.get("changed_in_source", [])}
-
-    done = {k for s in SPLITS for shard_rec in manifest["splits"][s]["shards"] for k in shard_rec["keys"]}
+    plan = Plan(src, out, dataset, crop, size, maxcount, listing, fingerprint, manifest)
+    if plan.up_to_date:
+        return plan
+    done = {k for s in SPLITS for record in manifest["splits"][s]["shards"] for k in record["keys"]}
     present = set(listing.metadata)  # every key the source holds now
     # Images that failed preprocessing stay failed while they are in the source; listing problems
     # (duplicates, images the partition does not name) are derived afresh from the current listing.
-    failed = {r["key"]: r for r in manifest["skipped"]
-              if not r["reason"].startswith(LISTING_REASONS) and r["key"] in present}
-    todo = {s: [e for e in listing.entries[s] if e.key not in done and e.key not in failed] for s in SPLITS}
-    total = sum(len(v) for v in todo.values())
+    plan.failed = {r["key"]: r for r in manifest["skipped"]
+                   if not r["reason"].startswith(LISTING_REASONS) and r["key"] in present}
+    plan.todo = {s: [e for e in listing.entries[s] if e.key not in done and e.key not in plan.failed]
+                 for s in SPLITS}
     # Shards are immutable: an image deleted from the source stays in its shard and is listed here.
     manifest["not_in_source"] = sorted(done - present)
     manifest["changed_in_source"] = changed_in_source(manifest, listing)  # kept as first sharded
     # Until this run ends, the manifest must not claim to match any source (a killed run is re-done).
     manifest["source"] = {"path": src.describe(), "fingerprint": None}
+    return plan
 
-    def save_manifest() -> None:
-        manifest["skipped"] = sorted([*failed.values(), *listing.skipped], key=lambda r: (r["key"], r["reason"]))
-        manifest["partition_missing"] = listing.partition_missing
-        write_manifest(out, manifest)
 
+def write_split(plan: Plan, split: str, results, bar) -> int:
+    """Write one split's new images into new shards of `maxcount` images, the manifest after each shard;
+    returns how many images were written."""
+    folder = storage.join(plan.out, split)
+    storage.make_dirs(folder)
+    records = plan.manifest["splits"][split]["shards"]
+    pending: list[tuple[str, object, dict, int]] = []
     written = 0
-    bar = tqdm(total=total, unit="img", desc="sharding", disable=not progress or total == 0,
-               file=sys.stderr, dynamic_ncols=True)
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (src, crop, size)) \
-        if workers > 1 else None
-    if pool is None:
-        _init_worker(src, crop, size)
-    try:
-        for split in SPLITS:
-            if not todo[split]:
-                continue
-            folder = storage.join(out, split)
-            storage.make_dirs(folder)
-            records = manifest["splits"][split]["shards"]
-            pending: list[tuple[str, object, dict, int]] = []
 
-            def flush() -> None:
-                index = len(records)
-                records.append(_write_shard(folder, shard_name(dataset, split, index), pending))
-                manifest["splits"][split]["count"] = sum(r["count"] for r in records)
-                pending.clear()
-                save_manifest()
+    def flush() -> None:
+        records.append(_write_shard(folder, shard_name(plan.dataset, split, len(records)), pending))
+        plan.manifest["splits"][split]["count"] = sum(r["count"] for r in records)
+        pending.clear()
+        plan.save_manifest()
 
-            results = pool.imap(_process, todo[split], chunksize=16) if pool else map(_process, todo[split])
-            for entry, result in results:
-                bar.update(1)
-                if isinstance(result, str):
-                    failed[entry.key] = {"key": entry.key, "reason": result}
-                    continue
-                meta = {"image_id": entry.key, "split": split, **listing.metadata.get(entry.key, {})}
-                pending.append((entry.key, result, meta, entry.size))
-                written += 1
-                if len(pending) == maxcount:
-                    flush()
-            if pending:
-                flush()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    manifest["source"] = {"path": src.describe(), "fingerprint": fingerprint}
-    save_manifest()
-    counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
+    for entry, result in results:
+        bar.update(1)
+        if isinstance(result, str):
+            plan.failed[entry.key] = {"key": entry.key, "reason": result}
+            continue
+        meta = {"image_id": entry.key, "split": split, **plan.listing.metadata.get(entry.key, {})}
+        pending.append((entry.key, result, meta, entry.size))
+        written += 1
+        if len(pending) == plan.maxcount:
+            flush()
+    if pending:
+        flush()
+    return written
+
+
+def summarize(plan: Plan, started: float, written: int, up_to_date: bool) -> dict:
+    manifest = plan.manifest
     return {"written": written, "skipped": len(manifest["skipped"]), "seconds": time.time() - started,
-            "up_to_date": False, "counts": counts, "manifest": storage.join(out, MANIFEST),
-            "changed_in_source": manifest["changed_in_source"]}
+            "up_to_date": up_to_date, "counts": {s: manifest["splits"][s]["count"] for s in SPLITS},
+            "manifest": storage.join(plan.out, MANIFEST), "changed_in_source": manifest.get("changed_in_source", [])}

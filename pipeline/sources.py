@@ -19,8 +19,8 @@ from pathlib import Path
 from common import storage
 from common.errors import BadInput
 from pipeline.manifest import SPLITS
+from pipeline.preprocess import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 SPLIT_CODES = {"0": "train", "1": "valid", "2": "test"}
 PARTITION_FILE = "list_eval_partition.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
@@ -170,7 +170,7 @@ class FolderSource(Source):
 
     def _files(self) -> list[tuple[str, int]]:
         return [(name, size) for name, size in storage.list_files(self.image_dir)
-                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.rsplit("/", 1)[-1].startswith(".")]
+                if name.lower().endswith(IMAGE_SUFFIXES) and not name.rsplit("/", 1)[-1].startswith(".")]
 
     def read(self, name: str) -> bytes:
         return storage.read_bytes(storage.join(self.image_dir, *name.split("/")))
@@ -207,7 +207,7 @@ class ZipSource(Source):
 
     def _files(self) -> list[tuple[str, int]]:
         return [(name, info.file_size) for name, info in self.infos.items()
-                if name.lower().endswith(IMAGE_EXTENSIONS) and not Path(name).name.startswith(".")
+                if name.lower().endswith(IMAGE_SUFFIXES) and not Path(name).name.startswith(".")
                 and "__MACOSX" not in name]
 
     def read(self, name: str) -> bytes:

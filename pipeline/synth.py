@@ -16,15 +16,16 @@ and the output is a pure function of ``(n, seed)``: reruns are byte-identical.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from common.atomic import atomic_write_bytes
 
 ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald",
@@ -125,8 +126,26 @@ def _hair_outline(cx, hcy, hrx, hry, bottom, wavy, straight) -> list[tuple[float
     return pts
 
 
+@dataclass
+class _Face:
+    """One face being drawn: the canvas, the random stream, its labels and identity, and its geometry."""
+    d: ImageDraw.ImageDraw
+    rng: np.random.Generator
+    a: dict
+    idt: dict
+    cx: float
+    cy: float
+    rx: float
+    ry: float
+    skin: tuple
+    hair: tuple
+    dark: tuple
+    hcy: float = 0.0  # the centre of the hair's dome
+    ey: float = 0.0  # the eyes' height
+
+
 def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
-    """Render one face for labels ``a``; all randomness comes from ``rng``."""
+    """Render one face for labels ``a``; all randomness comes from ``rng``, drawn in a fixed order."""
     s = rng.uniform(.96, 1.04)
     cx, cy = 89 + rng.normal(0, 2), 115 + rng.normal(0, 2)
     rx = idt["rx"] * s * (1.08 if a["Chubby"] else .95 if a["Oval_Face"] else 1) * (
@@ -141,7 +160,15 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
     hair_rgb = next(c for name, _, c in _HAIR if name is None or a[name])
     hair = _rgb(np.array(hair_rgb) + rng.normal(0, 8, 3))
     dark = _mix(hair, (40, 30, 25), .6)  # beard / eyebrow colour
-    # Clothes, neck, back hair, ears, face.
+    f = _Face(d, rng, a, idt, cx, cy, rx, ry, skin, hair, dark)
+    for part in (_body_and_back_hair, _face_and_facial_hair, _hairline, _eyes, _nose_and_mouth, _accessories):
+        part(f)
+    return img.filter(ImageFilter.GaussianBlur(2.2 if a["Blurry"] else .6))
+
+
+def _body_and_back_hair(f: _Face) -> None:
+    """Clothes, neck, back hair and ears."""
+    d, rng, a, idt, cx, cy, rx, ry, skin, hair = f.d, f.rng, f.a, f.idt, f.cx, f.cy, f.rx, f.ry, f.skin, f.hair
     cloth = _rgb(rng.uniform(20, 235, 3))
     d.ellipse((cx - 1.9 * rx, cy + 1.25 * ry, cx + 1.9 * rx, cy + 3.2 * ry), fill=cloth)
     d.rectangle((cx - .42 * rx, cy + .5 * ry, cx + .42 * rx, cy + 1.4 * ry), fill=_rgb(skin, .86))
@@ -161,6 +188,13 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
         d.ellipse((cx + sx * rx - 7, ey - 8, cx + sx * rx + 7, ey + 14), fill=skin)
         if a["Wearing_Earrings"]:
             d.ellipse((cx + sx * rx - 3, ey + 14, cx + sx * rx + 3, ey + 20), fill=(240, 200, 60))
+    f.hcy, f.ey = hcy, ey
+
+
+def _face_and_facial_hair(f: _Face) -> None:
+    """The face, beards and stubble, sideburns, a double chin."""
+    d, a, cx, cy, rx, ry, skin, dark = f.d, f.a, f.cx, f.cy, f.rx, f.ry, f.skin, f.dark
+    ey = f.ey
     face = (cx - rx, cy - ry, cx + rx, cy + ry)
     d.ellipse(face, fill=skin)
     # Facial hair: a darker jaw region for beards, a lighter shade for stubble.
@@ -175,6 +209,12 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
     if a["Double_Chin"]:
         d.arc((cx - .4 * rx, cy + .75 * ry, cx + .4 * rx, cy + 1.05 * ry), 20, 160,
               fill=_rgb(skin, .75), width=2)
+
+
+def _hairline(f: _Face) -> None:
+    """Hair over the forehead (a chord of the dome, cut at the hairline), or a bald scalp's shine."""
+    d, a, cx, cy, rx, ry, skin, hair = f.d, f.a, f.cx, f.cy, f.rx, f.ry, f.skin, f.hair
+    hcy = f.hcy
     # Hair over the forehead: a chord of the dome, cut at the hairline.
     if not a["Bald"]:
         hl = cy - (.36 if a["Bangs"] else .78 if a["Receding_Hairline"] else .6) * ry
@@ -184,6 +224,12 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
     else:
         shine = _rgb(skin, 1.12)  # highlight on the bald scalp
         d.ellipse((cx - .35 * rx, cy - .95 * ry, cx + .1 * rx, cy - .75 * ry), fill=shine)
+
+
+def _eyes(f: _Face) -> None:
+    """Eyes, eyebrows, cheeks."""
+    d, a, idt, cx, cy, rx, ry, skin, dark = f.d, f.a, f.idt, f.cx, f.cy, f.rx, f.ry, f.skin, f.dark
+    ey = f.ey
     # Eyes, eyebrows, cheeks.
     eh = 3 if a["Narrow_Eyes"] else 5
     brow_w = (5 if a["Bushy_Eyebrows"] else 2) + a["Male"]
@@ -205,6 +251,12 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
         if a["Rosy_Cheeks"] or a["High_Cheekbones"]:
             blush = _mix(skin, (235, 90, 100), .45 if a["Rosy_Cheeks"] else .12)
             d.ellipse((ex - 9, cy + .15 * ry, ex + 9, cy + .3 * ry + 6), fill=blush)
+
+
+def _nose_and_mouth(f: _Face) -> None:
+    """The nose; the mouth: flat line or upward arc, optionally open; lipstick makes it red."""
+    d, a, idt, cx, cy, rx, ry, skin, dark = f.d, f.a, f.idt, f.cx, f.cy, f.rx, f.ry, f.skin, f.dark
+    ey = f.ey
     # Nose.
     ny, nw = cy + .24 * ry, 8 if a["Big_Nose"] else 5
     d.line([(cx, ey + 2), (cx - 3, ny - (0 if a["Pointy_Nose"] else 3)), (cx, ny)],
@@ -229,6 +281,12 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
                   width=lw - 1)
     else:
         d.line([(cx - .85 * mw, my), (cx + .85 * mw, my)], fill=lip, width=lw)
+
+
+def _accessories(f: _Face) -> None:
+    """Glasses (frames, sometimes tinted, a bridge and temples) and a hat (crown and brim)."""
+    d, rng, a, idt, cx, cy, rx, ry = f.d, f.rng, f.a, f.idt, f.cx, f.cy, f.rx, f.ry
+    ey = f.ey
     # Glasses: frames (sometimes tinted) joined by a bridge, plus temples.
     if a["Eyeglasses"]:
         frame, tint = _rgb(rng.uniform(10, 60, 3)), rng.random() < .25
@@ -244,21 +302,6 @@ def _draw(rng: np.random.Generator, idt: dict, a: dict) -> Image.Image:
         hat, brim = _rgb(rng.uniform(20, 230, 3)), cy - .66 * ry
         d.rounded_rectangle((cx - .95 * rx, cy - 1.2 * ry, cx + .95 * rx, brim + 7), 16, fill=hat)
         d.ellipse((cx - 1.4 * rx, brim - 6, cx + 1.4 * rx, brim + 8), fill=_rgb(hat, .75))
-    return img.filter(ImageFilter.GaussianBlur(2.2 if a["Blurry"] else .6))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
@@ -284,7 +327,7 @@ def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
         a = _attributes(rng, idents[ident - 1])
         buf = io.BytesIO()
         _draw(rng, idents[ident - 1], a).save(buf, "JPEG", quality=90)
-        _write_atomic(img_dir / name, buf.getvalue())
+        atomic_write_bytes(img_dir / name, buf.getvalue())
         attr_lines.append(name + " " + " ".join(f"{1 if a[k] else -1:2d}" for k in ATTRIBUTES))
     text = {
         "list_eval_partition.txt": [f"{m} {s}" for m, s in zip(names, split)],
@@ -292,7 +335,7 @@ def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
         "identity_CelebA.txt": [f"{m} {i}" for m, i in zip(names, ids)],
     }
     for fname, lines in text.items():
-        _write_atomic(root / fname, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(root / fname, ("\n".join(lines) + "\n").encode())
     counts = np.bincount(split, minlength=3)
     return {"n": n, "out": str(out),
             "splits": {"train": int(counts[0]), "valid": int(counts[1]), "test": int(counts[2])}}

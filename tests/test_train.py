@@ -13,6 +13,7 @@ from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
 from common.errors import ConfigError, TrainingError
 from vae.models import build_model
 from vae.objectives import elbo_terms
+from vae.training.steps import train_step
 from vae.training.train import train
 
 
@@ -64,51 +65,59 @@ def test_checkpoints_load_with_weights_only(trained_run):
     assert json.loads(state["config"])["train"]["steps"] == 30
 
 
-def test_persistent_nonfinite_loss_stops_with_checkpoint_intact(tiny_shards, tmp_path, monkeypatch):
+def _steps(cfg):
+    """A run's state and an open stream, for driving single steps."""
+    from vae.training.state import setup
+    from vae.training.steps import Window
+    from vae.training.train import open_stream
+
+    state = setup(cfg)
+    batches, noise = open_stream(state, None, state.stream_start)
+    return state, lambda: train_step(state, batches, noise, Window(), set())
+
+
+def test_persistent_nonfinite_loss_stops_with_checkpoint_intact(tiny_shards, tmp_path):
     run = tmp_path / "nan"
-    cfg = tiny_config(run, tiny_shards, "train.steps=10", "train.checkpoint_every=5", "train.max_nonfinite=3")
-    train(cfg, progress=False)
+    train(tiny_config(run, tiny_shards, "train.steps=10", "train.checkpoint_every=5"), progress=False)
     good = load_checkpoint(run / "checkpoints" / "step-00000010.pt")
-
-    import vae.training.train as train_module
-
-    real = train_module.elbo_terms
-
-    def poisoned(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        terms["recon"] = terms["recon"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(train_module, "elbo_terms", poisoned)
-    cfg = tiny_config(run, tiny_shards, "train.steps=20", "train.checkpoint_every=5", "train.max_nonfinite=3")
+    state, step = _steps(tiny_config(run, tiny_shards, "train.steps=20", "train.checkpoint_every=5",
+                                     "train.max_nonfinite=3"))
+    with torch.no_grad():
+        next(state.raw_model.parameters()).fill_(float("nan"))  # every loss from here on is NaN
+    assert step().skipped and step().skipped and state.counters["skipped"] == 2
     with pytest.raises(TrainingError, match="3 non-finite"):
-        train(cfg, progress=False)
+        step()
     after = load_checkpoint(list_checkpoints(run)[-1])
     assert int(after["step"]) == 10
     for key in good["model"]:
         assert torch.equal(good["model"][key], after["model"][key])
 
 
-def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path, monkeypatch):
-    import vae.training.train as train_module
+def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path):
+    state, step = _steps(tiny_config(tmp_path / "skip", tiny_shards, "train.steps=10"))
+    weight = next(state.raw_model.parameters())
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("inf"))
+    result = step()
+    assert result.skipped and result.grad_norm != result.grad_norm and state.counters == {
+        "step": 1, "skipped": 1, "images": 16}
+    with torch.no_grad():
+        weight.copy_(kept)  # the skipped step left the weights as they were
+    assert not step().skipped and state.nonfinite_in_a_row == 0 and state.counters["skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in state.raw_model.parameters())
 
-    real = train_module.elbo_terms
-    calls = {"n": 0}
 
-    def sometimes_nan(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] in (3, 7):
-            terms["recon"] = terms["recon"] * float("inf")
-        return terms
-
-    monkeypatch.setattr(train_module, "elbo_terms", sometimes_nan)
-    run = tmp_path / "skip"
-    train(tiny_config(run, tiny_shards, "train.steps=10", "train.log_every=10"), progress=False)
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["skipped_steps"] == 2
-    state = load_checkpoint(list_checkpoints(run)[-1])
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+def test_a_step_moves_the_weights_the_scheduler_and_the_ema(tiny_shards, tmp_path):
+    state, step = _steps(tiny_config(tmp_path / "one", tiny_shards, "train.steps=10"))
+    before = {k: v.clone() for k, v in state.raw_model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in state.ema.state_dict().items()}
+    lr = state.scheduler.get_last_lr()[0]
+    assert not step().skipped
+    after = state.raw_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(ema_before[k], v) for k, v in state.ema.state_dict().items())
+    assert state.scheduler.get_last_lr()[0] != lr and state.counters["step"] == 1
 
 
 def test_fp16_on_cpu_is_refused_not_ignored(tiny_shards, tmp_path):
@@ -125,6 +134,12 @@ def test_training_writes_tensorboard_events_and_grids(trained_run):
     record = json.loads((trained_run / "train_log.jsonl").read_text().splitlines()[-1])
     for key in ("grad_norm", "lr", "images_per_s", "kl_dim_max", "kl_dims_active", "elbo_bpd", "skipped_steps"):
         assert key in record, key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(trained_run.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert {"grids/samples", "grids/reconstructions"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("grids/samples")] == [15, 30]
 
 
 def test_memory_stream_visits_every_image_once_per_epoch(tiny_shards):

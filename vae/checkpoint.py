@@ -81,7 +81,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # where data and outputs live, evaluation. Anything else changes what is being trained.
 RESUMABLE = ("run_dir", "train.steps", "train.max_seconds", "train.checkpoint_every", "train.log_every",
              "train.grids_every", "train.keep_checkpoints", "train.tensorboard", "train.init_from",
-             "data.shards", "data.num_workers", "eval.")
+             "train.max_nonfinite", "data.shards", "data.num_workers", "eval.")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -56,10 +56,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_shard(args) -> int:
+    from pipeline.preprocess import DEFAULT_CROP
     from pipeline.shard import changed_note, shard
 
-    summary = shard(args.source, args.out, crop=args.crop, size=args.size, workers=args.workers,
-                    dataset=args.dataset, maxcount=args.maxcount, progress=not args.quiet)
+    crop = DEFAULT_CROP if args.crop is None else args.crop
+    summary = shard(args.source, args.out, crop=crop, size=args.size, workers=args.workers, dataset=args.dataset,
+                    maxcount=args.maxcount, progress=not args.quiet)
     state = "up to date, nothing to do" if summary["up_to_date"] else f"written {summary['written']}"
     print(f"shards {args.out}: {state}, skipped {summary['skipped']}, counts {summary['counts']}, "
           f"{summary['seconds']:.1f} s")
@@ -183,10 +185,9 @@ def cmd_sample(args) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
 def _image_files(images: Path) -> list[Path]:
+    from pipeline.preprocess import IMAGE_SUFFIXES
+
     if images.is_file():
         return [images]
     if not images.is_dir():
@@ -205,7 +206,7 @@ def cmd_encode(args) -> int:
     """Preprocess images as the shards are (center crop, antialiased resize), encode, write keys/mu/logvar."""
     import numpy as np
 
-    from pipeline.preprocess import SkipImage, preprocess
+    from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
     from common.atomic import atomic_write
 
     if not args.out.endswith(".npz"):
@@ -214,7 +215,7 @@ def cmd_encode(args) -> int:
         raise BadInput(f"crop: expected >= 0, got {args.crop}")
     encoder = _runtime_model("Encoder", args.model, args.device)
     card = encoder.card()
-    crop = args.crop if args.crop is not None else int((card.get("preprocessing") or {}).get("crop", 148))
+    crop = args.crop if args.crop is not None else int((card.get("preprocessing") or {}).get("crop", DEFAULT_CROP))
     files = _image_files(Path(args.images))
     keys, pixels, skipped = [], [], []
     for path in files:
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="CelebA folder, img_align_celeba.zip, or any image folder: a local path or an fsspec URL")
     p.add_argument("--out", required=True, help="shard folder")
     p.add_argument("--size", type=_positive, default=64, help="output side in pixels (default 64)")
-    p.add_argument("--crop", type=int, default=148, help="center crop before resizing (0: largest square)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="center crop before resizing (default 148, CelebA's face square; 0: largest square)")
     p.add_argument("--workers", type=_positive, default=1, help="preprocessing processes")
     p.add_argument("--maxcount", type=_positive, default=1000, help="images per shard")
     p.add_argument("--dataset", default="celeba", help="name in shard file names")

@@ -58,7 +58,7 @@ class ModelConfig:
     res_blocks: int = 1  # residual blocks after each resolution change
     likelihood: str = "discretized_logistic"
     mixtures: int = 1  # logistic_mixture: components per pixel (1 beat 3 at the CPU budget, README)
-    kind: str = "conv"  # conv: one latent vector; hierarchical: top-down latent groups (vae/hierarchical.py)
+    kind: str = "conv"  # conv: one latent vector; hierarchical: top-down latent groups (vae/models/hierarchical.py)
     groups: int = 2  # hierarchical: latent groups, one per resolution from the coarsest up
     latent_channels: int = 8  # hierarchical: channels of each group's spatial latent
 

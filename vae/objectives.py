@@ -120,6 +120,11 @@ def training_loss(terms: dict[str, torch.Tensor], beta: float, free_bits: float)
     return -(terms["recon"].mean() - beta * kl)
 
 
+def image_dims(size: int, channels: int = 3) -> int:
+    """D in bits/dim: the sub-pixels of one image (3 * 64 * 64 for CelebA-64)."""
+    return channels * size * size
+
+
 def bits_per_dim(log_px_nats: torch.Tensor | float, dims: int) -> torch.Tensor | float:
     """-log p(x) / (D ln 2): nats per image to bits per sub-pixel."""
     return -log_px_nats / (dims * math.log(2.0))

@@ -19,7 +19,7 @@ from vae.checkpoint import load_trained, weights_digest
 from vae.config import MAX_K, config_hash
 from common.errors import BadInput
 from common.grid import make_grid, write_png
-from vae.objectives import bits_per_dim, elbo_terms, iwae_bound, to_unit
+from vae.objectives import bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 ATTRIBUTE_DIRECTIONS = ("Smiling", "Eyeglasses", "Male", "Blond_Hair")  # CelebA attributes to picture
@@ -156,7 +156,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     fingerprint = split_fingerprint(require_image_size(shards, cfg.model.image_size), split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size)
     sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images)
-    dims = 3 * cfg.model.image_size ** 2
+    dims = image_dims(cfg.model.image_size)
     metrics = {"split": split, "k": k, **metrics_from_sums(sums, dims),
                "likelihood": cfg.model.likelihood, "likelihood_is_density": model.likelihood.is_density,
                "world_size": world_size, "config_hash": config_hash(cfg), "model_version": f"{run_dir.name}@{step}",

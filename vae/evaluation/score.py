@@ -18,7 +18,7 @@ import torch
 from common.atomic import atomic_write_text
 from vae.checkpoint import load_trained
 from common.errors import BadInput
-from vae.objectives import bits_per_dim, iwae_bound
+from vae.objectives import bits_per_dim, image_dims, iwae_bound
 
 
 def _shard_batches(shards: str, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -53,12 +53,14 @@ def _image_batches(source: str, crop: int, size: int, batch_size: int, skipped: 
 
 
 def _training_crop(cfg) -> int:
+    from pipeline.preprocess import DEFAULT_CROP
+
     try:
         from pipeline.manifest import load_manifest
 
         return int(load_manifest(cfg.data.shards)["preprocessing"]["crop"])
     except (BadInput, OSError, KeyError, ValueError):
-        return 148
+        return DEFAULT_CROP
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
     """[(key, nll_bpd)] sorted from most to least anomalous; written as CSV to `out` when given."""
     model, cfg, _ = load_trained(run_dir)
     size = cfg.model.image_size
-    dims = 3 * size * size
+    dims = image_dims(size)
     skipped: list = []
     if (Path(source) / "manifest.json").exists() or "://" in str(source):
         batches = _shard_batches(str(source), batch_size)

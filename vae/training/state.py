@@ -1,0 +1,162 @@
+"""A training run's state and its two ends: `setup` (build, check and resume) and `save_checkpoint`.
+
+`TrainState` holds what the loop and its steps share: the Accelerator, the prepared model and optimizer, the
+scheduler, the EMA, and the trainer's own counters (step, skipped steps, images), which are checkpointed with the
+weights so that a resume is one call. Everything that can refuse a run (image size, a changed config on resume,
+a warm start from another architecture) is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from common.atomic import atomic_write_json, atomic_write_text
+from common.errors import ConfigError, TrainingError
+from pipeline.manifest import require_image_size
+from vae import checkpoint as ckpt
+from vae.config import Config, config_hash, config_to_dict
+from vae.models import build_model
+from vae.training.ema import EMA
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    on_gpu = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not on_gpu:
+        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; on CPU use bf16 or no")
+    if cfg.train.mixed_precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config key 'train.mixed_precision': this GPU has no bf16; use fp16")
+    log_with = None
+    if cfg.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (Accelerate's tracker needs it)
+
+            log_with = "tensorboard"
+        except ImportError:
+            print("tensorboard is not installed: logging to train_log.jsonl only", file=sys.stderr)
+    # fp16 gets Accelerate's GradScaler; parameters stay float32 under autocast in every mode.
+    return Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
+                       project_dir=str(run_dir))
+
+
+@dataclass
+class TrainState:
+    cfg: Config
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared (DDP-wrapped with several processes)
+    raw_model: torch.nn.Module
+    forward: torch.nn.Module  # the model, compiled when train.compile is set
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA
+    counters: dict = field(default_factory=lambda: {"step": 0, "skipped": 0, "images": 0})
+    stream_start: int = 0  # the step at which the current data stream and noise were seeded
+    nonfinite_in_a_row: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def setup(cfg: Config) -> TrainState:
+    """Checks, then the model, optimizer, scheduler and EMA: fresh, warm-started or resumed from the run's latest
+    checkpoint; prepared with Accelerate (the data loaders never are: they are already split by rank)."""
+    run_dir = Path(cfg.run_dir)
+    accelerator = make_accelerator(cfg, run_dir)
+    require_image_size(cfg.data.shards, cfg.model.image_size)
+    resume = ckpt.latest_checkpoint(run_dir)
+    saved = ckpt.load_checkpoint(resume) if resume is not None else None
+    if saved is not None:
+        ckpt.check_resume(resume, saved, cfg)
+    warm = ckpt.warm_start_weights(cfg) if saved is None else None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_torn_writes(run_dir)
+        atomic_write_json(run_dir / "config.json", {"config": config_to_dict(cfg), "config_hash": config_hash(cfg)})
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    if warm is not None:  # a new run from another run's EMA weights (the champion's); the EMA starts there too
+        model.load_state_dict(warm["ema"])
+        if accelerator.is_main_process:
+            print(f"starting {run_dir} from the EMA weights of {warm['checkpoint']} (step {warm['step']})",
+                  file=sys.stderr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps))
+    ema = EMA(model, cfg.train.ema_decay)
+    counters, stream_start = {"step": 0, "skipped": 0, "images": 0}, 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ema.load_state_dict(saved["ema"])
+        counters = {k: int(saved[k]) for k in counters}
+        stream_start = int(saved.get("stream_start", counters["step"]))
+        if accelerator.is_main_process:
+            print(f"resuming {run_dir} from {resume.name} (step {counters['step']})", file=sys.stderr)
+            trim_log(run_dir / "train_log.jsonl", counters["step"])
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The scheduler is stepped by hand: a prepared one steps once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if saved is not None and accelerator.scaler is not None and "scaler" in saved:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    raw_model = accelerator.unwrap_model(model)
+    forward = torch.compile(model) if cfg.train.compile else model
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train")
+    return TrainState(cfg, run_dir, accelerator, model, raw_model, forward, optimizer, scheduler, ema, counters,
+                      stream_start)
+
+
+def save_checkpoint(state: TrainState, stream_start: int) -> None:
+    """A checkpoint of the step just done (main process), after checking the weights are finite on every rank
+    (DDP keeps them identical, so every rank reaches the same verdict)."""
+    state.accelerator.wait_for_everyone()
+    tensors = [*state.raw_model.parameters(), *state.ema.state_dict().values()]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        raise TrainingError(f"training stopped at step {state.counters['step']}: the weights are no longer finite; "
+                            f"the last good checkpoint is kept in {state.run_dir / 'checkpoints'}")
+    if state.main:
+        saved = {"model": state.raw_model.state_dict(), "ema": state.ema.state_dict(),
+                 "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                 "config": ckpt.config_json(state.cfg), "stream_start": stream_start, **state.counters}
+        if state.accelerator.scaler is not None:
+            saved["scaler"] = state.accelerator.scaler.state_dict()
+        ckpt.save_checkpoint(state.run_dir, state.counters["step"], saved, state.cfg.train.keep_checkpoints)
+    state.accelerator.wait_for_everyone()
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after `step` (logged before a kill, then trained again on resume)."""
+    import json
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
