@@ -17,17 +17,14 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
 from vae.objectives import iwae_bound, to_unit  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import REPO
 
 
 def make(args):

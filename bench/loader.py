@@ -26,14 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "celeba-sample"
-
-
-def best_rate(run, repeats: int = 3) -> float:
-    """Images per second: the best of `repeats` calls of run() -> (images, seconds)."""
-    return max(n / s for n, s in (run() for _ in range(repeats)))
+from benchkit import SHARED_SAMPLE, best_rate
 
 
 def torchvision_rate(paths: list[Path], batch: int, seconds: float):
@@ -157,7 +150,7 @@ def verification(shards: str, batch: int, seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default=os.environ.get("VAE_CELEBA_SAMPLE", str(DEFAULT_SOURCE)),
+    parser.add_argument("--source", default=str(SHARED_SAMPLE),
                         help="real CelebA folder (img_align_celeba/ + list_eval_partition.txt)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=1.5, help="length of each timed repeat")

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED_SAMPLE = REPO.parent / "shared" / "data" / "celeba-sample"
+from benchkit import REPO, SHARED_SAMPLE  # noqa: E402
+
 
 MODELS = {
     "baseline": (None, ["model.channels=[32,64,128,256]", "model.latent_dim=128", "model.res_blocks=0",

@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED_SAMPLE = REPO.parent / "shared" / "data" / "celeba-sample"
+from benchkit import REPO, SHARED_SAMPLE  # noqa: E402
 
 
 def prepare_shards(args, tmp: Path) -> tuple[str, str]:
