@@ -34,7 +34,7 @@ RUN apt-get update \
 RUN pip install --index-url ${TORCH_INDEX} ${TORCH_SPEC}
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY common common
 COPY vae vae
 COPY pipeline pipeline

@@ -20,11 +20,10 @@ import time
 
 import torch
 
+from benchkit import REPO
 from vae.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
 from vae.objectives import iwae_bound, to_unit  # noqa: E402
-
-from benchkit import REPO
 
 
 def make(args):

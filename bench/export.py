@@ -41,8 +41,8 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from vae.config import load_config  # noqa: E402
-from vae.serving.export import CONTRACT_VERSION, _set_metadata, export_graphs  # noqa: E402
 from vae.models import build_model  # noqa: E402
+from vae.serving.export import CONTRACT_VERSION, _set_metadata, export_graphs  # noqa: E402
 from vae.serving.runtime import Decoder, Encoder, session_options  # noqa: E402
 
 THREADS = 2

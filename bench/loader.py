@@ -77,9 +77,9 @@ def pixel_formats(shards: str, n: int = 1000) -> dict:
     from PIL import Image
     from torchvision.io import decode_png
 
+    from common.storage import read_bytes
     from pipeline.manifest import split_shards
     from pipeline.records import encode_npy, read_shard
-    from common.storage import read_bytes
 
     data = read_bytes(split_shards(shards, "train")[0].url)
     keys, pixels, _ = read_shard(data)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from benchkit import REPO, SHARED_SAMPLE  # noqa: E402
 
-
 MODELS = {
     "baseline": (None, ["model.channels=[32,64,128,256]", "model.latent_dim=128", "model.res_blocks=0",
                         "model.likelihood=discretized_logistic",

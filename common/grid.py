@@ -13,7 +13,6 @@ import numpy as np
 
 from common.atomic import atomic_write_bytes
 
-
 __all__ = ["make_grid", "png_bytes", "to_uint8_hwc", "write_png"]
 
 def to_uint8_hwc(images: np.ndarray) -> np.ndarray:

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
-    from pipeline.synth import synthesize
     from flows.train_vae import train_vae
+    from pipeline.synth import synthesize
 
     started = time.time()
     out = Path(args.out)

@@ -18,11 +18,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from vae.serving import registry as reg
+from common.errors import BadInput
 from pipeline.preprocess import DEFAULT_CROP
 from vae.config import MAX_K, config_hash, load_config
-from common.errors import BadInput
+from vae.serving import registry as reg
 
+VERSION_EXTRAS = ("model.json", "metrics.json", "samples.png", "README.md")  # beside the graphs of model.json
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
 
@@ -100,18 +101,17 @@ def export_model(run_dir: str, version: str, fp16: bool = False) -> str:
 
 
 @task
-def validate_model(export_dir: str, run_dir: str, seed: int = 0) -> str:
-    """Load the exported model folder with the torch-free runtime (hashes verified), sample a grid into the
-    run folder, check the images are sane."""
+def validate_model(export_dir: str, seed: int = 0) -> str:
+    """Load the exported folder with the torch-free runtime (graphs checked against model.json's sha256), decode
+    a seeded grid and check the images are sane; returns the export's own sample grid."""
     import numpy as np
 
-    from common.grid import make_grid, write_png
-    from vae.serving.runtime import Decoder
+    from vae.runtime import Decoder
 
     images = Decoder(export_dir).sample(64, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
         raise ValueError(f"{export_dir}/decoder.onnx produced images outside [0, 1]")
-    return write_png(Path(run_dir) / "samples.png", make_grid(images, 8))
+    return str(Path(export_dir) / "samples.png")
 
 
 def reevaluate_champion(champion: dict, challenger: dict, runs: str) -> dict:
@@ -141,18 +141,16 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def promote_model(registry: str, version: str, run_dir: str, export_dir: str, samples: str, metrics: dict,
-                  runs: str) -> dict:
-    """Register the version whole, then promote it when it beats the champion on the same test set and K
-    (re-evaluating the champion first when it was measured on other images or at another K)."""
+def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict, runs: str) -> dict:
+    """Register the export folder whole as the version, then promote it when it beats the champion on the same
+    test set and K (re-evaluating the champion first when it was measured on other images or at another K)."""
     import json
 
     export = Path(export_dir)
     card = json.loads((export / "model.json").read_text())
     if card["weights_sha256"] != metrics["weights_sha256"]:
         raise ValueError(f"{export}: exported other weights than the evaluated ones")
-    files = {name: export / name for name in [*card["files"], "model.json", "metrics.json"]}
-    files["samples.png"] = Path(samples)
+    files = {name: export / name for name in [*card["files"], *VERSION_EXTRAS]}
     target = reg.register(registry, version, files)
     logger = get_run_logger()
 
@@ -233,8 +231,8 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     train_model(config, overrides, run_dir, shards, num_processes)
     metrics = evaluate_model(run_dir, k)
     export_dir = export_model(run_dir, version, fp16)
-    grid = validate_model(export_dir, run_dir)
-    result = promote_model(registry, version, run_dir, export_dir, grid, metrics, runs)
+    grid = validate_model(export_dir)
+    result = promote_model(registry, version, run_dir, export_dir, metrics, runs)
 
     create_table_artifact(key="train-vae-metrics", table=[
         {"metric": name, "value": metrics[name]} for name in METRIC_ROWS], description=f"Test metrics of {version}")

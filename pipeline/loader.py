@@ -26,12 +26,6 @@ from common.storage import read_bytes
 from pipeline.manifest import ShardRef, split_shards
 from pipeline.records import index_shard
 
-
-
-
-
-
-
 _VERIFIED: set[tuple[str, str]] = set()  # (url, sha256) whose bytes this process checked
 
 

@@ -21,8 +21,8 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -31,13 +31,10 @@ from tqdm import tqdm
 
 from common import storage
 from common.errors import BadInput
-from pipeline.manifest import (MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest, shard_name,
-                               write_manifest)
+from pipeline.manifest import MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest, shard_name, write_manifest
 from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
 from pipeline.records import sample_members
 from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
-
-
 
 # Worker processes hold the source and settings once, instead of receiving them with every image.
 _WORKER: dict = {}

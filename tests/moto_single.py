@@ -5,9 +5,8 @@ can both pass the check; S3 itself makes the pair atomic. Serving requests one b
 so races between promoters test the promoters' use of conditional writes, not moto's threading.
 """
 
-from werkzeug.serving import make_server
-
 from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
 
 if __name__ == "__main__":
     server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)

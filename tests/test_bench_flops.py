@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_spec = importlib.util.spec_from_file_location("bench_export", Path(__file__).resolve().parents[1] / "bench" / "export.py")
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+_spec = importlib.util.spec_from_file_location("bench_export", _BENCH / "export.py")
 bench_export = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_export)
 

@@ -68,3 +68,59 @@ def test_synth_shard_train_eval_from_the_command_line(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "run"), "--k", "3"]) == 0
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["k"] == 3 and metrics["n_images"] == manifest["splits"]["test"]["count"]
+
+
+def test_version_config_show_and_info(trained_run, tmp_path, capsys):
+    import json as _json
+
+    import yaml
+
+    from vae.cli import main
+    from vae.config import config_hash, load_config
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("vae-pipeline ")
+    assert main(["config", "show", "--config", "configs/demo.yaml", "train.steps=7"]) == 0
+    out = capsys.readouterr().out
+    shown = yaml.safe_load(out)
+    assert shown["train"]["steps"] == 7 and shown["model"]["image_size"] == 32 and shown["eval"]["k"] == 20
+    assert f"hash {config_hash(load_config('configs/demo.yaml', ['train.steps=7']))}" in out.splitlines()[0]
+    assert main(["config", "show", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+
+    assert main(["info", str(trained_run)]) == 0
+    run = _json.loads(capsys.readouterr().out)
+    assert run["kind"] == "run" and run["step"] == 30 and run["checkpoints"][-1] == "step-00000030.pt"
+    assert run["last_log"]["step"] == 30
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_info_on_a_model_folder_and_a_registry(trained_run, tmp_path_factory, tmp_path, capsys):
+    import json as _json
+
+    from exported_model import exported_once
+    from vae.cli import main
+    from vae.serving import registry as reg
+
+    out, card = exported_once(trained_run, tmp_path_factory)
+    assert main(["info", str(out)]) == 0
+    model = _json.loads(capsys.readouterr().out)
+    assert model["kind"] == "model" and model["version"] == "test-1" and model["sha256"] == card["sha256"]
+    assert "README.md" in model["folder"] and model["metrics"]["split"] == "test"
+    reg.register(tmp_path, "v1", {p.name: p for p in out.iterdir()})
+    reg.promote(tmp_path, "v1", {**reg.evidence_of(card["metrics"]), "nll_bpd": 5.0})
+    assert main(["info", str(tmp_path)]) == 0
+    registry = _json.loads(capsys.readouterr().out)
+    assert registry["versions"] == ["v1"] and registry["champion"]["version"] == "v1"
+
+
+def test_model_card_readme_says_what_users_need(trained_run, tmp_path_factory):
+    from exported_model import exported_once
+
+    out, card = exported_once(trained_run, tmp_path_factory)
+    text = (out / "README.md").read_text()
+    assert f"# VAE {card['version']}" in text and "![prior samples, seed 0](samples.png)" in text
+    assert f"{card['metrics']['nll_bpd']:.4f}" in text and card["sha256"]["decoder.onnx"] in text
+    assert "non-commercial research purposes only" in text and "Intended use" in text
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vae.config import config_hash, load_config
 from common.errors import ConfigError
+from vae.config import config_hash, load_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -69,7 +69,8 @@ def test_yaml_file_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/demo.yaml", "configs/celeba64.yaml", "configs/celeba64-hier.yaml", "configs/celeba64-cpu.yaml",
+    for name in ("configs/demo.yaml", "configs/celeba64.yaml", "configs/celeba64-hier.yaml",
+                 "configs/celeba64-cpu.yaml",
                  "configs/celeba64-gpu.yaml"):
         load_config(name)
 

@@ -235,3 +235,15 @@ def test_serve_stop_ends_recorded_process_groups_and_their_children(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_image_gets_every_package_the_project_installs_and_the_license():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    copied = {source for kind, args in dockerfile_instructions() if kind == "COPY"
+              for source in shlex.split(args)[:-1]}
+    assert set(packages) <= copied, set(packages) - copied
+    assert "LICENSE" in copied and project["project"]["license"] == "Apache-2.0"
+    assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()

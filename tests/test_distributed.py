@@ -49,8 +49,8 @@ def test_distributed_eval_matches_single_process(two_rank_run, capsys):
 def test_launch_commands_for_gpus_and_nodes():
     from vae.distributed import launch_command
 
-    cmd = launch_command("vae.training.train", ["c.json"], 8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
-                         main_process_port=29500)
+    cmd = launch_command("vae.training.train", ["c.json"], 8, num_machines=2, machine_rank=1,
+                         main_process_ip="10.0.0.1", main_process_port=29500)
     joined = " ".join(cmd)
     assert "--multi_gpu" in cmd and "--num_processes 16" in joined and "--num_machines 2" in joined
     assert "--machine_rank 1" in joined and "--main_process_ip 10.0.0.1" in joined

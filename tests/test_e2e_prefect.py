@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
-from vae.serving import registry as reg
 from common.net import free_port
+from conftest import TINY
 from flows import serve
+from vae.serving import registry as reg
 
 pytestmark = pytest.mark.slow
 

@@ -212,7 +212,8 @@ def test_reexport_switches_the_whole_folder_and_drops_a_stale_fp16_decoder(train
         warnings.simplefilter("error", RuntimeWarning)
         assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
     assert out.is_symlink() and out.resolve() != first and not first.exists()  # switched whole, old one removed
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "metrics.json", "model.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "decoder.onnx", "encoder.onnx", "metrics.json",
+                                                     "model.json", "samples.png"]
     assert "EMA weights" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.export.lock", out.resolve().name, "model"])
 
@@ -232,8 +233,8 @@ def test_export_refuses_a_real_folder_that_holds_files(trained_run, tmp_path, ca
 def test_mixture_decoder_exports_its_expected_image(tmp_path):
     """logistic_mixture's x_mean (the mixture's expected colour, channels coupled) survives export."""
     from vae.config import load_config
-    from vae.serving.export import export_graphs
     from vae.models import build_model
+    from vae.serving.export import export_graphs
 
     cfg = load_config(None, ["model.image_size=16", "model.channels=[8,16]", "model.latent_dim=6",
                              "model.likelihood=logistic_mixture", "model.mixtures=4"]).model

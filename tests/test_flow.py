@@ -36,8 +36,10 @@ def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_pa
     champion = reg.read_champion(registry)
     assert result["promoted"] and champion["version"] == result["version"]
     folder = registry / "train-vae" / "versions" / result["version"]
-    assert sorted(p.name for p in folder.iterdir()) == ["decoder.fp16.onnx", "decoder.onnx", "encoder.onnx",
-                                                         "metrics.json", "model.json", "samples.png", "version.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "decoder.fp16.onnx", "decoder.onnx",
+                                                         "encoder.onnx", "metrics.json", "model.json", "samples.png",
+                                                         "version.json"]
+    assert "non-commercial research purposes only" in (folder / "README.md").read_text()
     assert champion["path"] == f"train-vae/versions/{result['version']}"
     assert Decoder(registry).champion_version == result["version"]  # verified against the version record
     assert json.loads((folder / "model.json").read_text())["validation"]["fp16_decoder"]["validated"]
@@ -52,8 +54,8 @@ def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_pa
 
 
 def test_flow_rejects_bad_configuration_before_any_work(prefect_harness, synth_source, tmp_path):
-    from flows.train_vae import train_vae
     from common.errors import ConfigError
+    from flows.train_vae import train_vae
 
     with pytest.raises(ConfigError, match="train.nope"):
         train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
@@ -125,8 +127,8 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"shards": " "}, "parameter 'shards': must not be empty"),
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
-    from flows.train_vae import check_parameters
     from common.errors import BadInput
+    from flows.train_vae import check_parameters
 
     values = {"source": str(synth_source), "shards": str(tmp_path / "s"), "registry": str(tmp_path / "r"),
               "runs": str(tmp_path / "runs"), "num_processes": 1, "k": None, "crop": 148, "shard_workers": 1,
@@ -137,8 +139,8 @@ def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, 
 
 
 def test_flow_rejects_a_missing_source_before_any_work(prefect_harness, tmp_path):
-    from flows.train_vae import train_vae
     from common.errors import BadInput
+    from flows.train_vae import train_vae
 
     with pytest.raises(BadInput, match="set synthesize_n"):
         train_vae(source=str(tmp_path / "absent"), shards=str(tmp_path / "shards"), config="configs/demo.yaml",

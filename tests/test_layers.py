@@ -28,14 +28,15 @@ ALLOWED = {  # layer -> the layers its modules may import (besides themselves)
     "serving": ("common", "pipeline", "core", "evaluation"),
     "edge": ("common", "pipeline", "core", "training", "evaluation", "serving"),
 }
-TORCH_FREE = ("common", "vae.serving.runtime", "vae.serving.registry", "vae.runtime", "vae.grid", "vae.cli")
+TORCH_FREE = ("common", "vae.serving.runtime", "vae.serving.registry", "vae.runtime", "vae.grid", "vae.cli",
+              "vae.info")
 
 
 def layer(module: str) -> str:
     top = module.split(".")[0]
     if top in ("common", "pipeline"):
         return top
-    if top == "flows" or module == "vae.cli":
+    if top == "flows" or module in ("vae.cli", "vae.info"):
         return "edge"
     for name in ("training", "evaluation", "serving"):
         if module.startswith(f"vae.{name}"):

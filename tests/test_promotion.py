@@ -57,18 +57,15 @@ def test_export_never_embeds_metrics_of_other_weights(trained_run, tmp_path, cap
     assert json.loads((tmp_path / "m2" / "metrics.json").read_text()) == card["metrics"]
 
 
-def _version(run: Path, name: str, tmp_path: Path, shards: str | None = None) -> tuple[str, str, dict]:
-    """Evaluate (on `shards`), export and sample a run as the flow does: (export folder, samples, metrics)."""
+def _version(run: Path, name: str, tmp_path: Path, shards: str | None = None) -> tuple[str, dict]:
+    """Evaluate (on `shards`) and export a run as the flow does: (export folder, metrics)."""
     from vae.evaluation.evaluate import evaluate
     from vae.serving.export import export
-    from common.grid import make_grid, write_png
-    from vae.serving.runtime import Decoder
 
     metrics = evaluate(run, shards=shards, grids=False)
     out = tmp_path / f"export-{name}"
     export(run, out, version=name)
-    samples = write_png(tmp_path / f"{name}.png", make_grid(Decoder(out).sample(4, seed=0), 2))
-    return str(out.resolve()), str(samples), metrics
+    return str(out.resolve()), metrics
 
 
 def test_a_champion_from_another_test_set_is_re_evaluated_before_the_decision(trained_run, synth_source, tmp_path):
@@ -79,17 +76,17 @@ def test_a_champion_from_another_test_set_is_re_evaluated_before_the_decision(tr
 
     registry, runs = str(tmp_path / "registry"), str(tmp_path / "runs")
     champion_run = copy_run(trained_run, tmp_path / "runs" / "champ")
-    export_dir, samples, metrics = _version(champion_run, "champ", tmp_path)
+    export_dir, metrics = _version(champion_run, "champ", tmp_path)
     with disable_run_logger():
-        assert promote_model.fn(registry, "champ", str(champion_run), export_dir, samples, metrics, runs)["promoted"]
+        assert promote_model.fn(registry, "champ", str(champion_run), export_dir, metrics, runs)["promoted"]
 
     grown = tmp_path / "grown-shards"  # the weekly case: the test split changed since the champion's evaluation
     shard(synth_source, grown, size=16, maxcount=7, progress=False)
     challenger_run = copy_run(trained_run, tmp_path / "runs" / "chal")  # the same weights: an exact tie
-    export_dir, samples, new = _version(challenger_run, "chal", tmp_path, shards=str(grown))
+    export_dir, new = _version(challenger_run, "chal", tmp_path, shards=str(grown))
     assert new["split_fingerprint"] != metrics["split_fingerprint"]
     with disable_run_logger():
-        outcome = promote_model.fn(registry, "chal", str(challenger_run), export_dir, samples, new, runs)
+        outcome = promote_model.fn(registry, "chal", str(challenger_run), export_dir, new, runs)
     again = outcome["reevaluated"]
     assert again["split_fingerprint"] == new["split_fingerprint"] and again["k"] == new["k"]
     assert again["nll_bpd"] == pytest.approx(new["nll_bpd"], abs=1e-9)  # same weights, same images, same noise
@@ -97,9 +94,9 @@ def test_a_champion_from_another_test_set_is_re_evaluated_before_the_decision(tr
     cache = next(champion_run.glob("eval-*-k*/metrics.json"))
 
     better = {**new, "nll_bpd": new["nll_bpd"] - 0.5}
-    reg.register(registry, "chal-b", {p.name: p for p in Path(export_dir).iterdir()} | {"samples.png": samples})
+    reg.register(registry, "chal-b", {p.name: p for p in Path(export_dir).iterdir()})
     with disable_run_logger():
-        outcome = promote_model.fn(registry, "chal-b", str(challenger_run), export_dir, samples, better, runs)
+        outcome = promote_model.fn(registry, "chal-b", str(challenger_run), export_dir, better, runs)
     assert outcome["promoted"] and outcome["reevaluated"]["nll_bpd"] == again["nll_bpd"]
     assert len(list(champion_run.glob("eval-*-k*/metrics.json"))) == 1 and cache.exists()  # measured once
     champion = reg.read_champion(registry)
@@ -113,13 +110,13 @@ def test_no_promotion_when_the_champion_cannot_be_re_evaluated(trained_run, tmp_
 
     registry = tmp_path / "registry"
     run = copy_run(trained_run, tmp_path / "run")
-    export_dir, samples, metrics = _version(run, "new", tmp_path)
+    export_dir, metrics = _version(run, "new", tmp_path)
     (registry / "train-vae").mkdir(parents=True)
     old = {**reg.evidence_of(metrics), "split_fingerprint": "0" * 64, "nll_bpd": 99.0}
     (registry / "train-vae" / "champion.json").write_text(json.dumps(
         {"version": "old", "path": "train-vae/versions/old", "evidence": old, "run": str(tmp_path / "gone")}))
     with disable_run_logger():
-        outcome = promote_model.fn(str(registry), "new", str(run), export_dir, samples, metrics, str(tmp_path))
+        outcome = promote_model.fn(str(registry), "new", str(run), export_dir, metrics, str(tmp_path))
     assert not outcome["promoted"]
     assert outcome["reason"] == f"champion old could not be re-evaluated: its run folder {tmp_path / 'gone'} is gone " \
                                 "(champion runs must be kept)"

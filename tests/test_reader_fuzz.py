@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from common.errors import BadInput
 from pipeline.loader import decode_shard, parse_meta, verify
 from pipeline.manifest import ShardRef
 from pipeline.records import BLOCK, _walk
-from common.errors import BadInput
 
 MUTATIONS = 4000
 SECONDS_PER_READ = 1.0

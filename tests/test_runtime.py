@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
+from common.grid import make_grid, write_png
 from exported_model import exported_once
 from vae.cli import main
-from common.grid import make_grid, write_png
 from vae.runtime import Decoder, Encoder, RuntimeModelError, interpolate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,8 @@ def test_vae_sample_writes_a_seeded_png_and_exits_2_on_a_bad_model(exported, tmp
     decoder = Decoder(out / "decoder.onnx")
     z = np.random.default_rng(3).standard_normal((4, decoder.latent_dim)) * 0.5
     write_png(tmp_path / "want.png", make_grid(decoder.decode(z.astype(np.float32)), ncols=2))
-    assert (tmp_path / "t.png").read_bytes() == (tmp_path / "want.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    written = (tmp_path / "t.png").read_bytes()
+    assert written == (tmp_path / "want.png").read_bytes() != (tmp_path / "a.png").read_bytes()
     one_line_error(capsys, main(["sample", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.png")]),
                    "file not found")
     assert not (tmp_path / "c.png").exists()
@@ -296,7 +297,8 @@ from vae.runtime import Decoder, Encoder, interpolate
 model, image, png, npz = sys.argv[1:5]
 assert main(['sample', '--model', model, '--n', '4', '--out', png]) == 0
 assert main(['encode', '--model', model, '--images', image, '--out', npz]) == 0
-mu, logvar = Encoder(model + '/encoder.onnx').encode(np.stack([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)]))
+black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
+mu, logvar = Encoder(model + '/encoder.onnx').encode(np.stack([black, white]))
 frames = Decoder(model + '/decoder.onnx').decode(interpolate(mu[0], mu[1], 5))
 half = Decoder(model + '/decoder.fp16.onnx').decode(interpolate(mu[0], mu[1], 5))
 assert frames.shape == (5, 3, 16, 16) and np.abs(frames - half).max() <= 1e-2

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from exported_model import exported_once
-from vae.serving import registry as reg
 from vae.cli import main
 from vae.runtime import Champion, Decoder, Encoder, RuntimeModelError
+from vae.serving import registry as reg
 
 
 @pytest.fixture(scope="module")

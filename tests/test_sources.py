@@ -8,10 +8,10 @@ import zipfile
 
 import pytest
 
+from common.errors import BadInput
 from conftest import SHARED_SAMPLE
 from pipeline.shard import shard
 from pipeline.sources import PARTITION_FILE, open_source
-from common.errors import BadInput
 
 META_FILES = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt")
 

@@ -9,9 +9,9 @@ import uuid
 
 import torch
 
+from common.storage import read_bytes
 from pipeline.loader import eval_loader, train_loader
 from pipeline.shard import shard
-from common.storage import read_bytes
 
 
 def _local_tree(root):

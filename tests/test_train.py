@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
+from common.errors import ConfigError, TrainingError
 from conftest import tiny_config
 from pipeline.loader import eval_loader
 from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
-from common.errors import ConfigError, TrainingError
 from vae.models import build_model
 from vae.objectives import elbo_terms
 from vae.training.steps import train_step

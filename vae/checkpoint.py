@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from common.atomic import atomic_write
-from vae.config import Config, config_from_dict, config_to_dict
 from common.errors import BadInput
+from vae.config import Config, config_from_dict, config_to_dict
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 

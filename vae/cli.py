@@ -1,4 +1,4 @@
-"""The `vae` command: data synth/shard, train, eval, export, sample, encode.
+"""The `vae` command: data synth/shard, train, eval, score, export, sample, encode, info, config show.
 
 Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 a failed run. Heavy imports happen
 inside each subcommand so `vae --help`, `vae sample` and `vae encode` stay fast (they never import torch).
@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from vae.config import MAX_K
 from common.errors import BadInput, VaeError
+from vae.config import MAX_K
 
 
 def _positive(text: str) -> int:
@@ -89,7 +89,8 @@ def cmd_train(args) -> int:
     else:
         run_dir = Path(cfg.run_dir)
         config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
-        code = run_launched("vae.training.train", [str(config_file)], args.num_processes, num_machines=args.num_machines,
+        code = run_launched("vae.training.train", [str(config_file)], args.num_processes,
+                            num_machines=args.num_machines,
                             machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                             main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
         if code == 143:
@@ -134,7 +135,7 @@ def cmd_eval(args) -> int:
     else:
         from vae.evaluation.evaluate import evaluate
 
-        metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards)
+        metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards, progress=True)
     print(json.dumps({k: v for k, v in metrics.items() if k != "images"}))
     print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
     return 0
@@ -143,7 +144,7 @@ def cmd_eval(args) -> int:
 def cmd_score(args) -> int:
     from vae.evaluation.score import score
 
-    scores = score(args.run, args.source, k=args.k, out=args.out)
+    scores = score(args.run, args.source, k=args.k, out=args.out, progress=True)
     print(f"wrote {args.out}: {len(scores)} images, most anomalous {scores[0][0]} ({scores[0][1]:.3f} bits/dim)")
     return 0
 
@@ -206,8 +207,8 @@ def cmd_encode(args) -> int:
     """Preprocess images as the shards are (center crop, antialiased resize), encode, write keys/mu/logvar."""
     import numpy as np
 
-    from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
     from common.atomic import atomic_write
+    from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
 
     if not args.out.endswith(".npz"):
         raise BadInput(f"out {args.out}: expected a .npz file name")
@@ -248,9 +249,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_info(args) -> int:
+    from vae.info import describe
+
+    print(json.dumps(describe(args.path), indent=1, default=str))
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    import yaml
+
+    from vae.config import config_hash, config_to_dict, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"# resolved config (hash {config_hash(cfg)})")
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vae-pipeline")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vae", description="Train, evaluate and export VAEs on CelebA.")
+    parser.add_argument("--version", action="version", version=f"vae-pipeline {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="what a run folder, a model folder or a registry holds (JSON)")
+    p.add_argument("path", help="a run folder, a model folder, or a registry (local path or URL)")
+    p.set_defaults(func=cmd_info)
+
+    config = sub.add_parser("config", help="the configuration").add_subparsers(dest="config_command",
+                                                                                 required=True)
+    p = config.add_parser("show", help="print the resolved configuration (defaults, file, overrides) as YAML")
+    p.add_argument("--config", help="YAML file with the differences from the defaults")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    p.set_defaults(func=cmd_config_show)
 
     data = sub.add_parser("data", help="make and shard data sets").add_subparsers(dest="data_command",
                                                                                     required=True)
@@ -261,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = data.add_parser("shard", help="preprocess images into WebDataset shards and manifest.json")
-    p.add_argument("--source", required=True, help="CelebA folder, img_align_celeba.zip, or any image folder: a local path or an fsspec URL")
+    p.add_argument("--source", required=True,
+                   help="CelebA folder, img_align_celeba.zip, or any image folder: a local path or an fsspec URL")
     p.add_argument("--out", required=True, help="shard folder")
     p.add_argument("--size", type=_positive, default=64, help="output side in pixels (default 64)")
     p.add_argument("--crop", type=int, default=None,

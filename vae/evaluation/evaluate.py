@@ -8,17 +8,19 @@ across ranks when `torch.distributed` is initialised, so every image counts exac
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from pipeline.loader import eval_loader
-from pipeline.manifest import require_image_size, split_fingerprint
 from common.atomic import atomic_write_json
-from vae.checkpoint import load_trained, weights_digest
-from vae.config import MAX_K, config_hash
 from common.errors import BadInput
 from common.grid import make_grid, write_png
+from pipeline.loader import eval_loader
+from pipeline.manifest import require_image_size, split_fingerprint
+from vae.checkpoint import load_trained, weights_digest
+from vae.config import MAX_K, config_hash
 from vae.objectives import bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -37,8 +39,8 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0,
-               max_images: int | None = None) -> tuple[dict, tuple | None]:
+def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0, max_images: int | None = None,
+               progress: bool = False, total: int | None = None) -> tuple[dict, tuple | None]:
     """Sums over a split's images (reduced across ranks) and the first batch's images.
 
     Sums: n, recon, kl, iwae, iwae^2, mu and mu^2 per latent dimension, and per known attribute the sum
@@ -52,6 +54,8 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0,
             "mu": zero(d), "mu_sq": zero(d), "attr_mu": zero(len(ATTRIBUTE_DIRECTIONS), 2, d),
             "attr_n": zero(len(ATTRIBUTE_DIRECTIONS), 2)}
     first = None
+    bar = tqdm(total=total, unit="img", desc=f"IWAE K={k}", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     for keys, x, metas in loader:
         if max_images is not None:  # a fixed subset (the first images of the split), e.g. for benchmarks
             room = max_images - int(sums["n"])
@@ -79,6 +83,8 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0,
                 chosen = values == sign
                 sums["attr_mu"][a, side] += mu[chosen].double().sum(0)
                 sums["attr_n"][a, side] += chosen.sum()
+        bar.update(x.shape[0])
+    bar.close()
     sums = {name: _all_reduce(value) for name, value in sums.items()}
     return sums, first
 
@@ -136,7 +142,7 @@ def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
 
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
              shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
-             out: str | Path | None = None, grids: bool = True) -> dict:
+             out: str | Path | None = None, grids: bool = True, progress: bool = False) -> dict:
     """Evaluate a run's EMA model on a split; writes `metrics.json` into `out` (default `RUN_DIR/eval`, main
     rank) and returns it. The metrics say which images (the split's fingerprint), which weights (their
     sha256) and which K they measured, so promotion compares only like with like."""
@@ -153,9 +159,12 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     if not 1 <= k <= MAX_K:
         raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
     shards = shards or cfg.data.shards
-    fingerprint = split_fingerprint(require_image_size(shards, cfg.model.image_size), split, max_images)
+    manifest = require_image_size(shards, cfg.model.image_size)
+    fingerprint = split_fingerprint(manifest, split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size)
-    sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images)
+    share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar
+    sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images,
+                             progress=progress and rank == 0, total=min(share, max_images or share) or None)
     dims = image_dims(cfg.model.image_size)
     metrics = {"split": split, "k": k, **metrics_from_sums(sums, dims),
                "likelihood": cfg.model.likelihood, "likelihood_is_density": model.likelihood.is_density,

@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.atomic import atomic_write_text
-from vae.checkpoint import load_trained
 from common.errors import BadInput
+from vae.checkpoint import load_trained
 from vae.objectives import bits_per_dim, image_dims, iwae_bound
 
 
@@ -65,7 +67,7 @@ def _training_crop(cfg) -> int:
 
 @torch.no_grad()
 def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None = None,
-          batch_size: int = 64, seed: int = 0) -> list[tuple[str, float]]:
+          batch_size: int = 64, seed: int = 0, progress: bool = False) -> list[tuple[str, float]]:
     """[(key, nll_bpd)] sorted from most to least anomalous; written as CSV to `out` when given."""
     model, cfg, _ = load_trained(run_dir)
     size = cfg.model.image_size
@@ -77,11 +79,14 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
         batches = _image_batches(source, _training_crop(cfg), size, batch_size, skipped)
     generator = torch.Generator().manual_seed(seed)
     scores = []
+    bar = tqdm(unit="img", desc=f"scoring K={k}", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for keys, x in batches:
         if x.shape[1:] != (3, size, size):
             raise BadInput(f"source {source}: images are {list(x.shape[1:])}, the model takes [3, {size}, {size}]")
         nll = bits_per_dim(iwae_bound(model, x, k, cfg.eval.k_chunk, generator), dims)
         scores += zip(keys, nll.tolist())
+        bar.update(len(keys))
+    bar.close()
     if not scores:
         raise BadInput(f"source {source}: no usable images")
     scores.sort(key=lambda item: (-item[1], item[0]))

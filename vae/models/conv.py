@@ -1,7 +1,8 @@
 """The convolutional VAE: encoder q(z|x) = N(mu, diag(exp(logvar))), decoder to likelihood parameters.
 
-The model computes nothing but the networks: objectives live in `vae/objectives.py`, the observation model
-in `vae/models/likelihoods.py`, shared blocks in `vae/models/blocks.py`. Inputs are images in [0, 1], float, [N, 3, H, W]; latents are [N, latent_dim].
+The model computes nothing but the networks: objectives live in `vae/objectives.py`, the observation model in
+`vae/models/likelihoods.py`, shared blocks in `vae/models/blocks.py`. Inputs are images in [0, 1], float,
+[N, 3, H, W]; latents are [N, latent_dim].
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from vae.config import ModelConfig
-from vae.models.likelihoods import get_likelihood
 from vae.models.blocks import ResBlock, soft_bound
+from vae.models.likelihoods import get_likelihood
 
 
 class LatentGroup(nn.Module):

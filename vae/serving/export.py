@@ -4,11 +4,11 @@ The encoder maps `x` float32 [N, 3, H, W] in [0, 1] to `mu`, `logvar` [N, latent
 [N, latent_dim] to `x_mean` [N, 3, H, W] in [0, 1]. N is dynamic; no random op is inside either graph (the
 caller draws the noise). Both files carry the metadata in `metadata_props` as well as `model.json`.
 
-Nothing is published at `out` unless the full ONNX check passes and onnxruntime reproduces PyTorch on real
-inputs (max abs difference `TOLERANCE`) at several batch sizes: the folder is built beside `out` and switched
-in whole (`vae.publish`). The card's metrics are those of the exported weights (re-evaluated when the run's
-`eval/metrics.json` measured other weights or is missing), and it lists every graph's sha256. The weights exported are the run's EMA weights (what
-evaluation measured), never the raw training weights.
+Nothing is published at `out` unless the full ONNX check passes and onnxruntime reproduces PyTorch on real inputs
+(max abs difference `TOLERANCE`) at several batch sizes: the folder is built beside `out` and switched in whole
+(`vae.serving.publish`). The card's metrics are those of the exported weights (re-evaluated when the run's
+`eval/metrics.json` measured other weights or is missing), and it lists every graph's sha256. The weights exported
+are the run's EMA weights (what evaluation measured), never the raw training weights.
 
 With `fp16=True` a third graph, `decoder.fp16.onnx`, holds the decoder in float16 for GPUs. Its interface
 stays float32 (`z` float32 in, `x_mean` float32 out, the casts are inside the graph), so the runtime and any
@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_json
+from common.errors import VaeError
 from vae.checkpoint import load_trained
 from vae.config import config_hash
-from common.errors import VaeError
+from vae.serving.model_card import write_model_card
 from vae.serving.publish import check_out, publishing
 
 CONTRACT_VERSION = "1"
@@ -251,7 +252,8 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
            fp16: bool = False) -> dict:
     """Export a run's EMA model to the folder `out`, published whole; returns the model card (`model.json`).
 
-    The folder holds the graphs, `model.json` (with every graph's sha256) and `metrics.json`. `out` is a link
+    The folder holds the graphs, `model.json` (with every graph's sha256), `metrics.json`, `samples.png` (prior
+    samples from the validated decoder) and `README.md` (the human-readable model card). `out` is a link
     to a hidden sibling folder holding one complete export; a new export is built beside it and the link is
     switched in one rename, so a reader never sees two exports mixed. A real, non-empty folder at `out` is
     refused. Leftovers of a killed export are removed by the next one.
@@ -278,7 +280,21 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
         card["sha256"] = {name: _sha256(staging / name) for name in names}
         atomic_write_json(staging / "metrics.json", metrics)
         atomic_write_json(staging / "model.json", card)
+        write_samples(staging)
+        write_model_card(staging, card)
     return card
+
+
+def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:
+    """`samples.png`: an 8x8 grid of prior samples decoded by the validated `decoder.onnx` through the runtime,
+    exactly as an app would (noise from numpy's default_rng(seed))."""
+    from common.grid import make_grid, write_png
+    from vae.serving.runtime import Decoder
+
+    images = Decoder(folder / "decoder.onnx").sample(n, seed=seed)
+    if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
+        raise ExportError("decoder.onnx produced images outside [0, 1]")
+    return Path(write_png(folder / "samples.png", make_grid(images, 8)))
 
 
 def _sha256(path: Path) -> str:

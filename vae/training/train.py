@@ -189,7 +189,6 @@ def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: i
 def main() -> None:
     """Entry point for `accelerate launch -m vae.train CONFIG_JSON` (used by `vae train` for N > 1)."""
     from vae.config import config_from_dict
-
     from vae.distributed import end_process_group
 
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))

@@ -1,0 +1,75 @@
+"""The human-readable model card, `README.md` beside `model.json`: what the model is, how it measured, how to
+use it, and the terms of the data it learned from. Written after validation, from the card's own values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+
+CELEBA_TERMS = ("CelebA is available for non-commercial research purposes only (see the data set's agreement at "
+                "mmlab.ie.cuhk.edu.hk/projects/CelebA.html). A model trained on it inherits those terms: research "
+                "use only, no commercial use, no redistribution of the images.")
+
+
+def _metric(metrics: dict, key: str, fmt: str = "{:.4f}") -> str:
+    value = metrics.get(key)
+    return fmt.format(value) if isinstance(value, (int, float)) else "n/a"
+
+
+def model_card_markdown(card: dict, samples: str | None = "samples.png") -> str:
+    m = card.get("metrics") or {}
+    graphs = "\n".join(f"| `{name}` | `{card.get('sha256', {}).get(name, 'n/a')}` |" for name in card.get("files", []))
+    lines = [
+        f"# VAE {card.get('version')}",
+        "",
+        f"A variational autoencoder for {card.get('image_size')}x{card.get('image_size')} RGB face images, "
+        f"latent size {card.get('latent_dim')}, `{card.get('likelihood')}` likelihood; exported "
+        f"{card.get('created')} from the EMA weights of step {card.get('step')} (config hash "
+        f"`{card.get('config_hash')}`).",
+        "",
+        "## Measured",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| split | {m.get('split', 'n/a')} ({m.get('n_images', 'n/a')} images) |",
+        f"| negative log-likelihood, bits/dim (IWAE, K={m.get('k', 'n/a')}) | {_metric(m, 'nll_bpd')} |",
+        f"| ELBO, bits/dim | {_metric(m, 'elbo_bpd')} |",
+        f"| active latent units | {m.get('active_units', 'n/a')} |",
+        "",
+        "Lower bits/dim is better; the values are true log-likelihoods of the 8-bit images.",
+    ]
+    if samples:
+        lines += ["", "## Samples", "", f"![prior samples, seed 0]({samples})"]
+    lines += [
+        "", "## Use",
+        "",
+        "Decode latents drawn from N(0, I) with `decoder.onnx` (`z` float32 [N, latent_dim] -> `x_mean` float32 "
+        "[N, 3, H, W] in [0, 1]), or encode images with `encoder.onnx`; with Python, `vae.runtime` needs only "
+        "numpy and onnxruntime:",
+        "",
+        "```python",
+        "from vae.runtime import Decoder",
+        "images = Decoder(\"THIS_FOLDER\").sample(16, seed=0)",
+        "```",
+        "",
+        "Intended use: research on generative models of faces, image compression and representation learning. "
+        "Not for identifying people, not for decisions about people, and not as a source of realistic faces: "
+        "samples show the biases of the training data.",
+        "",
+        "## Files",
+        "",
+        "| graph | sha256 |",
+        "| --- | --- |",
+        graphs,
+        "",
+        "## Data terms",
+        "",
+        CELEBA_TERMS,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: Path, card: dict, samples: str | None = "samples.png") -> Path:
+    return atomic_write_text(folder / "README.md", model_card_markdown(card, samples))
