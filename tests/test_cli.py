@@ -124,3 +124,37 @@ def test_model_card_readme_says_what_users_need(trained_run, tmp_path_factory):
     assert f"{card['metrics']['nll_bpd']:.4f}" in text and card["sha256"]["decoder.onnx"] in text
     assert "non-commercial research purposes only" in text and "Intended use" in text
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_and_score_show_progress_on_a_terminal(trained_run, synth_source, tmp_path):
+    """The bars appear on a terminal (a pseudo-terminal here) and never on a pipe (the other tests)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    def stderr_on_a_tty(*args: str) -> str:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+        proc = subprocess.Popen([sys.executable, "-m", "vae.cli", *args], stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the pty closes when the process exits
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait() == 0
+        os.close(master)
+        return b"".join(chunks).decode(errors="replace")
+
+    assert "IWAE K=8" in stderr_on_a_tty("eval", "--run", str(trained_run), "--k", "8")
+    assert "scoring K=4" in stderr_on_a_tty("score", "--run", str(trained_run), "--source",
+                                            str(synth_source / "img_align_celeba"), "--k", "4", "--out",
+                                            str(tmp_path / "s.csv"))

@@ -65,7 +65,7 @@ def run_launched(module: str, args: list[str], num_processes: int, **kwargs) -> 
 
 def end_process_group() -> None:
     """Tear the process group down before exit: a gloo group left alive can abort the interpreter at exit
-    ('terminate called without an active exception', seen in CI)."""
+    ('terminate called without an active exception')."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

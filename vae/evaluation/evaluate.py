@@ -46,16 +46,24 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0, max_images: i
     Sums: n, recon, kl, iwae, iwae^2, mu and mu^2 per latent dimension, and per known attribute the sum
     of mu and the count over images with (`pos`) and without (`neg`) it.
     """
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     d = model.latent_dim
     zero = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
     sums = {"n": zero(1), "recon": zero(1), "kl": zero(1), "iwae": zero(1), "iwae_sq": zero(1),
             "mu": zero(d), "mu_sq": zero(d), "attr_mu": zero(len(ATTRIBUTE_DIRECTIONS), 2, d),
             "attr_n": zero(len(ATTRIBUTE_DIRECTIONS), 2)}
-    first = None
-    bar = tqdm(total=total, unit="img", desc=f"IWAE K={k}", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    # shown on a terminal only (disable=None), and erased when it ends or an error ends it
+    bar = tqdm(total=total, unit="img", desc=f"IWAE K={k}", disable=None if progress else True, leave=False,
+               file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        first = _accumulate(model, loader, k, k_chunk, generator, sums, max_images, bar)
+    sums = {name: _all_reduce(value) for name, value in sums.items()}
+    return sums, first
+
+
+def _accumulate(model, loader, k: int, k_chunk: int, generator, sums: dict, max_images: int | None, bar):
+    """Add each batch's bounds and codes to `sums`; returns the first batch's images and keys."""
+    device, d, first = next(model.parameters()).device, model.latent_dim, None
     for keys, x, metas in loader:
         if max_images is not None:  # a fixed subset (the first images of the split), e.g. for benchmarks
             room = max_images - int(sums["n"])
@@ -84,9 +92,7 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0, max_images: i
                 sums["attr_mu"][a, side] += mu[chosen].double().sum(0)
                 sums["attr_n"][a, side] += chosen.sum()
         bar.update(x.shape[0])
-    bar.close()
-    sums = {name: _all_reduce(value) for name, value in sums.items()}
-    return sums, first
+    return first
 
 
 def metrics_from_sums(s: dict, dims: int) -> dict:

@@ -79,14 +79,16 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
         batches = _image_batches(source, _training_crop(cfg), size, batch_size, skipped)
     generator = torch.Generator().manual_seed(seed)
     scores = []
-    bar = tqdm(unit="img", desc=f"scoring K={k}", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for keys, x in batches:
-        if x.shape[1:] != (3, size, size):
-            raise BadInput(f"source {source}: images are {list(x.shape[1:])}, the model takes [3, {size}, {size}]")
-        nll = bits_per_dim(iwae_bound(model, x, k, cfg.eval.k_chunk, generator), dims)
-        scores += zip(keys, nll.tolist())
-        bar.update(len(keys))
-    bar.close()
+    # shown on a terminal only (disable=None), and erased when it ends or an error ends it
+    with tqdm(unit="img", desc=f"scoring K={k}", disable=None if progress else True, leave=False, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for keys, x in batches:
+            if x.shape[1:] != (3, size, size):
+                raise BadInput(f"source {source}: images are {list(x.shape[1:])}, the model takes "
+                               f"[3, {size}, {size}]")
+            nll = bits_per_dim(iwae_bound(model, x, k, cfg.eval.k_chunk, generator), dims)
+            scores += zip(keys, nll.tolist())
+            bar.update(len(keys))
     if not scores:
         raise BadInput(f"source {source}: no usable images")
     scores.sort(key=lambda item: (-item[1], item[0]))

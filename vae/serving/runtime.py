@@ -17,7 +17,7 @@ weights, float32 interface) loads the same way; use it on a GPU.
 
 Session options (`session_options`): all graph optimizations, sequential execution, idle threads that sleep
 (`spinning=True` to let them spin on dedicated cores), `threads` intra-op threads (default: onnxruntime's, one per
-physical core). See the README for what was measured.
+physical core). docs/onnx.md has what was measured.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
     """The session options every model here runs with (export validates with the same ones).
 
     `spinning=False` (the default) lets idle worker threads sleep: on CPUs shared with other processes,
-    spinning threads steal the cores the work needs (2x slower measured under load). On cores dedicated to
-    this model, `spinning=True` trims latency at batch 1 (about 15% measured). See bench/export.py.
+    spinning threads steal the cores the work needs. On cores dedicated to this model, `spinning=True` trims
+    latency at batch 1 (docs/onnx.md).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -125,9 +125,8 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
 
 def cuda_provider_options(version: str | None = None) -> dict[str, str]:
     """CUDA provider options for onnxruntime `version` (default: the installed one): NHWC convolutions
-    (`prefer_nhwc`, built into onnxruntime-gpu since 1.20). Measured on an H100 with onnxruntime-gpu 1.31.1
-    (README): the celeba64-gpu decoder 0.98 -> 0.68 ms at batch 1 and 20.8k -> 26.0k images/s at batch 256,
-    the same outputs."""
+    (`prefer_nhwc`, built into onnxruntime-gpu since 1.20): faster convolutions on tensor cores, the same
+    outputs (docs/gpu.md)."""
     found = re.match(r"(\d+)\.(\d+)", version or ort.__version__)
     return {"prefer_nhwc": "1"} if found and (int(found[1]), int(found[2])) >= (1, 20) else {}
 
