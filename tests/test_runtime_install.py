@@ -23,7 +23,7 @@ OFFLINE = ("NewConnectionError", "Network is unreachable", "Temporary failure in
 def readme_section() -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index("### Registry and consuming the champion"):]
-    return section[:section.index("\n### ", 1)]
+    return section[:re.search(r"\n#{1,3} ", section[1:]).start() + 1]
 
 
 def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, trained_run, tmp_path_factory,
