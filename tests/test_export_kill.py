@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def whole_export(out: Path) -> str:
     """The weights digest of the complete export at `out`; fails on a mix of two exports or a broken folder."""
-    from vae.serving.registry import sha256_file
+    from common.digest import sha256_file
 
     folder = out.resolve()
     card = json.loads((folder / "model.json").read_text())

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
+from common.digest import sha256_file
 from exported_model import exported_once
 from vae.cli import main
 from vae.runtime import Champion, Decoder, Encoder, RuntimeModelError
@@ -38,7 +39,7 @@ def evidence(nll):
 def test_model_json_lists_the_sha256_of_every_graph(exported):
     out, card = exported
     assert sorted(card["sha256"]) == sorted(card["files"]) == ["decoder.fp16.onnx", "decoder.onnx", "encoder.onnx"]
-    assert all(reg.sha256_file(out / name) == digest for name, digest in card["sha256"].items())
+    assert all(sha256_file(out / name) == digest for name, digest in card["sha256"].items())
 
 
 def test_a_folder_loads_verified_and_a_replaced_graph_is_refused(copy):

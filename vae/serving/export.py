@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_json
+from common.digest import sha256_file
 from common.errors import VaeError
 from vae.checkpoint import load_trained
 from vae.config import config_hash
@@ -277,7 +278,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
         if fp16:
             card["validation"]["fp16_decoder"] = validate_fp16(staging, cfg.model.latent_dim)
         card["files"] = names
-        card["sha256"] = {name: _sha256(staging / name) for name in names}
+        card["sha256"] = {name: sha256_file(staging / name) for name in names}
         atomic_write_json(staging / "metrics.json", metrics)
         atomic_write_json(staging / "model.json", card)
         write_samples(staging)
@@ -297,7 +298,3 @@ def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:
     return Path(write_png(folder / "samples.png", make_grid(images, 8)))
 
 
-def _sha256(path: Path) -> str:
-    from vae.serving.registry import sha256_file
-
-    return sha256_file(path)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import storage
+from common.digest import sha256_file
 from common.errors import VaeError
 
 PROJECT = "train-vae"
@@ -68,14 +69,6 @@ def new_version(config_hash: str, started: datetime.datetime | None = None, run_
     started = started or datetime.datetime.now(datetime.timezone.utc)
     stamp = started.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{config_hash[:8]}" + (f"-{run_id[:8]}" if run_id else "")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _record_bytes(record: dict) -> bytes:

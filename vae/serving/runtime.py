@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.digest import sha256_file
+
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
@@ -43,14 +45,6 @@ KNOWN_CONTRACTS = ("1",)
 
 class RuntimeModelError(ValueError):
     """The model file or the input given to it is not usable; the message names which."""
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def graph_name(kind: str, precision: str | None = None) -> str:
@@ -86,7 +80,7 @@ def verified_graph(folder: str | os.PathLike, name: str) -> str:
         return path
     if name not in hashes:
         raise RuntimeModelError(f"model folder {folder}: model.json lists no sha256 for {name}")
-    if _sha256(path) != hashes[name]:
+    if sha256_file(path) != hashes[name]:
         raise RuntimeModelError(f"model {path}: sha256 differs from model.json's (damaged or replaced file)")
     return path
 
@@ -382,11 +376,11 @@ class Champion:
             path = self._reg.storage._local(source)
             if not os.path.isfile(path):
                 raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
-            if want is not None and _sha256(path) != want:
+            if want is not None and sha256_file(path) != want:
                 raise RuntimeModelError(f"model {path}: sha256 differs from the registry's version record")
             return path
         path = self.cache / self.version / name
-        if want is not None and path.is_file() and _sha256(path) == want:
+        if want is not None and path.is_file() and sha256_file(path) == want:
             return str(path)
         try:
             data = self._reg.storage.read_bytes(source)
