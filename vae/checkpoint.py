@@ -42,13 +42,21 @@ def remove_torn_writes(run_dir: str | Path) -> int:
     return len(torn)
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(PATTERN.match(Path(path).name).group(1))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
-    path = checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
+    path = checkpoint_dir(run_dir) / checkpoint_name(step)
     atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -81,7 +89,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # where data and outputs live, evaluation. Anything else changes what is being trained.
 RESUMABLE = ("run_dir", "train.steps", "train.max_seconds", "train.checkpoint_every", "train.log_every",
              "train.grids_every", "train.keep_checkpoints", "train.tensorboard", "train.init_from",
-             "train.max_nonfinite", "data.shards", "data.num_workers", "eval.")
+             "train.max_nonfinite", "train.collective_timeout_s", "data.shards", "data.num_workers", "eval.")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -90,14 +90,13 @@ def cmd_train(args) -> int:
         run_dir = Path(cfg.run_dir)
         config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
         code = run_launched("vae.training.train", [str(config_file)], args.num_processes,
-                            num_machines=args.num_machines,
+                            log=run_dir / "launch.log", num_machines=args.num_machines,
                             machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                             main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
         if code == 143:
             return _preempted_ranks(run_dir)
         if code != 0:
-            print(f"vae train: accelerate launch exited with code {code}", file=sys.stderr)
-            return 1
+            return 2 if code == 2 else 1  # the failing rank has said why in one line above
     print(f"trained {run_dir}")
     return 0
 

@@ -128,6 +128,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU option)
     max_seconds: float = 0.0  # stop after this much training time (benchmarks at equal compute); 0: off
     init_from: str = ""  # a run folder: a new run starts from its latest EMA weights (same model section only)
+    collective_timeout_s: float = 300.0  # how long a rank waits for the others (a lost machine) before failing
 
     def __post_init__(self) -> None:
         _at_least(self, "steps", 1)
@@ -145,6 +146,7 @@ class TrainConfig:
         _at_least(self, "grad_accum_steps", 1)
         _at_least(self, "grids_every", 0)
         _at_least(self, "max_seconds", 0)
+        _check(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
 
 
 @dataclass
@@ -300,5 +302,6 @@ def config_hash(cfg: Config) -> str:
     values["data"].pop("shards")
     values["data"].pop("num_workers")
     values["train"].pop("init_from")  # a location, like run_dir: the starting weights are recorded in the run
+    values["train"].pop("collective_timeout_s")  # how long to wait for other machines, not what is trained
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -8,9 +8,13 @@ the same command gives NCCL. Several machines add --num_machines, --machine_rank
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 from common.net import free_port
 
@@ -39,11 +43,20 @@ def launch_command(module: str, args: list[str], num_processes: int, num_machine
     return cmd + ["-m", module, *args]
 
 
-def run_launched(module: str, args: list[str], num_processes: int, **kwargs) -> int:
+def run_launched(module: str, args: list[str], num_processes: int, log: str | os.PathLike | None = None,
+                 **kwargs) -> int:
     """Run the launcher and wait; SIGTERM and SIGINT sent to this process are passed on to it (and by it to
     every rank), so a preempted `vae train` stops all ranks with a checkpoint rather than orphaning them.
+
+    With `log`, everything the launcher and the ranks write to stderr also goes to that file, and the console
+    gets it up to the first traceback: after that only the ranks' one-line messages (`vae: ...`) and a pointer
+    to the file, so a failure reads as one line rather than the launcher's report.
     Returns the launcher's exit code, or 143 when it ended after a forwarded SIGTERM."""
-    proc = subprocess.Popen(launch_command(module, args, num_processes, **kwargs))
+    proc = subprocess.Popen(launch_command(module, args, num_processes, **kwargs),
+                            stderr=subprocess.PIPE if log else None)
+    pump = threading.Thread(target=_pump, args=(proc.stderr, Path(log)), daemon=True) if log else None
+    if pump is not None:
+        pump.start()
     forwarded = []
 
     def forward(signum, frame):
@@ -56,11 +69,37 @@ def run_launched(module: str, args: list[str], num_processes: int, **kwargs) -> 
         previous = {}
     try:
         code = proc.wait()
+        if pump is not None:
+            pump.join(timeout=10)
         # the launcher reports its own SIGTERM as a failure even when every rank stopped cleanly
         return 143 if code != 0 and signal.SIGTERM in forwarded else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _pump(stream, log: Path) -> None:
+    """Copy the launcher's stderr to `log` and to the console, the console only until the first traceback."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    quiet, pending = False, b""
+    with open(log, "ab") as out:
+        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+            out.write(chunk)
+            out.flush()
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                quiet = quiet or line.lstrip(b"\r").startswith((b"Traceback (most recent call last)", b"[rank")) \
+                    or re.match(rb"[EWF]\d{4} ", line) is not None  # torch.distributed.elastic's error log
+                if not quiet or line.startswith((b"vae: ", b"vae train: ")):
+                    sys.stderr.buffer.write(line + b"\n")
+            if pending.startswith(b"\r") and not quiet:  # a progress bar redrawing its line
+                sys.stderr.buffer.write(pending)
+                pending = b""
+            sys.stderr.buffer.flush()
+        if quiet:
+            sys.stderr.write(f"(the launcher's full report is in {log})\n")
+            sys.stderr.flush()
 
 
 def end_process_group() -> None:

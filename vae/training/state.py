@@ -8,6 +8,7 @@ a warm start from another architecture) is checked before anything is written.
 
 from __future__ import annotations
 
+import datetime
 import math
 import sys
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from common.atomic import atomic_write_json, atomic_write_text
-from common.errors import ConfigError, TrainingError
+from common.errors import BadInput, ConfigError, TrainingError
 from pipeline.manifest import require_image_size
 from vae import checkpoint as ckpt
 from vae.config import Config, config_hash, config_to_dict
@@ -48,8 +50,10 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         except ImportError:
             print("tensorboard is not installed: logging to train_log.jsonl only", file=sys.stderr)
     # fp16 gets Accelerate's GradScaler; parameters stay float32 under autocast in every mode.
+    # A lost machine ends every collective after collective_timeout_s instead of the backend's default minutes.
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
     return Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
-                       project_dir=str(run_dir))
+                       project_dir=str(run_dir), kwargs_handlers=[timeout])
 
 
 @dataclass
@@ -86,12 +90,12 @@ def setup(cfg: Config) -> TrainState:
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
     require_image_size(cfg.data.shards, cfg.model.image_size)
-    resume = ckpt.latest_checkpoint(run_dir)
+    resume = agreed_checkpoint(accelerator, run_dir)
     saved = ckpt.load_checkpoint(resume) if resume is not None else None
     if saved is not None:
         ckpt.check_resume(resume, saved, cfg)
     warm = ckpt.warm_start_weights(cfg) if saved is None else None
-    if accelerator.is_main_process:
+    if accelerator.is_local_main_process:  # every machine keeps its own run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_torn_writes(run_dir)
         atomic_write_json(run_dir / "config.json", {"config": config_to_dict(cfg), "config_hash": config_hash(cfg)})
@@ -132,15 +136,34 @@ def setup(cfg: Config) -> TrainState:
                       stream_start)
 
 
+def agreed_checkpoint(accelerator: Accelerator, run_dir: Path) -> Path | None:
+    """The checkpoint every machine resumes from: the newest step that all of them hold (each machine keeps its
+    own run folder, and a machine lost mid-write may be a checkpoint behind). None: a fresh start everywhere."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if accelerator.num_processes == 1:
+        return latest
+    here = ckpt.checkpoint_step(latest) if latest is not None else 0
+    steps = accelerator.gather(torch.tensor([here], device=accelerator.device)).tolist()
+    agreed = min(steps)
+    if agreed == 0:
+        return None
+    path = ckpt.checkpoint_dir(run_dir) / ckpt.checkpoint_name(agreed)
+    if not path.is_file():
+        raise BadInput(f"run {run_dir}: the machines' newest common checkpoint is step {agreed} (they hold "
+                       f"{sorted(set(steps))}), and this machine no longer has it; restore it or start a new run_dir")
+    return path
+
+
 def save_checkpoint(state: TrainState, stream_start: int) -> None:
-    """A checkpoint of the step just done (main process), after checking the weights are finite on every rank
-    (DDP keeps them identical, so every rank reaches the same verdict)."""
+    """A checkpoint of the step just done (written by each machine's first process into that machine's run
+    folder), after checking the weights are finite on every rank (DDP keeps them identical, so every rank reaches
+    the same verdict)."""
     state.accelerator.wait_for_everyone()
     tensors = [*state.raw_model.parameters(), *state.ema.state_dict().values()]
     if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
         raise TrainingError(f"training stopped at step {state.counters['step']}: the weights are no longer finite; "
                             f"the last good checkpoint is kept in {state.run_dir / 'checkpoints'}")
-    if state.main:
+    if state.accelerator.is_local_main_process:
         saved = {"model": state.raw_model.state_dict(), "ema": state.ema.state_dict(),
                  "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                  "config": ckpt.config_json(state.cfg), "stream_start": stream_start, **state.counters}

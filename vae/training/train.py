@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common.atomic import atomic_write_json, atomic_write_text
-from common.errors import VaeError
+from common.errors import BadInput, VaeError
 from common.grid import make_grid, write_png
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
@@ -45,25 +46,27 @@ def train(cfg: Config, progress: bool = True) -> Path:
     sigterm, started = SigtermFlag(), time.time()
     window, seen, grid_images, stop = Window(), set(), None, 0.0  # seen: keys this rank consumed (an audit)
     state.model.train()
-    while state.counters["step"] < cfg.train.steps and not stop:
-        segment_start = state.stream_start
-        segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
-                          * cfg.train.checkpoint_every)
-        batches, noise = open_stream(state, memory, segment_start)
-        while state.counters["step"] < segment_end:
-            result = train_step(state, batches, noise, window, seen)
-            if grid_images is None and result.first_images is not None:
-                grid_images = result.first_images[:8].clone()
-            bar.update(1)
-            window = log_if_due(state, window, result, bar)
-            stop = stop_signal(state, sigterm, started)
-            if stop:
-                break
-            write_grids_if_due(state, grid_images)
-        state.stream_start = segment_start if state.counters["step"] < segment_end else state.counters["step"]
-        save_checkpoint(state, state.stream_start)
-    bar.close()
-    sigterm.restore()
+    try:
+        while state.counters["step"] < cfg.train.steps and not stop:
+            segment_start = state.stream_start
+            segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
+                              * cfg.train.checkpoint_every)
+            batches, noise = open_stream(state, memory, segment_start)
+            while state.counters["step"] < segment_end:
+                result = train_step(state, batches, noise, window, seen)
+                if grid_images is None and result.first_images is not None:
+                    grid_images = result.first_images[:8].clone()
+                bar.update(1)
+                window = log_if_due(state, window, result, bar)
+                stop = stop_signal(state, sigterm, started)
+                if stop:
+                    break
+                write_grids_if_due(state, grid_images)
+            state.stream_start = segment_start if state.counters["step"] < segment_end else state.counters["step"]
+            save_checkpoint(state, state.stream_start)
+    finally:
+        bar.close()  # a newline after the bar, before any error line
+        sigterm.restore()
     write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, state.counters["step"], seen)
     state.accelerator.wait_for_everyone()
     state.accelerator.end_training()
@@ -193,13 +196,38 @@ def main() -> None:
 
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rank = os.environ.get("RANK", "?")
     try:
         train(cfg)
     except Preempted as stopped:
         print(f"vae train: {stopped}", file=sys.stderr)
         end_process_group()
         sys.exit(Preempted.exit_code)
+    except BadInput as err:
+        print(f"vae: error: rank {rank}: {err}", file=sys.stderr, flush=True)
+        os._exit(2)  # the other ranks may be waiting in a collective: leave without tearing the group down
+    except VaeError as err:
+        print(f"vae: failed: rank {rank}: {err}", file=sys.stderr, flush=True)
+        os._exit(1)
+    except RuntimeError as err:  # a lost peer: gloo and NCCL raise RuntimeError subclasses
+        if not lost_peer(err):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
+        print(f"vae: failed: rank {rank} lost contact with the other processes ({first}); every machine keeps its "
+              f"last checkpoint in {cfg.run_dir}: start all of them again to resume", file=sys.stderr, flush=True)
+        os._exit(1)
     end_process_group()
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether an error is the process group failing (a peer died, hung past the timeout, or the network broke)."""
+    import torch.distributed
+
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(err)
+    return any(marker in text for marker in ("Connection closed by peer", "Connection reset", "Broken pipe",
+                                             "gloo", "NCCL", "Timed out", "timed out", "TCPStore"))
 
 
 if __name__ == "__main__":
