@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test install clean serve serve-stop
+.PHONY: demo test install system-deps clean serve serve-stop
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m flows.demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
+
+# The end-to-end tests run Prefect on PostgreSQL and check its UI in headless Chromium (Debian packages):
+# installed when missing and possible (root with apt-get); otherwise those checks skip, saying why.
+SYSTEM_PACKAGES := postgresql chromium chromium-driver
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v chromium >/dev/null \
+	    || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(SYSTEM_PACKAGES)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null) \
+	      || echo "make: could not install $(SYSTEM_PACKAGES): the tests that need them will skip"; \
+	  else echo "make: $(SYSTEM_PACKAGES) missing and not root: the tests that need them will skip"; fi; \
+	fi
 
 # A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1:$(PORT), the process pool `local`, the
 # deployments of prefect.yaml and a worker, in the background; PIDs in $(PREFECT_HOME)/serve.json.

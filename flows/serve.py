@@ -1,5 +1,6 @@
-"""A local Prefect stack for operations (`make serve`): a server on 127.0.0.1 (SQLite under PREFECT_HOME), the
-process work pool, the deployments of `prefect.yaml`, and a worker.
+"""A local Prefect stack for operations (`make serve`): a server on 127.0.0.1 (SQLite under PREFECT_HOME, or
+the database of PREFECT_SERVER_DATABASE_CONNECTION_URL, e.g. PostgreSQL), the process work pool, the
+deployments of `prefect.yaml`, and a worker.
 
     python -m flows.serve start [--port 4200] [--pool local]    # `make serve`
     python -m flows.serve stop                                   # `make serve-stop`
@@ -57,6 +58,7 @@ class Stack:
     pool: str = DEFAULT_POOL
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a shorter worker polling interval
+    database_url: str | None = None  # e.g. postgresql+asyncpg://...; None: SQLite under PREFECT_HOME
 
     @property
     def api_url(self) -> str:
@@ -74,6 +76,8 @@ class Stack:
                    PWD=str(REPO))  # `{{ $PWD }}` in prefect.yaml: Popen(cwd=...) does not update PWD itself
         # Flow runs import this checkout's code (flows, vae, pipeline), whatever is installed.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        if self.database_url:
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
         return {**env, **self.extra_env}
 
     def recorded(self) -> dict[str, int]:

@@ -10,6 +10,7 @@ a synthetic CelebA-layout set, so the demo deployment works on a fresh machine.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from pipeline.preprocess import DEFAULT_CROP
 from vae.config import MAX_K, config_hash, load_config
 from vae.serving import registry as reg
 
+CHAMPION_EVENT = "vae.champion.promoted"
+MAX_EMBEDDED_PNG = 200_000  # bytes of one picture embedded in the summary artifact
 VERSION_EXTRAS = ("model.json", "metrics.json", "samples.png", "README.md")  # beside the graphs of model.json
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
@@ -162,7 +165,46 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     outcome = reg.promote(registry, version, metrics, run=str(Path(run_dir).resolve()), reevaluate=reevaluate)
     logger.info("version %s %s: %s", version, "promoted" if outcome["promoted"] else "kept, not promoted",
                 outcome["reason"])
+    if outcome["promoted"] and outcome["reason"] != "already the champion":
+        announce_champion(registry, version, metrics, outcome)
     return {"version": version, "path": str(target), **outcome}
+
+
+def summary_markdown(version: str, metrics: dict, result: dict, pictures: list[tuple[str, Path]]) -> str:
+    """The run's summary for the Prefect UI: the decision and why, the numbers, and the pictures embedded as PNG
+    data URIs (the UI is served over http and cannot show file:// images); a picture over the size limit is
+    named instead of embedded, so the artifact stays small."""
+    previous, again = result["previous"], result["reevaluated"]
+    comparison = "no previous champion"
+    if previous and again:
+        comparison = (f"champion {previous['version']} re-evaluated on this test set at K={again['k']}: nll_bpd "
+                      f"{again['nll_bpd']:.4f}")
+    elif previous:
+        comparison = f"champion {previous['version']}: nll_bpd {previous['nll_bpd']}"
+    lines = [f"# train-vae {version}",
+             f"- **{'promoted' if result['promoted'] else 'not promoted'}**: {result['reason']}",
+             f"- test nll_bpd **{metrics['nll_bpd']:.4f}** (IWAE, K={metrics['k']}), elbo_bpd "
+             f"{metrics['elbo_bpd']:.4f}, {metrics['n_images']} images; {comparison}",
+             f"- version folder: `{result['path']}`", ""]
+    for name, path in pictures:
+        if path.is_file() and path.stat().st_size <= MAX_EMBEDDED_PNG:
+            lines.append(f"![{name}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})")
+        elif path.is_file():
+            lines.append(f"- {name}: `{path}` ({path.stat().st_size // 1024} KB, too large to embed)")
+    return "\n".join(lines)
+
+
+def announce_champion(registry: str, version: str, metrics: dict, outcome: dict) -> None:
+    """The Prefect event `vae.champion.promoted`, for automations and apps that react to a new champion."""
+    from prefect.events import emit_event
+
+    previous = outcome["previous"]
+    emit_event(event=CHAMPION_EVENT,
+               resource={"prefect.resource.id": f"vae.registry.{registry}", "prefect.resource.name": registry},
+               payload={"version": version, "path": reg.version_path(version), "registry": registry,
+                        "previous": previous["version"] if previous else None, "reason": outcome["reason"],
+                        **{key: metrics.get(key) for key in ("nll_bpd", "elbo_bpd", "split", "k",
+                                                             "split_fingerprint", "n_images")}})
 
 
 def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
@@ -209,10 +251,22 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
               fp16: bool = False, warm_start: bool = False) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
-    `synthesize_n > 0`: when `source` holds no data set yet, write that many synthetic faces there first.
-    `fp16`: the version also holds `decoder.fp16.onnx` (float16 network, float32 interface) for GPU apps.
-    `warm_start`: start training from the champion's EMA weights (its run folder under `runs`), with this run's
-    own schedule; refused before any work when the architecture differs. Without a champion it starts fresh.
+    Args:
+        source: The images: a CelebA folder, img_align_celeba.zip or any image folder, as a path or fsspec URL.
+        shards: Where the WebDataset shards and manifest.json live (a path or URL); only new images are sharded.
+        config: The YAML config file (configs/...): what differs from the defaults.
+        registry: The model registry (a path or URL): versions and champion.json.
+        runs: The folder of run folders; the champion's run must be kept there (re-evaluation, warm starts).
+        overrides: Config overrides as key=value strings, e.g. ["train.steps=200"].
+        num_processes: Training processes on this machine (accelerate launch when more than one).
+        k: Importance samples of the test IWAE bound (default: the config's eval.k).
+        crop: The centred square cropped before resizing (0: the largest square).
+        shard_workers: Preprocessing processes while sharding.
+        synthesize_n: When the source holds no data set yet, write this many synthetic faces there first.
+        synthesize_seed: The seed of the synthetic faces.
+        fp16: Also export decoder.fp16.onnx (float16 network, float32 interface) for GPU apps.
+        warm_start: Start training from the champion's EMA weights, with this run's own schedule; refused before
+            any work when the architecture differs. Without a champion it starts fresh.
     """
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
@@ -236,19 +290,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
 
     create_table_artifact(key="train-vae-metrics", table=[
         {"metric": name, "value": metrics[name]} for name in METRIC_ROWS], description=f"Test metrics of {version}")
-    previous, again = result["previous"], result["reevaluated"]
-    comparison = "no previous champion"
-    if previous and again:
-        comparison = (f"champion {previous['version']} re-evaluated on this test set at K={again['k']}: nll_bpd "
-                      f"{again['nll_bpd']:.4f}")
-    elif previous:
-        comparison = f"champion {previous['version']}: nll_bpd {previous['nll_bpd']}"
-    create_markdown_artifact(key="train-vae-summary", markdown="\n".join([
-        f"# train-vae {version}",
-        f"- **{'promoted' if result['promoted'] else 'not promoted'}**: {result['reason']}",
-        f"- test nll_bpd **{metrics['nll_bpd']:.4f}** (IWAE, K={metrics['k']}), elbo_bpd {metrics['elbo_bpd']:.4f},"
-        f" {metrics['n_images']} images; {comparison}",
-        f"- version folder: `{result['path']}`",
-        f"\n![samples](file://{Path(grid).resolve()})",
-        f"![reconstructions](file://{(Path(run_dir) / 'eval' / 'reconstructions.png').resolve()})"]))
+    create_markdown_artifact(key="train-vae-summary", markdown=summary_markdown(
+        version, metrics, result, [("samples", Path(grid)), ("reconstructions", Path(run_dir) / "eval" /
+                                                               "reconstructions.png")]))
     return {**result, "metrics": metrics, "samples": str(Path(result["path"]) / "samples.png"), "grid": grid}

@@ -1,6 +1,7 @@
 """End to end with a real Prefect server and worker, as operations run it (`make serve` drives the same code):
 
-server on 127.0.0.1 (temporary PREFECT_HOME, SQLite) -> process work pool -> `prefect deploy` from prefect.yaml
+server on 127.0.0.1 (on a PostgreSQL database the test starts, as production runs it)
+-> process work pool -> `prefect deploy` from prefect.yaml
 -> worker -> `prefect deployment run train-vae/demo --watch` (tiny overrides), checked through the API: the run
 completed, its artifacts exist, the registry holds the version and champion.json names it. Then new images in
 the source: only new shards are written and promotion follows the metrics. The schedule and concurrency limit
@@ -9,6 +10,7 @@ of train-vae/celeba-64 are read back. Every process started here is stopped by P
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -22,17 +24,29 @@ import pytest
 from common.net import free_port
 from conftest import TINY
 from flows import serve
+from postgres import binaries, postgres_database, query
 from vae.serving import registry as reg
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def database():
+    """A real PostgreSQL database for the server, as production runs it; None (SQLite) where there is none."""
+    if binaries() is None:
+        yield None
+        return
+    with postgres_database() as (url, port):
+        yield {"url": url, "port": port}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, database):
     home = tmp_path_factory.mktemp("prefect-home")
     started = time.time()
     stack = serve.Stack(home, free_port(), "e2e-local",
-                        extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"})
+                        extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
+                        database_url=database["url"] if database else None)
     try:
         serve.start(stack)  # server, pool, `prefect deploy --name demo --name celeba-64`, worker
         stack.startup_s = time.time() - started
@@ -69,6 +83,22 @@ def artifacts_of(client, flow_run_id: str) -> dict:
 
     found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {a.key: a for a in found}
+
+
+def champion_events(stack, at_least: int = 1) -> list[dict]:
+    """The `vae.champion.promoted` events the server holds, oldest first (read back through its API)."""
+    import httpx
+
+    from flows.train_vae import CHAMPION_EVENT
+
+    for _ in range(40):  # events reach the database shortly after they are emitted
+        page = httpx.post(f"{stack.api_url}/events/filter", json={"filter": {"event": {"name": [CHAMPION_EVENT]}},
+                                                                  "limit": 50}, timeout=30).json()
+        events = sorted(page["events"], key=lambda e: e["occurred"])
+        if len(events) >= at_least:
+            return events
+        time.sleep(0.5)
+    return events
 
 
 def shard_files(shards: Path) -> dict[str, tuple[str, int]]:
@@ -128,7 +158,13 @@ def test_demo_deployment_runs_promotes_and_reshards_incrementally(stack, client,
     assert rows["nll_bpd"] == pytest.approx(first_metrics["nll_bpd"]) and rows["k"] == 8
     summary = artifacts["train-vae-summary"].data
     assert f"# train-vae {versions[0]}" in summary and "**promoted**: no champion yet" in summary
-    assert "samples.png" in summary
+    pictures = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary)
+    assert [name for name, _ in pictures] == ["samples", "reconstructions"]
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in pictures)
+    announced = champion_events(stack)
+    assert [e["payload"]["version"] for e in announced] == [versions[0]]
+    assert announced[0]["payload"]["nll_bpd"] == pytest.approx(first_metrics["nll_bpd"])
+    assert announced[0]["payload"]["previous"] is None
 
     # New images in the source: only new shards, the old ones untouched byte for byte.
     manifest_before = json.loads((out / "shards" / "manifest.json").read_text())
@@ -166,6 +202,8 @@ def test_demo_deployment_runs_promotes_and_reshards_incrementally(stack, client,
     assert ("**promoted**" if better else "**not promoted**") in summary
     assert f"champion {versions[0]}" in summary
     timings["promoted_second"] = better
+    promoted = [versions[0], *([versions[1]] if better else [])]
+    assert [e["payload"]["version"] for e in champion_events(stack, len(promoted))] == promoted
     print("e2e timings", json.dumps(timings))
 
 
@@ -197,3 +235,60 @@ def test_deployments_read_back_schedule_concurrency_and_pull_step(stack, client)
     listed = subprocess.run([*serve.prefect_cli(), "deployment", "schedule", "ls", "train-vae/celeba-64"],
                             env=stack.env(), cwd=serve.REPO, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "0 3 * * 1" in listed.stdout, listed.stdout + listed.stderr
+
+
+def test_the_server_keeps_its_state_in_postgresql(stack, database, client):
+    if database is None:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql when it can), so the "
+                    "end-to-end runs used SQLite")
+    assert stack.env()["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == database["url"]
+    deployments = int(query(database["port"], "select count(*) from deployment"))
+    assert deployments == len(client.read_deployments()) >= 2  # what the API serves is what PostgreSQL holds
+
+
+def test_the_flow_parameters_have_descriptions_in_the_run_form(client):
+    schema = client.read_deployment_by_name("train-vae/celeba-64").parameter_openapi_schema["properties"]
+    assert "CelebA folder" in schema["source"]["description"]
+    assert all(schema[name].get("description") for name in schema), [n for n in schema if not schema[n].get(
+        "description")]
+
+
+def test_the_summary_pictures_show_in_the_prefect_ui(stack, client, tmp_path):
+    """Headless Chromium opens the summary artifact's page of the real server's UI: the embedded pictures
+    decode (naturalWidth > 0). VAE_UI_SCREENSHOT=PATH keeps a screenshot of the page there."""
+    import os
+    import shutil as sh
+
+    pytest.importorskip("selenium", reason="selenium is not installed (the dev extra brings it)")
+    if not (sh.which("chromium") and sh.which("chromedriver")):
+        pytest.skip("Chromium or its driver is not installed (make test installs Debian's chromium and "
+                    "chromium-driver when it can)")
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    summaries = ArtifactFilter(key=ArtifactFilterKey(any_=["train-vae-summary"]))
+    found = client.read_artifacts(artifact_filter=summaries)
+    if not found:
+        pytest.skip("no summary artifact: run the module's deployment test first")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,2000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(sh.which("chromedriver")))
+    try:
+        driver.get(f"http://127.0.0.1:{stack.port}/artifacts/artifact/{found[-1].id}")
+        script = ("return Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+                  ".map(i => [i.alt, i.complete, i.naturalWidth])")
+        WebDriverWait(driver, 90).until(lambda d: len(d.execute_script(script)) >= 2 and all(
+            complete and width > 0 for _, complete, width in d.execute_script(script)))
+        pictures = driver.execute_script(script)
+        driver.save_screenshot(str(tmp_path / "artifact.png"))
+        if os.environ.get("VAE_UI_SCREENSHOT"):
+            sh.copyfile(tmp_path / "artifact.png", os.environ["VAE_UI_SCREENSHOT"])
+    finally:
+        driver.quit()
+    assert sorted(alt for alt, _, _ in pictures) == ["reconstructions", "samples"]
+    assert all(width > 0 for _, _, width in pictures)
+    assert (tmp_path / "artifact.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
