@@ -36,6 +36,8 @@ from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
 from pipeline.records import sample_members
 from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
 
+MANIFEST_EVERY_S = 10.0
+
 # Worker processes hold the source and settings once, instead of receiving them with every image.
 _WORKER: dict = {}
 
@@ -135,11 +137,21 @@ class Plan:
     def up_to_date(self) -> bool:
         return self.manifest["source"].get("fingerprint") == self.fingerprint
 
+    saved_at: float = 0.0
+
     def save_manifest(self) -> None:
         self.manifest["skipped"] = sorted([*self.failed.values(), *self.listing.skipped],
                                           key=lambda r: (r["key"], r["reason"]))
         self.manifest["partition_missing"] = self.listing.partition_missing
         write_manifest(self.out, self.manifest)
+        self.saved_at = time.monotonic()
+
+    def save_manifest_if_due(self) -> None:
+        """The manifest after a shard, at most every MANIFEST_EVERY_S: rewriting the whole manifest after each of
+        CelebA's 200 shards would cost time quadratic in their number; a killed run redoes (identically) only
+        the shards written since the last save."""
+        if time.monotonic() - self.saved_at >= MANIFEST_EVERY_S:
+            self.save_manifest()
 
 
 def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = DEFAULT_CROP, size: int = 64,
@@ -230,7 +242,7 @@ def write_split(plan: Plan, split: str, results, bar) -> int:
         records.append(_write_shard(folder, shard_name(plan.dataset, split, len(records)), pending))
         plan.manifest["splits"][split]["count"] = sum(r["count"] for r in records)
         pending.clear()
-        plan.save_manifest()
+        plan.save_manifest_if_due()
 
     for entry, result in results:
         bar.update(1)
@@ -244,6 +256,7 @@ def write_split(plan: Plan, split: str, results, bar) -> int:
             flush()
     if pending:
         flush()
+    plan.save_manifest()
     return written
 
 
