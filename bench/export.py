@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 from vae.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
-from vae.serving.export import CONTRACT_VERSION, _set_metadata, export_graphs  # noqa: E402
+from vae.serving.export import CONTRACT_VERSION, export_graphs  # noqa: E402
+from vae.serving.graphs import set_metadata  # noqa: E402
 from vae.serving.runtime import Decoder, Encoder, session_options  # noqa: E402
 
 THREADS = 2
@@ -178,7 +179,7 @@ def main() -> int:
         export_graphs(model, folder)
         meta = {"contract_version": CONTRACT_VERSION, "latent_dim": latent, "image_size": size, "channels": 3}
         for name in ("encoder.onnx", "decoder.onnx"):
-            _set_metadata(folder / name, meta)
+            set_metadata(folder / name, meta)
         decoder = Decoder(folder / "decoder.onnx", threads=THREADS)
         encoder = Encoder(folder / "encoder.onnx", threads=THREADS)
 

@@ -84,6 +84,8 @@ def split_shards(shards: str, split: str, manifest: dict | None = None) -> list[
         count = rec.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise BadInput(f"shards {shards}: manifest gives shard {name} the count {count!r}")
+        if not (isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64):
+            raise BadInput(f"shards {shards}: manifest gives shard {name} no sha256 (it cannot be verified)")
         if count > 0:
             refs.append(ShardRef(storage.join(shards, split, name), count, rec.get("sha256")))
     return refs

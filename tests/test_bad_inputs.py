@@ -142,6 +142,8 @@ CASES = [
     ("manifest shard name outside its folder", lambda c: ["eval", "--run", str(c.run), "--shards", str(
         _manifest(c, lambda m: m["splits"]["test"]["shards"][0].update(name="../../etc/passwd")))],
      "not a plain"),
+    ("manifest without a shard's sha256", lambda c: ["eval", "--run", str(c.run), "--shards", str(
+        _manifest(c, lambda m: m["splits"]["test"]["shards"][0].pop("sha256")))], "no sha256"),
     ("shards of another image size", lambda c: ["eval", "--run", str(c.run), "--shards", str(
         _other_size_shards(c))], "images of 8x8 pixels, the model takes 16x16"),
     ("zero-byte checkpoint", lambda c: ["eval", "--run", str(_checkpoint(c, lambda p: p.write_bytes(b"")))],

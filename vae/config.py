@@ -57,7 +57,7 @@ class ModelConfig:
     latent_dim: int = 128
     res_blocks: int = 1  # residual blocks after each resolution change
     likelihood: str = "discretized_logistic"
-    mixtures: int = 1  # logistic_mixture: components per pixel (1 beat 3 at the CPU budget, README)
+    mixtures: int = 1  # logistic_mixture: components per pixel (docs/model.md: one is the best at a CPU budget)
     kind: str = "conv"  # conv: one latent vector; hierarchical: top-down latent groups (vae/models/hierarchical.py)
     groups: int = 2  # hierarchical: latent groups, one per resolution from the coarsest up
     latent_channels: int = 8  # hierarchical: channels of each group's spatial latent

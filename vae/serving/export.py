@@ -20,7 +20,6 @@ check is skipped, and the model card says so and why.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import sys
@@ -34,11 +33,14 @@ from torch import nn
 
 from common.atomic import atomic_write_json
 from common.digest import sha256_file
-from common.errors import VaeError
+from common.errors import BadInput
 from vae.checkpoint import load_trained
 from vae.config import config_hash
+from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
+                                set_metadata)
 from vae.serving.model_card import write_model_card
 from vae.serving.publish import check_out, publishing
+from vae.serving.quantize import PRECISIONS, write_int8
 
 CONTRACT_VERSION = "1"
 TOLERANCE = 1e-4
@@ -46,70 +48,6 @@ FP16_TOLERANCE = 1e-2  # max abs difference of decoder.fp16.onnx from decoder.on
 VALIDATION_BATCHES = (1, 7, 64)
 GRAPHS = ("encoder.onnx", "decoder.onnx")
 FP16_DECODER = "decoder.fp16.onnx"
-RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-              "Bernoulli"}
-
-
-class ExportError(VaeError):
-    """The exported graphs failed validation; nothing was written."""
-
-
-class EncoderGraph(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode(x)
-
-
-class DecoderGraph(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_mean(z)
-
-
-class HalfDecoderGraph(nn.Module):
-    """The decoder network in float16 behind a float32 interface; the likelihood's mean (a few elementwise
-    ops on its parameters) in float32, as in `decoder.onnx`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = copy.deepcopy(model).half()
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.likelihood.mean(self.model.decode(z.half()).float())
-
-
-def _export_graph(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],
-                  path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, input_names=[input_name], output_names=output_names,
-            dynamic_shapes={input_name: {0: torch.export.Dim("batch", min=1, max=65536)}},
-            external_data=False, verbose=False)
-    program.save(str(path), external_data=False)
-
-
-def _set_metadata(path: Path, metadata: dict) -> None:
-    graph = onnx.load(str(path))
-    del graph.metadata_props[:]
-    for key, value in metadata.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(graph, str(path))
-
-
-def random_ops(path: Path) -> set[str]:
-    graph = onnx.load(str(path))
-    found = {n.op_type for n in graph.graph.node if n.op_type in RANDOM_OPS}
-    for fn in graph.functions:
-        found |= {n.op_type for n in fn.node if n.op_type in RANDOM_OPS}
-    return found
 
 
 def _session(path: Path, device: str = "cpu"):
@@ -183,12 +121,12 @@ def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray,
 def export_graphs(model: nn.Module, folder: Path, fp16: bool = False) -> list[str]:
     """Write the graphs of `model` (no metadata, no validation) into `folder`; returns their file names."""
     size, latent_dim = model.cfg.image_size, model.latent_dim
-    _export_graph(EncoderGraph(model), torch.rand(2, 3, size, size), "x", ["mu", "logvar"],
+    export_onnx(EncoderGraph(model), torch.rand(2, 3, size, size), "x", ["mu", "logvar"],
                   folder / "encoder.onnx")
-    _export_graph(DecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / "decoder.onnx")
+    export_onnx(DecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / "decoder.onnx")
     if not fp16:
         return list(GRAPHS)
-    _export_graph(HalfDecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / FP16_DECODER)
+    export_onnx(HalfDecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / FP16_DECODER)
     return [*GRAPHS, FP16_DECODER]
 
 
@@ -250,16 +188,22 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str | None) -> dict
 
 
 def export(run_dir: str | Path, out: str | Path, shards: str | None = None, version: str | None = None,
-           fp16: bool = False) -> dict:
+           fp16: bool = False, precisions: tuple[str, ...] = ()) -> dict:
     """Export a run's EMA model to the folder `out`, published whole; returns the model card (`model.json`).
 
     The folder holds the graphs, `model.json` (with every graph's sha256), `metrics.json`, `samples.png` (prior
     samples from the validated decoder) and `README.md` (the human-readable model card). `out` is a link
     to a hidden sibling folder holding one complete export; a new export is built beside it and the link is
     switched in one rename, so a reader never sees two exports mixed. A real, non-empty folder at `out` is
-    refused. Leftovers of a killed export are removed by the next one.
+    refused. Leftovers of a killed export are removed by the next one. `precisions` ("int8") adds the
+    reduced-precision CPU graphs of `vae.serving.quantize`, validated against the float32 ones.
     """
     run_dir, out = Path(run_dir), Path(out)
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        raise BadInput(f"precision {', '.join(unknown)}: not offered (reduced-precision CPU graphs: "
+                       f"{', '.join(PRECISIONS)}; float16 for GPUs: --fp16); onnxruntime's CPU provider has no "
+                       "fast bf16 convolutions")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
     metrics = current_metrics(run_dir, model, shards)
@@ -273,10 +217,15 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
     with publishing(out) as staging:
         names = export_graphs(model, staging, fp16=fp16)
         for name in names:
-            _set_metadata(staging / name, {**card, "precision": "float16" if name == FP16_DECODER else "float32"})
+            set_metadata(staging / name, {**card, "precision": "float16" if name == FP16_DECODER else "float32"})
         card["validation"] = validate(staging, model, images)
         if fp16:
             card["validation"]["fp16_decoder"] = validate_fp16(staging, cfg.model.latent_dim)
+        if "int8" in precisions:
+            card["validation"]["int8"] = write_int8(model, staging, images, _session)
+            names += ["encoder.int8.onnx", "decoder.int8.onnx"]
+            for name in names[-2:]:
+                set_metadata(staging / name, {**card, "precision": "int8"})
         card["files"] = names
         card["sha256"] = {name: sha256_file(staging / name) for name in names}
         atomic_write_json(staging / "metrics.json", metrics)

@@ -218,6 +218,12 @@ class Decoder(_Model):
             raise RuntimeModelError("z: contains NaN or infinite values")
         return self.session.run(["x_mean"], {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
+    def decode_on_device(self, z: ort.OrtValue) -> ort.OrtValue:
+        """Decode latents that already live where the session runs (an OrtValue, e.g. on the GPU from
+        `ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0)` or DLPack); the images come back as an OrtValue on the
+        same device: no copy through the host on either side (onnxruntime I/O binding)."""
+        return _run_bound(self.session, "z", z, "x_mean")
+
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0, batch_size: int = 256) -> np.ndarray:
         """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`, decoded `batch_size`
         at a time (the draws are the same as one draw of all n)."""
@@ -247,6 +253,11 @@ class Encoder(_Model):
         mu, logvar = self.session.run(["mu", "logvar"], {"x": x})
         return mu, logvar
 
+    def encode_on_device(self, x: ort.OrtValue) -> ort.OrtValue:
+        """`mu` of images (float32 [N, 3, H, W] in [0, 1]) that already live where the session runs, as an
+        OrtValue on the same device (see `Decoder.decode_on_device`)."""
+        return _run_bound(self.session, "x", x, "mu")
+
     def to_input(self, images: np.ndarray) -> np.ndarray:
         """Validate images and convert them to the graph's input: float32 [N, 3, H, W] in [0, 1]."""
         images = np.asarray(images)
@@ -274,6 +285,19 @@ class Encoder(_Model):
         if x.shape[0] == 0:
             raise RuntimeModelError("images: expected at least one image, got N = 0")
         return np.ascontiguousarray(x)
+
+
+def _run_bound(session: ort.InferenceSession, input_name: str, value, output_name: str):
+    if not isinstance(value, ort.OrtValue):
+        raise RuntimeModelError(f"{input_name}: expected an onnxruntime OrtValue on the session's device, got "
+                                f"{type(value).__name__} (use decode/encode for NumPy arrays)")
+    if value.data_type() != "tensor(float)":
+        raise RuntimeModelError(f"{input_name}: expected float32, got {value.data_type()}")
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(input_name, value)
+    binding.bind_output(output_name, value.device_name())  # allocated by onnxruntime on the input's device
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0]
 
 
 def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:

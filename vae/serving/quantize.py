@@ -1,0 +1,153 @@
+"""Reduced-precision CPU graphs: `decoder.int8.onnx` and `encoder.int8.onnx`, statically quantized and validated
+against the float32 graphs before they are written.
+
+int8 is what these CPUs (AVX512-VNNI, AMX-INT8) and onnxruntime's CPU provider make fast: QDQ convolutions run
+as integer kernels. onnxruntime has no int8 ConvTranspose, so the decoder is first rewritten exactly: each
+ConvTranspose2d(kernel 4, stride 2, padding 1) becomes a 3x3 convolution emitting the four output phases and a
+PixelShuffle (DepthToSpace) interleaving them (`phase_decomposed`); the float32 results agree to rounding.
+onnxruntime's CPU provider has no bf16 convolution kernels, so no bf16 graph is offered.
+
+Calibration (activation ranges): codes of real held-out images (the encoder's mu) and draws from the prior for
+the decoder, the images themselves for the encoder. Validation, on other draws: the decoder on 64 prior draws and
+64 codes of held-out images, the encoder on 64 held-out images seen through the float32 decoder (its codes
+decoded, so the budget is in pixels): mean absolute error <= 1/255 and max <= 8/255 of the float32 graph's
+images, else the export fails and nothing is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+PRECISIONS = ("int8",)
+BUDGET = {"mean_abs": 1 / 255, "max_abs": 8 / 255}  # on decoded images in [0, 1]
+
+
+class PhaseConvTranspose(nn.Module):
+    """ConvTranspose2d(k=4, s=2, p=1) as Conv2d(3x3, padding 1) to 4x the channels + PixelShuffle(2).
+
+    Output pixel (2m + a, 2n + b) of the transposed convolution reads input rows m-1, m (a = 0: kernel rows 3, 1)
+    or m, m+1 (a = 1: kernel rows 2, 0), and the same for columns: one 3x3 window around (m, n) holds all four."""
+
+    TAPS = {0: {0: 3, 1: 1}, 1: {1: 2, 2: 0}}  # phase -> {3x3 window row: transposed-kernel row}
+
+    def __init__(self, convt: nn.ConvTranspose2d):
+        super().__init__()
+        cin, cout = convt.in_channels, convt.out_channels
+        self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=convt.bias is not None)
+        weight = torch.zeros(cout, 2, 2, cin, 3, 3, dtype=convt.weight.dtype)
+        source = convt.weight.detach()  # [cin, cout, 4, 4]
+        for a, rows in self.TAPS.items():
+            for b, cols in self.TAPS.items():
+                for r, ky in rows.items():
+                    for s, kx in cols.items():
+                        weight[:, a, b, :, r, s] = source[:, :, ky, kx].T
+        with torch.no_grad():
+            self.conv.weight.copy_(weight.reshape(4 * cout, cin, 3, 3))
+            if convt.bias is not None:
+                self.conv.bias.copy_(convt.bias.detach().repeat_interleave(4))
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.conv(x))
+
+
+def decomposable(module: nn.Module) -> bool:
+    return (isinstance(module, nn.ConvTranspose2d) and module.kernel_size == (4, 4) and module.stride == (2, 2)
+            and module.padding == (1, 1) and module.output_padding == (0, 0) and module.groups == 1
+            and module.dilation == (1, 1))
+
+
+def phase_decomposed(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every ConvTranspose2d(4, 2, 1) replaced by its PhaseConvTranspose."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if decomposable(child):
+                setattr(parent, name, PhaseConvTranspose(child))
+    return model
+
+
+def _reader(name: str, arrays: list[np.ndarray]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{name: a} for a in arrays])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    return Reader()
+
+
+def quantize_graph(source: Path, target: Path, input_name: str, calibration: list[np.ndarray]) -> None:
+    """Static int8 QDQ quantization: per-channel int8 weights, uint8 activations (what VNNI cores run well)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(target), _reader(input_name, calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def _errors(got: np.ndarray, want: np.ndarray) -> dict:
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    return {"mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
+
+
+def _within(errors: dict) -> bool:
+    return errors["mean_abs"] <= BUDGET["mean_abs"] and errors["max_abs"] <= BUDGET["max_abs"]
+
+
+def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> dict:
+    """Write `decoder.int8.onnx` and `encoder.int8.onnx` into `folder`, beside its validated float32 graphs, and
+    return their validation report; raise ExportError (nothing written) when either misses the budget.
+
+    `session(path)` opens a graph the way the runtime does; `images` are held-out float32 [N, 3, H, W]."""
+    from vae.serving.graphs import DecoderGraph, ExportError, export_onnx
+
+    d = model.latent_dim
+    with torch.no_grad():
+        codes = model.encode(torch.from_numpy(images))[0].numpy()
+    prior = np.random.default_rng(2).standard_normal((64, d)).astype(np.float32)
+    calibration = [np.ascontiguousarray(batch) for batch in
+                   (*np.array_split(codes, max(1, len(codes) // 16)), *np.array_split(prior, 4))]
+    with tempfile.TemporaryDirectory() as tmp:
+        phased = Path(tmp) / "decoder.phase.onnx"
+        export_onnx(DecoderGraph(phase_decomposed(model).eval()), torch.randn(2, d), "z", ["x_mean"], phased)
+        quantize_graph(phased, folder / "decoder.int8.onnx", "z", calibration)
+    quantize_graph(folder / "encoder.onnx", folder / "encoder.int8.onnx", "x",
+                   [np.ascontiguousarray(b) for b in np.array_split(images, max(1, len(images) // 16))])
+
+    decoder, decoder8 = session(folder / "decoder.onnx"), session(folder / "decoder.int8.onnx")
+    latents = np.concatenate([np.random.default_rng(3).standard_normal((64, d)).astype(np.float32),
+                              codes[np.arange(64) % len(codes)]])
+    decoded = _errors(decoder8.run(["x_mean"], {"z": latents})[0], decoder.run(["x_mean"], {"z": latents})[0])
+    x = np.ascontiguousarray(images[np.arange(64) % len(images)], dtype=np.float32)
+    mu = session(folder / "encoder.onnx").run(["mu"], {"x": x})[0]
+    mu8 = session(folder / "encoder.int8.onnx").run(["mu"], {"x": x})[0]
+    encoded = _errors(decoder.run(["x_mean"], {"z": mu8})[0], decoder.run(["x_mean"], {"z": mu})[0])
+    encoded["mu_max_abs"] = float(np.abs(mu8 - mu).max())
+    report = {"budget": BUDGET, "decoder": {**decoded, "inputs": "64 prior draws + 64 codes of held-out images"},
+              "encoder": {**encoded, "inputs": "64 held-out images, their codes decoded by decoder.onnx"},
+              "calibration": f"{len(codes)} codes of held-out images + 64 prior draws; the images for the encoder",
+              "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + PixelShuffle (exact in float32)"}
+    for name, errors in (("decoder.int8.onnx", decoded), ("encoder.int8.onnx", encoded)):
+        if not _within(errors):
+            for graph in ("decoder.int8.onnx", "encoder.int8.onnx"):
+                (folder / graph).unlink(missing_ok=True)
+            raise ExportError(f"{name}: differs from the float32 graph by mean {errors['mean_abs'] * 255:.2f}/255, "
+                              f"max {errors['max_abs'] * 255:.1f}/255 (budget 1/255 and 8/255): not written")
+    return report
