@@ -93,13 +93,13 @@ def evaluate_model(run_dir: str, k: int | None = None) -> dict:
 
 
 @task(retries=1, retry_delay_seconds=[10])
-def export_model(run_dir: str, version: str, fp16: bool = False) -> str:
+def export_model(run_dir: str, version: str, fp16: bool = False, precisions: list[str] | None = None) -> str:
     """Export and validate (ONNX check + onnxruntime parity; with `fp16` also `decoder.fp16.onnx`, validated
     against float32); raises and writes nothing on failure."""
     from vae.serving.export import export
 
     out = Path(run_dir) / "export"
-    export(run_dir, out, version=version, fp16=fp16)
+    export(run_dir, out, version=version, fp16=fp16, precisions=tuple(precisions or ()))
     return str(out.resolve())  # the complete folder the link points to now
 
 
@@ -248,7 +248,7 @@ def _flow_run_identity() -> tuple:
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
               crop: int = DEFAULT_CROP, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
-              fp16: bool = False, warm_start: bool = False) -> dict:
+              fp16: bool = False, warm_start: bool = False, precisions: list[str] | None = None) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
     Args:
@@ -267,6 +267,8 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         fp16: Also export decoder.fp16.onnx (float16 network, float32 interface) for GPU apps.
         warm_start: Start training from the champion's EMA weights, with this run's own schedule; refused before
             any work when the architecture differs. Without a champion it starts fresh.
+        precisions: Reduced-precision CPU graphs to export too, e.g. ["int8"] (decoder.int8.onnx and
+            encoder.int8.onnx, validated against float32).
     """
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
@@ -284,7 +286,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     shard_data(source, shards, cfg.model.image_size, crop, shard_workers)
     train_model(config, overrides, run_dir, shards, num_processes)
     metrics = evaluate_model(run_dir, k)
-    export_dir = export_model(run_dir, version, fp16)
+    export_dir = export_model(run_dir, version, fp16, precisions)
     grid = validate_model(export_dir)
     result = promote_model(registry, version, run_dir, export_dir, metrics, runs)
 

@@ -151,7 +151,9 @@ def cmd_score(args) -> int:
 def cmd_export(args) -> int:
     from vae.serving.export import FP16_DECODER, export
 
-    card = export(args.run, args.out, shards=args.shards, fp16=args.fp16)
+    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip()) if args.precision else ()
+    card = export(args.run, args.out, shards=args.shards, fp16=args.fp16 or "fp16" in precisions,
+                  precisions=tuple(p for p in precisions if p != "fp16"))
     worst = max(max(v.values()) for v in card["validation"]["max_abs_diff"].values())
     print(f"exported {args.out}/{', '.join(card['files'])}, model.json "
           f"(EMA weights of step {card['step']}; onnxruntime vs PyTorch max abs diff {worst:.1e})")
@@ -161,6 +163,12 @@ def cmd_export(args) -> int:
               f"(tolerance {fp16['tolerance']:.0e}, on {fp16['provider']})")
     elif fp16:
         print(f"{FP16_DECODER}: validation skipped: {fp16['skipped']}")
+    int8 = card["validation"].get("int8")
+    if int8:
+        dec, enc = int8["decoder"], int8["encoder"]
+        print(f"decoder.int8.onnx, encoder.int8.onnx: images differ by mean {dec['mean_abs'] * 255:.2f}/255 and "
+              f"{enc['mean_abs'] * 255:.2f}/255, max {dec['max_abs'] * 255:.1f}/255 and {enc['max_abs'] * 255:.1f}/255 "
+              "(budget 1/255 and 8/255)")
     return 0
 
 
@@ -343,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shards", default=None, help="shards for validation inputs (default: the run's)")
+    p.add_argument("--precision", default=None,
+                   help="reduced-precision graphs too, comma-separated: int8 (CPU: decoder.int8.onnx and "
+                        "encoder.int8.onnx, calibrated and validated against float32), fp16 (as --fp16)")
     p.add_argument("--fp16", action="store_true",
                    help="also write decoder.fp16.onnx (float16 weights, float32 I/O) for GPUs, validated "
                         "against decoder.onnx")

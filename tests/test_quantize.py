@@ -1,0 +1,100 @@
+"""Reduced-precision CPU graphs: the exact ConvTranspose rewrite, int8 graphs that pass their budget before they are
+written and load by explicit choice, a graph over budget that is never written, and the device-buffer path."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from vae.serving.quantize import BUDGET, PhaseConvTranspose, phase_decomposed
+
+
+@pytest.mark.parametrize("cin, cout, side", [(3, 5, 4), (8, 16, 7), (16, 3, 1)])
+def test_the_phase_rewrite_equals_the_transposed_convolution(cin, cout, side):
+    torch.manual_seed(cin + cout)
+    convt = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
+    x = torch.randn(2, cin, side, side)
+    with torch.no_grad():
+        want, got = convt(x), PhaseConvTranspose(convt)(x)
+    assert got.shape == want.shape == (2, cout, 2 * side, 2 * side)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_rewritten_model_decodes_like_the_model(trained_run):
+    from vae.checkpoint import load_trained
+
+    model = load_trained(trained_run)[0]
+    rewritten = phase_decomposed(model)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in rewritten.modules())
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in model.modules())  # the original is untouched
+    z = torch.randn(5, model.latent_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten.decode_mean(z), model.decode_mean(z), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained_run, tmp_path_factory):
+    from vae.serving.export import export
+
+    out = tmp_path_factory.mktemp("int8") / "model"
+    return out, export(trained_run, out, version="int8-1", precisions=("int8",))
+
+
+def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
+    from vae.runtime import Decoder, Encoder
+
+    out, card = int8_export
+    report = card["validation"]["int8"]
+    for graph in ("decoder", "encoder"):
+        assert report[graph]["mean_abs"] <= BUDGET["mean_abs"] and report[graph]["max_abs"] <= BUDGET["max_abs"]
+    assert {"decoder.int8.onnx", "encoder.int8.onnx"} <= set(card["files"]) <= set(card["sha256"])
+    ops = {node.op_type for node in onnx.load(str(out / "decoder.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "ConvTranspose" not in ops
+    assert "DepthToSpace" in ops  # the phases interleaved
+    float32, int8 = Decoder(out), Decoder(out, precision="int8")  # never chosen silently
+    assert int8.path.endswith("decoder.int8.onnx") and int8.card()["precision"] == "int8"
+    a, b = float32.sample(32, seed=4), int8.sample(32, seed=4)
+    assert np.abs(a - b).mean() <= BUDGET["mean_abs"] and np.abs(a - b).max() <= BUDGET["max_abs"]
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    mu, mu8 = Encoder(out).encode(images)[0], Encoder(out, precision="int8").encode(images)[0]
+    assert mu8.shape == mu.shape and np.abs(mu8 - mu).max() < 0.5
+
+
+def test_a_graph_over_its_budget_is_not_written(trained_run, tmp_path, monkeypatch):
+    from vae.serving import quantize
+    from vae.serving.export import ExportError, export
+
+    monkeypatch.setitem(quantize.BUDGET, "max_abs", 1e-9)
+    with pytest.raises(ExportError, match=r"int8.onnx: differs from the float32 graph by .* not written"):
+        export(trained_run, tmp_path / "model", precisions=("int8",))
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_unoffered_precision_is_one_line(trained_run, tmp_path, capsys):
+    from vae.cli import main
+
+    assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "m"), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "precision bf16: not offered" in err and "no fast bf16" in err
+
+
+def test_device_buffers_in_and_out_without_numpy_copies(int8_export):
+    """The I/O-binding path, on the CPU provider here (on a GPU the same calls keep z and the images there)."""
+    import onnxruntime as ort
+
+    from vae.runtime import Decoder, Encoder, RuntimeModelError
+
+    out, _ = int8_export
+    decoder = Decoder(out)
+    z = np.random.default_rng(5).standard_normal((4, decoder.latent_dim)).astype(np.float32)
+    images = decoder.decode_on_device(ort.OrtValue.ortvalue_from_numpy(z, "cpu", 0))
+    assert isinstance(images, ort.OrtValue) and images.device_name() == "cpu"
+    np.testing.assert_array_equal(images.numpy(), decoder.decode(z))
+    x = ort.OrtValue.ortvalue_from_numpy(images.numpy())
+    encoder = Encoder(out)
+    np.testing.assert_array_equal(encoder.encode_on_device(x).numpy(), encoder.encode(images.numpy())[0])
+    with pytest.raises(RuntimeModelError, match="expected an onnxruntime OrtValue"):
+        decoder.decode_on_device(z)
