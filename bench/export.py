@@ -25,6 +25,7 @@ machine loaded by other processes (the load average is in the line) two-thread P
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -103,6 +104,87 @@ def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def int8_gemm_gops(n: int = 2048, reps: int = 5) -> float:
+    """onnxruntime's uint8 x int8 matrix-product rate (a one-node MatMulInteger graph, int32 out) on these threads:
+    about what the cores' int8 units give the convolutions, the reference for the int8 rows."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "mmi",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(THREADS),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
+    session.run(None, feed)
+    return 2 * n ** 3 / min(per_call(lambda: session.run(None, feed), 1) for _ in range(reps)) / 1e9
+
+
+def reduced_precision(model, folder: Path, z: dict, x: dict, reps: int, flops: dict) -> dict:
+    """int8 graphs (as `vae export --precision int8` makes them) against PyTorch eager float32, PyTorch's own best
+    reduced precision (bf16 autocast, channels_last) and onnxruntime float32, timed round-robin per repetition."""
+    from vae.serving.graphs import DecoderGraph, export_onnx
+    from vae.serving.quantize import phase_decomposed, quantize_graph
+
+    latent = model.latent_dim
+    with torch.inference_mode():
+        codes = model.encode(torch.from_numpy(x[64]))[0].numpy()
+    prior = np.random.default_rng(1).standard_normal((256, latent)).astype(np.float32)
+    export_onnx(DecoderGraph(phase_decomposed(model).eval()), torch.randn(2, latent), "z", ["x_mean"],
+                folder / "decoder.phase.onnx")
+    quantize_graph(folder / "decoder.phase.onnx", folder / "decoder.int8.onnx", "z",
+                   [codes[:32], codes[32:], *np.array_split(prior, 8)])
+    quantize_graph(folder / "encoder.onnx", folder / "encoder.int8.onnx", "x", [x[64][:32], x[64][32:]])
+    meta = {"contract_version": CONTRACT_VERSION, "latent_dim": latent, "image_size": model.cfg.image_size,
+            "channels": 3}
+    for name in ("decoder.int8.onnx", "encoder.int8.onnx"):
+        set_metadata(folder / name, meta)
+    dec8 = Decoder(folder / "decoder.int8.onnx", threads=THREADS)
+    enc8 = Encoder(folder / "encoder.int8.onnx", threads=THREADS)
+    dec32 = Decoder(folder / "decoder.onnx", threads=THREADS)
+    enc32 = Encoder(folder / "encoder.onnx", threads=THREADS)
+    bf16 = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def torch_bf16(fn):
+        def run(arg):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(arg)
+        return run
+
+    cases = {
+        "decoder": {"int8": lambda b: dec8.decode(z[b]), "ort_fp32": lambda b: dec32.decode(z[b]),
+                    "torch_fp32": lambda b: model.decode_mean(torch.from_numpy(z[b])),
+                    "torch_bf16": torch_bf16(lambda b: bf16.decode_mean(torch.from_numpy(z[b])))},
+        "encoder": {"int8": lambda b: enc8.encode(x[b]), "ort_fp32": lambda b: enc32.encode(x[b]),
+                    "torch_fp32": lambda b: model.encode(torch.from_numpy(x[b])),
+                    "torch_bf16": torch_bf16(lambda b: bf16.encode(
+                        torch.from_numpy(x[b]).contiguous(memory_format=torch.channels_last)))},
+    }
+    out = {"int8_gemm_gops": round(int8_gemm_gops(), 1)}
+    for graph, fns in cases.items():
+        for batch in (1, 64):
+            times = {name: [] for name in fns}
+            with torch.inference_mode():
+                for fn in fns.values():
+                    fn(batch)
+                for _ in range(reps):
+                    for name, fn in fns.items():
+                        times[name].append(per_call(lambda: fn(batch), calls_for(batch)))
+            ms = {name: statistics.median(v) for name, v in times.items()}
+            row = {f"{name}_ms": round(1e3 * t, 2) for name, t in ms.items()}
+            row.update(int8_img_s=round(batch / ms["int8"], 1),
+                       speedup_vs_torch_fp32=round(ms["torch_fp32"] / ms["int8"], 2),
+                       speedup_vs_torch_bf16=round(ms["torch_bf16"] / ms["int8"], 2),
+                       speedup_vs_onnxruntime_fp32=round(ms["ort_fp32"] / ms["int8"], 2),
+                       torch_bf16_vs_torch_fp32=round(ms["torch_fp32"] / ms["torch_bf16"], 2),
+                       int8_gops=round(batch * flops[graph] / ms["int8"] / 1e9, 1))
+            row["int8_share_of_int8_gemm_rate"] = round(row["int8_gops"] / out["int8_gemm_gops"], 2)
+            out[f"{graph}_int8_b{batch}"] = row
+    return out
+
+
 def random_model(config: str, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(load_config(config, []).model).eval()
@@ -165,6 +247,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "celeba64.yaml"))
     parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median reported)")
     parser.add_argument("--explore", action="store_true", help="also time other onnxruntime session options")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     args = parser.parse_args()
 
     torch.set_num_threads(THREADS)
@@ -221,6 +304,8 @@ def main() -> int:
             inputs = {"decoder": ("decoder.onnx", ["x_mean"], ("z", lambda b: z[b])),
                       "encoder": ("encoder.onnx", ["mu", "logvar"], ("x", lambda b: x[b]))}
             report["session_options"] = explore(folder, inputs, 3)
+        if not args.no_int8:
+            report.update(reduced_precision(model, folder, z, x, args.reps, flops))
     report["gemm_gflops_after"] = round(gemm_gflops(), 1)
     peak = max(report["gemm_gflops"], report["gemm_gflops_after"])
     for graph in cases:

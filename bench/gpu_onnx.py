@@ -11,6 +11,9 @@ MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON 
   out, so host-device copies are counted) against PyTorch eager on the GPU in float32 and in float16
   (`model.half()`), each also copying z in and images out.
 
+`device_resident` times the same with z and the images kept on the device on both sides (onnxruntime's I/O
+binding through `Decoder.decode_on_device`, PyTorch on GPU tensors), the comparison the GPU goals are set in.
+
 `--explore` adds both graphs under other CUDA provider options (the runtime's, none, heuristic convolution
 search, TF32 off), timed one after another, under "cuda_options".
 
@@ -79,6 +82,40 @@ def explore(model_dir: Path, z: np.ndarray, want: np.ndarray, seconds: float) ->
     return found
 
 
+def device_resident(decoders: dict, run: str, z: np.ndarray, seconds: float) -> dict:
+    """Both sides with z and the images on the device: onnxruntime through `Decoder.decode_on_device` (I/O
+    binding, OrtValues on the GPU) against PyTorch eager on GPU tensors (synchronized per call), float32 and
+    half, at batch 1 and 256; ratios of the float16 graph against PyTorch half."""
+    out: dict = {}
+    for label, decoder in decoders.items():
+        device = "cuda" if decoder.provider == "CUDAExecutionProvider" else "cpu"
+        for batch in (1, 256):
+            zv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[:batch]), device, 0)
+            per_call = timed(lambda: decoder.decode_on_device(zv), seconds)
+            out.setdefault(f"ort_{label}", {})["b1_ms" if batch == 1 else "b256_img_s"] = (
+                round(1e3 * per_call, 3) if batch == 1 else round(batch / per_call, 1))
+    if torch.cuda.is_available():
+        for label, dtype in (("torch_fp32", torch.float32), ("torch_fp16", torch.float16)):
+            model, _, _ = load_trained(run, ema=True)
+            model = model.to("cuda", dtype).eval()
+            for batch in (1, 256):
+                zt = torch.from_numpy(np.ascontiguousarray(z[:batch])).to("cuda", dtype)
+
+                def call():
+                    with torch.inference_mode():
+                        model.decode_mean(zt)
+                    torch.cuda.synchronize()
+
+                per_call = timed(call, seconds)
+                out.setdefault(label, {})["b1_ms" if batch == 1 else "b256_img_s"] = (
+                    round(1e3 * per_call, 3) if batch == 1 else round(batch / per_call, 1))
+        if "ort_fp16" in out:
+            out["fp16_b1_speedup_vs_torch_half"] = round(out["torch_fp16"]["b1_ms"] / out["ort_fp16"]["b1_ms"], 2)
+            out["fp16_b256_speedup_vs_torch_half"] = round(
+                out["ort_fp16"]["b256_img_s"] / out["torch_fp16"]["b256_img_s"], 2)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True)
@@ -127,6 +164,7 @@ def main() -> int:
             else:
                 speed[label]["b256_img_s"] = round(batch / per_call, 1)
     result["speed"] = speed
+    result["device_resident"] = device_resident(decoders, args.run, z, args.seconds)
     if args.explore:
         result["cuda_options"] = explore(model_dir, z, want, args.seconds)
     print(json.dumps(result))
