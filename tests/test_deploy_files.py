@@ -143,8 +143,8 @@ def test_compose_has_server_on_postgres_and_a_gpu_worker():
     services = compose["services"]
     assert {"postgres", "server", "worker"} <= set(services)
     server = services["server"]
-    assert server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
-    assert "@postgres:5432/" in server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert server["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert "@postgres:5432/" in server["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
     assert all(str(p).startswith("127.0.0.1:") for p in server["ports"])
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
     import prefect
