@@ -88,13 +88,15 @@ def _reader(name: str, arrays: list[np.ndarray]):
     return Reader()
 
 
-QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]  # the arithmetic; elementwise ops and the likelihood's mean stay float
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid"]  # the layers and their SiLU and residual sums
 
 
 def quantize_graph(source: Path, target: Path, input_name: str, calibration: list[np.ndarray]) -> None:
-    """Static int8 QDQ quantization of the convolutions and matrix products: per-channel int8 weights, uint8
-    activations (what VNNI cores run well). The last convolution (the likelihood's parameters, or the encoder's
-    posterior) stays float32: its outputs feed exp, sigmoid and mixture weights, where rounding shows most."""
+    """Static int8 QDQ quantization of the convolutions and matrix products and of the SiLU activations and
+    residual sums between them (kept in int8, they spare a dequantize/quantize pair per layer): per-channel int8
+    weights, uint8 activations (what VNNI cores run well). The head stays float32: the last convolution or
+    product (the likelihood's parameters, the posterior) and everything after it (the likelihood's mean), where
+    rounding shows most."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -102,8 +104,9 @@ def quantize_graph(source: Path, target: Path, input_name: str, calibration: lis
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared)).graph
-        last = [n.name for n in graph.node if n.op_type in QUANTIZED_OPS][-1:]
+        nodes = onnx.load(str(prepared)).graph.node  # in topological order
+        arithmetic = [i for i, n in enumerate(nodes) if n.op_type in ("Conv", "MatMul", "Gemm")]
+        last = [n.name for n in nodes[arithmetic[-1]:]] if arithmetic else []  # the head and what follows it
         quantize_static(str(prepared), str(target), _reader(input_name, calibration), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=last, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
