@@ -83,3 +83,17 @@ def test_two_machines_train_as_one_group_and_resume_after_losing_one(tiny_shards
     assert f"(step {held})" in rerun[0].stderr
     a, b = records(runs)
     assert a["step"] == b["step"] == target and a["params_sha256"] == b["params_sha256"]
+
+
+def test_bad_input_found_by_the_ranks_is_one_line_and_exit_2(trained_run, tiny_shards, tmp_path):
+    """A resume with another config, caught inside the launched ranks: one line per rank, exit 2 as on one."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    done = subprocess.run([sys.executable, "-m", "vae.cli", "train", *TINY, "train.tensorboard=false",
+                           f"run_dir={run}", f"data.shards={tiny_shards}", "train.lr=0.5", "--num-processes", "2"],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("vae: ")]
+    assert lines and all("train.lr 0.003 -> 0.5" in line for line in lines) and "Traceback" not in done.stderr

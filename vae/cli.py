@@ -95,8 +95,10 @@ def cmd_train(args) -> int:
                             main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
         if code == 143:
             return _preempted_ranks(run_dir)
-        if code != 0:
-            return 2 if code == 2 else 1  # the failing rank has said why in one line above
+        if code != 0:  # the failing rank has said why in one line above; bad input stays exit 2
+            log = run_dir / "launch.log"
+            bad_input = log.is_file() and any(line.startswith(b"vae: error:") for line in log.read_bytes().splitlines())
+            return 2 if bad_input else 1
     print(f"trained {run_dir}")
     return 0
 
