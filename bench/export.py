@@ -125,18 +125,10 @@ def int8_gemm_gops(n: int = 2048, reps: int = 5) -> float:
 def reduced_precision(model, folder: Path, z: dict, x: dict, reps: int, flops: dict) -> dict:
     """int8 graphs (as `vae export --precision int8` makes them) against PyTorch eager float32, PyTorch's own best
     reduced precision (bf16 autocast, channels_last) and onnxruntime float32, timed round-robin per repetition."""
-    from vae.serving.graphs import DecoderGraph, export_onnx
-    from vae.serving.quantize import phase_decomposed, quantize_graph
+    from vae.serving.quantize import build_int8_graphs
 
     latent = model.latent_dim
-    with torch.inference_mode():
-        codes = model.encode(torch.from_numpy(x[64]))[0].numpy()
-    prior = np.random.default_rng(1).standard_normal((256, latent)).astype(np.float32)
-    export_onnx(DecoderGraph(phase_decomposed(model).eval()), torch.randn(2, latent), "z", ["x_mean"],
-                folder / "decoder.phase.onnx")
-    quantize_graph(folder / "decoder.phase.onnx", folder / "decoder.int8.onnx", "z",
-                   [codes[:32], codes[32:], *np.array_split(prior, 8)])
-    quantize_graph(folder / "encoder.onnx", folder / "encoder.int8.onnx", "x", [x[64][:32], x[64][32:]])
+    build_int8_graphs(model, folder, x[64])  # as `vae export --precision int8` builds them
     meta = {"contract_version": CONTRACT_VERSION, "latent_dim": latent, "image_size": model.cfg.image_size,
             "channels": 3}
     for name in ("decoder.int8.onnx", "encoder.int8.onnx"):

@@ -36,6 +36,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
     return path
 
 
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file in `folder` and the folder itself: its contents are on disk before it is renamed."""
+    folder = Path(folder)
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 

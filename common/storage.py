@@ -25,7 +25,7 @@ def is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
-def _local(location: str | os.PathLike) -> str:
+def local_path(location: str | os.PathLike) -> str:
     location = str(location)
     return location[len("file://"):] if location.startswith("file://") else location
 
@@ -34,10 +34,11 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     base = str(base)
     if is_url(base):
         return "/".join([base.rstrip("/"), *parts])
-    return os.path.join(_local(base), *parts)
+    return os.path.join(local_path(base), *parts)
 
 
-def _fs(location: str):
+def filesystem(location: str):
+    """(fsspec file system, path inside it) of a URL."""
     from fsspec.core import url_to_fs
 
     return url_to_fs(location)
@@ -46,43 +47,43 @@ def _fs(location: str):
 def read_bytes(location: str) -> bytes:
     """The whole object or file; FileNotFoundError when it does not exist."""
     if is_url(location):
-        fs, path = _fs(location)
+        fs, path = filesystem(location)
         return fs.cat_file(path)
-    with open(_local(location), "rb") as f:
+    with open(local_path(location), "rb") as f:
         return f.read()
 
 
 def exists(location: str) -> bool:
     if is_url(location):
-        fs, path = _fs(location)
+        fs, path = filesystem(location)
         return fs.exists(path)
-    return os.path.exists(_local(location))
+    return os.path.exists(local_path(location))
 
 
 def is_dir(location: str) -> bool:
     if is_url(location):
-        fs, path = _fs(location)
+        fs, path = filesystem(location)
         return fs.isdir(path)
-    return os.path.isdir(_local(location))
+    return os.path.isdir(local_path(location))
 
 
 def parent(location: str) -> str:
     """The folder that holds `location` (a URL stays a URL)."""
     if is_url(location):
         return location.rstrip("/").rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(_local(location)))
+    return os.path.dirname(os.path.abspath(local_path(location)))
 
 
 def list_files(folder: str) -> list[tuple[str, int]]:
     """Every file under `folder`, recursively: (path relative to it with '/' separators, size in bytes); a
     name that cannot be read (a dangling link, a link loop) has size -1, so callers can say why it is left out."""
     if is_url(folder):
-        fs, path = _fs(folder)
+        fs, path = filesystem(folder)
         prefix = path.rstrip("/") + "/"
         found = fs.find(path, detail=True)
         return [(name[len(prefix):], int(info.get("size") or 0)) for name, info in found.items()
                 if name.startswith(prefix) and info.get("type", "file") == "file"]
-    root = _local(folder)
+    root = local_path(folder)
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -101,32 +102,42 @@ def list_files(folder: str) -> list[tuple[str, int]]:
 def open_binary(location: str):
     """A seekable binary file object for reading (object stores and HTTP read byte ranges on demand)."""
     if is_url(location):
-        fs, path = _fs(location)
+        fs, path = filesystem(location)
         return fs.open(path, "rb")
-    return open(_local(location), "rb")
+    return open(local_path(location), "rb")
+
+
+def put_file(local: str | os.PathLike, location: str) -> None:
+    """Copy a local file to `location` (a URL: one upload; a local path: an atomic copy)."""
+    if is_url(location):
+        fs, path = filesystem(location)
+        fs.put_file(str(local), path)
+        return
+    with open(local, "rb") as f:
+        atomic_write_bytes(local_path(location), f.read())
 
 
 def write_bytes_atomic(location: str, data: bytes) -> None:
     """Write `data` so that readers see the old content or the new one, never a part."""
     if is_url(location):
-        fs, path = _fs(location)
+        fs, path = filesystem(location)
         fs.pipe_file(path, data)  # one whole object; visible only once complete
         return
-    atomic_write_bytes(_local(location), data)
+    atomic_write_bytes(local_path(location), data)
 
 
 def make_dirs(location: str) -> None:
     if not is_url(location):  # object stores have no folders
-        os.makedirs(_local(location), exist_ok=True)
+        os.makedirs(local_path(location), exist_ok=True)
 
 
 def remove_stale_temps(folder: str, is_ours) -> list[str]:
     """Delete the temporary files that a killed writer left in `folder` (local only; object stores
     have none). `is_ours(target_name)` says which targets this writer owns; returns what was removed."""
-    if is_url(folder) or not os.path.isdir(_local(folder)):
+    if is_url(folder) or not os.path.isdir(local_path(folder)):
         return []
     removed = []
-    for entry in os.scandir(_local(folder)):
+    for entry in os.scandir(local_path(folder)):
         match = _TEMP.match(entry.name)
         if match and entry.is_file(follow_symlinks=False) and is_ours(match["target"]):
             try:

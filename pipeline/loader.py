@@ -225,8 +225,9 @@ def train_loader(shards: str, batch_size: int, seed: int, rank: int = 0, world_s
 
 
 def eval_loader(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0) -> DataLoader:
-    stream = EvalStream(split_shards(shards, split), batch_size, rank, world_size)
+                num_workers: int = 0, manifest: dict | None = None) -> DataLoader:
+    """`manifest`: the shards' manifest when the caller has read it already."""
+    stream = EvalStream(split_shards(shards, split, manifest), batch_size, rank, world_size)
     # batches are already (keys, tensor, metas): skip DataLoader's per-element conversion walk over metas
     return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
 

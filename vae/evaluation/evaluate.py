@@ -167,7 +167,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     shards = shards or cfg.data.shards
     manifest = require_image_size(shards, cfg.model.image_size)
     fingerprint = split_fingerprint(manifest, split, max_images)
-    loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size)
+    loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size, manifest=manifest)
     share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar
     sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images,
                              progress=progress and rank == 0, total=min(share, max_images or share) or None)

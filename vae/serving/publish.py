@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from common.atomic import UMASK
+from common.atomic import UMASK, fsync_tree
 from common.errors import BadInput
 
 
@@ -57,13 +57,6 @@ def remove_leftovers(out: Path) -> list[Path]:
     return removed
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -87,7 +80,7 @@ def publishing(out: Path):
         os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes 0700; readers (apps) may be other users
         try:
             yield staging
-            _fsync_tree(staging)
+            fsync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -123,12 +123,11 @@ def _within(errors: dict) -> bool:
     return errors["mean_abs"] <= BUDGET["mean_abs"] and errors["max_abs"] <= BUDGET["max_abs"]
 
 
-def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> dict:
-    """Write `decoder.int8.onnx` and `encoder.int8.onnx` into `folder`, beside its validated float32 graphs, and
-    return their validation report; raise ExportError (nothing written) when either misses the budget.
-
-    `session(path)` opens a graph the way the runtime does; `images` are held-out float32 [N, 3, H, W]."""
-    from vae.serving.graphs import DecoderGraph, ExportError, export_onnx
+def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> np.ndarray:
+    """Quantize: `decoder.int8.onnx` from the phase-decomposed decoder, calibrated on the codes of `images` and
+    256 prior draws, and `encoder.int8.onnx` from `folder/encoder.onnx`, calibrated on `images`. Returns the
+    codes (no validation here: `write_int8` validates)."""
+    from vae.serving.graphs import DecoderGraph, export_onnx
 
     d = model.latent_dim
     with torch.no_grad():
@@ -142,6 +141,18 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> d
         quantize_graph(phased, folder / "decoder.int8.onnx", "z", calibration)
     quantize_graph(folder / "encoder.onnx", folder / "encoder.int8.onnx", "x",
                    [np.ascontiguousarray(b) for b in np.array_split(images, max(1, len(images) // 16))])
+    return codes
+
+
+def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> dict:
+    """Write `decoder.int8.onnx` and `encoder.int8.onnx` into `folder`, beside its validated float32 graphs, and
+    return their validation report; raise ExportError (nothing written) when either misses the budget.
+
+    `session(path)` opens a graph the way the runtime does; `images` are held-out float32 [N, 3, H, W]."""
+    from vae.serving.graphs import ExportError
+
+    d = model.latent_dim
+    codes = build_int8_graphs(model, folder, images)
 
     decoder, decoder8 = session(folder / "decoder.onnx"), session(folder / "decoder.int8.onnx")
     latents = np.concatenate([np.random.default_rng(3).standard_normal((64, d)).astype(np.float32),

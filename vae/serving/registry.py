@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import storage
+from common.atomic import atomic_write_bytes, fsync_tree
 from common.digest import sha256_file
 from common.errors import VaeError
 
@@ -100,9 +101,8 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
                                 f"with other contents than {sorted(hashes)}: versions are immutable")
         return target
     if storage.is_url(registry):
-        fs, root = storage._fs(target)
         for name, src in files.items():
-            fs.put_file(str(src), f"{root}/{name}")
+            storage.put_file(src, storage.join(target, name))
         storage.write_bytes_atomic(storage.join(target, VERSION_RECORD), _record_bytes(record))
         return target
     target_path = Path(target)
@@ -117,9 +117,7 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
         for name, src in files.items():
             shutil.copyfile(src, staging / name)
         (staging / VERSION_RECORD).write_bytes(_record_bytes(record))
-        for path in staging.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        fsync_tree(staging)
         staging.rename(target_path)
     return target
 
@@ -195,8 +193,6 @@ class _LocalChampion:
     def swap(self, token: bytes | None, data: bytes) -> bool:
         import fcntl
 
-        from common.atomic import atomic_write_bytes
-
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".champion.lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
@@ -212,7 +208,7 @@ class _S3Champion:
 
     def __init__(self, registry: str):
         self.url = storage.join(project_dir(registry), CHAMPION)
-        self.fs, self.path = storage._fs(self.url)
+        self.fs, self.path = storage.filesystem(self.url)
 
     def _etag(self) -> str | None:
         try:

@@ -31,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common import storage
+from common.atomic import atomic_write_bytes
 from common.digest import sha256_file
+from vae.serving import registry as reg
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
@@ -332,9 +335,6 @@ class Champion:
     """
 
     def __init__(self, registry: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
-        from vae.serving import registry as reg
-
-        self._reg = reg
         self.registry = os.fspath(registry)
         self.remote = "://" in self.registry and not self.registry.startswith("file://")
         key = hashlib.sha256(self.registry.rstrip("/").encode()).hexdigest()[:16]
@@ -349,24 +349,24 @@ class Champion:
 
     def _read_record(self) -> dict:
         try:
-            record = self._reg.read_champion(self.registry)
-        except (OSError, self._reg.RegistryError) as err:
+            record = reg.read_champion(self.registry)
+        except (OSError, reg.RegistryError) as err:
             raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({err})") from None
         if record is None:
             raise RuntimeModelError(f"registry {self.registry}: no champion yet "
-                                    f"({self._reg.PROJECT}/{self._reg.CHAMPION} not found)")
+                                    f"({reg.PROJECT}/{reg.CHAMPION} not found)")
         return record
 
     def _load(self, record: dict) -> None:
         version = record["version"]
         pinned = record.get("record_sha256")
         try:
-            raw = self._reg.storage.read_bytes(
-                self._reg.storage.join(self._version_location(version), self._reg.VERSION_RECORD))
+            raw = storage.read_bytes(
+                storage.join(reg.version_dir(self.registry, version), reg.VERSION_RECORD))
         except FileNotFoundError:
             if pinned is not None:
                 raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
-                                        f"{self._reg.VERSION_RECORD} (not published whole)") from None
+                                        f"{reg.VERSION_RECORD} (not published whole)") from None
             warnings.warn(f"registry {self.registry}: champion {version} is from a registry without version "
                           "records; its files are not verified", RuntimeWarning, stacklevel=3)
             self.record, self.files = record, None
@@ -375,12 +375,9 @@ class Champion:
             warnings.warn(f"registry {self.registry}: champion record of {version} pins no version record (an "
                           "older registry)", RuntimeWarning, stacklevel=3)
         elif hashlib.sha256(raw).hexdigest() != pinned:
-            raise RuntimeModelError(f"registry {self.registry}: {self._reg.VERSION_RECORD} of {version} differs "
+            raise RuntimeModelError(f"registry {self.registry}: {reg.VERSION_RECORD} of {version} differs "
                                     "from the one the champion record pins")
         self.record, self.files = record, json.loads(raw)["files"]
-
-    def _version_location(self, version: str) -> str:
-        return self._reg.storage.join(self.registry, *self._reg.version_path(version).split("/"))
 
     def graph(self, kind: str, precision: str | None = None) -> str:
         """A local, sha256-verified copy (or the registry's own file) of one graph of the champion."""
@@ -395,9 +392,9 @@ class Champion:
         want = self.files.get(name) if self.files is not None else None
         if want is None and self.files is not None:
             raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
-        source = self._reg.storage.join(self._version_location(self.version), name)
+        source = storage.join(reg.version_dir(self.registry, self.version), name)
         if not self.remote:
-            path = self._reg.storage._local(source)
+            path = storage.local_path(source)
             if not os.path.isfile(path):
                 raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
             if want is not None and sha256_file(path) != want:
@@ -407,15 +404,13 @@ class Champion:
         if want is not None and path.is_file() and sha256_file(path) == want:
             return str(path)
         try:
-            data = self._reg.storage.read_bytes(source)
-        except (OSError, FileNotFoundError) as err:
+            data = storage.read_bytes(source)
+        except OSError as err:
             raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} ({err})") \
                 from None
         if want is not None and hashlib.sha256(data).hexdigest() != want:
             raise RuntimeModelError(f"registry {self.registry}: {name} of {self.version} differs from its "
                                     "version record (damaged or replaced)")
-        from common.atomic import atomic_write_bytes
-
         atomic_write_bytes(path, data)
         return str(path)
 

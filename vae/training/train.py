@@ -10,7 +10,6 @@ Launch with several processes through `vae train --num-processes N` (accelerate 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from common.errors import BadInput, VaeError
 from common.grid import make_grid, write_png
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
+from vae.checkpoint import weights_digest
 from vae.config import Config
 from vae.models import build_model
 from vae.objectives import image_dims, to_unit
@@ -179,13 +179,9 @@ class SigtermFlag:
 def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: int, step: int,
                       seen: set[str]) -> None:
     """`ranks/rank-R.json` (parameter digest, world size) and `rank-R.keys`: what each rank ended with."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
     folder = run_dir / "ranks"
     atomic_write_json(folder / f"rank-{rank}.json", {"rank": rank, "world_size": world, "step": step,
-                                                     "params_sha256": digest.hexdigest(), "keys_seen": len(seen)})
+                                                     "params_sha256": weights_digest(model), "keys_seen": len(seen)})
     atomic_write_text(folder / f"rank-{rank}.keys", "".join(f"{k}\n" for k in sorted(seen)))
 
 
