@@ -8,7 +8,11 @@
 # STAGE=train runs steps 1-2 only and STAGE=onnx step 3 only, on the run STAGE=train left in $GPU_WORK (one
 # check at a time: the folder is emptied by each STAGE=train or all); a lent
 # machine can train (started with setsid) while later calls carry what step 3 needs (onnxruntime-gpu is larger
-# than one call may carry). ORT_EXPLORE=1 adds bench/gpu_onnx.py --explore. Figures go to OUTDIR/gpu_check.jsonl, one JSON line per step.
+# than one call may carry: STAGE=carry only collects the parts of it each call brings, see below). ORT_EXPLORE=1
+# adds bench/gpu_onnx.py --explore. Figures go to OUTDIR/gpu_check.jsonl, one JSON line per step.
+# A package too large for one call travels as parts: `tar c onnxruntime* | xz | split -b 58M - .ortgpu/part-`
+# plus `.ortgpu/SHA256` (sha256sum of the whole .tar.xz), one part per call in the ignored folder .ortgpu;
+# each call's parts are kept in /tmp/ortparts, and once they add up to the sha256 they are unpacked into /tmp/site.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/gpu-check}}
 mkdir -p "$OUT_DIR"
@@ -18,11 +22,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (webdataset), carried as wheels
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 fi
-[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"  # also in a later STAGE=onnx call
+mkdir -p /tmp/ortparts /tmp/site
+cp .ortgpu/* /tmp/ortparts/ 2>/dev/null
+if [ -f /tmp/ortparts/SHA256 ] && [ ! -f /tmp/site/.ortgpu-unpacked ]; then
+  if [ "$(cat /tmp/ortparts/part-* | sha256sum | cut -d' ' -f1)" = "$(cut -d' ' -f1 /tmp/ortparts/SHA256)" ]; then
+    cat /tmp/ortparts/part-* | xz -d -T0 | tar x -C /tmp/site && touch /tmp/site/.ortgpu-unpacked
+    echo "carried package unpacked into /tmp/site"
+  else
+    echo "carried parts so far: $(ls /tmp/ortparts | grep -c part-), not yet complete"
+  fi
+fi
+export PYTHONPATH="$PYTHONPATH:/tmp/site"  # also in a later STAGE=onnx call
 SAMPLE=.gpu-data/celeba-sample
 [ -d "$SAMPLE" ] || SAMPLE=../shared/data/celeba-sample
 STAGE=${STAGE:-all}
-case "$STAGE" in all|train|onnx) ;; *) echo "STAGE=$STAGE: expected all, train or onnx" >&2; exit 2 ;; esac
+case "$STAGE" in all|train|onnx) ;; carry) exit 0 ;; *) echo "STAGE=$STAGE: expected all, train, onnx or carry" >&2; exit 2 ;; esac
 WORK=${GPU_WORK:-/tmp/gpu-check-work}
 RESULTS="$OUT_DIR/gpu_check.jsonl"
 [ "$STAGE" = onnx ] || { rm -rf "$WORK"; mkdir -p "$WORK"; : > "$RESULTS"; }
@@ -50,8 +64,8 @@ $PY - "$WORK" "$BUDGET" "$K" "${EXTRA[@]}" <<'PY' | tee -a "$RESULTS"
 import json, sys, time
 from pathlib import Path
 from vae.config import load_config
-from vae.train import train
-from vae.evaluate import evaluate
+from vae.training.train import train
+from vae.evaluation.evaluate import evaluate
 work, budget, k, extra = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 probe = load_config("configs/celeba64-gpu.yaml", [*extra, f"run_dir={work}/probe", f"data.shards={work}/shards",
                     "train.steps=30", "train.log_every=10", "train.checkpoint_every=30", "train.tensorboard=false"])
@@ -67,7 +81,8 @@ train(cfg, progress=False)
 seconds = time.time() - start
 t0 = time.time()
 m = evaluate(work / "run", split="valid", k=k)
-print(json.dumps({"step": "quality", "config": "configs/celeba64-gpu.yaml", "train_images": 4560, "steps": steps,
+train_images = json.loads((work / "shards" / "manifest.json").read_text())["splits"]["train"]["count"]
+print(json.dumps({"step": "quality", "config": "configs/celeba64-gpu.yaml", "train_images": train_images, "steps": steps,
                   "train_s": round(seconds, 1), "img_s": round(steps * cfg.data.batch_size / seconds, 1),
                   "valid_elbo_bpd": round(m["elbo_bpd"], 4), "valid_nll_bpd": round(m["nll_bpd"], 4), "k": k,
                   "eval_s": round(time.time() - t0, 1), "active_units": m["active_units"]}))
@@ -86,4 +101,6 @@ $PY -c 'import json, onnxruntime as o; print(json.dumps({"step": "ort", "version
 $PY -m vae.cli export --run "$WORK/run" --out "$WORK/model" --fp16 || echo '{"step": "export", "ok": false}' >> "$RESULTS"
 [ -f "$WORK/model/model.json" ] && $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); print(json.dumps({"step": "export", "validation": c["validation"]}))' "$WORK/model/model.json" | tee -a "$RESULTS"
 $PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" $([ "${ORT_EXPLORE:-0}" = 1 ] && echo --explore) | tee -a "$RESULTS"
+echo "== 4. the device-buffer tests on the GPU (CUDA tensors bound in place, captured CUDA graphs)"
+$PY -m pytest -q -p no:cacheprovider tests/test_device_buffers.py 2>&1 | tail -15 | tee "$OUT_DIR/device_buffer_tests.txt"
 echo "== done: $RESULTS"

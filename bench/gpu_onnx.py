@@ -11,8 +11,10 @@ MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON 
   out, so host-device copies are counted) against PyTorch eager on the GPU in float32 and in float16
   (`model.half()`), each also copying z in and images out.
 
-`device_resident` times the same with z and the images kept on the device on both sides (onnxruntime's I/O
-binding through `Decoder.decode_on_device`, PyTorch on GPU tensors), the comparison the GPU goals are set in.
+`device_resident` times the same with z and the images kept on the GPU on both sides, the comparison the GPU
+goals are set in: onnxruntime through the runtime's device-buffer calls (an OrtValue in; torch tensors bound in
+place; a CUDA graph replayed on fixed buffers) against PyTorch eager (and, for reference, a torch CUDA graph).
+Its keys name graph, batch and baseline: `decoder_fp16_b1.speedup_vs_torch_half`.
 
 `--explore` adds both graphs under other CUDA provider options (the runtime's, none, heuristic convolution
 search, TF32 off), timed one after another, under "cuda_options".
@@ -23,6 +25,7 @@ Without a GPU it still runs (everything falls back to the CPU, with no PyTorch r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -82,37 +85,124 @@ def explore(model_dir: Path, z: np.ndarray, want: np.ndarray, seconds: float) ->
     return found
 
 
-def device_resident(decoders: dict, run: str, z: np.ndarray, seconds: float) -> dict:
-    """Both sides with z and the images on the device: onnxruntime through `Decoder.decode_on_device` (I/O
-    binding, OrtValues on the GPU) against PyTorch eager on GPU tensors (synchronized per call), float32 and
-    half, at batch 1 and 256; ratios of the float16 graph against PyTorch half."""
+def per_call_figure(batch: int, seconds_per_call: float) -> tuple[str, float]:
+    return ("b1_ms", round(1e3 * seconds_per_call, 3)) if batch == 1 else \
+        (f"b{batch}_img_s", round(batch / seconds_per_call, 1))
+
+
+def ort_device_modes(decoder, stream, z: np.ndarray, batch: int, seconds: float) -> dict:
+    """One graph at one batch, z and the images on the GPU, three ways: an OrtValue in and an output
+    onnxruntime allocates; torch tensors bound in place (`out=`); a CUDA graph replayed on fixed torch buffers,
+    each call first copying the next z into its input (as an app does). Seconds per call, and the largest
+    difference of the replayed graph from the NumPy path (a stale or wrong capture shows here)."""
+    found = {}
+    zb = np.ascontiguousarray(z[:batch])
+    side = decoder.image_size
+    cuda = stream is not None  # else a CPU dry run: NumPy views of CPU tensors stand in for device buffers
+    zv = ort.OrtValue.ortvalue_from_numpy(zb, "cuda" if cuda else "cpu", 0)
+    found["ortvalue"] = timed(lambda: decoder.decode_on_device(zv), seconds)
+    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+        device = "cuda" if cuda else "cpu"
+        zt = torch.from_numpy(zb).to(device)
+        out = torch.empty(batch, 3, side, side, device=device)
+        found["bound"] = timed(lambda: decoder.decode_on_device(bufferable(zt), out=bufferable(out)), seconds)
+        zin = torch.zeros_like(zt)
+        try:
+            graph = decoder.capture(bufferable(zin), bufferable(torch.empty_like(out)))
+        except Exception as err:  # the other modes' figures still count
+            found["cuda_graph_error"] = f"{type(err).__name__}: {err}"[:300]
+            return found
+
+        def replay():
+            zin.copy_(zt)
+            return graph.replay()
+
+        found["cuda_graph"] = timed(replay, seconds)
+        stream.synchronize()
+        found["cuda_graph_max_abs_diff"] = float(f"{np.abs(replay().cpu().numpy() - decoder.decode(zb)).max():.3g}")
+    return found
+
+
+def bufferable(tensor: torch.Tensor):
+    """A CUDA tensor as it is (it has __cuda_array_interface__); a CPU tensor as a NumPy view of its memory."""
+    return tensor if tensor.is_cuda else tensor.numpy()
+
+
+def torch_device_modes(model, dtype, z: np.ndarray, batch: int, seconds: float) -> dict:
+    """PyTorch with z and the images on the GPU: eager (synchronized per call, cuDNN benchmark mode), and, as
+    a reference beyond the goal's baseline, the same forward captured as a torch CUDA graph."""
+    zt = torch.from_numpy(np.ascontiguousarray(z[:batch])).to("cuda", dtype)
+
+    def eager():
+        with torch.inference_mode():
+            model.decode_mean(zt)
+        torch.cuda.synchronize()
+
+    found = {"eager": timed(eager, seconds)}
+    static = zt.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):
+            model.decode_mean(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        model.decode_mean(static)
+
+    def replay():
+        static.copy_(zt)
+        graph.replay()
+        torch.cuda.synchronize()
+
+    found["cuda_graph"] = timed(replay, seconds)
+    return found
+
+
+def device_resident(model_dir: Path, run: str, z: np.ndarray, seconds: float) -> dict:
+    """Both sides with z and the images on the device, at batch 1 and 256: onnxruntime through the runtime's
+    device-buffer calls (float32 and float16 graphs, on a torch stream it shares) against PyTorch eager in
+    float32 and half; the goal's ratios are the float16 graph's best mode against PyTorch eager half."""
     out: dict = {}
-    for label, decoder in decoders.items():
-        device = "cuda" if decoder.provider == "CUDAExecutionProvider" else "cpu"
+    cuda = torch.cuda.is_available()
+    stream = torch.cuda.Stream() if cuda else None
+    for label, name in (("fp32", "decoder.onnx"), ("fp16", "decoder.fp16.onnx")):
+        decoder = Decoder(model_dir / name, device="cuda" if cuda else "cpu",
+                          cuda_stream=stream.cuda_stream if cuda else None)
         for batch in (1, 256):
-            zv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[:batch]), device, 0)
-            per_call = timed(lambda: decoder.decode_on_device(zv), seconds)
-            out.setdefault(f"ort_{label}", {})["b1_ms" if batch == 1 else "b256_img_s"] = (
-                round(1e3 * per_call, 3) if batch == 1 else round(batch / per_call, 1))
-    if torch.cuda.is_available():
-        for label, dtype in (("torch_fp32", torch.float32), ("torch_fp16", torch.float16)):
-            model, _, _ = load_trained(run, ema=True)
-            model = model.to("cuda", dtype).eval()
-            for batch in (1, 256):
-                zt = torch.from_numpy(np.ascontiguousarray(z[:batch])).to("cuda", dtype)
-
-                def call():
-                    with torch.inference_mode():
-                        model.decode_mean(zt)
-                    torch.cuda.synchronize()
-
-                per_call = timed(call, seconds)
-                out.setdefault(label, {})["b1_ms" if batch == 1 else "b256_img_s"] = (
-                    round(1e3 * per_call, 3) if batch == 1 else round(batch / per_call, 1))
-        if "ort_fp16" in out:
-            out["fp16_b1_speedup_vs_torch_half"] = round(out["torch_fp16"]["b1_ms"] / out["ort_fp16"]["b1_ms"], 2)
-            out["fp16_b256_speedup_vs_torch_half"] = round(
-                out["ort_fp16"]["b256_img_s"] / out["torch_fp16"]["b256_img_s"], 2)
+            try:
+                modes = ort_device_modes(decoder, stream, z, batch, seconds)
+            except Exception as err:  # one failing mode must not lose the others' figures
+                out.setdefault("errors", {})[f"ort_{label}_b{batch}"] = f"{type(err).__name__}: {err}"[:300]
+                continue
+            for mode, value in modes.items():
+                if mode.endswith("error"):
+                    out.setdefault("errors", {})[f"ort_{label}_b{batch}_{mode}"] = value
+                    continue
+                key, figure = per_call_figure(batch, value) if not mode.endswith("diff") else (f"b{batch}", value)
+                out.setdefault(f"ort_{label}_{mode}", {})[key] = figure
+    if not cuda:
+        return out
+    torch.backends.cudnn.benchmark = True
+    for label, dtype in (("torch_fp32", torch.float32), ("torch_fp16", torch.float16)):
+        model = load_trained(run, ema=True)[0].to("cuda", dtype).eval()
+        for batch in (1, 256):
+            try:
+                modes = torch_device_modes(model, dtype, z, batch, seconds)
+            except Exception as err:
+                out.setdefault("errors", {})[f"{label}_b{batch}"] = f"{type(err).__name__}: {err}"[:300]
+                continue
+            for mode, value in modes.items():
+                key, figure = per_call_figure(batch, value)
+                out.setdefault(f"{label}_{mode}", {})[key] = figure
+    half = out.get("torch_fp16_eager", {})
+    for batch, key in ((1, "b1_ms"), (256, "b256_img_s")):
+        ours = [out[k][key] for k in ("ort_fp16_ortvalue", "ort_fp16_bound", "ort_fp16_cuda_graph")
+                if key in out.get(k, {})]
+        if ours and key in half:
+            best = min(ours) if batch == 1 else max(ours)
+            out[f"decoder_fp16_b{batch}.speedup_vs_torch_half"] = round(
+                half[key] / best if batch == 1 else best / half[key], 2)
     return out
 
 
@@ -164,7 +254,7 @@ def main() -> int:
             else:
                 speed[label]["b256_img_s"] = round(batch / per_call, 1)
     result["speed"] = speed
-    result["device_resident"] = device_resident(decoders, args.run, z, args.seconds)
+    result["device_resident"] = device_resident(model_dir, args.run, z, args.seconds)
     if args.explore:
         result["cuda_options"] = explore(model_dir, z, want, args.seconds)
     print(json.dumps(result))

@@ -1,5 +1,5 @@
 """Reduced-precision CPU graphs: the exact ConvTranspose rewrite, int8 graphs that pass their budget before they are
-written and load by explicit choice, a graph over budget that is never written, and the device-buffer path."""
+written and load by explicit choice, a graph over budget that is never written."""
 
 from __future__ import annotations
 
@@ -79,22 +79,3 @@ def test_an_unoffered_precision_is_one_line(trained_run, tmp_path, capsys):
     assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "m"), "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "precision bf16: not offered" in err and "no fast bf16" in err
-
-
-def test_device_buffers_in_and_out_without_numpy_copies(int8_export):
-    """The I/O-binding path, on the CPU provider here (on a GPU the same calls keep z and the images there)."""
-    import onnxruntime as ort
-
-    from vae.runtime import Decoder, Encoder, RuntimeModelError
-
-    out, _ = int8_export
-    decoder = Decoder(out)
-    z = np.random.default_rng(5).standard_normal((4, decoder.latent_dim)).astype(np.float32)
-    images = decoder.decode_on_device(ort.OrtValue.ortvalue_from_numpy(z, "cpu", 0))
-    assert isinstance(images, ort.OrtValue) and images.device_name() == "cpu"
-    np.testing.assert_array_equal(images.numpy(), decoder.decode(z))
-    x = ort.OrtValue.ortvalue_from_numpy(images.numpy())
-    encoder = Encoder(out)
-    np.testing.assert_array_equal(encoder.encode_on_device(x).numpy(), encoder.encode(images.numpy())[0])
-    with pytest.raises(RuntimeModelError, match="expected an onnxruntime OrtValue"):
-        decoder.decode_on_device(z)

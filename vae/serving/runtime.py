@@ -34,6 +34,7 @@ import numpy as np
 from common import storage
 from common.atomic import atomic_write_bytes
 from common.digest import sha256_file
+from vae.serving import device_buffers as buffers
 from vae.serving import registry as reg
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -128,22 +129,29 @@ def cuda_provider_options(version: str | None = None) -> dict[str, str]:
     return {"prefer_nhwc": "1"} if found and (int(found[1]), int(found[2])) >= (1, 20) else {}
 
 
-def providers_for(device: str) -> list:
+def providers_for(device: str, device_id: int = 0, cuda_stream: int | None = None, cuda_graph: bool = False) -> list:
     """The providers asked for: CUDA first where onnxruntime has it (onnxruntime-gpu) and it is wanted, then CPU.
+    On CUDA: GPU `device_id`, the app's stream `cuda_stream` (a handle) if given, and CUDA graph capture if asked.
 
     A provider that is available may still fail to start (no GPU, missing CUDA libraries): onnxruntime then
     runs on the next one, so what runs is the session's first provider, not this list's."""
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"]
+        options = {**cuda_provider_options(), "device_id": str(device_id)}
+        if cuda_stream is not None:
+            options["user_compute_stream"] = str(int(cuda_stream))
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def _session(path: str, device: str, threads: int | None, spinning: bool) -> tuple[ort.InferenceSession, dict]:
+def _session(path: str, device: str, threads: int | None, spinning: bool,
+             **cuda) -> tuple[ort.InferenceSession, dict]:
     if not os.path.isfile(path):
         raise RuntimeModelError(f"model {path}: file not found")
     options = session_options(threads, spinning)
     try:
-        session = ort.InferenceSession(path, options, providers=providers_for(device))
+        session = ort.InferenceSession(path, options, providers=providers_for(device, **cuda))
     except Exception as err:
         raise RuntimeModelError(f"model {path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
@@ -159,14 +167,21 @@ def _session(path: str, device: str, threads: int | None, spinning: bool) -> tup
 
 class _Model:
     KIND = ""
+    SIGNATURE: buffers.Signature  # the input and output bound by the *_on_device calls and `capture`
 
     def __init__(self, model, device: str = "cpu", threads: int | None = None, spinning: bool = False,
-                 precision: str | None = None):
-        """`model`: a `Champion`, a registry location, a model folder or an `.onnx` file (see the module)."""
+                 precision: str | None = None, device_id: int = 0, cuda_stream: int | None = None):
+        """`model`: a `Champion`, a registry location, a model folder or an `.onnx` file (see the module).
+        `device_id` and `cuda_stream` (a stream handle of the app's) apply on the CUDA provider."""
         if device not in ("cpu", "cuda"):
             raise RuntimeModelError(f"device {device!r}: expected 'cpu' or 'cuda'")
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise RuntimeModelError(f"device_id: expected an integer >= 0, got {device_id!r}")
         self.path, self.champion_version = resolve_model(model, self.KIND, precision)
-        self.session, self.metadata = _session(self.path, device, threads, spinning)
+        self._open = dict(device=device, threads=threads, spinning=spinning, device_id=device_id,
+                          cuda_stream=cuda_stream)
+        self.session, self.metadata = _session(self.path, **self._open)
+        self._graph_session = None  # a second session with CUDA graph capture, opened by the first `capture`
         self.provider = self.session.get_providers()[0]
         try:
             self.latent_dim = int(self.metadata["latent_dim"])
@@ -193,6 +208,36 @@ class _Model:
             raise RuntimeModelError(f"model {self.path}: input {want[0]} is {inputs.get(want[0])}, its metadata "
                                     f"says {want[1]} (graph and metadata disagree, or not a {self.KIND})")
 
+    def _shape(self, shape: tuple) -> tuple:
+        return tuple({"latent": self.latent_dim, "channels": self.channels, "size": self.image_size}.get(d, d)
+                     for d in shape)
+
+    def _signature(self) -> buffers.Signature:
+        sig = self.SIGNATURE
+        return buffers.Signature(sig.input_name, self._shape(sig.input_shape), sig.output_name,
+                                 self._shape(sig.output_shape))
+
+    def on_device(self, value, out=None):
+        """Run on a buffer that already lives where the session runs (see `vae.serving.device_buffers`): an
+        OrtValue, or an array with `__cuda_array_interface__` (CUDA provider) or `__array_interface__` (CPU).
+        The output is written into `out` when given (and `out` returned), else returned as an OrtValue on the
+        session's device. No copy through the host on either side (onnxruntime I/O binding)."""
+        try:
+            return buffers.run_bound(self.session, self._open["device_id"], self._signature(), value, out)
+        except buffers.DeviceBufferError as err:
+            raise RuntimeModelError(str(err)) from None
+
+    def capture(self, value, out) -> buffers.CudaGraph:
+        """A CUDA graph of this model on fixed buffers `value` and `out` (batch = their first dimension): write
+        new inputs into `value`'s memory, then `.replay()`; `out` then holds the outputs. CUDA provider only."""
+        try:
+            if self._graph_session is None and self.provider == "CUDAExecutionProvider":
+                self._graph_session, _ = _session(self.path, **self._open, cuda_graph=True)
+            session = self._graph_session or self.session
+            return buffers.CudaGraph(session, self._open["device_id"], self._signature(), value, out)
+        except buffers.DeviceBufferError as err:
+            raise RuntimeModelError(str(err)) from None
+
     def card(self) -> dict:
         """The metadata as Python values (JSON-decoded where they are JSON)."""
         out = {}
@@ -208,6 +253,7 @@ class Decoder(_Model):
     """`decoder.onnx`: latents [N, latent_dim] -> images float32 [N, 3, H, W] in [0, 1]."""
 
     KIND = "decoder"
+    SIGNATURE = buffers.Signature("z", (None, "latent"), "x_mean", (None, "channels", "size", "size"))
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         z = np.asarray(z)
@@ -221,11 +267,11 @@ class Decoder(_Model):
             raise RuntimeModelError("z: contains NaN or infinite values")
         return self.session.run(["x_mean"], {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
-    def decode_on_device(self, z: ort.OrtValue) -> ort.OrtValue:
-        """Decode latents that already live where the session runs (an OrtValue, e.g. on the GPU from
-        `ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0)` or DLPack); the images come back as an OrtValue on the
-        same device: no copy through the host on either side (onnxruntime I/O binding)."""
-        return _run_bound(self.session, "z", z, "x_mean")
+    def decode_on_device(self, z, out=None):
+        """Decode latents [N, latent_dim] that already live where the session runs (an OrtValue, e.g.
+        `ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0)`, or a CUDA tensor / CuPy array): the images
+        [N, 3, H, W] go into `out` (same kinds) or come back as an OrtValue on that device (see `on_device`)."""
+        return self.on_device(z, out)
 
     def sample(self, n: int, seed: int = 0, temperature: float = 1.0, batch_size: int = 256) -> np.ndarray:
         """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`, decoded `batch_size`
@@ -249,6 +295,7 @@ class Encoder(_Model):
     """`encoder.onnx`: images -> (mu, logvar) of q(z|x), each [N, latent_dim]."""
 
     KIND = "encoder"
+    SIGNATURE = buffers.Signature("x", (None, "channels", "size", "size"), "mu", (None, "latent"))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images: uint8 [N, H, W, 3] (0..255) or float [N, 3, H, W] in [0, 1]; returns (mu, logvar)."""
@@ -256,10 +303,10 @@ class Encoder(_Model):
         mu, logvar = self.session.run(["mu", "logvar"], {"x": x})
         return mu, logvar
 
-    def encode_on_device(self, x: ort.OrtValue) -> ort.OrtValue:
-        """`mu` of images (float32 [N, 3, H, W] in [0, 1]) that already live where the session runs, as an
-        OrtValue on the same device (see `Decoder.decode_on_device`)."""
-        return _run_bound(self.session, "x", x, "mu")
+    def encode_on_device(self, x, out=None):
+        """`mu` [N, latent_dim] of images (float32 [N, 3, H, W] in [0, 1]) that already live where the session
+        runs, into `out` or as an OrtValue on that device (see `Decoder.decode_on_device`)."""
+        return self.on_device(x, out)
 
     def to_input(self, images: np.ndarray) -> np.ndarray:
         """Validate images and convert them to the graph's input: float32 [N, 3, H, W] in [0, 1]."""
@@ -288,19 +335,6 @@ class Encoder(_Model):
         if x.shape[0] == 0:
             raise RuntimeModelError("images: expected at least one image, got N = 0")
         return np.ascontiguousarray(x)
-
-
-def _run_bound(session: ort.InferenceSession, input_name: str, value, output_name: str):
-    if not isinstance(value, ort.OrtValue):
-        raise RuntimeModelError(f"{input_name}: expected an onnxruntime OrtValue on the session's device, got "
-                                f"{type(value).__name__} (use decode/encode for NumPy arrays)")
-    if value.data_type() != "tensor(float)":
-        raise RuntimeModelError(f"{input_name}: expected float32, got {value.data_type()}")
-    binding = session.io_binding()
-    binding.bind_ortvalue_input(input_name, value)
-    binding.bind_output(output_name, value.device_name())  # allocated by onnxruntime on the input's device
-    session.run_with_iobinding(binding)
-    return binding.get_outputs()[0]
 
 
 def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:

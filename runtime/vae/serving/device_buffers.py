@@ -1,0 +1,1 @@
+../../../vae/serving/device_buffers.py

@@ -1,0 +1,144 @@
+"""Device buffers: the runtime binds the app's own memory (OrtValues, arrays with __array_interface__ on the CPU
+provider, __cuda_array_interface__ on CUDA) and writes outputs in place; bad buffers are one-line errors; CUDA
+graphs replay on fixed buffers. The CUDA half runs where onnxruntime-gpu and a GPU are present (bench/gpu_check.sh
+runs this file on a lent GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exported_model import exported_once
+from vae.runtime import Decoder, Encoder, RuntimeModelError, providers_for
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    return exported_once(trained_run, tmp_path_factory)[0]
+
+
+def cuda_ready() -> bool:
+    import onnxruntime as ort
+    torch = pytest.importorskip("torch")
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def codes(n: int, latent_dim: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, latent_dim)).astype(np.float32)
+
+
+def test_numpy_buffers_in_and_out_on_the_cpu_provider(exported):
+    decoder = Decoder(exported)
+    z = codes(5, decoder.latent_dim)
+    out = np.full((5, 3, decoder.image_size, decoder.image_size), -1.0, np.float32)
+    assert decoder.decode_on_device(z, out=out) is out
+    np.testing.assert_array_equal(out, decoder.decode(z))  # written in place, all of it
+    encoder = Encoder(exported)
+    mu = np.zeros((5, decoder.latent_dim), np.float32)
+    encoder.encode_on_device(out, out=mu)
+    np.testing.assert_array_equal(mu, encoder.encode(out)[0])
+
+
+def test_ortvalues_in_and_out(exported):
+    import onnxruntime as ort
+
+    decoder = Decoder(exported)
+    z = codes(3, decoder.latent_dim, seed=1)
+    images = decoder.decode_on_device(ort.OrtValue.ortvalue_from_numpy(z, "cpu", 0))
+    assert isinstance(images, ort.OrtValue) and images.device_name().lower() == "cpu"
+    np.testing.assert_array_equal(images.numpy(), decoder.decode(z))
+    target = ort.OrtValue.ortvalue_from_shape_and_type([3, 3, decoder.image_size, decoder.image_size], np.float32)
+    assert decoder.decode_on_device(ort.OrtValue.ortvalue_from_numpy(z), out=target) is target
+    np.testing.assert_array_equal(target.numpy(), decoder.decode(z))
+
+
+class FakeCudaArray:
+    """What a CUDA tensor shows the runtime (no GPU needed to check that it is refused on the CPU provider)."""
+
+    def __init__(self, shape):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "data": (1 << 20, False),
+                                         "version": 3, "strides": None}
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: codes(2, d).astype(np.float64), "z: expected float32 (typestr '<f4'), got '<f8'"),
+    (lambda d: np.asfortranarray(codes(3, d)), "z: expected a C-contiguous buffer"),
+    (lambda d: codes(2, d + 1), "z: expected shape ['N', LATENT], got [2, LATENT1]"),
+    (lambda d: codes(0, d), "z: expected a non-empty buffer"),
+    (lambda d: FakeCudaArray((2, d)), "z: the buffer lives on cuda but the session runs on cpu"),
+    (lambda d: [[0.0] * d], "z: expected an OrtValue or an array with __cuda_array_interface__"),
+])
+def test_bad_input_buffers_are_one_line_errors(exported, make, needle):
+    decoder = Decoder(exported)
+    d = decoder.latent_dim
+    needle = needle.replace("LATENT1", str(d + 1)).replace("LATENT", str(d))
+    with pytest.raises(RuntimeModelError) as caught:
+        decoder.decode_on_device(make(d))
+    assert needle in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
+def test_bad_output_buffers_are_refused_before_anything_runs(exported):
+    decoder = Decoder(exported)
+    z, s = codes(2, decoder.latent_dim), decoder.image_size
+    with pytest.raises(RuntimeModelError, match=rf"out: expected shape \[2, 3, {s}, {s}\], got \[3, 3, {s}, {s}\]"):
+        decoder.decode_on_device(z, out=np.zeros((3, 3, s, s), np.float32))
+    frozen = np.zeros((2, 3, s, s), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(RuntimeModelError, match="out: the buffer is read-only"):
+        decoder.decode_on_device(z, out=frozen)
+    assert not frozen.any()
+
+
+def test_cuda_graphs_need_the_cuda_provider(exported):
+    decoder = Decoder(exported)
+    z = codes(2, decoder.latent_dim)
+    out = np.zeros((2, 3, decoder.image_size, decoder.image_size), np.float32)
+    with pytest.raises(RuntimeModelError, match="CUDA graphs need onnxruntime-gpu's CUDA provider.*"
+                                                "runs on CPUExecutionProvider"):
+        decoder.capture(z, out)
+
+
+def test_cuda_options_reach_the_provider(monkeypatch):
+    from vae.serving import runtime
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    name, options = providers_for("cuda", device_id=1, cuda_stream=1234, cuda_graph=True)[0]
+    assert name == "CUDAExecutionProvider"
+    assert options["device_id"] == "1" and options["user_compute_stream"] == "1234"
+    assert options["enable_cuda_graph"] == "1"
+    assert "enable_cuda_graph" not in providers_for("cuda")[0][1]
+    assert "user_compute_stream" not in providers_for("cuda")[0][1]
+
+
+@pytest.mark.parametrize("graph", ["decoder.onnx", "decoder.fp16.onnx"])
+def test_cuda_tensors_in_and_out_and_captured_graphs(exported, graph):
+    """On a GPU: torch CUDA tensors bound in place agree with the NumPy path, and two captured batch sizes on one
+    model each replay on whatever their input buffer holds at the time."""
+    if not cuda_ready():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    import torch
+
+    stream = torch.cuda.Stream()
+    decoder = Decoder(exported / graph, device="cuda", cuda_stream=stream.cuda_stream)
+    assert decoder.provider == "CUDAExecutionProvider"
+    s, d = decoder.image_size, decoder.latent_dim
+    with torch.cuda.stream(stream):
+        z = torch.from_numpy(codes(4, d, seed=2)).cuda()
+        out = torch.full((4, 3, s, s), -1.0, device="cuda")
+        decoder.decode_on_device(z, out=out)
+        stream.synchronize()
+        want = decoder.decode(z.cpu().numpy())
+        np.testing.assert_allclose(out.cpu().numpy(), want, atol=1e-5)  # the same session: the same kernels
+        graphs = {}
+        for batch in (1, 4):
+            zin = torch.zeros(batch, d, device="cuda")
+            graphs[batch] = (zin, decoder.capture(zin, torch.empty(batch, 3, s, s, device="cuda")))
+        for seed in (3, 4):
+            for batch, (zin, captured) in graphs.items():
+                fresh = codes(batch, d, seed=seed)
+                zin.copy_(torch.from_numpy(fresh))
+                images = captured.replay()
+                stream.synchronize()
+                # a second session (its own cuDNN choices); a stale or mixed-up graph is off by far more
+                np.testing.assert_allclose(images.cpu().numpy(), decoder.decode(fresh), atol=2e-3)
