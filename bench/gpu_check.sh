@@ -4,6 +4,7 @@
 #   2. a timed bf16 training run of configs/celeba64-gpu.yaml on the real CelebA sample, then valid bits/dim;
 #   3. ONNX export with the float16 decoder (validated on CUDA where onnxruntime-gpu is installed), then
 #      bench/gpu_onnx.py: which provider really ran, float16 agreement and speed against PyTorch on the GPU.
+#   4. tests/test_device_buffers.py on the GPU (CUDA tensors bound in place, captured CUDA graphs).
 # Usage (repo root): bash bench/gpu_check.sh [OUTDIR]   (QUICK=1 for a CPU dry run of every step)
 # STAGE=train runs steps 1-2 only and STAGE=onnx step 3 only, on the run STAGE=train left in $GPU_WORK (one
 # check at a time: the folder is emptied by each STAGE=train or all); a lent

@@ -28,8 +28,8 @@ ALLOWED = {  # layer -> the layers its modules may import (besides themselves)
     "serving": ("common", "pipeline", "core", "evaluation"),
     "edge": ("common", "pipeline", "core", "training", "evaluation", "serving"),
 }
-TORCH_FREE = ("common", "vae.serving.runtime", "vae.serving.device_buffers", "vae.serving.registry", "vae.runtime", "vae.grid", "vae.cli",
-              "vae.info")
+TORCH_FREE = ("common", "vae.serving.runtime", "vae.serving.device_buffers", "vae.serving.registry", "vae.runtime",
+              "vae.grid", "vae.cli", "vae.info")
 
 
 def layer(module: str) -> str:

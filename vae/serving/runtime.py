@@ -10,6 +10,10 @@ A model is a registry location (its champion), a model folder (its graphs are ch
 `model.json`; a folder exported before hashes loads with a warning) or a bare `.onnx` file (loaded as is).
 `precision="fp16"` picks `decoder.fp16.onnx` (and `precision=P` in general `<kind>.P.onnx`), explicitly.
 
+On a GPU the app can keep z and the images on the device: `decode_on_device(z, out=...)` binds OrtValues, CUDA
+tensors or CuPy arrays in place, and `capture(z, out)` records a CUDA graph on fixed buffers for `.replay()`
+(`vae.serving.device_buffers` says how, and how streams are ordered).
+
 The noise is drawn here with NumPy from the caller's seed, so the same seed gives the same images. The
 provider that actually runs is reported (`.provider`); a requested CUDA provider that fell back to the CPU is
 a warning, never silent. Models whose contract version is unknown are refused. `decoder.fp16.onnx` (float16
