@@ -51,9 +51,16 @@ def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
     for graph in ("decoder", "encoder"):
         assert report[graph]["mean_abs"] <= BUDGET["mean_abs"] and report[graph]["max_abs"] <= BUDGET["max_abs"]
     assert {"decoder.int8.onnx", "encoder.int8.onnx"} <= set(card["files"]) <= set(card["sha256"])
-    ops = {node.op_type for node in onnx.load(str(out / "decoder.int8.onnx")).graph.node}
+    nodes = onnx.load(str(out / "decoder.int8.onnx")).graph.node
+    ops = {node.op_type for node in nodes}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "ConvTranspose" not in ops
-    assert "DepthToSpace" in ops  # the phases interleaved
+    assert "DepthToSpace" not in ops  # the phases are interleaved channels last, by transposes ...
+    producer = {name: n.op_type for n in nodes for name in n.output}
+    consumers = {name: [n.op_type for n in nodes if name in n.input] for n0 in nodes for name in n0.output}
+    moves = [n for n in nodes if n.op_type == "Transpose"]
+    assert len(moves) >= 4  # to channels last, the interleave, back: per upsampling
+    for node in moves:  # ... that stay in int8: a dequantized input, a quantized output
+        assert producer[node.input[0]] == "DequantizeLinear" and consumers[node.output[0]] == ["QuantizeLinear"]
     float32, int8 = Decoder(out), Decoder(out, precision="int8")  # never chosen silently
     assert int8.path.endswith("decoder.int8.onnx") and int8.card()["precision"] == "int8"
     a, b = float32.sample(32, seed=4), int8.sample(32, seed=4)

@@ -4,7 +4,7 @@ against the float32 graphs before they are written.
 int8 is what these CPUs (AVX512-VNNI, AMX-INT8) and onnxruntime's CPU provider make fast: QDQ convolutions run
 as integer kernels. onnxruntime has no int8 ConvTranspose, so the decoder is first rewritten exactly: each
 ConvTranspose2d(kernel 4, stride 2, padding 1) becomes a 3x3 convolution emitting the four output phases and a
-PixelShuffle (DepthToSpace) interleaving them (`phase_decomposed`); the float32 results agree to rounding.
+channels-last interleave of them (`phase_decomposed`); the float32 results agree to rounding.
 onnxruntime's CPU provider has no bf16 convolution kernels, so no bf16 graph is offered.
 
 Calibration (activation ranges): codes of real held-out images (the encoder's mu) and draws from the prior for
@@ -31,10 +31,16 @@ BUDGET = {"mean_abs": 1 / 255, "max_abs": 8 / 255}  # on decoded images in [0, 1
 
 
 class PhaseConvTranspose(nn.Module):
-    """ConvTranspose2d(k=4, s=2, p=1) as Conv2d(3x3, padding 1) to 4x the channels + PixelShuffle(2).
+    """ConvTranspose2d(k=4, s=2, p=1) as Conv2d(3x3, padding 1) to 4x the channels, then the four phases
+    interleaved into the doubled grid.
 
     Output pixel (2m + a, 2n + b) of the transposed convolution reads input rows m-1, m (a = 0: kernel rows 3, 1)
-    or m, m+1 (a = 1: kernel rows 2, 0), and the same for columns: one 3x3 window around (m, n) holds all four."""
+    or m, m+1 (a = 1: kernel rows 2, 0), and the same for columns: one 3x3 window around (m, n) holds all four.
+    The convolution emits phase (a, b) of channel c as channel (2a + b) * C + c, so that, channels last, the
+    interleave moves whole runs of channels ([N, H, W, a, b, C] -> [N, H, a, W, b, C]); onnxruntime runs the
+    int8 convolutions channels last, so the transposes to and from channels first cancel around it. (A
+    PixelShuffle, DepthToSpace in the graph, interleaves single values of a channels-first layout: several
+    times slower in int8.)"""
 
     TAPS = {0: {0: 3, 1: 1}, 1: {1: 2, 2: 0}}  # phase -> {3x3 window row: transposed-kernel row}
 
@@ -42,21 +48,24 @@ class PhaseConvTranspose(nn.Module):
         super().__init__()
         cin, cout = convt.in_channels, convt.out_channels
         self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=convt.bias is not None)
-        weight = torch.zeros(cout, 2, 2, cin, 3, 3, dtype=convt.weight.dtype)
+        weight = torch.zeros(2, 2, cout, cin, 3, 3, dtype=convt.weight.dtype)  # phase (a, b), then channel
         source = convt.weight.detach()  # [cin, cout, 4, 4]
         for a, rows in self.TAPS.items():
             for b, cols in self.TAPS.items():
                 for r, ky in rows.items():
                     for s, kx in cols.items():
-                        weight[:, a, b, :, r, s] = source[:, :, ky, kx].T
+                        weight[a, b, :, :, r, s] = source[:, :, ky, kx].T
         with torch.no_grad():
             self.conv.weight.copy_(weight.reshape(4 * cout, cin, 3, 3))
             if convt.bias is not None:
-                self.conv.bias.copy_(convt.bias.detach().repeat_interleave(4))
-        self.shuffle = nn.PixelShuffle(2)
+                self.conv.bias.copy_(convt.bias.detach().repeat(4))
+        self.channels = cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shuffle(self.conv(x))
+        y = self.conv(x)
+        h, w, c = y.shape[2], y.shape[3], self.channels
+        y = y.permute(0, 2, 3, 1).reshape(-1, h, w, 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+        return y.reshape(-1, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
 def decomposable(module: nn.Module) -> bool:
@@ -88,7 +97,8 @@ def _reader(name: str, arrays: list[np.ndarray]):
     return Reader()
 
 
-QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid"]  # the layers and their SiLU and residual sums
+# the layers, their SiLU activations and residual sums, and the phase interleave's moves (exact in int8)
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid", "Transpose", "Reshape"]
 
 
 def quantize_graph(source: Path, target: Path, input_name: str, calibration: list[np.ndarray]) -> None:
@@ -166,7 +176,7 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> d
     report = {"budget": BUDGET, "decoder": {**decoded, "inputs": "64 prior draws + 64 codes of held-out images"},
               "encoder": {**encoded, "inputs": "64 held-out images, their codes decoded by decoder.onnx"},
               "calibration": f"{len(codes)} codes of held-out images + 256 prior draws; the images for the encoder",
-              "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + PixelShuffle (exact in float32)"}
+              "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + channels-last phase interleave (exact in float32)"}
     for name, errors in (("decoder.int8.onnx", decoded), ("encoder.int8.onnx", encoded)):
         if not _within(errors):
             for graph in ("decoder.int8.onnx", "encoder.int8.onnx"):

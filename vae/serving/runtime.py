@@ -241,6 +241,9 @@ class _Model:
             return buffers.CudaGraph(session, self._open["device_id"], self._signature(), value, out)
         except buffers.DeviceBufferError as err:
             raise RuntimeModelError(str(err)) from None
+        except ort.capi.onnxruntime_pybind11_state.Fail as err:  # e.g. a node the CUDA provider cannot take
+            raise RuntimeModelError(f"model {self.path}: onnxruntime cannot capture it as a CUDA graph "
+                                    f"({str(err).splitlines()[0]})") from None
 
     def card(self) -> dict:
         """The metadata as Python values (JSON-decoded where they are JSON)."""
