@@ -24,6 +24,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (webdatas
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 fi
 mkdir -p /tmp/ortparts /tmp/site
+if [ -f .ortgpu/SHA256 ] && ! cmp -s .ortgpu/SHA256 /tmp/ortparts/SHA256; then
+  rm -f /tmp/ortparts/*  # parts of another package
+fi
 cp .ortgpu/* /tmp/ortparts/ 2>/dev/null
 if [ -f /tmp/ortparts/SHA256 ] && [ ! -f /tmp/site/.ortgpu-unpacked ]; then
   if [ "$(cat /tmp/ortparts/part-* | sha256sum | cut -d' ' -f1)" = "$(cut -d' ' -f1 /tmp/ortparts/SHA256)" ]; then
@@ -103,5 +106,8 @@ $PY -m vae.cli export --run "$WORK/run" --out "$WORK/model" --fp16 || echo '{"st
 [ -f "$WORK/model/model.json" ] && $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); print(json.dumps({"step": "export", "validation": c["validation"]}))' "$WORK/model/model.json" | tee -a "$RESULTS"
 $PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" $([ "${ORT_EXPLORE:-0}" = 1 ] && echo --explore) | tee -a "$RESULTS"
 echo "== 4. the device-buffer tests on the GPU (CUDA tensors bound in place, captured CUDA graphs)"
-$PY -m pytest -q -p no:cacheprovider tests/test_device_buffers.py 2>&1 | tail -15 | tee "$OUT_DIR/device_buffer_tests.txt"
+$PY -m pytest -q -rs -p no:cacheprovider tests/test_device_buffers.py > "$OUT_DIR/device_buffer_tests.txt" 2>&1
+status=$?
+tail -15 "$OUT_DIR/device_buffer_tests.txt"
+echo "{\"step\": \"device_buffer_tests\", \"ok\": $([ $status = 0 ] && echo true || echo false), \"pytest_status\": $status, \"summary\": \"$(tail -1 "$OUT_DIR/device_buffer_tests.txt" | tr -d '"=')\"}" | tee -a "$RESULTS"
 echo "== done: $RESULTS"

@@ -86,7 +86,42 @@ def test_bad_output_buffers_are_refused_before_anything_runs(exported):
     frozen.flags.writeable = False
     with pytest.raises(RuntimeModelError, match="out: the buffer is read-only"):
         decoder.decode_on_device(z, out=frozen)
-    assert not frozen.any()
+
+
+class GradTensor:
+    """What a CUDA tensor that requires grad does when asked for its interface."""
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.\nUse var.detach()")
+
+
+def test_an_object_that_refuses_its_interface_is_named_with_its_reason(exported):
+    decoder = Decoder(exported)
+    with pytest.raises(RuntimeModelError) as caught:
+        decoder.decode_on_device(GradTensor())
+    message = str(caught.value)
+    assert message == ("z: GradTensor offers no __cuda_array_interface__ (Can't get __cuda_array_interface__ on "
+                       "Variable that requires grad.)")
+
+
+def test_a_buffer_on_another_gpu_is_refused():
+    from vae.serving.device_buffers import Buffer, DeviceBufferError, check
+
+    check("z", Buffer("cuda", 1 << 20, (2, 4), None, index=0), "cuda", 0, (None, 4))  # the session's GPU
+    check("z", Buffer("cuda", 1 << 20, (2, 4), None, index=None), "cuda", 1, (None, 4))  # it does not say
+    with pytest.raises(DeviceBufferError, match="z: the buffer lives on GPU 1 but the session runs on GPU 0 "
+                                                r"\(open the model with device_id=1\)"):
+        check("z", Buffer("cuda", 1 << 20, (2, 4), None, index=1), "cuda", 0, (None, 4))
+
+
+def test_stream_handles_are_checked(exported):
+    with pytest.raises(RuntimeModelError, match="cuda_stream: expected a stream handle"):
+        Decoder(exported, cuda_stream="0x7f")
+    decoder = Decoder(exported, cuda_stream=0)
+    z = codes(1, decoder.latent_dim)
+    with pytest.raises(RuntimeModelError, match="0 is the legacy default stream"):
+        decoder.capture(z, np.zeros((1, 3, decoder.image_size, decoder.image_size), np.float32))
 
 
 def test_cuda_graphs_need_the_cuda_provider(exported):
@@ -142,3 +177,27 @@ def test_cuda_tensors_in_and_out_and_captured_graphs(exported, graph):
                 stream.synchronize()
                 # a second session (its own cuDNN choices); a stale or mixed-up graph is off by far more
                 np.testing.assert_allclose(images.cpu().numpy(), decoder.decode(fresh), atol=2e-3)
+        # ordering: onnxruntime runs after the work queued on the app's stream, with no synchronization between
+        fresh = codes(4, d, seed=5)
+        source = torch.from_numpy(fresh).cuda()
+        stream.synchronize()
+        torch.cuda._sleep(200_000_000)  # the stream is busy for a while ...
+        z.copy_(source)  # ... before this lands in z
+        decoder.decode_on_device(z, out=out)
+        np.testing.assert_allclose(out.cpu().numpy(), decoder.decode(fresh), atol=1e-5)
+
+
+def test_cuda_ortvalues_and_the_encoder_on_the_gpu(exported):
+    if not cuda_ready():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    import onnxruntime as ort
+    import torch
+
+    decoder, encoder = Decoder(exported, device="cuda"), Encoder(exported, device="cuda")
+    z = codes(3, decoder.latent_dim, seed=6)
+    images = decoder.decode_on_device(ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0))
+    assert images.device_name().lower() == "cuda"
+    np.testing.assert_allclose(images.numpy(), decoder.decode(z), atol=1e-5)
+    mu = torch.empty(3, decoder.latent_dim, device="cuda")
+    encoder.encode_on_device(images, out=mu)
+    np.testing.assert_allclose(mu.cpu().numpy(), encoder.encode(images.numpy())[0], atol=1e-4)

@@ -46,17 +46,29 @@ class Buffer:
     pointer: int
     shape: tuple[int, ...]
     owner: object
+    index: int | None = None  # the GPU it lives on, where the object says (DLPack's device)
 
 
-def _interface(value) -> tuple[str, dict] | None:
+def _interface(name: str, value) -> tuple[str, dict] | None:
     for attr, device in (("__cuda_array_interface__", "cuda"), ("__array_interface__", "cpu")):
         try:
             found = getattr(value, attr)
-        except (AttributeError, RuntimeError, TypeError):  # e.g. a CPU tensor asked for its CUDA interface
+        except AttributeError:  # e.g. a CPU tensor asked for its CUDA interface
             continue
+        except (RuntimeError, TypeError, KeyError, ValueError) as err:  # a tensor that requires grad, a float8 one
+            raise DeviceBufferError(f"{name}: {type(value).__name__} offers no {attr} "
+                                    f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         if isinstance(found, dict):
             return device, found
     return None
+
+
+def _gpu_index(value) -> int | None:
+    try:
+        kind, index = value.__dlpack_device__()
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    return int(index) if int(kind) == 2 else None  # 2: kDLCUDA
 
 
 def describe(name: str, value, writable: bool = False) -> Buffer:
@@ -65,8 +77,8 @@ def describe(name: str, value, writable: bool = False) -> Buffer:
     if isinstance(value, ort.OrtValue):
         if value.data_type() != "tensor(float)":
             raise DeviceBufferError(f"{name}: expected float32, got {value.data_type()}")
-        return Buffer(value.device_name().lower(), value.data_ptr(), tuple(value.shape()), value)
-    found = _interface(value)
+        return Buffer(value.device_name().lower(), value.data_ptr(), tuple(value.shape()), value, _gpu_index(value))
+    found = _interface(name, value)
     if found is None:
         raise DeviceBufferError(f"{name}: expected an OrtValue or an array with __cuda_array_interface__ or "
                           f"__array_interface__, got {type(value).__name__}")
@@ -83,7 +95,7 @@ def describe(name: str, value, writable: bool = False) -> Buffer:
         raise DeviceBufferError(f"{name}: the buffer is read-only and cannot receive an output")
     if math.prod(shape) == 0:
         raise DeviceBufferError(f"{name}: expected a non-empty buffer, got shape {list(shape)}")
-    return Buffer(device, int(pointer), shape, value)
+    return Buffer(device, int(pointer), shape, value, _gpu_index(value) if device == "cuda" else None)
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -98,11 +110,15 @@ def session_device(session: ort.InferenceSession) -> str:
     return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
 
-def check(name: str, buffer: Buffer, device: str, shape: tuple) -> None:
-    """`buffer` lives on `device` and has `shape` (None for any size of that dimension)."""
+def check(name: str, buffer: Buffer, device: str, device_id: int, shape: tuple) -> None:
+    """`buffer` lives on `device` (GPU `device_id`, where the buffer says which) and has `shape` (None for any
+    size of that dimension)."""
     if buffer.device != device:
         raise DeviceBufferError(f"{name}: the buffer lives on {buffer.device} but the session runs on {device} "
                           f"(use decode/encode for NumPy arrays, or open the model with device={buffer.device!r})")
+    if device == "cuda" and buffer.index is not None and buffer.index != device_id:
+        raise DeviceBufferError(f"{name}: the buffer lives on GPU {buffer.index} but the session runs on GPU "
+                                f"{device_id} (open the model with device_id={buffer.index})")
     if len(buffer.shape) != len(shape) or any(w is not None and w != g for w, g in zip(shape, buffer.shape)):
         want = ["N" if d is None else d for d in shape]
         raise DeviceBufferError(f"{name}: expected shape {want}, got {list(buffer.shape)}")
@@ -130,7 +146,7 @@ def prepare(session, device_id: int, sig: Signature, value, out) -> tuple[ort.IO
     """An I/O binding of `value` (and `out`, when given) after checking both against `sig`."""
     device = session_device(session)
     source = describe(sig.input_name, value)
-    check(sig.input_name, source, device, sig.input_shape)
+    check(sig.input_name, source, device, device_id, sig.input_shape)
     batch = source.shape[0]
     binding = session.io_binding()
     bind(binding, sig.input_name, source, device_id, output=False)
@@ -139,7 +155,7 @@ def prepare(session, device_id: int, sig: Signature, value, out) -> tuple[ort.IO
         binding.bind_output(sig.output_name, device, device_id)  # allocated by onnxruntime on that device
     else:
         target = describe("out", out, writable=True)
-        check("out", target, device, (batch, *sig.output_shape[1:]))
+        check("out", target, device, device_id, (batch, *sig.output_shape[1:]))
         bind(binding, sig.output_name, target, device_id, output=True)
         kept.append(target)
     return binding, kept
@@ -160,7 +176,8 @@ class CudaGraph:
 
     Capturing runs the graph (onnxruntime warms up, then records); `replay()` launches the recorded kernels and
     returns once the output buffer is written. The buffers must stay alive and in place while the graph is used:
-    the graph holds references to them.
+    the graph holds references to them. A captured graph keeps its memory for the session's life: capture once
+    per batch size and replay it, never per request.
     """
 
     def __init__(self, session: ort.InferenceSession, device_id: int, sig: Signature, value, out):
@@ -172,7 +189,6 @@ class CudaGraph:
         self.session = session
         self.binding, self._kept = prepare(session, device_id, sig, value, out)
         self.graph_id = next(_graph_ids)
-        self.batch = self._kept[0].shape[0]
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
         session.run_with_iobinding(self.binding, self.run_options)  # warm-up and capture

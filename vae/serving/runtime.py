@@ -44,6 +44,10 @@ from vae.serving import registry as reg
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
+# the exception types of onnxruntime's native layer (Fail, InvalidArgument, EPFail, ...)
+ONNXRUNTIME_ERRORS = tuple(error for error in vars(ort.capi.onnxruntime_pybind11_state).values()
+                           if isinstance(error, type) and issubclass(error, Exception))
+
 __all__ = ["Champion", "Decoder", "Encoder", "KNOWN_CONTRACTS", "RuntimeModelError", "cuda_provider_options",
            "default_cache_dir", "graph_name", "interpolate", "providers_for", "resolve_model", "session_options",
            "verified_graph"]
@@ -181,6 +185,9 @@ class _Model:
             raise RuntimeModelError(f"device {device!r}: expected 'cpu' or 'cuda'")
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise RuntimeModelError(f"device_id: expected an integer >= 0, got {device_id!r}")
+        if cuda_stream is not None and (isinstance(cuda_stream, bool) or not isinstance(cuda_stream, int)
+                                        or cuda_stream < 0):
+            raise RuntimeModelError(f"cuda_stream: expected a stream handle (an integer >= 0), got {cuda_stream!r}")
         self.path, self.champion_version = resolve_model(model, self.KIND, precision)
         self._open = dict(device=device, threads=threads, spinning=spinning, device_id=device_id,
                           cuda_stream=cuda_stream)
@@ -230,10 +237,18 @@ class _Model:
             return buffers.run_bound(self.session, self._open["device_id"], self._signature(), value, out)
         except buffers.DeviceBufferError as err:
             raise RuntimeModelError(str(err)) from None
+        except ONNXRUNTIME_ERRORS as err:
+            raise RuntimeModelError(f"model {self.path}: onnxruntime failed on the bound buffers "
+                                    f"({str(err).splitlines()[0]})") from None
 
     def capture(self, value, out) -> buffers.CudaGraph:
         """A CUDA graph of this model on fixed buffers `value` and `out` (batch = their first dimension): write
-        new inputs into `value`'s memory, then `.replay()`; `out` then holds the outputs. CUDA provider only."""
+        new inputs into `value`'s memory, then `.replay()`; `out` then holds the outputs. CUDA provider only;
+        capture once per batch size (each graph keeps its memory), on onnxruntime's stream or one of the app's
+        own (`cuda_stream`), never the legacy default stream 0, where CUDA cannot capture."""
+        if self._open["cuda_stream"] == 0:
+            raise RuntimeModelError("cuda_stream: 0 is the legacy default stream, where CUDA graphs cannot be "
+                                    "captured; pass a stream of your own (torch.cuda.Stream().cuda_stream)")
         try:
             if self._graph_session is None and self.provider == "CUDAExecutionProvider":
                 self._graph_session, _ = _session(self.path, **self._open, cuda_graph=True)
@@ -241,7 +256,7 @@ class _Model:
             return buffers.CudaGraph(session, self._open["device_id"], self._signature(), value, out)
         except buffers.DeviceBufferError as err:
             raise RuntimeModelError(str(err)) from None
-        except ort.capi.onnxruntime_pybind11_state.Fail as err:  # e.g. a node the CUDA provider cannot take
+        except ONNXRUNTIME_ERRORS as err:  # e.g. a node the CUDA provider cannot take
             raise RuntimeModelError(f"model {self.path}: onnxruntime cannot capture it as a CUDA graph "
                                     f"({str(err).splitlines()[0]})") from None
 
