@@ -86,3 +86,27 @@ def test_an_unoffered_precision_is_one_line(trained_run, tmp_path, capsys):
     assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "m"), "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "precision bf16: not offered" in err and "no fast bf16" in err
+
+
+def test_vae_sample_and_encode_take_the_int8_graphs_by_name(int8_export, synth_source, tmp_path, capsys):
+    from vae.cli import main
+
+    out, _ = int8_export
+    images = sorted((synth_source / "img_align_celeba").iterdir())[:6]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    for precision, name in ((None, "float32"), ("int8", "int8")):
+        extra = ["--precision", precision] if precision else []
+        assert main(["encode", "--model", str(out), "--images", str(folder), "--out", str(tmp_path / f"{name}.npz"),
+                     *extra]) == 0
+        assert main(["sample", "--model", str(out), "--n", "4", "--out", str(tmp_path / f"{name}.png"), *extra]) == 0
+    with np.load(tmp_path / "float32.npz") as a, np.load(tmp_path / "int8.npz") as b:
+        assert a["keys"].tolist() == b["keys"].tolist()
+        assert 0 < np.abs(a["mu"] - b["mu"]).max() < 0.5  # the int8 graph ran: close, not identical
+    assert (tmp_path / "int8.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["encode", "--model", str(out / "encoder.onnx"), "--images", str(folder), "--out",
+                 str(tmp_path / "x.npz"), "--precision", "int4"]) == 2
+

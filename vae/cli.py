@@ -223,7 +223,7 @@ def cmd_encode(args) -> int:
         raise BadInput(f"out {args.out}: expected a .npz file name")
     if args.crop is not None and args.crop < 0:
         raise BadInput(f"crop: expected >= 0, got {args.crop}")
-    encoder = _runtime_model("Encoder", args.model, args.device)
+    encoder = _runtime_model("Encoder", args.model, args.device, args.precision)
     card = encoder.card()
     crop = args.crop if args.crop is not None else int((card.get("preprocessing") or {}).get("crop", DEFAULT_CROP))
     files = _image_files(Path(args.images))
@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="a PNG grid of samples from decoder.onnx (onnxruntime only)")
     p.add_argument("--model", required=True,
                    help="a registry (local path or URL: its champion), a model folder, or decoder.onnx itself")
-    p.add_argument("--precision", default=None, help="a reduced-precision graph of the model, e.g. fp16")
+    p.add_argument("--precision", default=None,
+                   help="a reduced-precision graph of the model: fp16 (GPUs) or int8 (CPUs), when exported")
     p.add_argument("--n", type=GRID_IMAGES, default=64, help="images in the grid (decoded in batches)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--temperature", type=_temperature, default=1.0,
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="center crop before resizing (default: the model's shards' crop, else 148; 0: largest square)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default=None, help="int8: encoder.int8.onnx (CPUs), when exported")
     p.set_defaults(func=cmd_encode)
     return parser
 

@@ -108,6 +108,9 @@ def resolve_model(model, kind: str, precision: str | None = None) -> tuple[str, 
         return champion.graph(kind, precision), champion.version
     if os.path.isdir(location):
         return verified_graph(location, graph_name(kind, precision)), None
+    if graph_name(kind, precision) != f"{kind}.onnx" and os.path.basename(location) != graph_name(kind, precision):
+        raise RuntimeModelError(f"model {location}: precision {precision!r} picks {graph_name(kind, precision)} "
+                                "from a model folder or registry; this is one graph file, loaded as it is")
     return location, None
 
 
