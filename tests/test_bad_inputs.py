@@ -146,6 +146,8 @@ CASES = [
         _manifest(c, lambda m: m["splits"]["test"]["shards"][0].pop("sha256")))], "no sha256"),
     ("shards of another image size", lambda c: ["eval", "--run", str(c.run), "--shards", str(
         _other_size_shards(c))], "images of 8x8 pixels, the model takes 16x16"),
+    ("a split without images", lambda c: ["eval", "--run", str(c.run), "--shards", str(
+        _manifest(c, lambda m: m["splits"]["test"].update(count=0, shards=[])))], "the test split holds no images"),
     ("zero-byte checkpoint", lambda c: ["eval", "--run", str(_checkpoint(c, lambda p: p.write_bytes(b"")))],
      "empty file"),
     ("checkpoint that needs pickle", lambda c: ["eval", "--run", str(_checkpoint(c, _pickled))],

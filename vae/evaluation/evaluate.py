@@ -166,6 +166,8 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
         raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
     shards = shards or cfg.data.shards
     manifest = require_image_size(shards, cfg.model.image_size)
+    if not int((manifest["splits"].get(split) or {}).get("count") or 0):
+        raise BadInput(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
     fingerprint = split_fingerprint(manifest, split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size, manifest=manifest)
     share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar

@@ -207,7 +207,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
     metrics = current_metrics(run_dir, model, shards)
-    images, preprocessing = validation_images(cfg, shards)
+    images, preprocessing = validation_images(cfg, shards, n=128)  # int8: one half calibrates, the other validates
     card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim,
             "image_size": cfg.model.image_size, "channels": 3, "likelihood": cfg.model.likelihood,
             "version": version or f"{run_dir.name}@{step}",
