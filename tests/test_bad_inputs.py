@@ -148,6 +148,10 @@ CASES = [
         _other_size_shards(c))], "images of 8x8 pixels, the model takes 16x16"),
     ("a split without images", lambda c: ["eval", "--run", str(c.run), "--shards", str(
         _manifest(c, lambda m: m["splits"]["test"].update(count=0, shards=[])))], "the test split holds no images"),
+    ("export with no test images to measure", lambda c: ["export", "--run", str(_run(c)), "--out", str(c.tmp / "m"),
+                                                         "--shards", str(_manifest(c, lambda m: m["splits"]["test"]
+                                                                                   .update(count=0, shards=[])))],
+     "evaluate the run on another split first"),
     ("zero-byte checkpoint", lambda c: ["eval", "--run", str(_checkpoint(c, lambda p: p.write_bytes(b"")))],
      "empty file"),
     ("checkpoint that needs pickle", lambda c: ["eval", "--run", str(_checkpoint(c, _pickled))],

@@ -146,6 +146,10 @@ def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
     return {k: Path(v).name for k, v in files.items()}
 
 
+class EmptySplit(BadInput):
+    """The split to evaluate holds no images."""
+
+
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
              shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
              out: str | Path | None = None, grids: bool = True, progress: bool = False) -> dict:
@@ -167,7 +171,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     shards = shards or cfg.data.shards
     manifest = require_image_size(shards, cfg.model.image_size)
     if not int((manifest["splits"].get(split) or {}).get("count") or 0):
-        raise BadInput(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
+        raise EmptySplit(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
     fingerprint = split_fingerprint(manifest, split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size, manifest=manifest)
     share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar

@@ -179,9 +179,13 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str | None) -> dict
         return metrics
     why = "missing" if metrics is None else f"from other weights (step {metrics.get('model_step')})"
     print(f"vae export: {path} is {why}: evaluating the exported weights first", file=sys.stderr)
-    from vae.evaluation.evaluate import evaluate
+    from vae.evaluation.evaluate import EmptySplit, evaluate
 
-    metrics = evaluate(run_dir, shards=shards)
+    try:
+        metrics = evaluate(run_dir, shards=shards)
+    except EmptySplit as err:
+        raise BadInput(f"{err}; evaluate the run on another split first (vae eval --run {run_dir} --split valid)") \
+            from None
     if metrics.get("weights_sha256") != digest:
         raise ExportError(f"run {run_dir}: its checkpoint changed while exporting; export again")
     return metrics
