@@ -150,6 +150,11 @@ class EmptySplit(BadInput):
     """The split to evaluate holds no images."""
 
 
+def require_images(shards: str, split: str, manifest: dict) -> None:
+    if not int((manifest["splits"].get(split) or {}).get("count") or 0):
+        raise EmptySplit(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
+
+
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
              shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
              out: str | Path | None = None, grids: bool = True, progress: bool = False) -> dict:
@@ -170,8 +175,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
         raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
     shards = shards or cfg.data.shards
     manifest = require_image_size(shards, cfg.model.image_size)
-    if not int((manifest["splits"].get(split) or {}).get("count") or 0):
-        raise EmptySplit(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
+    require_images(shards, split, manifest)
     fingerprint = split_fingerprint(manifest, split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size, manifest=manifest)
     share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar

@@ -167,7 +167,7 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
             "provider": session.get_providers()[0]}
 
 
-def current_metrics(run_dir: Path, model: nn.Module, shards: str | None) -> dict:
+def current_metrics(run_dir: Path, model: nn.Module, shards: str, split: str) -> dict:
     """The run's `eval/metrics.json` when it measured exactly these weights; otherwise evaluate them now (the
     card must carry the test metrics of the weights it ships, never those of an earlier step)."""
     from vae.checkpoint import weights_digest
@@ -177,15 +177,17 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str | None) -> dict
     metrics = json.loads(path.read_text()) if path.exists() else None
     if metrics is not None and metrics.get("weights_sha256") == digest:
         return metrics
-    why = "missing" if metrics is None else f"from other weights (step {metrics.get('model_step')})"
-    print(f"vae export: {path} is {why}: evaluating the exported weights first", file=sys.stderr)
-    from vae.evaluation.evaluate import EmptySplit, evaluate
+    from pipeline.manifest import load_manifest
+    from vae.evaluation.evaluate import EmptySplit, evaluate, require_images
 
     try:
-        metrics = evaluate(run_dir, shards=shards)
+        require_images(shards, split, load_manifest(shards))
     except EmptySplit as err:
         raise BadInput(f"{err}; evaluate the run on another split first (vae eval --run {run_dir} --split valid)") \
             from None
+    why = "missing" if metrics is None else f"from other weights (step {metrics.get('model_step')})"
+    print(f"vae export: {path} is {why}: evaluating the exported weights first", file=sys.stderr)
+    metrics = evaluate(run_dir, shards=shards, split=split)
     if metrics.get("weights_sha256") != digest:
         raise ExportError(f"run {run_dir}: its checkpoint changed while exporting; export again")
     return metrics
@@ -210,7 +212,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
                        "fast bf16 convolutions")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
-    metrics = current_metrics(run_dir, model, shards)
+    metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
     images, preprocessing = validation_images(cfg, shards, n=128)  # int8: one half calibrates, the other validates
     card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim,
             "image_size": cfg.model.image_size, "channels": 3, "likelihood": cfg.model.likelihood,
