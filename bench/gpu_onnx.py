@@ -247,12 +247,8 @@ def main() -> int:
     for batch in (1, 256):
         zb = np.ascontiguousarray(z[:batch])
         for label, fn in fns.items():
-            per_call = timed(lambda: fn(zb), args.seconds)
-            speed.setdefault(label, {})
-            if batch == 1:
-                speed[label]["b1_ms"] = round(1e3 * per_call, 3)
-            else:
-                speed[label]["b256_img_s"] = round(batch / per_call, 1)
+            key, figure = per_call_figure(batch, timed(lambda: fn(zb), args.seconds))
+            speed.setdefault(label, {})[key] = figure
     result["speed"] = speed
     result["device_resident"] = device_resident(model_dir, args.run, z, args.seconds)
     if args.explore:

@@ -32,7 +32,6 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
 
-
 class DeviceBufferError(ValueError):
     """A buffer the runtime cannot bind: one line naming it and what is wrong (the runtime raises it as its
     RuntimeModelError)."""
@@ -81,7 +80,7 @@ def describe(name: str, value, writable: bool = False) -> Buffer:
     found = _interface(name, value)
     if found is None:
         raise DeviceBufferError(f"{name}: expected an OrtValue or an array with __cuda_array_interface__ or "
-                          f"__array_interface__, got {type(value).__name__}")
+                                f"__array_interface__, got {type(value).__name__}")
     device, face = found
     shape = tuple(int(d) for d in face["shape"])
     if face.get("typestr") != "<f4":
@@ -89,7 +88,7 @@ def describe(name: str, value, writable: bool = False) -> Buffer:
     strides = face.get("strides")
     if strides is not None and tuple(strides) != _c_strides(shape, 4):
         raise DeviceBufferError(f"{name}: expected a C-contiguous buffer, got strides {tuple(strides)} for shape "
-                          f"{list(shape)}")
+                                f"{list(shape)}")
     pointer, readonly = face["data"]
     if writable and readonly:
         raise DeviceBufferError(f"{name}: the buffer is read-only and cannot receive an output")
@@ -115,7 +114,7 @@ def check(name: str, buffer: Buffer, device: str, device_id: int, shape: tuple) 
     size of that dimension)."""
     if buffer.device != device:
         raise DeviceBufferError(f"{name}: the buffer lives on {buffer.device} but the session runs on {device} "
-                          f"(use decode/encode for NumPy arrays, or open the model with device={buffer.device!r})")
+                                f"(use decode/encode for NumPy arrays, or open the model with device={buffer.device!r})")
     if device == "cuda" and buffer.index is not None and buffer.index != device_id:
         raise DeviceBufferError(f"{name}: the buffer lives on GPU {buffer.index} but the session runs on GPU "
                                 f"{device_id} (open the model with device_id={buffer.index})")
@@ -183,7 +182,7 @@ class CudaGraph:
     def __init__(self, session: ort.InferenceSession, device_id: int, sig: Signature, value, out):
         if session_device(session) != "cuda":
             raise DeviceBufferError("CUDA graphs need onnxruntime-gpu's CUDA provider (open the model with "
-                              f"device='cuda'); this session runs on {session.get_providers()[0]}")
+                                    f"device='cuda'); this session runs on {session.get_providers()[0]}")
         if out is None:
             raise DeviceBufferError("out: a CUDA graph writes into a fixed output buffer; pass one")
         self.session = session

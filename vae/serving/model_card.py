@@ -72,6 +72,14 @@ def model_card_markdown(card: dict, samples: str | None = "samples.png") -> str:
     return "\n".join(lines)
 
 
+def budgets_text(budget: dict, fidelity: dict) -> str:
+    """The int8 graphs' two budgets in words, from their values (`vae.serving.quantize`)."""
+    return (f"agreement with the float32 graph (mean absolute difference <= {255 * budget['mean_abs']:g}/255, "
+            f"max <= {255 * budget['max_abs']:g}/255), or else the fidelity budget: held-out images reconstructed "
+            f"with at most {fidelity['recon_increase']:.0%} more error than with the float32 graphs, and agreement "
+            f"within {255 * fidelity['mean_abs']:g}/255 on average and {255 * fidelity['max_abs']:g}/255 everywhere")
+
+
 def _reduced_precision(validation: dict) -> list[str]:
     """What the int8 graphs are held to and what they measured (nothing when the export wrote none)."""
     report = validation.get("int8")
@@ -79,20 +87,16 @@ def _reduced_precision(validation: dict) -> list[str]:
         return []
     lines = ["", "## int8 graphs (CPUs)", "",
              "`decoder.int8.onnx` and `encoder.int8.onnx` run int8 weights and activations; apps choose them "
-             "explicitly (`Decoder(folder, precision=\"int8\")`). Each met one of two budgets: *agreement* with "
-             "the float32 graph (mean absolute difference <= 1/255, max <= 8/255), or else the *fidelity budget*: "
-             "held-out images reconstructed with at most 2% more error than with the float32 graphs, and agreement "
-             "within 4/255 on average and 64/255 everywhere. 8-bit activations through a trained decoder usually "
-             "miss the first by a little; what an app sees of the model is how well it renders faces, which the "
-             "second measures.", "",
+             "explicitly (`Decoder(folder, precision=\"int8\")`). Each met one of two budgets: "
+             f"{budgets_text(report['budget'], report['fidelity_budget'])}. 8-bit activations through a trained "
+             "decoder usually miss the first by a little; what an app sees of the model is how well it renders "
+             "faces, which the second measures.", "",
              "| graph | budget met | mean abs difference | max abs difference | reconstruction error vs float32 |",
              "| --- | --- | --- | --- | --- |"]
     for graph in ("decoder", "encoder"):
-        r = report.get(graph, {})
-        passed = f"{r['passed']} budget" if r.get("passed") else "agreement budget"
-        change = f"{r['recon_increase']:+.2%}" if "recon_increase" in r else "n/a"
-        lines.append(f"| `{graph}.int8.onnx` | {passed} | {255 * r.get('mean_abs', 0):.2f}/255 | "
-                     f"{255 * r.get('max_abs', 0):.1f}/255 | {change} |")
+        r = report[graph]
+        lines.append(f"| `{graph}.int8.onnx` | {r['passed']} budget | {255 * r['mean_abs']:.2f}/255 | "
+                     f"{255 * r['max_abs']:.1f}/255 | {r['recon_increase']:+.2%} |")
     return lines
 
 

@@ -150,10 +150,10 @@ def _recon_error(images: np.ndarray, x: np.ndarray) -> float:
     return float(np.abs(images.astype(np.float64) - x.astype(np.float64)).mean())
 
 
-def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> np.ndarray:
+def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> None:
     """Quantize: `decoder.int8.onnx` from the phase-decomposed decoder, calibrated on the codes of `images` and
-    256 prior draws, and `encoder.int8.onnx` from `folder/encoder.onnx`, calibrated on `images`. Returns the
-    codes (no validation here: `write_int8` validates)."""
+    256 prior draws, and `encoder.int8.onnx` from `folder/encoder.onnx`, calibrated on `images` (no validation
+    here: `write_int8` validates)."""
     from vae.serving.graphs import DecoderGraph, export_onnx
 
     d = model.latent_dim
@@ -168,7 +168,6 @@ def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> np.
         quantize_graph(phased, folder / "decoder.int8.onnx", "z", calibration)
     quantize_graph(folder / "encoder.onnx", folder / "encoder.int8.onnx", "x",
                    [np.ascontiguousarray(b) for b in np.array_split(images, max(1, len(images) // 16))])
-    return codes
 
 
 def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> dict:
@@ -178,6 +177,7 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> d
     `session(path)` opens a graph the way the runtime does; `images` are held-out float32 [N, 3, H, W]: the
     first half calibrates, the other half validates (with the prior draws)."""
     from vae.serving.graphs import ExportError
+    from vae.serving.model_card import budgets_text
 
     d, half = model.latent_dim, max(1, len(images) // 2)
     calibration, held = images[:half], images[half:] if len(images) > 1 else images
@@ -212,6 +212,6 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> d
                 (folder / graph).unlink(missing_ok=True)
             raise ExportError(f"{name}: differs from the float32 graph by mean {errors['mean_abs'] * 255:.2f}/255, "
                               f"max {errors['max_abs'] * 255:.1f}/255, and reconstructs held-out images with "
-                              f"{errors['recon_increase']:+.1%} error (budgets: 1/255 and 8/255; or +2%, 4/255 "
-                              "and 64/255): not written")
+                              f"{errors['recon_increase']:+.1%} error (budgets: "
+                              f"{budgets_text(BUDGET, FIDELITY_BUDGET)}): not written")
     return report

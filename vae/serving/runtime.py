@@ -108,9 +108,10 @@ def resolve_model(model, kind: str, precision: str | None = None) -> tuple[str, 
         return champion.graph(kind, precision), champion.version
     if os.path.isdir(location):
         return verified_graph(location, graph_name(kind, precision)), None
-    if graph_name(kind, precision) != f"{kind}.onnx" and os.path.basename(location) != graph_name(kind, precision):
-        raise RuntimeModelError(f"model {location}: precision {precision!r} picks {graph_name(kind, precision)} "
-                                "from a model folder or registry; this is one graph file, loaded as it is")
+    name = graph_name(kind, precision)
+    if name != f"{kind}.onnx" and os.path.basename(location) != name:
+        raise RuntimeModelError(f"model {location}: precision {precision!r} picks {name} from a model folder or "
+                                "registry; this is one graph file, loaded as it is")
     return location, None
 
 
@@ -204,6 +205,7 @@ class _Model:
         except (KeyError, ValueError) as err:
             raise RuntimeModelError(f"model {self.path}: metadata_props lack or garble {err} (not an export of "
                                     "this project)") from None
+        self.signature = self._signature()  # the bound input and output, checked against the graph
         self._check_interface()
         self.version = self.metadata.get("version")  # the model version the graph was exported as
 
@@ -213,23 +215,18 @@ class _Model:
         def dims(arg):
             return [d if isinstance(d, int) else None for d in arg.shape]
 
-        want = {"decoder": ("z", [None, self.latent_dim]),
-                "encoder": ("x", [None, self.channels, self.image_size, self.image_size])}.get(self.KIND)
-        if want is None:
-            return
+        name, want = self.signature.input_name, list(self.signature.input_shape)
         inputs = {arg.name: dims(arg) for arg in self.session.get_inputs()}
-        if inputs.get(want[0]) != want[1]:
-            raise RuntimeModelError(f"model {self.path}: input {want[0]} is {inputs.get(want[0])}, its metadata "
-                                    f"says {want[1]} (graph and metadata disagree, or not a {self.KIND})")
-
-    def _shape(self, shape: tuple) -> tuple:
-        return tuple({"latent": self.latent_dim, "channels": self.channels, "size": self.image_size}.get(d, d)
-                     for d in shape)
+        if inputs.get(name) != want:
+            raise RuntimeModelError(f"model {self.path}: input {name} is {inputs.get(name)}, its metadata "
+                                    f"says {want} (graph and metadata disagree, or not a {self.KIND})")
 
     def _signature(self) -> buffers.Signature:
+        """SIGNATURE with this model's sizes in place of their names."""
+        sizes = {"latent": self.latent_dim, "channels": self.channels, "size": self.image_size}
         sig = self.SIGNATURE
-        return buffers.Signature(sig.input_name, self._shape(sig.input_shape), sig.output_name,
-                                 self._shape(sig.output_shape))
+        return buffers.Signature(sig.input_name, tuple(sizes.get(d, d) for d in sig.input_shape), sig.output_name,
+                                 tuple(sizes.get(d, d) for d in sig.output_shape))
 
     def on_device(self, value, out=None):
         """Run on a buffer that already lives where the session runs (see `vae.serving.device_buffers`): an
@@ -237,7 +234,7 @@ class _Model:
         The output is written into `out` when given (and `out` returned), else returned as an OrtValue on the
         session's device. No copy through the host on either side (onnxruntime I/O binding)."""
         try:
-            return buffers.run_bound(self.session, self._open["device_id"], self._signature(), value, out)
+            return buffers.run_bound(self.session, self._open["device_id"], self.signature, value, out)
         except buffers.DeviceBufferError as err:
             raise RuntimeModelError(str(err)) from None
         except ONNXRUNTIME_ERRORS as err:
@@ -256,7 +253,7 @@ class _Model:
             if self._graph_session is None and self.provider == "CUDAExecutionProvider":
                 self._graph_session, _ = _session(self.path, **self._open, cuda_graph=True)
             session = self._graph_session or self.session
-            return buffers.CudaGraph(session, self._open["device_id"], self._signature(), value, out)
+            return buffers.CudaGraph(session, self._open["device_id"], self.signature, value, out)
         except buffers.DeviceBufferError as err:
             raise RuntimeModelError(str(err)) from None
         except ONNXRUNTIME_ERRORS as err:  # e.g. a node the CUDA provider cannot take
