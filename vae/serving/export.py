@@ -209,7 +209,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
     if unknown:
         raise BadInput(f"precision {', '.join(unknown)}: not offered (reduced-precision CPU graphs: "
                        f"{', '.join(PRECISIONS)}; float16 for GPUs: --fp16); onnxruntime's CPU provider has no "
-                       "fast bf16 convolutions")
+                       "bf16 convolution or matrix-product kernels")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
     metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)

@@ -5,7 +5,8 @@ int8 is what these CPUs (AVX512-VNNI, AMX-INT8) and onnxruntime's CPU provider m
 as integer kernels. onnxruntime has no int8 ConvTranspose, so the decoder is first rewritten exactly: each
 ConvTranspose2d(kernel 4, stride 2, padding 1) becomes a 3x3 convolution emitting the four output phases and a
 channels-last interleave of them (`phase_decomposed`); the float32 results agree to rounding.
-onnxruntime's CPU provider has no bf16 convolution kernels, so no bf16 graph is offered.
+onnxruntime's CPU provider has no bf16 convolution or matrix-product kernels (a bf16 `Conv` or `MatMul`
+does not load), so no bf16 graph is offered.
 
 Calibration (activation ranges): codes of real held-out images (the encoder's mu) and draws from the prior for
 the decoder, the images themselves for the encoder. Validation, on other draws and other held-out images: the
