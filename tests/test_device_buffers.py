@@ -65,7 +65,8 @@ class FakeCudaArray:
     (lambda d: np.asfortranarray(codes(3, d)), "z: expected a C-contiguous buffer"),
     (lambda d: codes(2, d + 1), "z: expected shape ['N', LATENT], got [2, LATENT1]"),
     (lambda d: codes(0, d), "z: expected a non-empty buffer"),
-    (lambda d: FakeCudaArray((2, d)), "z: the buffer lives on cuda but the session runs on cpu"),
+    (lambda d: FakeCudaArray((2, d)), "z: the buffer lives on cuda but the session runs on cpu (open the model "
+                                      "with device='cuda' where onnxruntime-gpu and a GPU are present"),
     (lambda d: [[0.0] * d], "z: expected an OrtValue or an array with __cuda_array_interface__"),
 ])
 def test_bad_input_buffers_are_one_line_errors(exported, make, needle):
@@ -118,10 +119,61 @@ def test_a_buffer_on_another_gpu_is_refused():
 def test_stream_handles_are_checked(exported):
     with pytest.raises(RuntimeModelError, match="cuda_stream: expected a stream handle"):
         Decoder(exported, cuda_stream="0x7f")
-    decoder = Decoder(exported, cuda_stream=0)
+    # onnxruntime reads a null stream as none: the default stream would silently lose the ordering promised
+    with pytest.raises(RuntimeModelError, match="cuda_stream: 0 is the default stream, which onnxruntime takes "
+                                                r"as no stream .*torch.cuda.Stream\(\).cuda_stream"):
+        Decoder(exported, device="cuda", cuda_stream=0)
+    decoder = Decoder(exported, cuda_stream=1)
     z = codes(1, decoder.latent_dim)
-    with pytest.raises(RuntimeModelError, match="0 is the legacy default stream"):
+    with pytest.raises(RuntimeModelError, match="1 is CUDA's legacy default stream"):
         decoder.capture(z, np.zeros((1, 3, decoder.image_size, decoder.image_size), np.float32))
+
+
+def test_options_after_threads_are_keywords(exported):
+    with pytest.raises(TypeError):
+        Decoder(exported, "cpu", 2, "int8")  # a precision given by position must not land in `spinning`
+
+
+class Interface:
+    """An object showing the runtime an __array_interface__ of its choosing."""
+
+    def __init__(self, **face):
+        self.__array_interface__ = {"version": 3, "typestr": "<f4", "strides": None, **face}
+
+
+@pytest.mark.parametrize("face, needle", [
+    ({"shape": (2, "LATENT")}, "gives no (address, read-only) pair as data (got NoneType)"),
+    ({"shape": (2, "LATENT"), "data": memoryview(bytearray(8))}, "pair as data (got memoryview)"),  # allowed by NumPy
+    ({"shape": ("two", "LATENT"), "data": (1 << 20, False)}, "gives no shape of sizes (got ('two', "),
+])
+def test_a_malformed_array_interface_is_one_line_naming_the_buffer(exported, face, needle):
+    decoder = Decoder(exported)
+    d = decoder.latent_dim
+    face["shape"] = tuple(d if dim == "LATENT" else dim for dim in face["shape"])
+    with pytest.raises(RuntimeModelError) as caught:
+        decoder.decode_on_device(Interface(**face))
+    message = str(caught.value)
+    assert message.startswith("z: its __array_interface__ gives no ") and needle in message
+    assert len(message.splitlines()) == 1
+
+
+def test_an_empty_or_foreign_ortvalue_is_refused_naming_it(exported):
+    import onnxruntime as ort
+
+    decoder = Decoder(exported)
+    s, d = decoder.image_size, decoder.latent_dim
+    with pytest.raises(RuntimeModelError, match=r"z: expected a non-empty buffer, got shape \[0, "):
+        decoder.decode_on_device(ort.OrtValue.ortvalue_from_numpy(codes(0, d)))
+    empty_out = ort.OrtValue.ortvalue_from_numpy(np.zeros((0, 3, s, s), np.float32))
+    with pytest.raises(RuntimeModelError, match="out: expected a non-empty buffer"):
+        decoder.decode_on_device(codes(2, d), out=empty_out)
+    other = Decoder(exported)  # an OrtValue made by another session binds to that session only
+    if not hasattr(other.session, "create_ortvalue_from_shape_and_type"):
+        pytest.skip("this onnxruntime has no session-scoped OrtValues")
+    scoped = other.session.create_ortvalue_from_shape_and_type([2, 3, s, s], np.float32, "cpu", 0)
+    with pytest.raises(RuntimeModelError) as caught:
+        decoder.decode_on_device(codes(2, d), out=scoped)
+    assert str(caught.value).startswith("out: onnxruntime cannot bind it (") and "ortvalue_from_numpy" in str(caught.value)
 
 
 def test_cuda_graphs_need_the_cuda_provider(exported):

@@ -54,6 +54,10 @@ def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
         assert report[graph]["mean_abs"] <= budget["mean_abs"] and report[graph]["max_abs"] <= budget["max_abs"]
         assert report[graph]["recon_increase"] <= FIDELITY_BUDGET["recon_increase"] or budget is BUDGET
     assert report["recon_error_float32"] > 0
+    sets = report["decoder"]["by_input"]  # judged by the worse set, not their pooled average
+    assert set(sets) == {"prior_draws", "codes"}
+    assert report["decoder"]["mean_abs"] == max(e["mean_abs"] for e in sets.values())
+    assert report["decoder"]["max_abs"] == max(e["max_abs"] for e in sets.values())
     assert {"decoder.int8.onnx", "encoder.int8.onnx"} <= set(card["files"]) <= set(card["sha256"])
     nodes = onnx.load(str(out / "decoder.int8.onnx")).graph.node
     ops = {node.op_type for node in nodes}
@@ -67,11 +71,42 @@ def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
         assert producer[node.input[0]] == "DequantizeLinear" and consumers[node.output[0]] == ["QuantizeLinear"]
     float32, int8 = Decoder(out), Decoder(out, precision="int8")  # never chosen silently
     assert int8.path.endswith("decoder.int8.onnx") and int8.card()["precision"] == "int8"
+    prior = np.random.default_rng(3).standard_normal((64, float32.latent_dim)).astype(np.float32)  # the export's
+    differences = np.abs(int8.decode(prior).astype(np.float64) - float32.decode(prior))
+    assert differences.mean() == pytest.approx(sets["prior_draws"]["mean_abs"], rel=1e-4)
+    assert differences.max() == pytest.approx(sets["prior_draws"]["max_abs"], rel=1e-4)
     a, b = float32.sample(32, seed=4), int8.sample(32, seed=4)
     assert 0 < np.abs(a - b).mean() <= FIDELITY_BUDGET["mean_abs"] and np.abs(a - b).max() <= FIDELITY_BUDGET["max_abs"]
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     mu, mu8 = Encoder(out).encode(images)[0], Encoder(out, precision="int8").encode(images)[0]
     assert mu8.shape == mu.shape and np.abs(mu8 - mu).max() < 0.5
+
+
+def test_each_input_set_must_meet_the_budget_on_its_own():
+    """Accurate codes must not average away prior draws over the budget (what `Decoder.sample` shows)."""
+    from vae.serving.quantize import _verdict, _worst
+
+    over, fine = {"mean_abs": 4.06 / 255, "max_abs": 20 / 255}, {"mean_abs": 1.56 / 255, "max_abs": 13 / 255}
+    errors = {**_worst(prior_draws=over, codes=fine), "recon_increase": 0.005}
+    assert errors["mean_abs"] == over["mean_abs"] and errors["max_abs"] == over["max_abs"]
+    assert (over["mean_abs"] + fine["mean_abs"]) / 2 <= FIDELITY_BUDGET["mean_abs"] < errors["mean_abs"]
+    assert _verdict(errors) is None
+    assert _verdict({**_worst(prior_draws=fine, codes=fine), "recon_increase": 0.005}) == "fidelity"
+
+
+def test_int8_needs_two_held_out_images(trained_run, tmp_path):
+    """One image cannot both calibrate and validate: refused, nothing written."""
+    from vae.checkpoint import load_trained
+    from vae.serving.export import ExportError, export
+    from vae.serving.quantize import write_int8
+
+    export(trained_run, tmp_path / "model")
+    folder = tmp_path / "model"
+    model = load_trained(trained_run)[0]
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ExportError, match="int8: needs at least 2 held-out images .* the split has 1"):
+        write_int8(model, folder, np.zeros((1, 3, 16, 16), np.float32), session=None)
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_a_graph_over_its_budget_is_not_written(trained_run, tmp_path, monkeypatch):

@@ -12,13 +12,15 @@ the model was opened with another `device_id`). Outputs are written in place int
 or allocated by onnxruntime on the session's device and returned as an OrtValue.
 
 Ordering: onnxruntime runs on its own CUDA stream unless the model was opened with `cuda_stream=` (the app's
-stream handle, e.g. `torch.cuda.Stream().cuda_stream`): then it runs on that stream, after the app's queued work.
-Otherwise the app finishes writing its inputs (synchronizes its stream) before a call. Every call returns once
-its outputs are written.
+stream handle, e.g. `torch.cuda.Stream().cuda_stream`; not 0, the default stream, which onnxruntime takes as no
+stream): then it runs on that stream, after the app's queued work. Otherwise the app finishes writing its inputs
+(synchronizes its stream) before a call. The `stream` an array's `__cuda_array_interface__` names is not waited
+on: the same rule holds for it. Every call returns once its outputs are written.
 
 `CudaGraph` replays one captured CUDA graph on fixed buffers: the app writes new inputs into the same memory
 and calls `replay()`; one kernel-graph launch replaces the per-node launches. Each capture has its own graph id,
-so several batch sizes can be captured on one model.
+so several batch sizes can be captured on one model. onnxruntime keeps CUDA graphs per thread: a graph is
+replayed on the thread that captured it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -76,25 +79,37 @@ def describe(name: str, value, writable: bool = False) -> Buffer:
     if isinstance(value, ort.OrtValue):
         if value.data_type() != "tensor(float)":
             raise DeviceBufferError(f"{name}: expected float32, got {value.data_type()}")
-        return Buffer(value.device_name().lower(), value.data_ptr(), tuple(value.shape()), value, _gpu_index(value))
+        buffer = Buffer(value.device_name().lower(), value.data_ptr(), tuple(value.shape()), value, _gpu_index(value))
+    else:
+        buffer = _described(name, value, writable)
+    if math.prod(buffer.shape) == 0:
+        raise DeviceBufferError(f"{name}: expected a non-empty buffer, got shape {list(buffer.shape)}")
+    return buffer
+
+
+def _described(name: str, value, writable: bool) -> Buffer:
     found = _interface(name, value)
     if found is None:
         raise DeviceBufferError(f"{name}: expected an OrtValue or an array with __cuda_array_interface__ or "
                                 f"__array_interface__, got {type(value).__name__}")
     device, face = found
-    shape = tuple(int(d) for d in face["shape"])
-    if face.get("typestr") != "<f4":
-        raise DeviceBufferError(f"{name}: expected float32 (typestr '<f4'), got {face.get('typestr')!r}")
-    strides = face.get("strides")
+    attr = "__cuda_array_interface__" if device == "cuda" else "__array_interface__"
+    shape, data = face.get("shape"), face.get("data")
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DeviceBufferError(f"{name}: its {attr} gives no shape of sizes (got {shape!r})")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], int)):
+        raise DeviceBufferError(f"{name}: its {attr} gives no (address, read-only) pair as data (got "
+                                f"{type(data).__name__}); the runtime binds only memory it is given the address of")
+    shape, (pointer, readonly) = tuple(shape), data
+    typestr, strides = face.get("typestr"), face.get("strides")
+    if typestr != "<f4":
+        raise DeviceBufferError(f"{name}: expected float32 (typestr '<f4'), got {typestr!r}")
     if strides is not None and tuple(strides) != _c_strides(shape, 4):
         raise DeviceBufferError(f"{name}: expected a C-contiguous buffer, got strides {tuple(strides)} for shape "
                                 f"{list(shape)}")
-    pointer, readonly = face["data"]
     if writable and readonly:
         raise DeviceBufferError(f"{name}: the buffer is read-only and cannot receive an output")
-    if math.prod(shape) == 0:
-        raise DeviceBufferError(f"{name}: expected a non-empty buffer, got shape {list(shape)}")
-    return Buffer(device, int(pointer), shape, value, _gpu_index(value) if device == "cuda" else None)
+    return Buffer(device, pointer, shape, value, _gpu_index(value) if device == "cuda" else None)
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -113,8 +128,10 @@ def check(name: str, buffer: Buffer, device: str, device_id: int, shape: tuple) 
     """`buffer` lives on `device` (GPU `device_id`, where the buffer says which) and has `shape` (None for any
     size of that dimension)."""
     if buffer.device != device:
+        fix = "use decode/encode for NumPy arrays" if device == "cuda" else \
+            "open the model with device='cuda' where onnxruntime-gpu and a GPU are present; `.provider` says what runs"
         raise DeviceBufferError(f"{name}: the buffer lives on {buffer.device} but the session runs on {device} "
-                                f"(use decode/encode for NumPy arrays, or open the model with device={buffer.device!r})")
+                                f"({fix})")
     if device == "cuda" and buffer.index is not None and buffer.index != device_id:
         raise DeviceBufferError(f"{name}: the buffer lives on GPU {buffer.index} but the session runs on GPU "
                                 f"{device_id} (open the model with device_id={buffer.index})")
@@ -123,12 +140,18 @@ def check(name: str, buffer: Buffer, device: str, device_id: int, shape: tuple) 
         raise DeviceBufferError(f"{name}: expected shape {want}, got {list(buffer.shape)}")
 
 
-def bind(binding: ort.IOBinding, name: str, buffer: Buffer, device_id: int, output: bool) -> None:
-    if isinstance(buffer.owner, ort.OrtValue):
-        (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, buffer.owner)
-        return
-    bind_fn = binding.bind_output if output else binding.bind_input
-    bind_fn(name, buffer.device, device_id, "float32", list(buffer.shape), buffer.pointer)
+def bind(binding: ort.IOBinding, name: str, buffer: Buffer, device_id: int, output: bool, label: str) -> None:
+    """Bind `buffer` as graph input or output `name`; what onnxruntime refuses is one line naming `label`."""
+    try:
+        if isinstance(buffer.owner, ort.OrtValue):
+            (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(name, buffer.owner)
+            return
+        bind_fn = binding.bind_output if output else binding.bind_input
+        bind_fn(name, buffer.device, device_id, "float32", list(buffer.shape), buffer.pointer)
+    except (ValueError, RuntimeError) as err:  # e.g. an OrtValue scoped to another session
+        raise DeviceBufferError(f"{label}: onnxruntime cannot bind it ({str(err).splitlines()[0]}); an OrtValue "
+                                "made by a session binds to that session only: make it with "
+                                "OrtValue.ortvalue_from_shape_and_type or ortvalue_from_numpy") from None
 
 
 @dataclass(frozen=True)
@@ -148,14 +171,14 @@ def prepare(session, device_id: int, sig: Signature, value, out) -> tuple[ort.IO
     check(sig.input_name, source, device, device_id, sig.input_shape)
     batch = source.shape[0]
     binding = session.io_binding()
-    bind(binding, sig.input_name, source, device_id, output=False)
+    bind(binding, sig.input_name, source, device_id, output=False, label=sig.input_name)
     kept = [source]
     if out is None:
         binding.bind_output(sig.output_name, device, device_id)  # allocated by onnxruntime on that device
     else:
         target = describe("out", out, writable=True)
         check("out", target, device, device_id, (batch, *sig.output_shape[1:]))
-        bind(binding, sig.output_name, target, device_id, output=True)
+        bind(binding, sig.output_name, target, device_id, output=True, label="out")
         kept.append(target)
     return binding, kept
 
@@ -176,10 +199,12 @@ class CudaGraph:
     Capturing runs the graph (onnxruntime warms up, then records); `replay()` launches the recorded kernels and
     returns once the output buffer is written. The buffers must stay alive and in place while the graph is used:
     the graph holds references to them. A captured graph keeps its memory for the session's life: capture once
-    per batch size and replay it, never per request.
+    per batch size and replay it, never per request. onnxruntime keeps CUDA graphs per thread, so a graph
+    replays on the thread that captured it; another thread captures its own.
     """
 
-    def __init__(self, session: ort.InferenceSession, device_id: int, sig: Signature, value, out):
+    def __init__(self, session: ort.InferenceSession, device_id: int, sig: Signature, value, out,
+                 error: type[Exception] = DeviceBufferError):
         if session_device(session) != "cuda":
             raise DeviceBufferError("CUDA graphs need onnxruntime-gpu's CUDA provider (open the model with "
                                     f"device='cuda'); this session runs on {session.get_providers()[0]}")
@@ -190,10 +215,14 @@ class CudaGraph:
         self.graph_id = next(_graph_ids)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
+        self.thread, self.error = threading.get_ident(), error  # `error`: what replay raises (the runtime's)
         session.run_with_iobinding(self.binding, self.run_options)  # warm-up and capture
         self.out = out
 
     def replay(self):
         """Run the captured graph on the buffers' current contents; returns the output buffer."""
+        if threading.get_ident() != self.thread:  # onnxruntime would silently capture a second graph here
+            raise self.error(f"replay: CUDA graph {self.graph_id} was captured on another thread, and "
+                                    "onnxruntime keeps CUDA graphs per thread; capture one on this thread")
         self.session.run_with_iobinding(self.binding, self.run_options)
         return self.out

@@ -90,7 +90,8 @@ def _reduced_precision(validation: dict) -> list[str]:
              "explicitly (`Decoder(folder, precision=\"int8\")`). Each met one of two budgets: "
              f"{budgets_text(report['budget'], report['fidelity_budget'])}. 8-bit activations through a trained "
              "decoder usually miss the first by a little; what an app sees of the model is how well it renders "
-             "faces, which the second measures.", "",
+             "faces, which the second measures. The decoder's differences are the larger of those on prior draws "
+             "and on codes of held-out images.", "",
              "| graph | budget met | mean abs difference | max abs difference | reconstruction error vs float32 |",
              "| --- | --- | --- | --- | --- |"]
     for graph in ("decoder", "encoder"):

@@ -55,6 +55,9 @@ __all__ = ["Champion", "Decoder", "Encoder", "KNOWN_CONTRACTS", "RuntimeModelErr
 KNOWN_CONTRACTS = ("1",)
 
 
+LEGACY_STREAM = 1  # cudaStreamLegacy: CUDA's legacy default stream, as a handle
+
+
 class RuntimeModelError(ValueError):
     """The model file or the input given to it is not usable; the message names which."""
 
@@ -181,7 +184,7 @@ class _Model:
     KIND = ""
     SIGNATURE: buffers.Signature  # the input and output bound by the *_on_device calls and `capture`
 
-    def __init__(self, model, device: str = "cpu", threads: int | None = None, spinning: bool = False,
+    def __init__(self, model, device: str = "cpu", threads: int | None = None, *, spinning: bool = False,
                  precision: str | None = None, device_id: int = 0, cuda_stream: int | None = None):
         """`model`: a `Champion`, a registry location, a model folder or an `.onnx` file (see the module).
         `device_id` and `cuda_stream` (a stream handle of the app's) apply on the CUDA provider."""
@@ -192,6 +195,10 @@ class _Model:
         if cuda_stream is not None and (isinstance(cuda_stream, bool) or not isinstance(cuda_stream, int)
                                         or cuda_stream < 0):
             raise RuntimeModelError(f"cuda_stream: expected a stream handle (an integer >= 0), got {cuda_stream!r}")
+        if cuda_stream == 0:  # onnxruntime reads a null stream as none and runs on its own, unordered with the app's
+            raise RuntimeModelError("cuda_stream: 0 is the default stream, which onnxruntime takes as no stream "
+                                    "(it would run on its own, unordered with your work); pass a stream of your own "
+                                    "(torch.cuda.Stream().cuda_stream), or none and synchronize before each call")
         self.path, self.champion_version = resolve_model(model, self.KIND, precision)
         self._open = dict(device=device, threads=threads, spinning=spinning, device_id=device_id,
                           cuda_stream=cuda_stream)
@@ -245,15 +252,17 @@ class _Model:
         """A CUDA graph of this model on fixed buffers `value` and `out` (batch = their first dimension): write
         new inputs into `value`'s memory, then `.replay()`; `out` then holds the outputs. CUDA provider only;
         capture once per batch size (each graph keeps its memory), on onnxruntime's stream or one of the app's
-        own (`cuda_stream`), never the legacy default stream 0, where CUDA cannot capture."""
-        if self._open["cuda_stream"] == 0:
-            raise RuntimeModelError("cuda_stream: 0 is the legacy default stream, where CUDA graphs cannot be "
+        own (`cuda_stream`), not the legacy default stream (handle 1), where CUDA cannot capture. The graph
+        replays on the thread that captured it (onnxruntime keeps CUDA graphs per thread)."""
+        if self._open["cuda_stream"] == LEGACY_STREAM:
+            raise RuntimeModelError("cuda_stream: 1 is CUDA's legacy default stream, where CUDA graphs cannot be "
                                     "captured; pass a stream of your own (torch.cuda.Stream().cuda_stream)")
         try:
             if self._graph_session is None and self.provider == "CUDAExecutionProvider":
                 self._graph_session, _ = _session(self.path, **self._open, cuda_graph=True)
             session = self._graph_session or self.session
-            return buffers.CudaGraph(session, self._open["device_id"], self.signature, value, out)
+            return buffers.CudaGraph(session, self._open["device_id"], self.signature, value, out,
+                                     error=RuntimeModelError)
         except buffers.DeviceBufferError as err:
             raise RuntimeModelError(str(err)) from None
         except ONNXRUNTIME_ERRORS as err:  # e.g. a node the CUDA provider cannot take
