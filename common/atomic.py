@@ -27,11 +27,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and not err.filename:  # a write or fsync fails on the fd: name the target
+            err.filename = str(path)
         raise
     return path
 

@@ -35,8 +35,8 @@ def verify(ref: ShardRef, data: bytes) -> None:
     if ref.sha256 is None or (ref.url, ref.sha256) in _VERIFIED:
         return
     if hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise BadInput(f"shard {ref.url}: sha256 differs from the manifest's (damaged or altered); restore it or "
-                       "re-shard")
+        raise BadInput(f"shard {ref.url}: sha256 differs from the manifest's (damaged or altered); restore it, or "
+                       "shard the source into a fresh folder (a re-run into this one keeps its shards)")
     _VERIFIED.add((ref.url, ref.sha256))
 
 

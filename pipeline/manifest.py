@@ -44,13 +44,38 @@ def read_manifest(shards: str | os.PathLike) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else type(manifest).__name__
         raise BadInput(f"{path}: not a shard manifest (format_version {found!r}, expected {FORMAT_VERSION})")
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list)
-                                               for v in splits.values()):
-        raise BadInput(f"{path}: damaged manifest ('splits' must map each split to its list of 'shards')")
-    if not all(isinstance(rec, dict) for v in splits.values() for rec in v["shards"]):
-        raise BadInput(f"{path}: damaged manifest (a shard record is not an object)")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise BadInput(f"{path}: damaged manifest ({problem}); restore it, or shard into a fresh folder")
     return manifest
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable (a part missing or of the wrong type, a record whose keys disagree with
+    its count), or None: checked once on reading, so neither the writer nor the readers fail on it later."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), dict) for s in SPLITS):
+        return f"'splits' must hold {', '.join(SPLITS)}"
+    for name, kind in (("dataset", str), ("preprocessing", dict), ("source", dict), ("skipped", list)):
+        if not isinstance(manifest.get(name), kind):
+            return f"{name!r} must be a {kind.__name__}"
+    if not all(isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("reason"), str)
+               for r in manifest["skipped"]):
+        return "each 'skipped' entry needs a 'key' and a 'reason'"
+    for split in SPLITS:
+        records = splits[split].get("shards")
+        if not isinstance(records, list) or not all(isinstance(rec, dict) for rec in records):
+            return f"split {split}: 'shards' must be a list of shard records"
+        for rec in records:
+            count, keys = rec.get("count"), rec.get("keys")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                return f"shard {rec.get('name')!r}: count {count!r}"
+            if not isinstance(keys, list) or len(keys) != count or not all(isinstance(k, str) for k in keys):
+                return f"shard {rec.get('name')!r}: its 'keys' must list its {count} images"
+        total = splits[split].get("count")
+        if total != sum(rec["count"] for rec in records):
+            return f"split {split}: count {total!r}, its shards hold {sum(rec['count'] for rec in records)}"
+    return None
 
 
 def load_manifest(shards: str) -> dict:

@@ -8,10 +8,11 @@ A smaller image than the crop is cropped to its largest centred square; below `s
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 Image.MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs with a clear skip reason
 
@@ -26,10 +27,12 @@ class SkipImage(Exception):
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.int64)
-        peak = 65535 if arr.max(initial=0) > 255 else 255
-        arr = np.clip(arr * 255 // peak, 0, 255).astype(np.uint8)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16 bits by their format, whatever their values
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "I":  # 32-bit integers: 16-bit data when any value passes 255
+        arr = np.asarray(img)
+        high = arr.max(initial=0) > 255
+        arr = np.clip(arr >> 8 if high else arr, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -57,10 +60,11 @@ def preprocess(data: bytes, crop: int, size: int) -> np.ndarray:
         raise SkipImage(f"too large: {err}") from None
     except Exception as err:  # PIL raises many types for bad data
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", reason)  # the same on every run
         raise SkipImage(f"not a readable image: {reason}") from None
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    img = _to_rgb(img)
+    img = _to_rgb(ImageOps.exif_transpose(img))  # upright as a viewer shows it (an EXIF orientation tag)
     width, height = img.size
     side = min(crop, width, height) if crop > 0 else min(width, height)
     if side < size:

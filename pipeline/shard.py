@@ -5,7 +5,9 @@ Deterministic (shard contents depend on the source and settings only, not on the
 (each shard and the manifest are written whole under a temporary name and renamed, or as one object on object
 storage; the manifest after the shards it names), idempotent (a source whose fingerprint matches the manifest
 does no work) and incremental (images not yet in the manifest land in new shards, existing shards untouched).
-Every input that cannot be used is recorded in `skipped`.
+Every input that cannot be used is recorded in `skipped`, and tried again by the next run that has work to do
+(a file replaced by a good one is then sharded); a read error (`unreadable`, possibly passing) leaves the
+manifest unmatched to the source, so the next run tries again.
 
 Killed at any moment (SIGKILL), a re-run removes the temporary files the killed run left, keeps the shards the
 manifest names, rewrites (identically) any shard written after the last manifest update, and ends with the
@@ -34,7 +36,7 @@ from common.errors import BadInput
 from pipeline.manifest import MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest, shard_name, write_manifest
 from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
 from pipeline.records import sample_members
-from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
+from pipeline.sources import LISTING_REASONS, MAX_IMAGE_BYTES, Entry, Listing, Source, open_source
 
 MANIFEST_EVERY_S = 10.0
 
@@ -47,6 +49,8 @@ def _init_worker(source: Source, crop: int, size: int) -> None:
 
 
 def _process(entry: Entry) -> tuple[Entry, object]:
+    if entry.size > MAX_IMAGE_BYTES:
+        return entry, f"too large: {entry.size} bytes (at most {MAX_IMAGE_BYTES} are read)"
     try:
         data = _WORKER["source"].read(entry.name)
         return entry, preprocess(data, _WORKER["crop"], _WORKER["size"])
@@ -119,8 +123,8 @@ def remove_stale_temps(out: str, dataset: str) -> list[str]:
 @dataclass
 class Plan:
     """What one `shard` run will do: the source and its listing, the manifest as it stands, and per split the
-    images not sharded yet (`todo`); `failed` holds the images that could not be used, kept while they stay in
-    the source."""
+    images not sharded yet (`todo`, with those that failed before: tried again); `failed` holds the images that
+    could not be used, kept while they stay in the source and fail."""
     src: Source
     out: str
     dataset: str
@@ -184,7 +188,8 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = DEFA
         bar.close()
         if pool is not None:
             pool.terminate()
-    plan.manifest["source"] = {"path": plan.src.describe(), "fingerprint": plan.fingerprint}
+    passing = any(r["reason"].startswith("unreadable") for r in plan.failed.values())  # a read error: try again
+    plan.manifest["source"] = {"path": plan.src.describe(), "fingerprint": None if passing else plan.fingerprint}
     plan.save_manifest()
     return summarize(plan, started, written, up_to_date=False)
 
@@ -215,12 +220,12 @@ def make_plan(src: Source, out: str, dataset: str, crop: int, size: int, maxcoun
         return plan
     done = {k for s in SPLITS for record in manifest["splits"][s]["shards"] for k in record["keys"]}
     present = set(listing.metadata)  # every key the source holds now
-    # Images that failed preprocessing stay failed while they are in the source; listing problems
-    # (duplicates, images the partition does not name) are derived afresh from the current listing.
+    # Images that failed preprocessing stay recorded while they are in the source, and are tried again (fixed in
+    # place, they are sharded now); listing problems (duplicates, images the partition does not name) are derived
+    # afresh from the current listing.
     plan.failed = {r["key"]: r for r in manifest["skipped"]
                    if not r["reason"].startswith(LISTING_REASONS) and r["key"] in present}
-    plan.todo = {s: [e for e in listing.entries[s] if e.key not in done and e.key not in plan.failed]
-                 for s in SPLITS}
+    plan.todo = {s: [e for e in listing.entries[s] if e.key not in done] for s in SPLITS}
     # Shards are immutable: an image deleted from the source stays in its shard and is listed here.
     manifest["not_in_source"] = sorted(done - present)
     manifest["changed_in_source"] = changed_in_source(manifest, listing)  # kept as first sharded
@@ -239,7 +244,7 @@ def write_split(plan: Plan, split: str, results, bar) -> int:
     written = 0
 
     def flush() -> None:
-        records.append(_write_shard(folder, shard_name(plan.dataset, split, len(records)), pending))
+        records.append(_write_shard(folder, shard_name(plan.dataset, split, next_index(records)), pending))
         plan.manifest["splits"][split]["count"] = sum(r["count"] for r in records)
         pending.clear()
         plan.save_manifest_if_due()
@@ -249,6 +254,7 @@ def write_split(plan: Plan, split: str, results, bar) -> int:
         if isinstance(result, str):
             plan.failed[entry.key] = {"key": entry.key, "reason": result}
             continue
+        plan.failed.pop(entry.key, None)  # failed before, usable now
         meta = {"image_id": entry.key, "split": split, **plan.listing.metadata.get(entry.key, {})}
         pending.append((entry.key, result, meta, entry.size))
         written += 1
@@ -258,6 +264,13 @@ def write_split(plan: Plan, split: str, results, bar) -> int:
         flush()
     plan.save_manifest()
     return written
+
+
+def next_index(records: list[dict]) -> int:
+    """The number of a split's next shard: after the highest the manifest names (never one of its names, even
+    when records were removed from it)."""
+    numbers = [int(m[1]) for r in records if (m := re.search(r"-(\d{6})\.tar$", str(r.get("name", ""))))]
+    return max([len(records) - 1, *numbers]) + 1
 
 
 def summarize(plan: Plan, started: float, written: int, up_to_date: bool) -> dict:

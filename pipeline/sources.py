@@ -13,19 +13,24 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import storage
 from common.errors import BadInput
 from pipeline.manifest import SPLITS
-from pipeline.preprocess import IMAGE_SUFFIXES
+from pipeline.preprocess import IMAGE_SUFFIXES, SkipImage
 
 SPLIT_CODES = {"0": "train", "1": "valid", "2": "test"}
 PARTITION_FILE = "list_eval_partition.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 ATTR_FILE = "list_attr_celeba.txt"
 LISTING_REASONS = ("duplicate key", "not named in")  # skip reasons that come from the listing itself
+MAX_IMAGE_BYTES = 256 * 2**20  # larger files are skipped unread (a zip bomb expands to gigabytes per worker)
+# What reading one zip member raises when that member is damaged: a bad CRC or header, a truncated stream, an
+# encrypted member, a compression method zipfile lacks.
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,9 @@ def _parse_attrs(text: str, where: str) -> dict[str, dict[str, int]]:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != len(names) + 1:
-            raise BadInput(f"{where} line {number}: expected {len(names)} attribute values")
+        if len(parts) != len(names) + 1 or not all(v.lstrip("-").isdigit() for v in parts[1:]):
+            raise BadInput(f"{where} line {number}: expected an image name and {len(names)} integer attribute "
+                           f"values, got {line.strip()[:120]!r}")
         table[Path(parts[0]).stem] = {n: int(v) for n, v in zip(names, parts[1:])}
     return table
 
@@ -181,9 +187,18 @@ class FolderSource(Source):
 
 def _text_if_present(location: str) -> str | None:
     try:
-        return storage.read_bytes(location).decode()
+        return metadata_text(storage.read_bytes(location), location)
     except (FileNotFoundError, IsADirectoryError):
         return None
+
+
+def metadata_text(data: bytes, where: str) -> str:
+    """A metadata file's text: UTF-8, with or without a byte-order mark; anything else is one line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{where}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 4]!r}); save it "
+                       "as UTF-8") from None
 
 
 class ZipSource(Source):
@@ -197,6 +212,10 @@ class ZipSource(Source):
         except zipfile.BadZipFile:
             file.close()
             raise BadInput(f"source {path}: not a valid zip file") from None
+        except UnicodeDecodeError as e:  # a member name flagged UTF-8 that is not
+            file.close()
+            raise BadInput(f"source {path}: a member name is flagged UTF-8 but is not ({e.reason} at byte "
+                           f"{e.start}); re-create the zip") from None
         except ValueError as e:  # fsspec's HTTP file, when the server ignores Range headers
             file.close()
             if "range" not in str(e).lower():
@@ -211,7 +230,11 @@ class ZipSource(Source):
                 and "__MACOSX" not in name]
 
     def read(self, name: str) -> bytes:
-        return self.zip.read(name)
+        try:
+            return self.zip.read(name)
+        except ZIP_MEMBER_ERRORS as err:
+            detail = str(err).splitlines()[0] if str(err) else "no detail"
+            raise SkipImage(f"damaged zip member: {type(err).__name__}: {detail}") from None
 
     def _metadata_text(self, filename: str) -> str | None:
         beside = _text_if_present(storage.join(storage.parent(self.root), filename))
@@ -219,7 +242,11 @@ class ZipSource(Source):
             return beside
         for name in self.infos:
             if Path(name).name == filename:
-                return self.zip.read(name).decode()
+                try:
+                    data = self.zip.read(name)
+                except ZIP_MEMBER_ERRORS as err:
+                    raise BadInput(f"source {self.root}: member {name} is damaged ({type(err).__name__})") from None
+                return metadata_text(data, f"{self.root}:{name}")
         return None
 
     def __getstate__(self):  # worker processes reopen the zip

@@ -220,3 +220,24 @@ def test_resume_accepts_the_keys_that_may_change_and_defaults_of_new_keys(tmp_pa
     assert resume_differences(older, load_config(None, same)) == []
     assert resume_differences(older, load_config(None, [*same, "train.channels_last=true"])) == [
         "train.channels_last False -> True"]
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, capsys):
+    """The write fails on the open temporary file (no name of its own): the error names the target, and the
+    target's previous content and no temporary file remain."""
+    import errno
+    import os
+
+    from common.atomic import atomic_write_bytes
+
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"before")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        atomic_write_bytes(target, b"after")
+    assert caught.value.filename == str(target)
+    assert target.read_bytes() == b"before" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

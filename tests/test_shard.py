@@ -235,3 +235,104 @@ def test_a_second_file_for_a_sharded_key_is_not_taken_for_an_edit(synth_source, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert any(r["key"] == "000005" and r["reason"].startswith("duplicate key") for r in manifest["skipped"])
     assert summary["changed_in_source"] == [] and manifest["changed_in_source"] == []
+
+
+def test_an_image_fixed_after_failing_is_sharded_by_the_next_run(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    face = (np.random.default_rng(1).random((60, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(face).save(src / "good.png")
+    good = (src / "good.png").read_bytes()
+    (src / "broken.png").write_bytes(good[: len(good) // 2])
+    (src / "blank.png").write_bytes(b"")
+    first = shard(src, tmp_path / "out", size=16, progress=False)
+    assert first["written"] == 1 and first["skipped"] == 2
+    Image.fromarray(face[::-1]).save(src / "broken.png")  # replaced by a good image
+    again = shard(src, tmp_path / "out", size=16, progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert again["written"] == 1
+    assert [r["key"] for r in manifest["skipped"]] == ["blank"]  # still empty: still recorded
+    assert {k for s in manifest["splits"].values() for rec in s["shards"] for k in rec["keys"]} == {"good", "broken"}
+    assert shard(src, tmp_path / "out", size=16, progress=False)["up_to_date"]
+
+
+def test_new_shards_never_take_a_name_the_manifest_holds(synth_source, tmp_path):
+    out = tmp_path / "out"
+    shard(synth_source, out, size=16, maxcount=10, progress=False)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    train = manifest["splits"]["train"]
+    dropped = train["shards"].pop(0)  # a record removed by hand: its images are sharded again
+    train["count"] -= dropped["count"]
+    manifest["source"]["fingerprint"] = None
+    manifest_path.write_text(json.dumps(manifest))
+    shard(synth_source, out, size=16, maxcount=10, progress=False)
+    records = json.loads(manifest_path.read_text())["splits"]["train"]["shards"]
+    names = [r["name"] for r in records]
+    assert len(names) == len(set(names)) and dropped["name"] not in names[:-1]
+    for rec in records:  # no shard was overwritten under a record that names it
+        assert hashlib.sha256((out / "train" / rec["name"]).read_bytes()).hexdigest() == rec["sha256"]
+
+
+def _edit(manifest, how):
+    train = manifest["splits"]["train"]
+    if how == "no preprocessing":
+        del manifest["preprocessing"]
+    elif how == "source as text":
+        manifest["source"] = "somewhere"
+    elif how == "no test split":
+        del manifest["splits"]["test"]
+    elif how == "keys shortened":
+        train["shards"][0]["keys"] = train["shards"][0]["keys"][:-5]
+    elif how == "count as text":
+        train["count"] = "x"
+    elif how == "skip without reason":
+        manifest["skipped"] = [{"key": "000001"}]
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("no preprocessing", "'preprocessing' must be a dict"), ("source as text", "'source' must be a dict"),
+    ("no test split", "'splits' must hold train, valid, test"),
+    ("keys shortened", "shard 'celeba-train-000000.tar': its 'keys' must list its 25 images"), ("count as text", "split train: count 'x'"),
+    ("skip without reason", "each 'skipped' entry needs a 'key' and a 'reason'"),
+])
+def test_a_damaged_manifest_is_one_line_for_the_writer_and_the_readers(tiny_shards, synth_source, tmp_path, how,
+                                                                       needle):
+    from common.errors import BadInput
+    from pipeline.loader import train_loader
+
+    out = tmp_path / "shards"
+    shutil.copytree(tiny_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    _edit(manifest, how)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in out.rglob("*"))
+    for act in (lambda: shard(synth_source, out, size=16, maxcount=25, progress=False),
+                lambda: train_loader(str(out), batch_size=4, seed=0)):
+        with pytest.raises(BadInput) as caught:
+            act()
+        assert f"manifest.json: damaged manifest ({needle}" in str(caught.value)
+        assert len(str(caught.value).splitlines()) == 1
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_skip_reasons_are_the_same_on_every_run(tmp_path):
+    for run in ("a", "b"):
+        src = tmp_path / run
+        src.mkdir()
+        (src / "notimage.jpg").write_bytes(b"plain text, not an image")
+        shard(src, tmp_path / f"out-{run}", size=16, progress=False)
+    a, b = ((tmp_path / f"out-{run}" / "manifest.json").read_text() for run in ("a", "b"))
+    assert "0x" not in a and json.loads(a)["skipped"] == json.loads(b)["skipped"]
+
+
+def test_exif_orientation_is_applied_and_16_bit_images_keep_their_scale(tmp_path):
+    img = Image.new("RGB", (100, 80), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 50, 80))  # left half blue
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the blue half on top
+    img.save(tmp_path / "turned.png", exif=exif)
+    out = preprocess((tmp_path / "turned.png").read_bytes(), 0, 16)
+    assert tuple(out[0, 8]) == (0, 0, 255) and tuple(out[-1, 8]) == (255, 0, 0)
+    Image.fromarray(np.full((40, 40), 200, np.uint16)).save(tmp_path / "dark16.png")  # 200/65535: near black
+    assert preprocess((tmp_path / "dark16.png").read_bytes(), 0, 16).max() == 0

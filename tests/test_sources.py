@@ -220,3 +220,57 @@ def test_folder_listing_skips_hidden_files_and_dangling_links(synth_source, tmp_
     listing = open_source(folder).listing()
     keys = sorted(e.key for split in listing.entries.values() for e in split)
     assert keys == sorted(p.stem for p in images)
+
+
+def _flip_member_byte(zip_path, member):
+    """Damage one member's data in place (its CRC no longer matches); the central directory stays intact."""
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(zip_path.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+    data[at] ^= 0xFF
+    zip_path.write_bytes(bytes(data))
+
+
+def test_damaged_or_oversized_zip_members_are_skipped_and_recorded(synth_source, tmp_path, monkeypatch):
+    from pipeline import shard as shard_module
+
+    zip_path = _make_zip(synth_source, tmp_path / "img_align_celeba.zip", with_metadata_inside=True)
+    names = sorted(n for n in zipfile.ZipFile(zip_path).namelist() if n.endswith(".jpg"))
+    _flip_member_byte(zip_path, names[4])
+    big = max(names, key=lambda n: zipfile.ZipFile(zip_path).getinfo(n).file_size)
+    monkeypatch.setattr(shard_module, "MAX_IMAGE_BYTES", zipfile.ZipFile(zip_path).getinfo(big).file_size - 1)
+    summary = shard(zip_path, tmp_path / "out", size=16, progress=False)
+    reasons = {r["key"]: r["reason"] for r in json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]}
+    damaged, large = names[4].split("/")[-1][:-4], big.split("/")[-1][:-4]
+    assert reasons[damaged].startswith("damaged zip member: BadZipFile: Bad CRC-32")
+    assert reasons[large].startswith("too large: ")
+    assert summary["written"] == 120 - len({damaged, large})
+
+
+def test_metadata_with_a_byte_order_mark_loses_no_image(synth_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    partition = source / PARTITION_FILE
+    partition.write_bytes(b"\xef\xbb\xbf" + partition.read_bytes())  # as Windows editors save UTF-8
+    summary = shard(source, tmp_path / "out", size=16, progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary["written"] == 120 and manifest["skipped"] == [] and manifest["partition_missing"] == []
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    (PARTITION_FILE, "000001.jpg 0\n".encode("utf-16"), "list_eval_partition.txt: not UTF-8 text (byte 0"),
+    ("identity_CelebA.txt", b"000001.jpg 12\n000002.jpg caf\xe9\n", "identity_CelebA.txt: not UTF-8 text (byte 28"),
+    ("list_attr_celeba.txt", b"1\nSmiling Young\n000001.jpg 1 x\n",
+     "list_attr_celeba.txt line 3: expected an image name and 2 integer attribute values, got '000001.jpg 1 x'"),
+])
+def test_unreadable_metadata_is_one_line_naming_the_file(synth_source, tmp_path, name, content, needle):
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    (source / name).write_bytes(content)
+    with pytest.raises(BadInput) as caught:
+        shard(source, tmp_path / "out", size=16, progress=False)
+    assert needle in str(caught.value) and len(str(caught.value).splitlines()) == 1
+    assert not (tmp_path / "out" / "manifest.json").exists()
