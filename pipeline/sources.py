@@ -58,14 +58,17 @@ def hash_split(key: str) -> str:
 
 
 def _parse_partition(text: str, where: str) -> dict[str, str]:
-    table = {}
+    table, lines = {}, {}
     for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2 or parts[1] not in SPLIT_CODES:
             raise BadInput(f"{where} line {number}: expected '<image> <0|1|2>', got {line.strip()!r}")
-        table[Path(parts[0]).stem] = SPLIT_CODES[parts[1]]
+        key, split = Path(parts[0]).stem, SPLIT_CODES[parts[1]]
+        if table.get(key, split) != split:
+            raise BadInput(f"{where} line {number}: puts {parts[0]} in {split}, line {lines[key]} in {table[key]}")
+        table[key], lines[key] = split, lines.get(key, number)
     return table
 
 
@@ -120,6 +123,8 @@ class Source:
         identity = _parse_identity(identity_text) if identity_text is not None else {}
         attr_text = self._metadata_text(ATTR_FILE)
         attrs = _parse_attrs(attr_text, ATTR_FILE) if attr_text is not None else {}
+        if not files:  # e.g. a shard folder given as the source
+            raise BadInput(f"source {self.describe()}: holds no image files ({', '.join(IMAGE_SUFFIXES)})")
 
         entries: dict[str, list[Entry]] = {s: [] for s in SPLITS}
         skipped: list[dict] = []

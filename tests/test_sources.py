@@ -81,6 +81,13 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     (tmp_path / "src" / PARTITION_FILE).write_text("000001.jpg 7\n")
     with pytest.raises(BadInput, match=f"{PARTITION_FILE} line 1"):
         open_source(tmp_path / "src").listing()
+    (tmp_path / "src" / PARTITION_FILE).write_text("000001.jpg 0\n000002.jpg 1\n000001.jpg 0\n000002.jpg 2\n")
+    with pytest.raises(BadInput, match=f"{PARTITION_FILE} line 4: puts 000002.jpg in test, line 2 in valid"):
+        open_source(tmp_path / "src").listing()
+    (tmp_path / "src" / PARTITION_FILE).unlink()
+    (tmp_path / "src" / "readme.txt").write_text("no images here")
+    with pytest.raises(BadInput, match=r"src: holds no image files \(.jpg, "):
+        open_source(tmp_path / "src").listing()
 
 
 def _serve(root, ranges: bool):
