@@ -37,10 +37,18 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return os.path.join(local_path(base), *parts)
 
 
+HTTP_CONNECT_S, HTTP_READ_S = 30, 120  # a server that stops answering fails rather than hanging a reader
+
+
 def filesystem(location: str):
-    """(fsspec file system, path inside it) of a URL."""
+    """(fsspec file system, path inside it) of a URL; over HTTP with connect and read timeouts."""
     from fsspec.core import url_to_fs
 
+    if location.split("://", 1)[0].lower() in ("http", "https"):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_CONNECT_S, sock_read=HTTP_READ_S)
+        return url_to_fs(location, client_kwargs={"timeout": timeout})
     return url_to_fs(location)
 
 

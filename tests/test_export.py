@@ -211,11 +211,18 @@ def test_reexport_switches_the_whole_folder_and_drops_a_stale_fp16_decoder(train
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
-    assert out.is_symlink() and out.resolve() != first and not first.exists()  # switched whole, old one removed
+    # switched whole; the replaced export stays for readers that resolved the link before the switch ...
+    assert out.is_symlink() and out.resolve() != first and (first / "decoder.onnx").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "decoder.onnx", "encoder.onnx", "metrics.json",
                                                      "model.json", "samples.png"]
     assert "EMA weights" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.export.lock", out.resolve().name, "model"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.export.lock", out.resolve().name, "model",
+                                                                 first.name])
+    second = out.resolve()
+    assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0  # ... until the next export
+    assert not first.exists() and second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".model.export.lock", out.resolve().name, "model",
+                                                                 second.name])
 
 
 def test_export_refuses_a_real_folder_that_holds_files(trained_run, tmp_path, capsys):

@@ -5,6 +5,7 @@ and `vae sample` / `vae encode` given a registry."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -130,3 +131,121 @@ def test_a_champion_of_an_older_registry_loads_with_a_warning(exported, tmp_path
     assert champion.decoder().sample(1, seed=0).shape == (1, 3, 16, 16)
     with pytest.raises(RuntimeModelError, match="has no decoder.int8.onnx"):
         champion.graph("decoder", "int8")
+
+
+def _memory_registry(out, name: str) -> str:
+    registry = f"memory://{name}"
+    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "encoder.onnx", "model.json")})
+    reg.promote(registry, "v1", evidence(5.0))
+    return registry
+
+
+def test_names_in_records_never_reach_outside_the_registry_or_the_cache(exported, tmp_path):
+    from common import storage
+
+    out, _ = exported
+    registry = tmp_path / "registry"
+    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "model.json")})
+    reg.promote(registry, "v1", evidence(5.0))
+    champion_json = registry / "train-vae" / "champion.json"
+    record = json.loads(champion_json.read_text())
+    for version in ("../../../escaped", "/etc", "a/b"):
+        champion_json.write_text(json.dumps({**record, "version": version}))
+        with pytest.raises(RuntimeModelError) as caught:
+            Champion(registry, cache_dir=tmp_path / "cache")
+        assert f"version {version!r} is not a plain name" in str(caught.value)
+    remote = _memory_registry(out, "names")
+    record_url = storage.join(reg.version_dir(remote, "v1"), reg.VERSION_RECORD)
+    listed = json.loads(storage.read_bytes(record_url))
+    listed["files"]["../../../outside.txt"] = listed["files"]["model.json"]
+    storage.write_bytes_atomic(record_url, json.dumps(listed).encode())
+    with pytest.raises(RuntimeModelError, match=r"file '\.\./\.\./\.\./outside.txt' is not a plain name"):
+        Champion(remote, cache_dir=tmp_path / "cache")
+    with pytest.raises(reg.RegistryError, match="file '../x' is not a plain name"):
+        reg.register(registry, "v2", {"../x": out / "model.json"})
+    assert not (tmp_path / "outside.txt").exists() and not (registry / "x").exists()
+
+
+def test_a_failing_http_registry_is_one_line(tmp_path):
+    import http.server
+    import threading
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(500)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeModelError) as caught:
+            Champion(f"http://127.0.0.1:{server.server_port}/registry", cache_dir=tmp_path / "cache")
+    finally:
+        server.shutdown()
+    message = str(caught.value)
+    assert "cannot read the champion (" in message and "500" in message and len(message.splitlines()) == 1
+
+
+def test_an_unwritable_cache_is_one_line(exported, tmp_path):
+    out, _ = exported
+    registry = _memory_registry(out, "cache")
+    (tmp_path / "a-file").write_text("not a folder")
+    champion = Champion(registry, cache_dir=tmp_path / "a-file" / "cache")
+    with pytest.raises(RuntimeModelError, match=r"cache .*a-file.*: cannot write .*decoder.onnx .*cache_dir"):
+        champion.decoder()
+
+
+def test_a_damaged_record_of_an_older_registry_is_one_line(exported, tmp_path):
+    out, _ = exported
+    folder = tmp_path / "registry" / "train-vae" / "versions" / "old"
+    shutil.copytree(out.resolve(), folder)
+    (folder.parents[1] / "champion.json").write_text(json.dumps({"version": "old", "nll_bpd": 5.0}))
+    for damaged, needle in (("{", "not valid JSON"), ('{"version": "old"}', "not a version record (no 'files')")):
+        (folder / "version.json").write_text(damaged)
+        with pytest.raises(RuntimeModelError, match=f"cannot read the record of champion old .*{re.escape(needle)}"):
+            Champion(tmp_path / "registry")
+
+
+def test_a_version_record_written_by_hand_is_pinned_as_written(exported, tmp_path):
+    """The champion pins the record's bytes as stored, which the runtime hashes, whatever their formatting."""
+    out, _ = exported
+    registry = tmp_path / "registry"
+    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "model.json")})
+    record = registry / "train-vae" / "versions" / "v1" / "version.json"
+    record.write_text(json.dumps(json.loads(record.read_text())))  # compact, as another tool writes it
+    reg.promote(registry, "v1", evidence(5.0))
+    assert Champion(registry).decoder().sample(1, seed=0).shape == (1, 3, 16, 16)
+
+
+def _register_same_version(registry, files, barrier, errors):
+    barrier.wait()
+    try:
+        reg.register(registry, "v1", files)
+    except Exception as err:  # noqa: BLE001 - the test reports whatever escapes
+        errors.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_registrations_of_one_version_at_once_both_succeed(exported, tmp_path):
+    """A zombie task and its retry register the same version: they take turns, and one publishes it whole."""
+    import multiprocessing
+
+    out, _ = exported
+    files = {n: out.resolve() / n for n in ("decoder.onnx", "encoder.onnx", "model.json")}
+    context = multiprocessing.get_context("fork")
+    for trial in range(4):
+        registry = tmp_path / f"registry-{trial}"
+        barrier, errors = context.Barrier(2), context.Queue()
+        procs = [context.Process(target=_register_same_version, args=(registry, files, barrier, errors))
+                 for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert errors.empty(), errors.get()
+        assert reg.list_versions(registry) == ["v1"]
+        assert not [p for p in (registry / "train-vae" / "versions").iterdir() if p.name.startswith(".")]

@@ -4,9 +4,11 @@
 
 A new export is built in a fresh sibling (`.OUT.export-*`), then a new link is renamed over `OUT` in one step,
 so a reader that opens `OUT/decoder.onnx` sees the old export or the new one, never a mix; a rename cannot
-replace a non-empty folder, a link can. Exports into one `OUT` take turns (a lock file beside it), and each one
-first removes the folders and links a killed export left behind. A real, non-empty folder at `OUT` (not a
-link) is refused rather than overwritten.
+replace a non-empty folder, a link can. The export a switch replaces stays until the next export into `OUT`
+begins, so a reader that resolved the link just before the switch still loads the files it resolved. Exports
+into one `OUT` take turns (a lock file beside it), and each one first removes the folders and links that
+earlier exports (finished or killed) left behind. A real, non-empty folder at `OUT` (not a link) is refused
+rather than overwritten.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def check_out(out: Path) -> None:
 
 
 def remove_leftovers(out: Path) -> list[Path]:
-    """Delete staging folders and links of killed exports into `out` (never the folder it links to)."""
+    """Delete the exports `out` no longer links to (the one the last switch replaced, staging folders of killed
+    exports) and stray links (never the folder `out` links to)."""
     live = os.readlink(out) if out.is_symlink() else None
     removed = []
     if not out.parent.is_dir():
@@ -84,12 +87,9 @@ def publishing(out: Path):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        previous = os.readlink(out) if out.is_symlink() else None
         if out.is_dir() and not out.is_symlink():
             out.rmdir()  # empty (check_out): a folder made for this export, e.g. by an earlier tool
         link = out.parent / f"{_link_prefix(out)}{uuid.uuid4().hex[:8]}"
         os.symlink(staging.name, link)  # relative: the pair can move together
         os.replace(link, out)
-        _fsync_dir(out.parent)
-        if previous and previous.startswith(_stage_prefix(out)) and "/" not in previous:
-            shutil.rmtree(out.parent / previous, ignore_errors=True)
+        _fsync_dir(out.parent)  # the replaced export stays for readers that resolved it: removed by the next one

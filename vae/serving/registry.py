@@ -21,12 +21,14 @@ schemes can be read but not promoted into.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -45,10 +47,19 @@ COMPARABLE_KEYS = ("split", "split_fingerprint", "k", "image_size")
 EVIDENCE_KEYS = (*COMPARABLE_KEYS, "nll_bpd", "elbo_bpd", "n_images", "shards", "config_hash",
                  "weights_sha256", "model_step")
 MAX_ROUNDS = 20
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")  # a version or a file in it: never a path
 
 
 class RegistryError(VaeError):
     """The registry cannot be read or written as asked; the message names it."""
+
+
+def plain_name(kind: str, name, where: str) -> str:
+    """`name` when it names one entry (letters, digits, and `._@+-` after the first, no `..`): a version or a file
+    name read from a record can never point outside its folder or the app's cache."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise RegistryError(f"{where}: {kind} {name!r} is not a plain name (letters, digits and . _ @ + -, no path)")
+    return name
 
 
 def project_dir(registry: str | os.PathLike) -> str:
@@ -61,6 +72,7 @@ def version_path(version: str) -> str:
 
 
 def version_dir(registry: str | os.PathLike, version: str) -> str:
+    plain_name("version", version, f"registry {registry}")
     return storage.join(registry, *version_path(version).split("/"))
 
 
@@ -81,33 +93,72 @@ def _record_bytes(record: dict) -> bytes:
 
 
 def read_version_record(registry: str | os.PathLike, version: str) -> dict | None:
+    return read_version_record_bytes(registry, version)[0]
+
+
+def read_version_record_bytes(registry: str | os.PathLike, version: str) -> tuple[dict | None, bytes | None]:
+    """A version's record and its bytes as stored (what a champion record pins), or (None, None)."""
+    where = storage.join(version_dir(registry, version), VERSION_RECORD)
     try:
-        return json.loads(storage.read_bytes(storage.join(version_dir(registry, version), VERSION_RECORD)))
+        raw = storage.read_bytes(where)
     except FileNotFoundError:
-        return None
+        return None, None
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RegistryError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise RegistryError(f"{where}: not a version record (no 'files')")
+    for name in record["files"]:
+        plain_name("file", name, where)
+    return record, raw
 
 
 def register(registry: str | os.PathLike, version: str, files: dict[str, str | os.PathLike]) -> str:
     """Publish `files` ({name in the version: local source path}) as an immutable version; returns its location.
 
-    A retried registration of the same files returns the existing version; other files are refused."""
+    A retried registration of the same files returns the existing version; other files are refused. On a local
+    disk registrations take turns (a lock file), so two of one version at once end with one published whole."""
+    for name in files:
+        plain_name("file", name, f"registry version {version}")
     hashes = {name: sha256_file(src) for name, src in sorted(files.items())}
     record = {"version": version, "files": hashes}
     target = version_dir(registry, version)
-    held = read_version_record(registry, version)
-    if held is not None:
-        if held.get("files") != hashes:
-            raise RegistryError(f"registry version {target} already holds {sorted(held.get('files', {}))} "
-                                f"with other contents than {sorted(hashes)}: versions are immutable")
-        return target
     if storage.is_url(registry):
-        for name, src in files.items():
-            storage.put_file(src, storage.join(target, name))
-        storage.write_bytes_atomic(storage.join(target, VERSION_RECORD), _record_bytes(record))
+        if not _already_published(registry, version, hashes, target):
+            for name, src in files.items():
+                storage.put_file(src, storage.join(target, name))
+            storage.write_bytes_atomic(storage.join(target, VERSION_RECORD), _record_bytes(record))
         return target
-    target_path = Path(target)
+    with _version_lock(registry):
+        if not _already_published(registry, version, hashes, target):
+            _stage_and_rename(Path(target), version, files, record)
+    return target
+
+
+def _already_published(registry, version: str, hashes: dict, target: str) -> bool:
+    held = read_version_record(registry, version)
+    if held is not None and held.get("files") != hashes:
+        raise RegistryError(f"registry version {target} already holds {sorted(held.get('files', {}))} "
+                            f"with other contents than {sorted(hashes)}: versions are immutable")
+    return held is not None
+
+
+@contextlib.contextmanager
+def _version_lock(registry: str | os.PathLike):
+    import fcntl
+
+    folder = Path(project_dir(registry))  # beside .champion.lock: the versions folder holds versions only
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".register.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        yield
+
+
+def _stage_and_rename(target_path: Path, version: str, files: dict, record: dict) -> None:
+    """The version folder staged under a temporary name and renamed into place (under the registration lock)."""
     if target_path.exists():  # a folder without a record is not something this module writes
-        raise RegistryError(f"registry version {target} exists without {VERSION_RECORD}; remove it")
+        raise RegistryError(f"registry version {target_path} exists without {VERSION_RECORD}; remove it")
     target_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in target_path.parent.glob(f".{version}.*"):  # a registration of this version that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -119,7 +170,6 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
         (staging / VERSION_RECORD).write_bytes(_record_bytes(record))
         fsync_tree(staging)
         staging.rename(target_path)
-    return target
 
 
 def list_versions(registry: str | os.PathLike) -> list[str]:
@@ -279,6 +329,7 @@ def _parse(data: bytes, where) -> dict:
         raise RegistryError(f"{where}: not valid JSON ({err})") from None
     if not isinstance(record, dict) or "version" not in record:
         raise RegistryError(f"{where}: not a champion record (no 'version')")
+    plain_name("version", record["version"], str(where))
     return record
 
 
@@ -326,11 +377,11 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
     """
     evidence = evidence_of(metrics)
     store = store or champion_store(registry)
-    record = read_version_record(registry, version)
+    record, raw = read_version_record_bytes(registry, version)
     if record is None:
         raise RegistryError(f"registry version {version_dir(registry, version)}: not published (no "
                             f"{VERSION_RECORD}); register it first")
-    record_sha = hashlib.sha256(_record_bytes(record)).hexdigest()
+    record_sha = hashlib.sha256(raw).hexdigest()  # the bytes the runtime will hash, however they were written
     for _ in range(MAX_ROUNDS):
         current, token = store.read()
         if current is not None and current.get("version") == version:

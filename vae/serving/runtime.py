@@ -385,6 +385,12 @@ def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
     return (1 - t) * a[None] + t * b[None]
 
 
+def _reason(err: Exception) -> str:
+    """One line for an error from a store or a record: its type and first line."""
+    text = str(err).splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def default_cache_dir() -> str:
     """Where remote champions are cached: `$VAE_RUNTIME_CACHE`, else `~/.cache/vae-runtime`."""
     return os.environ.get("VAE_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vae-runtime")
@@ -415,8 +421,8 @@ class Champion:
     def _read_record(self) -> dict:
         try:
             record = reg.read_champion(self.registry)
-        except (OSError, reg.RegistryError) as err:
-            raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({err})") from None
+        except Exception as err:  # noqa: BLE001 - any store's client error (HTTP status, S3 endpoint, timeout)
+            raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({_reason(err)})") from None
         if record is None:
             raise RuntimeModelError(f"registry {self.registry}: no champion yet "
                                     f"({reg.PROJECT}/{reg.CHAMPION} not found)")
@@ -426,12 +432,14 @@ class Champion:
         version = record["version"]
         pinned = record.get("record_sha256")
         try:
-            raw = storage.read_bytes(
-                storage.join(reg.version_dir(self.registry, version), reg.VERSION_RECORD))
-        except FileNotFoundError:
+            parsed, raw = reg.read_version_record_bytes(self.registry, version)
+        except Exception as err:  # noqa: BLE001 - a damaged record, or any store's client error
+            raise RuntimeModelError(f"registry {self.registry}: cannot read the record of champion {version} "
+                                    f"({_reason(err)})") from None
+        if parsed is None:
             if pinned is not None:
                 raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
-                                        f"{reg.VERSION_RECORD} (not published whole)") from None
+                                        f"{reg.VERSION_RECORD} (not published whole, or removed)")
             warnings.warn(f"registry {self.registry}: champion {version} is from a registry without version "
                           "records; its files are not verified", RuntimeWarning, stacklevel=3)
             self.record, self.files = record, None
@@ -442,7 +450,7 @@ class Champion:
         elif hashlib.sha256(raw).hexdigest() != pinned:
             raise RuntimeModelError(f"registry {self.registry}: {reg.VERSION_RECORD} of {version} differs "
                                     "from the one the champion record pins")
-        self.record, self.files = record, json.loads(raw)["files"]
+        self.record, self.files = record, parsed["files"]
 
     def graph(self, kind: str, precision: str | None = None) -> str:
         """A local, sha256-verified copy (or the registry's own file) of one graph of the champion."""
@@ -454,6 +462,10 @@ class Champion:
 
     def file(self, name: str) -> str:
         """A local copy of one file of the champion, verified against its version record (when it has one)."""
+        try:
+            reg.plain_name("file", name, f"registry {self.registry}")
+        except reg.RegistryError as err:
+            raise RuntimeModelError(str(err)) from None
         want = self.files.get(name) if self.files is not None else None
         if want is None and self.files is not None:
             raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name}")
@@ -465,18 +477,22 @@ class Champion:
             if want is not None and sha256_file(path) != want:
                 raise RuntimeModelError(f"model {path}: sha256 differs from the registry's version record")
             return path
-        path = self.cache / self.version / name
+        path = self.cache / self.version / name  # both plain names (checked when read): inside the cache
         if want is not None and path.is_file() and sha256_file(path) == want:
             return str(path)
         try:
             data = storage.read_bytes(source)
-        except OSError as err:
-            raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} ({err})") \
-                from None
+        except Exception as err:  # noqa: BLE001 - any store's client error (HTTP status, S3 endpoint, timeout)
+            raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} "
+                                    f"({_reason(err)})") from None
         if want is not None and hashlib.sha256(data).hexdigest() != want:
             raise RuntimeModelError(f"registry {self.registry}: {name} of {self.version} differs from its "
                                     "version record (damaged or replaced)")
-        atomic_write_bytes(path, data)
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as err:
+            raise RuntimeModelError(f"cache {self.cache}: cannot write {path} ({err.strerror or err}); give "
+                                    "Champion(cache_dir=...) or $VAE_RUNTIME_CACHE a writable folder") from None
         return str(path)
 
     def refresh(self) -> bool:
