@@ -173,7 +173,8 @@ def test_an_empty_or_foreign_ortvalue_is_refused_naming_it(exported):
     scoped = other.session.create_ortvalue_from_shape_and_type([2, 3, s, s], np.float32, "cpu", 0)
     with pytest.raises(RuntimeModelError) as caught:
         decoder.decode_on_device(codes(2, d), out=scoped)
-    assert str(caught.value).startswith("out: onnxruntime cannot bind it (") and "ortvalue_from_numpy" in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith("out: onnxruntime cannot bind it (") and "ortvalue_from_numpy" in message
 
 
 def test_cuda_graphs_need_the_cuda_provider(exported):

@@ -293,7 +293,8 @@ def _edit(manifest, how):
 @pytest.mark.parametrize("how, needle", [
     ("no preprocessing", "'preprocessing' must be a dict"), ("source as text", "'source' must be a dict"),
     ("no test split", "'splits' must hold train, valid, test"),
-    ("keys shortened", "shard 'celeba-train-000000.tar': its 'keys' must list its 25 images"), ("count as text", "split train: count 'x'"),
+    ("keys shortened", "shard 'celeba-train-000000.tar': its 'keys' must list its 25 images"),
+    ("count as text", "split train: count 'x'"),
     ("skip without reason", "each 'skipped' entry needs a 'key' and a 'reason'"),
 ])
 def test_a_damaged_manifest_is_one_line_for_the_writer_and_the_readers(tiny_shards, synth_source, tmp_path, how,

@@ -8,12 +8,12 @@ channels-last interleave of them (`phase_decomposed`); the float32 results agree
 onnxruntime's CPU provider has no bf16 convolution or matrix-product kernels (a bf16 `Conv` or `MatMul`
 does not load), so no bf16 graph is offered.
 
-Calibration (activation ranges): codes of real held-out images (the encoder's mu) and draws from the prior for
-the decoder, the images themselves for the encoder. Validation, on other draws and other held-out images: the
-decoder on 64 prior draws and 64 codes of held-out images (each set within the budget), the encoder on 64
-held-out images seen through the float32 decoder (its codes decoded, so the budget is in pixels). Each graph meets BUDGET (agreement with the
-float32 graph) or else FIDELITY_BUDGET (held-out images reconstructed nearly as well as by the float32 graphs),
-else the export fails and nothing is written; the report says which.
+Calibration (activation ranges): codes of real held-out images (the encoder's mu) and draws from the prior for the
+decoder, the images themselves for the encoder. Validation, on other draws and other held-out images: the decoder
+on 64 prior draws and 64 codes of held-out images (each set within the budget), the encoder on 64 held-out images
+seen through the float32 decoder (its codes decoded, so the budget is in pixels). Each graph meets BUDGET
+(agreement with the float32 graph) or else FIDELITY_BUDGET (held-out images reconstructed nearly as well as by the
+float32 graphs), else the export fails and nothing is written; the report says which.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from torch import nn
 PRECISIONS = ("int8",)
 BUDGET = {"mean_abs": 1 / 255, "max_abs": 8 / 255}  # agreement with the float32 graphs, on decoded images in [0, 1]
 # The stated budget for a graph that misses BUDGET, as 8-bit activations through a trained decoder do by a little
-# (the models in docs/onnx.md): what an app sees of the model is how well it renders faces, so the int8 graph may not reconstruct held-out images with more than 2% more error (mean absolute,
-# against the real images) than the float32 graphs, and must still agree with them within 4/255 on average and
-# 64/255 everywhere (no broken region).
+# (the models in docs/onnx.md): what an app sees of the model is how well it renders faces, so the int8 graph may
+# not reconstruct held-out images with more than 2% more error (mean absolute, against the real images) than the
+# float32 graphs, and must still agree with them within 4/255 on average and 64/255 everywhere (no broken region).
 FIDELITY_BUDGET = {"recon_increase": 0.02, "mean_abs": 4 / 255, "max_abs": 64 / 255}
 
 
