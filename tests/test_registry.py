@@ -223,3 +223,49 @@ def test_a_killed_registration_leaves_no_staging_folder_behind_the_retry(tmp_pat
     (versions / ".v1.abc123" / "v1").mkdir(parents=True)  # what a SIGKILLed copy leaves
     publish(tmp_path, "v1", tmp_path)
     assert sorted(p.name for p in versions.iterdir()) == ["v1"]
+
+
+def publish_with_metrics(registry, version: str, nll: float, tmp_path: Path) -> dict:
+    metrics = {**evidence(nll, weights=version), "run": f"runs/{version}"}
+    (tmp_path / f"{version}.metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / f"{version}.onnx").write_bytes(version.encode())
+    reg.register(registry, version, {"decoder.onnx": tmp_path / f"{version}.onnx",
+                                     "metrics.json": tmp_path / f"{version}.metrics.json"})
+    return metrics
+
+
+def test_an_operator_rolls_the_champion_back_and_the_bad_version_never_returns(tmp_path):
+    registry = tmp_path / "registry"
+    good = publish_with_metrics(registry, "v1", 5.0, tmp_path)
+    bad = publish_with_metrics(registry, "v2", 4.0, tmp_path)  # a better score, yet it renders badly
+    reg.promote(registry, "v1", good)
+    assert reg.promote(registry, "v2", bad)["promoted"]
+    outcome = reg.rollback(registry, "v1", "v2 draws grey faces")
+    champion = reg.read_champion(registry)
+    assert champion == outcome["champion"] and outcome["previous"]["version"] == "v2"
+    assert champion["version"] == "v1" and champion["rolled_back"] == ["v2"]
+    assert champion["rollback"] == {"reason": "v2 draws grey faces", "from": "v2"}
+    assert champion["evidence"] == reg.evidence_of(good) and champion["run"] == "runs/v1"  # its own evidence
+    again = reg.promote(registry, "v2", bad)  # e.g. a retried flow run
+    assert not again["promoted"] and "rolled back by an operator (v2 draws grey faces)" in again["reason"]
+    later = publish_with_metrics(registry, "v3", 4.5, tmp_path)  # a new version is judged as usual
+    assert reg.promote(registry, "v3", later)["promoted"]
+    assert reg.read_champion(registry)["version"] == "v3" and reg.read_champion(registry)["rolled_back"] == ["v2"]
+    assert not reg.promote(registry, "v2", bad)["promoted"]  # retired for good, whoever is champion
+
+
+def test_a_rollback_needs_a_published_version_and_a_reason(tmp_path, capsys):
+    from vae.cli import main
+
+    registry = tmp_path / "registry"
+    publish_with_metrics(registry, "v1", 5.0, tmp_path)
+    with pytest.raises(reg.RegistryError, match="say why"):
+        reg.rollback(registry, "v1", "  ")
+    assert main(["registry", "rollback", str(registry), "--to", "v9", "--reason", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "v9: not published" in err and "published versions: v1" in err
+    metrics = registry / "train-vae" / "versions" / "v1" / "metrics.json"
+    metrics.write_text("{}")
+    assert main(["registry", "rollback", str(registry), "--to", "v1", "--reason", "x"]) == 2
+    assert "metrics.json: sha256 differs from the version record" in capsys.readouterr().err
+    assert reg.read_champion(registry) is None  # nothing changed

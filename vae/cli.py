@@ -266,6 +266,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_registry_rollback(args) -> int:
+    from vae.serving import registry as reg
+
+    try:
+        outcome = reg.rollback(args.registry, args.version, args.reason)
+    except reg.RegistryError as err:  # an unpublished version, no reason, a damaged record: the operator's input
+        raise BadInput(str(err)) from None
+    previous = outcome["previous"]["version"] if outcome["previous"] else "none"
+    print(f"registry {args.registry}: champion {args.version} (was {previous}); never promoted again: "
+          f"{', '.join(outcome['champion']['rolled_back']) or 'none'}")
+    return 0
+
+
 def cmd_config_show(args) -> int:
     import yaml
 
@@ -294,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a run folder, a model folder or a registry holds (JSON)")
     p.add_argument("path", help="a run folder, a model folder, or a registry (local path or URL)")
     p.set_defaults(func=cmd_info)
+
+    registry = sub.add_parser("registry", help="the model registry's champion").add_subparsers(
+        dest="registry_command", required=True)
+    p = registry.add_parser("rollback", help="make a published version the champion again (an operator's decision, "
+                                             "kept with its reason); the versions it replaces are never promoted again")
+    p.add_argument("registry", help="the registry (local path or URL)")
+    p.add_argument("--to", required=True, dest="version", help="a published version (vae info REGISTRY lists them)")
+    p.add_argument("--reason", required=True, help="why, kept in champion.json")
+    p.set_defaults(func=cmd_registry_rollback)
 
     config = sub.add_parser("config", help="the configuration").add_subparsers(dest="config_command",
                                                                                  required=True)

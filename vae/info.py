@@ -73,6 +73,8 @@ def describe_registry(location: str) -> dict:
     from vae.serving import registry as reg
 
     champion = reg.read_champion(location)
-    return {"kind": "registry", "path": location, "versions": reg.list_versions(location),
-            "champion": None if champion is None else {
-                k: champion.get(k) for k in ("version", "path", "nll_bpd", "split", "k", "promoted_at", "run")}}
+    shown = ("version", "path", "nll_bpd", "split", "k", "promoted_at", "run")
+    if champion is not None:  # an operator's rollback, when there was one: its reason and the versions it retired
+        champion = {**{k: champion.get(k) for k in shown},
+                    **{k: champion[k] for k in ("rollback", "rolled_back") if k in champion}}
+    return {"kind": "registry", "path": location, "versions": reg.list_versions(location), "champion": champion}

@@ -386,6 +386,10 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
         current, token = store.read()
         if current is not None and current.get("version") == version:
             return {"promoted": True, "reason": "already the champion", "previous": current, "reevaluated": None}
+        if current is not None and version in current.get("rolled_back", []):
+            return {"promoted": False, "previous": current, "reevaluated": None,
+                    "reason": f"{version} was rolled back by an operator ({current.get('rollback', {}).get('reason')})"
+                              "; it is never promoted again"}
         against, reevaluated = champion_evidence(current), None
         if current is not None and not comparable(against, evidence):
             if reevaluate is None:
@@ -409,7 +413,49 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
         new = {"version": version, "path": version_path(version), "record_sha256": record_sha,
                "evidence": evidence, "run": run, **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
                "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if current is not None and current.get("rolled_back"):  # retired by an operator: stays retired
+            new["rolled_back"] = current["rolled_back"]
         if store.swap(token, _record_bytes(new)):
             return {"promoted": True, "reason": reason, "previous": current, "reevaluated": reevaluated}
         # the champion changed while this promoter decided: decide again against the new one
     raise RegistryError(f"registry {registry}: the champion changed {MAX_ROUNDS} times while promoting {version}")
+
+
+def rollback(registry: str | os.PathLike, version: str, reason: str, store=None) -> dict:
+    """Make the published `version` the champion whatever the evidence: an operator's decision (the champion
+    fails in a way its score does not show). The record keeps the reason, and every version rolled back from
+    (`rolled_back`), which promotion never makes champion again; later versions are compared against this one's
+    evidence as usual. Returns {"champion": the new record, "previous": the record it replaced}."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise RegistryError("rollback: say why (--reason): the champion record keeps it")
+    record, raw = read_version_record_bytes(registry, version)
+    if record is None:
+        raise RegistryError(f"registry version {version_dir(registry, version)}: not published (no "
+                            f"{VERSION_RECORD}); published versions: {', '.join(list_versions(registry)) or 'none'}")
+    metrics = _version_metrics(registry, version, record)
+    evidence = evidence_of(metrics)
+    store = store or champion_store(registry)
+    for _ in range(MAX_ROUNDS):
+        current, token = store.read()
+        gone = [] if current is None else [*current.get("rolled_back", []), current["version"]]
+        new = {"version": version, "path": version_path(version), "record_sha256": hashlib.sha256(raw).hexdigest(),
+               "evidence": evidence, "run": metrics.get("run"),
+               **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
+               "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "rollback": {"reason": reason.strip(), "from": current and current["version"]},
+               "rolled_back": sorted(set(gone) - {version})}
+        if store.swap(token, _record_bytes(new)):
+            return {"champion": new, "previous": current}
+    raise RegistryError(f"registry {registry}: the champion changed {MAX_ROUNDS} times during the rollback")
+
+
+def _version_metrics(registry, version: str, record: dict) -> dict:
+    """The version's `metrics.json`, checked against its record (what its evidence and run are read from)."""
+    where = storage.join(version_dir(registry, version), "metrics.json")
+    want = record["files"].get("metrics.json")
+    if want is None:
+        return {}
+    data = storage.read_bytes(where)
+    if hashlib.sha256(data).hexdigest() != want:
+        raise RegistryError(f"{where}: sha256 differs from the version record (damaged or replaced)")
+    return json.loads(data)
