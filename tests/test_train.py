@@ -2,6 +2,7 @@
 non-finite losses are skipped and then stop training with the last good checkpoint intact."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -106,6 +107,30 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path)
         weight.copy_(kept)  # the skipped step left the weights as they were
     assert not step().skipped and state.nonfinite_in_a_row == 0 and state.counters["skipped"] == 1
     assert all(torch.isfinite(p).all() for p in state.raw_model.parameters())
+
+
+def test_an_fp16_overflow_is_the_loss_scalers_to_handle(tiny_shards, tmp_path, monkeypatch):
+    """Under fp16 a gradient past the loss scale goes to the scaler's step (which skips the update and lowers the
+    scale; without it the next unscale fails); it is counted as skipped, not towards max_nonfinite."""
+    state, step = _steps(tiny_config(tmp_path / "fp16", tiny_shards, "train.steps=10", "train.max_nonfinite=2"))
+    stepped = []
+    scaler = type("Scaler", (), {"scale": staticmethod(lambda loss: loss)})()  # what fp16 gives the accelerator
+    monkeypatch.setattr(state.accelerator, "scaler", scaler, raising=False)
+    monkeypatch.setattr(state.accelerator, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    monkeypatch.setattr(state.optimizer, "step", lambda *a, **k: stepped.append(1))
+    for _ in range(3):  # more overflows in a row than max_nonfinite: calibration, not divergence
+        assert step().skipped
+    assert len(stepped) == 3 and state.counters["skipped"] == 3 and state.nonfinite_in_a_row == 0
+
+
+def test_fp16_training_on_a_gpu_runs_through_the_loss_scale_calibration(tiny_shards, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    run = tmp_path / "fp16-gpu"
+    train(tiny_config(run, tiny_shards, "train.steps=40", "train.mixed_precision=fp16", "train.log_every=10"),
+          progress=False)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 40 and math.isfinite(log[-1]["loss"]) and log[-1]["skipped_steps"] < 40
 
 
 def test_a_step_moves_the_weights_the_scheduler_and_the_ema(tiny_shards, tmp_path):

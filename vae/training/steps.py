@@ -90,17 +90,22 @@ def train_step(state: TrainState, batches, noise: torch.Generator, window: Windo
     step = counters["step"]
     beta = beta_at(step, cfg.objective.beta, cfg.objective.kl_warmup_steps)
     finite, loss, terms, first = forward_backward_step(state, batches, noise, beta, window, seen)
-    grad_norm = float("nan")
+    grad_norm, overflow = float("nan"), False
     if finite:
         grad_norm = float(state.accelerator.clip_grad_norm_(state.model.parameters(), cfg.train.grad_clip))
         finite = math.isfinite(grad_norm)
-    if finite:
+        # fp16: gradients past the loss scale are the scaler's to handle. Its step skips the update and lowers the
+        # scale (without that step it never updates, and the next unscale fails); calibrating the scale is not a
+        # sign of divergence, so it does not count towards max_nonfinite.
+        overflow = not finite and getattr(state.accelerator, "scaler", None) is not None
+    if finite or overflow:
         state.optimizer.step()
+    if finite:
         state.nonfinite_in_a_row = 0
         window.add(loss, terms)
     else:
         counters["skipped"] += 1
-        state.nonfinite_in_a_row += 1
+        state.nonfinite_in_a_row += 0 if overflow else 1
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
             raise TrainingError(
                 f"training stopped at step {step}: {state.nonfinite_in_a_row} non-finite losses or gradients in a "
