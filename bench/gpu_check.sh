@@ -4,15 +4,16 @@
 #   2. a timed bf16 training run of configs/celeba64-gpu.yaml on the real CelebA sample, then valid bits/dim;
 #   3. ONNX export with the float16 decoder (validated on CUDA where onnxruntime-gpu is installed), then
 #      bench/gpu_onnx.py: which provider really ran, float16 agreement and speed against PyTorch on the GPU.
-#   4. tests/test_device_buffers.py on the GPU (CUDA tensors bound in place, captured CUDA graphs).
+#   4. the GPU-only tests: tests/test_device_buffers.py (CUDA tensors bound in place, captured CUDA graphs) and
+#      fp16 training through the loss scale's calibration.
 # Usage (repo root): bash bench/gpu_check.sh [OUTDIR]   (QUICK=1 for a CPU dry run of every step)
 # STAGE=train runs steps 1-2 only and STAGE=onnx step 3 only, on the run STAGE=train left in $GPU_WORK (one
 # check at a time: the folder is emptied by each STAGE=train or all); a lent
 # machine can train (started with setsid) while later calls carry what step 3 needs (onnxruntime-gpu is larger
 # than one call may carry: STAGE=carry only collects the parts of it each call brings, see below). ORT_EXPLORE=1
 # adds bench/gpu_onnx.py --explore. Figures go to OUTDIR/gpu_check.jsonl, one JSON line per step.
-# A package too large for one call travels as parts: `tar c onnxruntime* | xz | split -b 58M - .ortgpu/part-`
-# plus `.ortgpu/SHA256` (sha256sum of the whole .tar.xz), one part per call in the ignored folder .ortgpu;
+# A package too large for one call travels as parts: `tar c onnxruntime* | xz | split -b 56M - part-`, each in
+# its own ignored folder `.ortgpu-N/` with `SHA256` (sha256sum of the whole .tar.xz), one folder per call (carry);
 # each call's parts are kept in /tmp/ortparts, and once they add up to the sha256 they are unpacked into /tmp/site.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/gpu-check}}
@@ -24,10 +25,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (webdatas
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 fi
 mkdir -p /tmp/ortparts /tmp/site
-if [ -f .ortgpu/SHA256 ] && ! cmp -s .ortgpu/SHA256 /tmp/ortparts/SHA256; then
-  rm -f /tmp/ortparts/*  # parts of another package
-fi
-cp .ortgpu/* /tmp/ortparts/ 2>/dev/null
+for carried in .ortgpu*/; do  # .ortgpu/ (its part replaced between calls) or .ortgpu-N/, one part each
+  [ -f "$carried/SHA256" ] || continue
+  if ! cmp -s "$carried/SHA256" /tmp/ortparts/SHA256; then
+    rm -f /tmp/ortparts/*  # parts of another package
+  fi
+  cp "$carried"* /tmp/ortparts/
+done
 if [ -f /tmp/ortparts/SHA256 ] && [ ! -f /tmp/site/.ortgpu-unpacked ]; then
   if [ "$(cat /tmp/ortparts/part-* | sha256sum | cut -d' ' -f1)" = "$(cut -d' ' -f1 /tmp/ortparts/SHA256)" ]; then
     cat /tmp/ortparts/part-* | xz -d -T0 | tar x -C /tmp/site && touch /tmp/site/.ortgpu-unpacked
@@ -105,8 +109,10 @@ $PY -c 'import json, onnxruntime as o; print(json.dumps({"step": "ort", "version
 $PY -m vae.cli export --run "$WORK/run" --out "$WORK/model" --fp16 || echo '{"step": "export", "ok": false}' >> "$RESULTS"
 [ -f "$WORK/model/model.json" ] && $PY -c 'import json, sys; c = json.load(open(sys.argv[1])); print(json.dumps({"step": "export", "validation": c["validation"]}))' "$WORK/model/model.json" | tee -a "$RESULTS"
 $PY bench/gpu_onnx.py --run "$WORK/run" --model "$WORK/model" --seconds "${ORT_SECONDS:-3}" $([ "${ORT_EXPLORE:-0}" = 1 ] && echo --explore) | tee -a "$RESULTS"
-echo "== 4. the device-buffer tests on the GPU (CUDA tensors bound in place, captured CUDA graphs)"
-$PY -m pytest -q -rs -p no:cacheprovider tests/test_device_buffers.py > "$OUT_DIR/device_buffer_tests.txt" 2>&1
+echo "== 4. the GPU-only tests (CUDA tensors bound in place, captured CUDA graphs, fp16 training)"
+$PY -m pytest -q -rs -p no:cacheprovider tests/test_device_buffers.py \
+  tests/test_train.py::test_fp16_training_on_a_gpu_runs_through_the_loss_scale_calibration \
+  > "$OUT_DIR/device_buffer_tests.txt" 2>&1
 status=$?
 tail -15 "$OUT_DIR/device_buffer_tests.txt"
 echo "{\"step\": \"device_buffer_tests\", \"ok\": $([ $status = 0 ] && echo true || echo false), \"pytest_status\": $status, \"summary\": \"$(tail -1 "$OUT_DIR/device_buffer_tests.txt" | tr -d '"=')\"}" | tee -a "$RESULTS"

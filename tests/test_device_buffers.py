@@ -254,3 +254,32 @@ def test_cuda_ortvalues_and_the_encoder_on_the_gpu(exported):
     mu = torch.empty(3, decoder.latent_dim, device="cuda")
     encoder.encode_on_device(images, out=mu)
     np.testing.assert_allclose(mu.cpu().numpy(), encoder.encode(images.numpy())[0], atol=1e-4)
+
+
+def test_a_captured_graph_replays_only_on_the_thread_that_captured_it(exported):
+    """onnxruntime keeps CUDA graphs per thread: another thread's replay would silently capture a second graph."""
+    if not cuda_ready():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    import threading
+
+    import torch
+
+    decoder = Decoder(exported, device="cuda")
+    s, d = decoder.image_size, decoder.latent_dim
+    z, out = torch.zeros(2, d, device="cuda"), torch.empty(2, 3, s, s, device="cuda")
+    graph = decoder.capture(z, out)
+    z.copy_(torch.from_numpy(codes(2, d, seed=8)))
+    graph.replay()
+    np.testing.assert_allclose(out.cpu().numpy(), decoder.decode(codes(2, d, seed=8)), atol=2e-3)
+    caught = []
+
+    def elsewhere():
+        try:
+            graph.replay()
+        except RuntimeModelError as err:
+            caught.append(str(err))
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    worker.join()
+    assert len(caught) == 1 and "captured on another thread" in caught[0]
