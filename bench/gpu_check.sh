@@ -61,7 +61,8 @@ import json, torch
 print(json.dumps({"step": "env", "torch": torch.__version__, "cuda": torch.version.cuda,
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))
 PY
-$PY -m vae.cli data shard --source "$SAMPLE" --out "$WORK/shards" --workers 12 --quiet || exit 1
+cp -r "$SAMPLE" "$WORK/sample"  # a later call replaces the working tree under a training started with setsid
+$PY -m vae.cli data shard --source "$WORK/sample" --out "$WORK/shards" --workers 12 --quiet || exit 1
 
 echo "== 1. training throughput: shard loader vs data on the GPU"
 [ "${SKIP_THROUGHPUT:-0}" = 1 ] || $PY bench/train.py --shards "$WORK/shards" --config configs/celeba64-gpu.yaml --steps $STEPS "${EXTRA[@]}" \

@@ -4,6 +4,7 @@ non-finite losses are skipped and then stop training with the last good checkpoi
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,9 +127,18 @@ def test_an_fp16_overflow_is_the_loss_scalers_to_handle(tiny_shards, tmp_path, m
 def test_fp16_training_on_a_gpu_runs_through_the_loss_scale_calibration(tiny_shards, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    run = tmp_path / "fp16-gpu"
-    train(tiny_config(run, tiny_shards, "train.steps=40", "train.mixed_precision=fp16", "train.log_every=10"),
-          progress=False)
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    run = tmp_path / "fp16-gpu"  # its own process: Accelerate's mixed precision is fixed once per process
+    cmd = [sys.executable, "-m", "vae.cli", "train", *TINY, f"run_dir={run}", f"data.shards={tiny_shards}",
+           "train.steps=40", "train.mixed_precision=fp16", "train.log_every=10"]
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=path))
+    assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 40 and math.isfinite(log[-1]["loss"]) and log[-1]["skipped_steps"] < 40
 
