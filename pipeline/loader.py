@@ -220,8 +220,16 @@ def train_loader(shards: str, batch_size: int, seed: int, rank: int = 0, world_s
                  start_step: int = 0, num_workers: int = 0, shuffle_buffer: int = 2000) -> DataLoader:
     stream = TrainStream(split_shards(shards, "train"), batch_size, seed, rank, world_size, start_step,
                          shuffle_buffer)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_sigterm,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def _ignore_sigterm(_worker: int) -> None:
+    """Loader workers leave SIGTERM to the trainer: a launcher that signals the whole process group would
+    otherwise kill them first, and the trainer could not take its checkpoint before stopping."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_loader(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,

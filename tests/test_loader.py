@@ -95,3 +95,22 @@ def test_missing_or_corrupt_shard_is_a_one_line_error_naming_it(tiny_shards, tmp
     (shards / "manifest.json").write_text("[]")
     with pytest.raises(BadInput, match="manifest.json: not a shard manifest"):
         train_loader(str(shards), 8, seed=0)
+
+
+def test_loader_workers_leave_sigterm_to_the_trainer(tiny_shards):
+    """A launcher that signals the whole process group must not kill the workers before the trainer has taken
+    its checkpoint."""
+    import os
+    import signal
+    import time
+
+    from pipeline.loader import train_loader
+
+    batches = iter(train_loader(str(tiny_shards), batch_size=4, seed=0, num_workers=1))
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    for _ in range(3):
+        keys, images = next(batches)[:2]
+        assert len(keys) == 4

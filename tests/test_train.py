@@ -272,3 +272,60 @@ def _tensors(tree):
     elif isinstance(tree, (list, tuple)):
         for item in tree:
             yield from _tensors(item)
+
+
+def test_a_skipped_step_uses_up_all_its_micro_batches(tiny_shards, tmp_path):
+    """A resumed run replays grad_accum_steps batches (and noise draws) per step: a step skipped at its first
+    micro-batch must use up the others too, or everything after a resume shifts by a batch."""
+    from vae.training.state import setup
+    from vae.training.steps import Window
+    from vae.training.train import open_stream
+
+    state = setup(tiny_config(tmp_path / "accum", tiny_shards, "train.steps=10", "train.grad_accum_steps=2"))
+    batches, noise = open_stream(state, None, state.stream_start)
+    taken = []
+
+    def counted():
+        for item in batches:
+            taken.append(item[0])
+            yield item
+
+    draws_before = noise.get_state().clone()
+    weight = next(state.raw_model.parameters())
+    with torch.no_grad():
+        weight.fill_(float("nan"))  # the first micro-batch's loss is NaN
+    assert train_step(state, counted(), noise, Window(), set()).skipped
+    assert len(taken) == 2
+    replay = torch.Generator().set_state(draws_before)
+    for _ in range(2):
+        torch.randn((state.cfg.data.batch_size, state.cfg.model.latent_dim), generator=replay)
+    assert torch.equal(replay.get_state(), noise.get_state())  # two noise draws, as the replay makes
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
+    from common.errors import BadInput
+    from vae.training.state import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n{"step": 30, "lo')
+    trim_log(log, 20)
+    assert log.read_text() == '{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n'
+    log.write_text('{"step": 10}\nnot json\n{"step": 20}\n')
+    with pytest.raises(BadInput, match="train_log.jsonl line 2: not JSON"):
+        trim_log(log, 20)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    from vae import checkpoint as ckpt
+
+    earlier = ckpt.save_checkpoint(tmp_path, 10, {"step": 10}, keep=3)
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 448 vs 386")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(TrainingError) as caught:
+        ckpt.save_checkpoint(tmp_path, 20, {"step": 20}, keep=3)
+    assert "step-00000020.pt: not written (" in str(caught.value) and "free on its disk" in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1
+    assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]  # no temporary file, the earlier one kept

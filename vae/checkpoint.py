@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from common.atomic import atomic_write
-from common.errors import BadInput
+from common.errors import BadInput, TrainingError
 from vae.config import Config, config_from_dict, config_to_dict
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
@@ -57,7 +57,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
     path = checkpoint_dir(run_dir) / checkpoint_name(step)
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as its own RuntimeError
+        import shutil
+
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise TrainingError(f"checkpoint {path}: not written ({str(err).splitlines()[0][:120]}); {free:.0f} MiB "
+                            "free on its disk; the checkpoints before it are kept") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

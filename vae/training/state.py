@@ -180,6 +180,16 @@ def trim_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            if number == len(lines):  # a last line cut short by a kill or a full disk: dropped, re-logged later
+                continue
+            raise BadInput(f"{path} line {number}: not JSON (the log was edited or damaged); repair or remove "
+                           "that line to resume") from None
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
     if len(kept) != len(lines):
         atomic_write_text(path, "".join(kept))

@@ -71,7 +71,11 @@ def forward_backward_step(state: TrainState, batches, noise: torch.Generator, be
             terms = elbo_terms(state.forward, x, eps, state.raw_model.likelihood)
         loss = training_loss(terms, beta, cfg.objective.free_bits)
         finite = accelerator.gather(torch.isfinite(loss).float().reshape(1)).min().item() > 0
-        if not finite:
+        if not finite:  # the step's other micro-batches and their noise are used up all the same: a resumed run
+            for _ in range(micro + 1, accum):  # replays grad_accum_steps of each per step
+                keys, batch = next(batches)
+                seen.update(keys)
+                torch.randn((batch.shape[0], cfg.model.latent_dim), generator=noise)
             break
         if micro < accum - 1 and state.world > 1:
             with accelerator.no_sync(state.model):
