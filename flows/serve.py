@@ -93,6 +93,7 @@ class Stack:
 
 def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT leftovers are free
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -208,8 +208,14 @@ def announce_champion(registry: str, version: str, metrics: dict, outcome: dict)
 
 
 def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
-                     crop: int, shard_workers: int, synthesize_n: int) -> None:
+                     crop: int, shard_workers: int, synthesize_n: int, precisions: list[str] | None = None) -> None:
     """Reject bad flow parameters before any work, with one line that names the parameter."""
+    from vae.serving.quantize import PRECISIONS
+
+    unknown = sorted(set(precisions or []) - set(PRECISIONS))
+    if unknown:
+        raise BadInput(f"train-vae parameter 'precisions': {', '.join(map(str, unknown))} not offered (reduced-"
+                       f"precision CPU graphs: {', '.join(PRECISIONS)}; float16 for GPUs: the fp16 parameter)")
     for name, value in (("source", source), ("shards", shards), ("registry", registry), ("runs", runs)):
         if not str(value).strip():
             raise BadInput(f"train-vae parameter '{name}': must not be empty")
@@ -271,7 +277,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
             encoder.int8.onnx, validated against float32).
     """
     overrides = list(overrides or [])
-    check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n)
+    check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n, precisions)
     if warm_start:
         overrides += warm_start_overrides(registry, runs)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work

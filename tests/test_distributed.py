@@ -57,6 +57,20 @@ def test_launch_commands_for_gpus_and_nodes():
     assert cmd[-3:] == ["-m", "vae.training.train", "c.json"]
     from_file = launch_command("vae.training.train", ["c.json"], 1, accelerate_config="deploy/accelerate/8gpu.yaml")
     assert from_file[3:5] == ["--config_file", "deploy/accelerate/8gpu.yaml"] and "--num_processes" not in from_file
+    # the file sets two machines: the rank given on the command line must reach the launcher
+    ranked = launch_command("vae.training.train", ["c.json"], 8, machine_rank=1,
+                            accelerate_config="deploy/accelerate/2node.yaml")
+    assert "--machine_rank 1" in " ".join(ranked)
+
+
+def test_the_accelerate_configs_name_the_module_that_trains():
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    for config in Path("deploy/accelerate").glob("*.yaml"):
+        for module in re.findall(r"-m ([\w.]+)", config.read_text()):
+            assert importlib.util.find_spec(module) is not None, f"{config}: -m {module} does not exist"
 
 
 def test_missing_accelerate_config_is_bad_input(capsys):

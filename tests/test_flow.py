@@ -125,6 +125,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"k": 10**9}, "parameter 'k': must be in [1, 100000] or null, got 1000000000"),
     ({"synthesize_n": -5}, "parameter 'synthesize_n': must be >= 0, got -5"),
     ({"shards": " "}, "parameter 'shards': must not be empty"),
+    ({"precisions": ["fp16"]}, "parameter 'precisions': fp16 not offered"),  # before training, not at export
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
     from common.errors import BadInput

@@ -27,7 +27,7 @@ def launch_command(module: str, args: list[str], num_processes: int, num_machine
     With `accelerate_config` (e.g. deploy/accelerate/8gpu.yaml) the file sets processes and machines."""
     if accelerate_config:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
-        if num_machines > 1:
+        if num_machines > 1 or machine_rank:  # the file may set the machine count; a rank given is never dropped
             cmd += ["--machine_rank", str(machine_rank)]
         if main_process_ip:
             cmd += ["--main_process_ip", main_process_ip]
