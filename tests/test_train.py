@@ -329,3 +329,12 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
     assert "step-00000020.pt: not written (" in str(caught.value) and "free on its disk" in str(caught.value)
     assert len(str(caught.value).splitlines()) == 1
     assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]  # no temporary file, the earlier one kept
+
+
+def test_a_log_window_of_skipped_steps_says_so_in_strict_json():
+    """Every step in the window skipped: no fake zeros, and no NaN (strict JSON readers refuse it)."""
+    from vae.training.steps import Window
+
+    record = Window().record(50, 3 * 16 * 16, beta=1.0, grad_norm=float("nan"), lr=1e-3, skipped_steps=50)
+    assert record["loss"] is None and record["elbo_bpd"] is None and record["grad_norm"] is None
+    assert json.loads(json.dumps(record, allow_nan=False))["skipped_steps"] == 50

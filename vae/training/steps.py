@@ -33,14 +33,20 @@ class Window:
         self.n += 1
 
     def record(self, step: int, dims: int, **extra) -> dict:
-        n = max(1, self.n)
-        mean = {k: v / n for k, v in self.sums.items()}
-        kl_dims = self.kl_dims / n if self.kl_dims is not None else torch.zeros(1)
+        """One log line: the window's means, null where it has none (every step in it skipped), and no
+        non-finite number (strict JSON readers refuse NaN)."""
+        speed = {"images_per_s": self.images / max(1e-9, time.time() - self.start)}
+        extra = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in extra.items()}
+        if self.n == 0:
+            return {"step": step, **dict.fromkeys(("loss", "elbo_nats", "recon_nats", "kl_nats", "elbo_bpd",
+                                                   "kl_dim_max", "kl_dim_median", "kl_dims_active")),
+                    **speed, **extra}
+        mean = {k: v / self.n for k, v in self.sums.items()}
+        kl_dims = self.kl_dims / self.n
         return {"step": step, "loss": mean["loss"], "elbo_nats": mean["elbo"], "recon_nats": mean["recon"],
                 "kl_nats": mean["kl"], "elbo_bpd": bits_per_dim(mean["elbo"], dims),
                 "kl_dim_max": float(kl_dims.max()), "kl_dim_median": float(kl_dims.median()),
-                "kl_dims_active": int((kl_dims > 0.01).sum()),
-                "images_per_s": self.images / max(1e-9, time.time() - self.start), **extra}
+                "kl_dims_active": int((kl_dims > 0.01).sum()), **speed, **extra}
 
 
 @dataclass

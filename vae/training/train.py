@@ -102,9 +102,10 @@ def log_if_due(state: TrainState, window: Window, result: StepResult, bar) -> Wi
                            lr=state.scheduler.get_last_lr()[0], skipped_steps=state.counters["skipped"])
     if state.main:
         with open(state.run_dir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
-        bar.set_postfix(bpd=f"{record['elbo_bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        state.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
+        if record["elbo_bpd"] is not None:
+            bar.set_postfix(bpd=f"{record['elbo_bpd']:.3f}", img_s=f"{record['images_per_s']:.0f}")
     return Window()
 
 
