@@ -76,3 +76,12 @@ def test_the_accelerate_configs_name_the_module_that_trains():
 def test_missing_accelerate_config_is_bad_input(capsys):
     assert main(["train", "--accelerate-config", "nope.yaml"]) == 2
     assert "nope.yaml: file not found" in capsys.readouterr().err
+
+
+def test_bad_input_to_a_launched_evaluation_is_one_line_before_any_launch(tmp_path, capsys, monkeypatch):
+    from vae import distributed
+
+    monkeypatch.setattr(distributed, "run_launched", lambda *a, **k: pytest.fail("launched despite bad input"))
+    assert main(["eval", "--run", str(tmp_path / "no-run"), "--num-processes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no-run" in err

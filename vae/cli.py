@@ -124,6 +124,9 @@ def _preempted_ranks(run_dir: Path) -> int:
 def cmd_eval(args) -> int:
     if args.num_processes > 1:
         from vae.distributed import run_launched
+        from vae.evaluation.evaluate import checked_inputs
+
+        checked_inputs(args.run, args.split, args.k, args.shards)  # bad input: one line here, not one per rank
 
         forwarded = ["--run", args.run] + [f for name in ("split", "k", "shards")
                                             if getattr(args, name) is not None

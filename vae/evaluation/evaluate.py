@@ -155,6 +155,18 @@ def require_images(shards: str, split: str, manifest: dict) -> None:
         raise EmptySplit(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
 
 
+def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None = None, shards: str | None = None):
+    """(model, cfg, step, split, k, shards, manifest) after the checks `evaluate` makes before any work; run once
+    before launching several processes too, so bad input is one line rather than a traceback per rank."""
+    model, cfg, step = load_trained(Path(run_dir))
+    split, k, shards = split or cfg.eval.split, k or cfg.eval.k, shards or cfg.data.shards
+    if not 1 <= k <= MAX_K:
+        raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
+    manifest = require_image_size(shards, cfg.model.image_size)
+    require_images(shards, split, manifest)
+    return model, cfg, step, split, k, shards, manifest
+
+
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
              shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
              out: str | Path | None = None, grids: bool = True, progress: bool = False) -> dict:
@@ -162,20 +174,13 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     rank) and returns it. The metrics say which images (the split's fingerprint), which weights (their
     sha256) and which K they measured, so promotion compares only like with like."""
     run_dir = Path(run_dir)
-    model, cfg, step = load_trained(run_dir)
+    model, cfg, step, split, k, shards, manifest = checked_inputs(run_dir, split, k, shards)
     weights = weights_digest(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # each rank on its own GPU
         torch.cuda.set_device(torch.cuda.current_device() if world_size == 1 else rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     model.to(device)
-    split = split or cfg.eval.split
-    k = k or cfg.eval.k
-    if not 1 <= k <= MAX_K:
-        raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
-    shards = shards or cfg.data.shards
-    manifest = require_image_size(shards, cfg.model.image_size)
-    require_images(shards, split, manifest)
     fingerprint = split_fingerprint(manifest, split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size, manifest=manifest)
     share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar
