@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.errors import BadInput
 from pipeline.loader import read_verified
 from pipeline.manifest import split_shards
 
@@ -29,10 +30,11 @@ class MemoryStream:
             data, index = read_verified(ref, meta=False)
             keys += index.keys
             pixels.append(index.pixels(data))
+        if len(keys) < batch_size:  # also an empty split: nothing to train on
+            raise BadInput(f"shards {shards}: the train split gives this process {len(keys)} images, fewer than a "
+                           f"batch ({batch_size}); lower data.batch_size or shard more images")
         self.keys = np.array(keys, dtype=object)
         self.pixels = torch.from_numpy(np.concatenate(pixels)).to(device)  # [N, H, W, 3] uint8
-        if len(self.keys) < batch_size:
-            raise ValueError(f"train split holds {len(self.keys)} images, fewer than a batch ({batch_size})")
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
 
     def batches(self, start_step: int):

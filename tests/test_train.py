@@ -189,6 +189,10 @@ def test_memory_stream_visits_every_image_once_per_epoch(tiny_shards):
     assert all(b.shape == (8, 3, 16, 16) and b.dtype == torch.uint8 for _, b in epoch)
     again = stream.batches(0)
     assert [next(again)[0] for _ in range(3)] == [ks for ks, _ in epoch[:3]]  # seeded by (seed, rank, step)
+    from common.errors import BadInput
+
+    with pytest.raises(BadInput, match=rf"gives this process {n} images, fewer than a batch \({n + 1}\)"):
+        MemoryStream(str(tiny_shards), n + 1, seed=0)
 
 
 def test_in_memory_training_resumes_bitwise(tiny_shards, tmp_path):
