@@ -81,3 +81,8 @@ def test_anomaly_scores_rank_foreign_images_above_faces(tiny_shards, synth_sourc
     noise = [v for k, v in scores.items() if k.startswith("noise-")]
     inverted = [v for k, v in scores.items() if k.startswith("inverted-")]
     assert min(noise) > max(faces) and np.mean(inverted) > np.mean(faces)
+    # a list of skipped images from an earlier run into the same OUT does not outlive a run that skipped none
+    stale = tmp_path / "scores.csv.skipped.json"
+    stale.write_text('[{"file": "gone.png", "reason": "an earlier run"}]')
+    assert main(["score", "--run", str(trained_run), "--source", str(folder), "--k", "2", "--out", str(out)]) == 0
+    assert not stale.exists()

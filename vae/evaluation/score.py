@@ -100,4 +100,6 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
         atomic_write_text(out, buf.getvalue())
         if skipped:
             atomic_write_text(f"{out}.skipped.json", json.dumps(skipped, indent=1))
+        else:  # an earlier run's list would describe images this run did not skip
+            Path(f"{out}.skipped.json").unlink(missing_ok=True)
     return scores
