@@ -342,3 +342,17 @@ def test_a_log_window_of_skipped_steps_says_so_in_strict_json():
     record = Window().record(50, 3 * 16 * 16, beta=1.0, grad_norm=float("nan"), lr=1e-3, skipped_steps=50)
     assert record["loss"] is None and record["elbo_bpd"] is None and record["grad_norm"] is None
     assert json.loads(json.dumps(record, allow_nan=False))["skipped_steps"] == 50
+
+
+def test_checkpoint_rotation_keeps_the_one_just_written(tmp_path):
+    """A run that resumed from an earlier step (machines agreeing on the last step they all hold) writes a
+    checkpoint older than one it abandoned: the new one stays, the abandoned one goes (it would be taken for
+    the latest)."""
+    from vae import checkpoint as ckpt
+
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
+    ckpt.save_checkpoint(tmp_path, 10, {"step": 10}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 9, {"step": 9}, keep=1)  # resumed from 8 elsewhere, stopped at 9
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000009.pt"]

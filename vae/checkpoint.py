@@ -65,7 +65,14 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
         free = shutil.disk_usage(path.parent).free / 2**20
         raise TrainingError(f"checkpoint {path}: not written ({str(err).splitlines()[0][:120]}); {free:.0f} MiB "
                             "free on its disk; the checkpoints before it are kept") from None
-    for old in list_checkpoints(run_dir)[:-keep]:
+    found = list_checkpoints(run_dir)
+    # Checkpoints past this step belong to a segment this run abandoned (it resumed from an earlier step, as
+    # machines that agree on the last step they all hold do): they would be taken for the latest. Rotation
+    # keeps the newest `keep` up to this one, and never this one.
+    for stale in (p for p in found if checkpoint_step(p) > step):
+        stale.unlink(missing_ok=True)
+    earlier = [p for p in found if checkpoint_step(p) < step]  # oldest first
+    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
         old.unlink(missing_ok=True)
     return path
 
