@@ -80,6 +80,8 @@ def _checkpoint(ctx, write) -> Path:
     run = _run(ctx)
     latest = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
     write(latest)
+    # a file from elsewhere (an older run, a hand copy) comes without its digest; with it, the digest refuses it
+    latest.with_name(latest.name + ".sha256").unlink(missing_ok=True)
     return run
 
 

@@ -320,19 +320,39 @@ def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    import errno
+    import os
+
     from vae import checkpoint as ckpt
 
     earlier = ckpt.save_checkpoint(tmp_path, 10, {"step": 10}, keep=3)
+    before = sorted(p.name for p in earlier.parent.iterdir())
 
-    def full_disk(obj, f):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 448 vs 386")
+    def no_space(fd):  # how a full disk fails the write's fsync
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(TrainingError) as caught:
         ckpt.save_checkpoint(tmp_path, 20, {"step": 20}, keep=3)
-    assert "step-00000020.pt: not written (" in str(caught.value) and "free on its disk" in str(caught.value)
-    assert len(str(caught.value).splitlines()) == 1
-    assert [p.name for p in earlier.parent.iterdir()] == [earlier.name]  # no temporary file, the earlier one kept
+    assert "step-00000020.pt: not written (No space left on device)" in str(caught.value)
+    assert "free on its disk" in str(caught.value) and len(str(caught.value).splitlines()) == 1
+    assert sorted(p.name for p in earlier.parent.iterdir()) == before  # no temporary file, the earlier one kept
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused_not_resumed_from(tmp_path):
+    from common.errors import BadInput
+    from vae import checkpoint as ckpt
+
+    path = ckpt.save_checkpoint(tmp_path, 10, {"model": {"w": torch.ones(4096)}, "ema": {}, "step": 10,
+                                               "config": "{}"}, keep=3)
+    assert ckpt.load_checkpoint(path)["step"] == 10 and path.with_name(path.name + ".sha256").is_file()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside the tensor's bytes: torch alone loads it without noticing
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match=r"step-00000010.pt: its bytes differ from step-00000010.pt.sha256"):
+        ckpt.load_checkpoint(path)
+    path.with_name(path.name + ".sha256").unlink()  # a checkpoint from before digests loads as it is
+    assert ckpt.load_checkpoint(path)["step"] == 10
 
 
 def test_a_log_window_of_skipped_steps_says_so_in_strict_json():

@@ -3,6 +3,9 @@
 A checkpoint holds only tensors, numbers, strings and dicts (it loads with `weights_only=True`): model and
 EMA weights, optimizer, scheduler and scaler states, the trainer's counters and the full config as JSON,
 so a run is reproducible from its checkpoint alone. The newest complete file is the one to resume from.
+Beside each, `step-NNNNNNNN.pt.sha256` holds its sha256: a checkpoint whose bytes changed on disk is refused
+rather than resumed from (torch reads a damaged tensor without noticing); one without it (an older run, or a
+kill between the two writes) loads unverified.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import io
 from pathlib import Path
 
 import torch
 
-from common.atomic import atomic_write
+from common.atomic import atomic_write_bytes, atomic_write_text
 from common.errors import BadInput, TrainingError
 from vae.config import Config, config_from_dict, config_to_dict
 
@@ -55,25 +59,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> Path:
     path = checkpoint_dir(run_dir) / checkpoint_name(step)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest_path(path).unlink(missing_ok=True)  # never a digest of other bytes beside this file
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
-    except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as its own RuntimeError
+        atomic_write_bytes(path, data)
+    except OSError as err:  # a full disk, a quota: the checkpoints before it stay
         import shutil
 
         free = shutil.disk_usage(path.parent).free / 2**20
-        raise TrainingError(f"checkpoint {path}: not written ({str(err).splitlines()[0][:120]}); {free:.0f} MiB "
-                            "free on its disk; the checkpoints before it are kept") from None
+        raise TrainingError(f"checkpoint {path}: not written ({err.strerror or err}); {free:.0f} MiB free on its "
+                            "disk; the checkpoints before it are kept") from None
+    atomic_write_text(digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
     found = list_checkpoints(run_dir)
     # Checkpoints past this step belong to a segment this run abandoned (it resumed from an earlier step, as
     # machines that agree on the last step they all hold do): they would be taken for the latest. Rotation
     # keeps the newest `keep` up to this one, and never this one.
-    for stale in (p for p in found if checkpoint_step(p) > step):
-        stale.unlink(missing_ok=True)
     earlier = [p for p in found if checkpoint_step(p) < step]  # oldest first
-    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
+    for old in [*(p for p in found if checkpoint_step(p) > step), *earlier[:max(0, len(earlier) - (keep - 1))]]:
         old.unlink(missing_ok=True)
+        digest_path(old).unlink(missing_ok=True)
     return path
 
 
@@ -82,10 +94,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     import pickle
 
     try:
-        if Path(path).stat().st_size == 0:
+        data = Path(path).read_bytes()
+        if not data:
             raise BadInput(f"checkpoint {path}: empty file (a write that never finished?); delete it to resume "
                            "from the one before")
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        want = digest_path(Path(path))
+        if want.is_file() and want.read_text().strip() != hashlib.sha256(data).hexdigest():
+            raise BadInput(f"checkpoint {path}: its bytes differ from {want.name} (damaged on disk); delete it (and "
+                           f"{want.name}) to resume from the one before")
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except BadInput:
         raise
     except pickle.UnpicklingError:
