@@ -64,7 +64,11 @@ def preprocess(data: bytes, crop: int, size: int) -> np.ndarray:
         raise SkipImage(f"not a readable image: {reason}") from None
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
-    img = _to_rgb(ImageOps.exif_transpose(img))  # upright as a viewer shows it (an EXIF orientation tag)
+    try:
+        img = ImageOps.exif_transpose(img)  # upright as a viewer shows it (an EXIF orientation tag)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels decoded, so keep them as stored
+        pass
+    img = _to_rgb(img)
     width, height = img.size
     side = min(crop, width, height) if crop > 0 else min(width, height)
     if side < size:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def _parse_attrs(text: str, where: str) -> dict[str, dict[str, int]]:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != len(names) + 1 or not all(v.lstrip("-").isdigit() for v in parts[1:]):
+        if len(parts) != len(names) + 1 or not all(re.fullmatch(r"-?[0-9]+", v) for v in parts[1:]):
             raise BadInput(f"{where} line {number}: expected an image name and {len(names)} integer attribute "
                            f"values, got {line.strip()[:120]!r}")
         table[Path(parts[0]).stem] = {n: int(v) for n, v in zip(names, parts[1:])}

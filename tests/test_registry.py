@@ -226,7 +226,7 @@ def test_a_killed_registration_leaves_no_staging_folder_behind_the_retry(tmp_pat
 
 
 def publish_with_metrics(registry, version: str, nll: float, tmp_path: Path) -> dict:
-    metrics = {**evidence(nll, weights=version), "run": f"runs/{version}"}
+    metrics = {**evidence(nll, weights=version), "run": str(tmp_path / "runs" / version)}
     (tmp_path / f"{version}.metrics.json").write_text(json.dumps(metrics))
     (tmp_path / f"{version}.onnx").write_bytes(version.encode())
     reg.register(registry, version, {"decoder.onnx": tmp_path / f"{version}.onnx",
@@ -245,12 +245,18 @@ def test_an_operator_rolls_the_champion_back_and_the_bad_version_never_returns(t
     assert champion == outcome["champion"] and outcome["previous"]["version"] == "v2"
     assert champion["version"] == "v1" and champion["rolled_back"] == ["v2"]
     assert champion["rollback"] == {"reason": "v2 draws grey faces", "from": "v2"}
-    assert champion["evidence"] == reg.evidence_of(good) and champion["run"] == "runs/v1"  # its own evidence
+    assert champion["evidence"] == reg.evidence_of(good) and champion["run"] == good["run"]  # its own evidence
     again = reg.promote(registry, "v2", bad)  # e.g. a retried flow run
     assert not again["promoted"] and "rolled back by an operator (v2 draws grey faces)" in again["reason"]
+    relative = {**publish_with_metrics(registry, "v4", 6.0, tmp_path), "run": "runs/v4"}  # as evaluated in a cwd
+    (tmp_path / "v4.metrics.json").write_text(json.dumps(relative))
+    reg.register(registry, "v4b", {"decoder.onnx": tmp_path / "v4.onnx", "metrics.json": tmp_path / "v4.metrics.json"})
+    assert reg.rollback(registry, "v4b", "test")["champion"]["run"] is None  # the flow then looks in its runs
+    reg.rollback(registry, "v1", "back")
     later = publish_with_metrics(registry, "v3", 4.5, tmp_path)  # a new version is judged as usual
     assert reg.promote(registry, "v3", later)["promoted"]
-    assert reg.read_champion(registry)["version"] == "v3" and reg.read_champion(registry)["rolled_back"] == ["v2"]
+    assert reg.read_champion(registry)["version"] == "v3"
+    assert reg.read_champion(registry)["rolled_back"] == ["v2", "v4b"]  # carried by every later record
     assert not reg.promote(registry, "v2", bad)["promoted"]  # retired for good, whoever is champion
 
 

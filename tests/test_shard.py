@@ -337,3 +337,18 @@ def test_exif_orientation_is_applied_and_16_bit_images_keep_their_scale(tmp_path
     assert tuple(out[0, 8]) == (0, 0, 255) and tuple(out[-1, 8]) == (255, 0, 0)
     Image.fromarray(np.full((40, 40), 200, np.uint16)).save(tmp_path / "dark16.png")  # 200/65535: near black
     assert preprocess((tmp_path / "dark16.png").read_bytes(), 0, 16).max() == 0
+
+
+def test_an_image_with_damaged_exif_keeps_its_pixels(tmp_path, monkeypatch):
+    """EXIF that Pillow cannot apply (a damaged block) does not lose an image that decoded, nor stop the run."""
+    import struct
+
+    from PIL import ImageOps
+
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "x.png")
+
+    def damaged(img):
+        raise struct.error("required argument is not an integer")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
+    assert preprocess((tmp_path / "x.png").read_bytes(), 0, 16).max() == 90

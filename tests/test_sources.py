@@ -272,6 +272,7 @@ def test_metadata_with_a_byte_order_mark_loses_no_image(synth_source, tmp_path):
     ("identity_CelebA.txt", b"000001.jpg 12\n000002.jpg caf\xe9\n", "identity_CelebA.txt: not UTF-8 text (byte 28"),
     ("list_attr_celeba.txt", b"1\nSmiling Young\n000001.jpg 1 x\n",
      "list_attr_celeba.txt line 3: expected an image name and 2 integer attribute values, got '000001.jpg 1 x'"),
+    ("list_attr_celeba.txt", b"1\nSmiling Young\n000001.jpg 1 --1\n", "list_attr_celeba.txt line 3: expected"),
 ])
 def test_unreadable_metadata_is_one_line_naming_the_file(synth_source, tmp_path, name, content, needle):
     source = tmp_path / "src"

@@ -119,9 +119,15 @@ def test_an_fp16_overflow_is_the_loss_scalers_to_handle(tiny_shards, tmp_path, m
     monkeypatch.setattr(state.accelerator, "scaler", scaler, raising=False)
     monkeypatch.setattr(state.accelerator, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
     monkeypatch.setattr(state.optimizer, "step", lambda *a, **k: stepped.append(1))
+    from vae.training import steps as steps_module
+
+    monkeypatch.setattr(steps_module, "SCALE_HALVINGS", 3)
     for _ in range(3):  # more overflows in a row than max_nonfinite: calibration, not divergence
         assert step().skipped
     assert len(stepped) == 3 and state.counters["skipped"] == 3 and state.nonfinite_in_a_row == 0
+    assert step().skipped and state.nonfinite_in_a_row == 1  # past what calibration takes: divergence
+    with pytest.raises(TrainingError, match="2 non-finite"):
+        step()
 
 
 def test_fp16_training_on_a_gpu_runs_through_the_loss_scale_calibration(tiny_shards, tmp_path):
@@ -376,3 +382,12 @@ def test_checkpoint_rotation_keeps_the_one_just_written(tmp_path):
     ckpt.save_checkpoint(tmp_path, 10, {"step": 10}, keep=1)
     ckpt.save_checkpoint(tmp_path, 9, {"step": 9}, keep=1)  # resumed from 8 elsewhere, stopped at 9
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000009.pt"]
+
+
+def test_a_torn_log_of_a_run_killed_before_its_first_checkpoint_is_trimmed_on_restart(tiny_shards, tmp_path):
+    run = tmp_path / "torn"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text('{"step": 50, "loss": 1.0}\n{"step": 100, "lo')  # killed mid-line
+    train(tiny_config(run, tiny_shards, "train.steps=4", "train.log_every=2"), progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the abandoned lines are gone, the new ones whole

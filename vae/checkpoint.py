@@ -71,13 +71,13 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
     digest_path(path).unlink(missing_ok=True)  # never a digest of other bytes beside this file
     try:
         atomic_write_bytes(path, data)
+        atomic_write_text(digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
     except OSError as err:  # a full disk, a quota: the checkpoints before it stay
         import shutil
 
         free = shutil.disk_usage(path.parent).free / 2**20
         raise TrainingError(f"checkpoint {path}: not written ({err.strerror or err}); {free:.0f} MiB free on its "
                             "disk; the checkpoints before it are kept") from None
-    atomic_write_text(digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
     found = list_checkpoints(run_dir)
     # Checkpoints past this step belong to a segment this run abandoned (it resumed from an earlier step, as
     # machines that agree on the last step they all hold do): they would be taken for the latest. Rotation

@@ -439,7 +439,7 @@ def rollback(registry: str | os.PathLike, version: str, reason: str, store=None)
         current, token = store.read()
         gone = [] if current is None else [*current.get("rolled_back", []), current["version"]]
         new = {"version": version, "path": version_path(version), "record_sha256": hashlib.sha256(raw).hexdigest(),
-               "evidence": evidence, "run": metrics.get("run"),
+               "evidence": evidence, "run": _absolute_or_none(metrics.get("run")),
                **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
                "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "rollback": {"reason": reason.strip(), "from": current and current["version"]},
@@ -447,6 +447,12 @@ def rollback(registry: str | os.PathLike, version: str, reason: str, store=None)
         if store.swap(token, _record_bytes(new)):
             return {"champion": new, "previous": current}
     raise RegistryError(f"registry {registry}: the champion changed {MAX_ROUNDS} times during the rollback")
+
+
+def _absolute_or_none(run) -> str | None:
+    """A run folder as the champion record keeps it: absolute, or none (a relative one depended on the directory
+    the evaluation ran in; without one the flow looks in its `runs` folder by version)."""
+    return run if isinstance(run, str) and os.path.isabs(run) else None
 
 
 def _version_metrics(registry, version: str, record: dict) -> dict:

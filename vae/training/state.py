@@ -70,6 +70,7 @@ class TrainState:
     counters: dict = field(default_factory=lambda: {"step": 0, "skipped": 0, "images": 0})
     stream_start: int = 0  # the step at which the current data stream and noise were seeded
     nonfinite_in_a_row: int = 0
+    overflows_in_a_row: int = 0  # fp16 steps the loss scaler skipped, in a row
 
     @property
     def main(self) -> bool:
@@ -121,7 +122,8 @@ def setup(cfg: Config) -> TrainState:
         stream_start = int(saved.get("stream_start", counters["step"]))
         if accelerator.is_main_process:
             print(f"resuming {run_dir} from {resume.name} (step {counters['step']})", file=sys.stderr)
-            trim_log(run_dir / "train_log.jsonl", counters["step"])
+    if accelerator.is_main_process:  # lines past the step this run starts at (from scratch: all) were abandoned
+        trim_log(run_dir / "train_log.jsonl", counters["step"])
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The scheduler is stepped by hand: a prepared one steps once per process.

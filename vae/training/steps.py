@@ -15,6 +15,8 @@ from common.errors import TrainingError
 from vae.objectives import beta_at, bits_per_dim, elbo_terms, training_loss
 from vae.training.state import TrainState
 
+SCALE_HALVINGS = 40  # fp16 overflows in a row the loss scale may take to calibrate; past that, it is divergence
+
 
 class Window:
     """Running sums between two log lines."""
@@ -106,16 +108,18 @@ def train_step(state: TrainState, batches, noise: torch.Generator, window: Windo
         finite = math.isfinite(grad_norm)
         # fp16: gradients past the loss scale are the scaler's to handle. Its step skips the update and lowers the
         # scale (without that step it never updates, and the next unscale fails); calibrating the scale is not a
-        # sign of divergence, so it does not count towards max_nonfinite.
+        # sign of divergence, so up to SCALE_HALVINGS in a row do not count towards max_nonfinite.
         overflow = not finite and getattr(state.accelerator, "scaler", None) is not None
     if finite or overflow:
         state.optimizer.step()
     if finite:
-        state.nonfinite_in_a_row = 0
+        state.nonfinite_in_a_row = state.overflows_in_a_row = 0
         window.add(loss, terms)
     else:
         counters["skipped"] += 1
-        state.nonfinite_in_a_row += 0 if overflow else 1
+        state.overflows_in_a_row += overflow
+        if not overflow or state.overflows_in_a_row > SCALE_HALVINGS:
+            state.nonfinite_in_a_row += 1
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
             raise TrainingError(
                 f"training stopped at step {step}: {state.nonfinite_in_a_row} non-finite losses or gradients in a "
