@@ -11,9 +11,9 @@ kill between the two writes) loads unverified.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
-import io
 from pathlib import Path
 
 import torch

@@ -201,12 +201,13 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> d
     x = np.ascontiguousarray(held[np.arange(64) % len(held)], dtype=np.float32)
     mu, mu8 = encoder.run(["mu"], {"x": x})[0], encoder8.run(["mu"], {"x": x})[0]
     prior = np.random.default_rng(3).standard_normal((64, d)).astype(np.float32)
-    reference = _recon_error(decode(decoder, mu), x)
+    images, images_int8_decoder, images_int8_encoder = decode(decoder, mu), decode(decoder8, mu), decode(decoder, mu8)
+    reference = _recon_error(images, x)
     decoded = {**_worst(prior_draws=_errors(decode(decoder8, prior), decode(decoder, prior)),
-                        codes=_errors(decode(decoder8, mu), decode(decoder, mu))),
-               "recon_increase": _recon_error(decode(decoder8, mu), x) / reference - 1}
-    encoded = {**_errors(decode(decoder, mu8), decode(decoder, mu)),
-               "recon_increase": _recon_error(decode(decoder, mu8), x) / reference - 1,
+                        codes=_errors(images_int8_decoder, images)),
+               "recon_increase": _recon_error(images_int8_decoder, x) / reference - 1}
+    encoded = {**_errors(images_int8_encoder, images),
+               "recon_increase": _recon_error(images_int8_encoder, x) / reference - 1,
                "mu_max_abs": float(np.abs(mu8 - mu).max())}
     seen = f"{len(held)} held-out images" + (" (repeated to 64)" if len(held) < 64 else "")
     report = {"budget": BUDGET, "fidelity_budget": FIDELITY_BUDGET, "recon_error_float32": reference,

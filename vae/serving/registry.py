@@ -381,7 +381,6 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
     if record is None:
         raise RegistryError(f"registry version {version_dir(registry, version)}: not published (no "
                             f"{VERSION_RECORD}); register it first")
-    record_sha = hashlib.sha256(raw).hexdigest()  # the bytes the runtime will hash, however they were written
     for _ in range(MAX_ROUNDS):
         current, token = store.read()
         if current is not None and current.get("version") == version:
@@ -410,15 +409,20 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
             reason += f" (champion {current['version']} re-evaluated on this test set and K)"
         if not promoted:
             return {"promoted": False, "reason": reason, "previous": current, "reevaluated": reevaluated}
-        new = {"version": version, "path": version_path(version), "record_sha256": record_sha,
-               "evidence": evidence, "run": run, **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
-               "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        new = _champion_record(version, raw, evidence, run)
         if current is not None and current.get("rolled_back"):  # retired by an operator: stays retired
             new["rolled_back"] = current["rolled_back"]
         if store.swap(token, _record_bytes(new)):
             return {"promoted": True, "reason": reason, "previous": current, "reevaluated": reevaluated}
         # the champion changed while this promoter decided: decide again against the new one
     raise RegistryError(f"registry {registry}: the champion changed {MAX_ROUNDS} times while promoting {version}")
+
+
+def _champion_record(version: str, record_bytes: bytes, evidence: dict, run: str | None) -> dict:
+    """`champion.json` naming `version`: it pins the version record's bytes as stored (what the runtime hashes)."""
+    return {"version": version, "path": version_path(version),
+            "record_sha256": hashlib.sha256(record_bytes).hexdigest(), "evidence": evidence, "run": run, **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
+            "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def rollback(registry: str | os.PathLike, version: str, reason: str, store=None) -> dict:
@@ -438,10 +442,7 @@ def rollback(registry: str | os.PathLike, version: str, reason: str, store=None)
     for _ in range(MAX_ROUNDS):
         current, token = store.read()
         gone = [] if current is None else [*current.get("rolled_back", []), current["version"]]
-        new = {"version": version, "path": version_path(version), "record_sha256": hashlib.sha256(raw).hexdigest(),
-               "evidence": evidence, "run": _absolute_or_none(metrics.get("run")),
-               **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
-               "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        new = {**_champion_record(version, raw, evidence, _absolute_or_none(metrics.get("run"))),
                "rollback": {"reason": reason.strip(), "from": current and current["version"]},
                "rolled_back": sorted(set(gone) - {version})}
         if store.swap(token, _record_bytes(new)):
