@@ -17,7 +17,10 @@ place; a CUDA graph replayed on fixed buffers) against PyTorch eager (and, for r
 Its keys name graph, batch and baseline: `decoder_fp16_b1.speedup_vs_torch_half`.
 
 `--explore` adds both graphs under other CUDA provider options (the runtime's, none, heuristic convolution
-search, TF32 off), timed one after another, under "cuda_options".
+search, TF32 off), timed one after another, under "cuda_options"; and under "tensorrt", the float32 graph on
+onnxruntime's TensorRT provider (TensorRT builds its own float16 engine and CUDA graph) with z and the images on
+the device, or why that provider could not run (it needs TensorRT's libraries, which onnxruntime-gpu does not
+bring).
 
 Without a GPU it still runs (everything falls back to the CPU, with no PyTorch rows): a dry run of the script.
 """
@@ -29,6 +32,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -82,6 +86,41 @@ def explore(model_dir: Path, z: np.ndarray, want: np.ndarray, seconds: float) ->
                 "b1_ms": round(1e3 * timed(lambda: session.run(None, {"z": one}), seconds), 3),
                 "b256_img_s": round(len(z) / timed(lambda: session.run(None, {"z": z}), seconds), 1),
                 "max_abs_diff": float(f"{np.abs(session.run(None, {'z': z})[0] - want).max():.3g}")}
+    return found
+
+
+def tensorrt(model_dir: Path, z: np.ndarray, want: np.ndarray, seconds: float) -> dict:
+    """The float32 graph on the TensorRT provider, one engine per batch size (1 and 256), z and the images bound
+    on the device (I/O binding): b1 ms, b256 images/s, max abs diff; or why it did not run."""
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return {"unavailable": "onnxruntime lists no TensorrtExecutionProvider"}
+    found: dict = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for batch in (1, 256):
+            zb = np.ascontiguousarray(z[:batch])
+            shape = f"z:{batch}x{z.shape[1]}"  # one fixed-shape engine: no rebuild per call
+            options = {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+                       "trt_cuda_graph_enable": "True", "trt_profile_min_shapes": shape,
+                       "trt_profile_opt_shapes": shape, "trt_profile_max_shapes": shape}
+            try:
+                session = ort.InferenceSession(
+                    str(model_dir / "decoder.onnx"), session_options(),
+                    providers=[("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {}),
+                               "CPUExecutionProvider"])
+                if session.get_providers()[0] != "TensorrtExecutionProvider":
+                    return {"unavailable": f"the session fell back to {session.get_providers()[0]} (TensorRT's "
+                                           "libraries missing?)"}
+                output = session.get_outputs()[0]
+                binding = session.io_binding()
+                binding.bind_ortvalue_input("z", ort.OrtValue.ortvalue_from_numpy(zb, "cuda", 0))
+                images = ort.OrtValue.ortvalue_from_shape_and_type((batch, *want.shape[1:]), np.float32, "cuda", 0)
+                binding.bind_ortvalue_output(output.name, images)
+                key, figure = per_call_figure(batch, timed(lambda: session.run_with_iobinding(binding), seconds))
+                found[key] = figure
+                diff = float(np.abs(images.numpy() - want[:batch]).max())
+                found["max_abs_diff"] = max(found.get("max_abs_diff", 0.0), float(f"{diff:.3g}"))
+            except Exception as err:  # the other rows still count
+                found[f"b{batch}_error"] = f"{type(err).__name__}: {err}"[:300]
     return found
 
 
@@ -253,6 +292,7 @@ def main() -> int:
     result["device_resident"] = device_resident(model_dir, args.run, z, args.seconds)
     if args.explore:
         result["cuda_options"] = explore(model_dir, z, want, args.seconds)
+        result["tensorrt"] = tensorrt(model_dir, z, want, args.seconds)
     print(json.dumps(result))
     return 0
 

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from vae.evaluation.evaluate import evaluate
 
 CONTRACT = ("split", "n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
@@ -86,3 +88,14 @@ def test_anomaly_scores_rank_foreign_images_above_faces(tiny_shards, synth_sourc
     stale.write_text('[{"file": "gone.png", "reason": "an earlier run"}]')
     assert main(["score", "--run", str(trained_run), "--source", str(folder), "--k", "2", "--out", str(out)]) == 0
     assert not stale.exists()
+    # an image's score is its own: scored alone it gets the number it got among the other 17
+    import shutil
+
+    from vae.evaluation.score import score
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(folder / f"face-{names[2].stem}.png", alone)
+    among = dict(score(trained_run, str(folder), k=4))
+    [(key, value)] = score(trained_run, str(alone), k=4)
+    assert value == pytest.approx(among[key], rel=1e-5)

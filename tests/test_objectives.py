@@ -9,7 +9,8 @@ from torch.distributions import Normal
 
 from vae.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, LogisticMixture
 from vae.models.protocol import gaussian_posterior_pass
-from vae.objectives import bits_per_dim, elbo_terms, gaussian_kl, iwae_bound, log_weights, training_loss
+from vae.objectives import (ImageNoise, bits_per_dim, elbo_terms, gaussian_kl, iwae_bound, log_weights,
+                            training_loss)
 
 
 class ExactGaussian:
@@ -112,6 +113,28 @@ def test_chunking_does_not_change_the_bound():
     assert abs(whole.mean().item() - parts.mean().item()) < 4 * stderr
     again = iwae_bound(model, x[:4], 60, chunk=7, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(again, iwae_bound(model, x[:4], 60, chunk=7, generator=torch.Generator().manual_seed(9)))
+
+
+def test_an_images_bound_does_not_depend_on_the_images_beside_it():
+    """ImageNoise: each image's noise is its own, so batching, order and sharding change no image's bound."""
+    model = LinearGaussian(mean_scale=0.7, var_scale=2.0)
+    x = _data(model, 5)
+    keys = [f"img-{i}" for i in range(5)]
+    together = iwae_bound(model, x, 12, chunk=5, generator=ImageNoise(3, keys))
+    order = [3, 0, 4, 1, 2]
+    shuffled = iwae_bound(model, x[order], 12, chunk=5, generator=ImageNoise(3, [keys[i] for i in order]))
+    alone = torch.cat([iwae_bound(model, x[i:i + 1], 12, chunk=5, generator=ImageNoise(3, keys[i:i + 1]))
+                       for i in range(5)])
+    torch.testing.assert_close(shuffled, together[order])
+    torch.testing.assert_close(alone, together)
+    # the draws are standard normal, and differ between keys and between seeds
+    draws = ImageNoise(0, [f"k{i}" for i in range(2000)]).normal(4, 3)
+    assert draws.shape == (4, 2000, 3)
+    assert abs(draws.mean().item()) < 0.03 and abs(draws.std().item() - 1) < 0.03
+    assert not torch.equal(draws[:, 0], draws[:, 1])
+    assert not torch.equal(ImageNoise(0, ["a"]).normal(2, 3), ImageNoise(1, ["a"]).normal(2, 3))
+    with pytest.raises(ValueError, match="noise for 1 images, asked for 2"):
+        iwae_bound(model, x[:2], 4, generator=ImageNoise(0, ["a"]))
 
 
 def test_analytic_kl_matches_monte_carlo():

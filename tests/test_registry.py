@@ -48,6 +48,41 @@ def test_a_version_is_immutable(tmp_path):
     assert (tmp_path / "train-vae/versions/v1/decoder.onnx").read_bytes() == b"v1"
 
 
+def half_registered_then_other_files(registry: str, tmp_path: Path, monkeypatch) -> None:
+    """On object storage: a registration dies mid-upload; one of other files under the same version is refused
+    (it would have mixed its files with the first's), and the first's retry publishes its own files whole."""
+    from common import storage
+
+    first, other = tmp_path / "first.bin", tmp_path / "other.bin"
+    first.write_bytes(b"first weights")
+    other.write_bytes(b"other weights")
+    uploaded = []
+    real_put = storage.put_file
+
+    def dies_after_one(src, dst):
+        if uploaded:
+            raise OSError("connection reset")
+        uploaded.append(dst)
+        real_put(src, dst)
+
+    monkeypatch.setattr(storage, "put_file", dies_after_one)
+    with pytest.raises(OSError, match="connection reset"):
+        reg.register(registry, "v1", {"decoder.onnx": first, "model.json": first})
+    monkeypatch.setattr(storage, "put_file", real_put)
+    with pytest.raises(reg.RegistryError, match="claimed for other files"):
+        reg.register(registry, "v1", {"decoder.onnx": other, "model.json": other})
+    assert reg.read_version_record(registry, "v1") is None and reg.list_versions(registry) == []
+    target = reg.register(registry, "v1", {"decoder.onnx": first, "model.json": first})  # the retry
+    assert reg.read_version_record(registry, "v1")["files"] == {"decoder.onnx": sha256_file(first),
+                                                                 "model.json": sha256_file(first)}
+    for name in ("decoder.onnx", "model.json"):
+        assert storage.read_bytes(storage.join(target, name)) == b"first weights"
+
+
+def test_a_half_registered_version_on_object_storage_takes_no_other_files(tmp_path, monkeypatch):
+    half_registered_then_other_files("memory://claims", tmp_path, monkeypatch)
+
+
 def test_champion_is_replaced_only_by_a_better_comparable_version(tmp_path):
     for version in ("v1", "v2", "v3", "v4"):
         publish(tmp_path, version, tmp_path)

@@ -47,6 +47,12 @@ print(json.dumps(reg.promote(registry, version, {**ev, "nll_bpd": nll})["promote
 """
 
 
+def test_a_half_registered_version_on_s3_takes_no_other_files(s3_endpoint, tmp_path, monkeypatch):
+    from test_registry import half_registered_then_other_files
+
+    half_registered_then_other_files("s3://models/claims", tmp_path, monkeypatch)
+
+
 def test_concurrent_promoters_on_s3_leave_the_best_version(s3_endpoint, tmp_path):
     import random
 

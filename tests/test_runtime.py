@@ -128,8 +128,86 @@ def test_runtime_refuses_unknown_contract_and_missing_files(exported, tmp_path):
         Decoder(tmp_path / "junk.onnx")
     with pytest.raises(RuntimeModelError, match="device 'tpu'"):
         Decoder(out / "decoder.onnx", device="tpu")
-    with pytest.raises(RuntimeModelError, match="threads: expected an integer >= 1"):
-        Decoder(out / "decoder.onnx", threads=0)
+    for threads in (0, 2**31, True, 1.5):
+        with pytest.raises(RuntimeModelError, match=r"threads: expected an integer in \[1, 1024\]"):
+            Decoder(out / "decoder.onnx", threads=threads)
+    assert Decoder(out / "decoder.onnx", threads=np.int64(1)).decode(np.zeros((1, 4))).shape == (1, 3, 16, 16)
+
+
+def test_hostile_sizes_and_values_are_one_line_not_garbage_or_a_memory_error(exported):
+    decoder = Decoder(exported[0] / "decoder.onnx")
+    for batch_size in (-1, 0, 2.5, True):  # -1 once returned the uninitialised output buffer as images
+        with pytest.raises(RuntimeModelError, match="batch_size: expected an integer >= 1"):
+            decoder.sample(4, batch_size=batch_size)
+    assert np.array_equal(decoder.sample(5, seed=3, batch_size=2), decoder.sample(5, seed=3))
+    with pytest.raises(RuntimeModelError, match=r"n: 1000000000000 would need .* GiB.*ask in parts"):
+        decoder.sample(10**12)
+    with pytest.raises(RuntimeModelError, match=r"steps: 1000000000000 would need"):
+        interpolate(np.zeros(4), np.ones(4), 10**12)
+    for temperature in (True, -1, float("nan"), "1"):
+        with pytest.raises(RuntimeModelError, match="temperature: expected a finite number > 0"):
+            decoder.sample(2, temperature=temperature)
+    assert np.array_equal(decoder.sample(2, temperature=np.float32(0.5)), decoder.sample(2, temperature=0.5))
+    with pytest.raises(RuntimeModelError, match="beyond float32's range"):  # float64 that overflows float32
+        decoder.decode(np.full((1, 4), 1e300))
+    with pytest.raises(RuntimeModelError, match="z: not an array of latents"):
+        decoder.decode([[0.0] * 4, [0.0]])
+
+
+def _renamed_output(graph, old: str, new: str) -> None:
+    for node in graph.graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+    for output in graph.graph.output:
+        if output.name == old:
+            output.name = new
+
+
+def test_graphs_whose_outputs_disagree_with_their_metadata_are_refused_at_load(exported, tmp_path):
+    out, _ = exported
+    bigger = onnx.load(str(out / "decoder.onnx"))
+    for prop in bigger.metadata_props:
+        if prop.key == "image_size":
+            prop.value = "32"  # the graph makes 16x16 images
+    onnx.save(bigger, str(tmp_path / "bigger.onnx"))
+    renamed = onnx.load(str(out / "decoder.onnx"))
+    _renamed_output(renamed, "x_mean", "images")
+    onnx.save(renamed, str(tmp_path / "renamed.onnx"))
+    no_logvar = onnx.load(str(out / "encoder.onnx"))
+    _renamed_output(no_logvar, "logvar", "log_variance")
+    onnx.save(no_logvar, str(tmp_path / "no_logvar.onnx"))
+    half_input = onnx.load(str(out / "decoder.onnx"))
+    for node in half_input.graph.node:
+        node.input[:] = ["z32" if name == "z" else name for name in node.input]
+    half_input.graph.node.insert(0, onnx.helper.make_node("Cast", ["z"], ["z32"], to=onnx.TensorProto.FLOAT))
+    half_input.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(half_input, str(tmp_path / "half_input.onnx"))
+    cases = [(Decoder, "bigger", r"output x_mean is \[None, 3, 16, 16\] tensor\(float\), its metadata says "
+                                 r"\[None, 3, 32, 32\]"),
+             (Decoder, "renamed", "output x_mean is missing"), (Encoder, "no_logvar", "output logvar is missing"),
+             (Decoder, "half_input", r"input z is \[None, 4\] tensor\(float16\)")]
+    for kind, name, message in cases:
+        with pytest.raises(RuntimeModelError, match=message):
+            kind(tmp_path / f"{name}.onnx")
+
+
+@pytest.mark.parametrize("card, message", [
+    ({"sha256": "decoder.onnx"}, "sha256 is not a mapping"), ({"sha256": ["decoder.onnx"]}, "sha256 is not a mapping"),
+    ({"sha256": {}}, "sha256 is not a mapping"), ({"sha256": {"decoder.onnx": 1}}, "sha256 is not a mapping"),
+    (["decoder.onnx"], "not a model card")])
+def test_a_damaged_card_is_refused_rather_than_trusted_or_a_traceback(exported, tmp_path, card, message):
+    import json
+    import shutil
+
+    shutil.copy(exported[0] / "decoder.onnx", tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(RuntimeModelError, match=message):
+        Decoder(tmp_path)
+
+
+def test_a_registry_before_its_first_champion_says_so(tmp_path):
+    (tmp_path / "train-vae" / "versions").mkdir(parents=True)
+    with pytest.raises(RuntimeModelError, match="no champion yet"):
+        Decoder(tmp_path)
 
 
 def test_cuda_request_that_falls_back_warns(exported):

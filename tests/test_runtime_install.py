@@ -66,3 +66,51 @@ def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, tra
     assert (work / "faces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(venv) in subprocess.run([str(python), "-c", "import vae.runtime; print(vae.runtime.__file__)"],
                                        cwd=work, capture_output=True, text=True).stdout
+
+
+def runtime_modules() -> dict[str, bytes]:
+    """What the runtime wheel must hold: each module under runtime/vae and runtime/common, as the project's own
+    file (the one its link names)."""
+    found = {}
+    for package in ("vae", "common"):
+        for path in sorted((REPO / "runtime" / package).rglob("*.py")):
+            found[path.relative_to(REPO / "runtime").as_posix()] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("links", ["symlinks", "text"])
+def test_the_runtime_wheel_holds_the_projects_modules_and_nothing_stale(tmp_path, links):
+    """Built from a checkout with symbolic links, and from one where git wrote each link as a text file naming
+    its target (core.symlinks=false, Git for Windows' default): the same modules, byte for byte; nothing from
+    an earlier build folder (a stale runtime/build once put an old `pipeline` package into the wheel)."""
+    import zipfile
+
+    checkout = tmp_path / "checkout"
+    (checkout / "runtime").mkdir(parents=True)
+    for top in ("vae", "common"):  # what the links point into
+        (checkout / top).symlink_to(REPO / top)
+    for path in (REPO / "runtime").rglob("*"):
+        rel = path.relative_to(REPO / "runtime")
+        if rel.parts[0] in ("build",) or rel.parts[0].endswith(".egg-info") or "__pycache__" in rel.parts:
+            continue
+        dest = checkout / "runtime" / rel
+        if path.is_symlink():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if links == "symlinks":
+                dest.symlink_to(os.readlink(path))
+            else:
+                dest.write_text(os.readlink(path))
+        elif path.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest)
+    (checkout / "runtime" / "build" / "lib" / "pipeline").mkdir(parents=True)  # an earlier build's leftovers
+    (checkout / "runtime" / "build" / "lib" / "pipeline" / "__init__.py").write_text("raise ImportError\n")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                           "-w", str(tmp_path / "wheel"), str(checkout / "runtime")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        held = {name: archive.read(name) for name in archive.namelist() if ".dist-info/" not in name}
+        license_text = archive.read(next(n for n in archive.namelist() if n.endswith("licenses/LICENSE")))
+    assert held == runtime_modules()
+    assert license_text == (REPO / "LICENSE").read_bytes()

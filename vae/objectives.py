@@ -9,10 +9,15 @@ Models present `vae.models.protocol.VAEModel`: `bottom_up(x01)` once per image, 
 `posterior_pass(features, eps) -> (params, u, mu, logvar)` for any number of samples, and `likelihood.log_prob`;
 so there is one log-weight computation for every kind of model, including those whose posterior depends on its
 own sample (the top-down hierarchical VAE: q(u_l | x, u_<l)).
+
+Noise comes from a `torch.Generator` or from `ImageNoise`, which draws each image's noise from its own
+generator seeded by the image's key: then an image's bound does not depend on the images beside it in a batch,
+on the order of the data, or on how many processes share it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -20,6 +25,32 @@ import torch
 from vae.models.protocol import VAEModel
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+class ImageNoise:
+    """Standard normal draws per image, each image's from a generator seeded by (seed, its key)."""
+
+    def __init__(self, seed: int, keys, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(key_seed(seed, key)) for key in keys]
+
+    def normal(self, k: int, d: int) -> torch.Tensor:
+        """[k, N, d]: image n's next k draws of d dimensions."""
+        return torch.stack([torch.randn((k, d), generator=g, device=self.device) for g in self.generators], dim=1)
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from a run's seed and an image key."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") >> 1
+
+
+def standard_normal(k: int, n: int, d: int, device, generator: torch.Generator | ImageNoise | None) -> torch.Tensor:
+    """[k, n, d] draws of N(0, I) from a generator, an `ImageNoise` (of n images) or the global generator."""
+    if isinstance(generator, ImageNoise):
+        if len(generator.generators) != n:
+            raise ValueError(f"noise for {len(generator.generators)} images, asked for {n}")
+        return generator.normal(k, d).to(device)
+    return torch.randn((k, n, d), device=device, generator=generator)
 
 
 def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -57,7 +88,7 @@ def posterior_samples(model: VAEModel, features, eps: torch.Tensor):
 
 
 def log_weights(model: VAEModel, x: torch.Tensor, k: int, features=None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | ImageNoise | None = None) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) - log q(z_k|x) for k samples z_k ~ q(z|x): shape [k, N].
 
     `x` holds pixel levels 0..255. Pass `features` (`posterior_features`) to reuse one encoder pass across
@@ -66,7 +97,7 @@ def log_weights(model: VAEModel, x: torch.Tensor, k: int, features=None,
     if features is None:
         features = posterior_features(model, to_unit(x))
     n, d = x.shape[0], model.latent_dim
-    eps = torch.randn((k, n, d), device=x.device, generator=generator)
+    eps = standard_normal(k, n, d, x.device, generator)
     params, u, mu, logvar = posterior_samples(model, features, eps)
     x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * n, *x.shape[1:])
     log_px = model.likelihood.log_prob(params.float(), x_rep).view(k, n)
@@ -75,7 +106,7 @@ def log_weights(model: VAEModel, x: torch.Tensor, k: int, features=None,
 
 @torch.no_grad()
 def iwae_bound(model: VAEModel, x: torch.Tensor, k: int, chunk: int = 50,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | ImageNoise | None = None) -> torch.Tensor:
     """log (1/K) sum_k p(x, z_k) / q(z_k|x), per image [N], chunked over K with a running logsumexp."""
     features = posterior_features(model, to_unit(x))
     running = None

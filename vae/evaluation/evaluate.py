@@ -21,7 +21,7 @@ from pipeline.loader import eval_loader
 from pipeline.manifest import require_image_size, split_fingerprint
 from vae.checkpoint import load_trained, weights_digest
 from vae.config import MAX_K, config_hash
-from vae.objectives import bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
+from vae.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 ATTRIBUTE_DIRECTIONS = ("Smiling", "Eyeglasses", "Male", "Blond_Hair")  # CelebA attributes to picture
@@ -44,9 +44,9 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0, max_images: i
     """Sums over a split's images (reduced across ranks) and the first batch's images.
 
     Sums: n, recon, kl, iwae, iwae^2, mu and mu^2 per latent dimension, and per known attribute the sum
-    of mu and the count over images with (`pos`) and without (`neg`) it.
+    of mu and the count over images with (`pos`) and without (`neg`) it. Each image's noise is its own
+    (`ImageNoise`, seeded by `seed` and its key), so the sums do not depend on batches or the number of ranks.
     """
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     d = model.latent_dim
     zero = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
     sums = {"n": zero(1), "recon": zero(1), "kl": zero(1), "iwae": zero(1), "iwae_sq": zero(1),
@@ -56,12 +56,12 @@ def bound_sums(model, loader, k: int, k_chunk: int, seed: int = 0, max_images: i
     bar = tqdm(total=total, unit="img", desc=f"IWAE K={k}", disable=None if progress else True, leave=False,
                file=sys.stderr, dynamic_ncols=True)
     with bar:
-        first = _accumulate(model, loader, k, k_chunk, generator, sums, max_images, bar)
+        first = _accumulate(model, loader, k, k_chunk, seed, sums, max_images, bar)
     sums = {name: _all_reduce(value) for name, value in sums.items()}
     return sums, first
 
 
-def _accumulate(model, loader, k: int, k_chunk: int, generator, sums: dict, max_images: int | None, bar):
+def _accumulate(model, loader, k: int, k_chunk: int, seed: int, sums: dict, max_images: int | None, bar):
     """Add each batch's bounds and codes to `sums`; returns the first batch's images and keys."""
     device, d, first = next(model.parameters()).device, model.latent_dim, None
     for keys, x, metas in loader:
@@ -73,10 +73,10 @@ def _accumulate(model, loader, k: int, k_chunk: int, generator, sums: dict, max_
         if first is None:
             first = (x[:16].clone(), keys[:16])
         x = x.to(device, non_blocking=True)
-        eps = torch.randn((x.shape[0], d), generator=generator, device=device)
-        terms = elbo_terms(model, x, eps)  # the training objective's own pass, for every kind of model
+        noise = ImageNoise(seed, keys, device)
+        terms = elbo_terms(model, x, noise.normal(1, d)[0])  # the training objective's own pass, for every model
         recon, kl, mu = terms["recon"], terms["kl"], terms["mu"]
-        iwae = iwae_bound(model, x, k, k_chunk, generator)
+        iwae = iwae_bound(model, x, k, k_chunk, noise)
         sums["n"] += x.shape[0]
         sums["recon"] += recon.double().sum().cpu()
         sums["kl"] += kl.double().sum().cpu()
@@ -184,7 +184,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
     fingerprint = split_fingerprint(manifest, split, max_images)
     loader = eval_loader(shards, split, cfg.eval.batch_size, rank, world_size, manifest=manifest)
     share = -(-int(manifest["splits"][split].get("count") or 0) // world_size)  # this rank's images, for the bar
-    sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed + rank, max_images=max_images,
+    sums, first = bound_sums(model, loader, k, cfg.eval.k_chunk, seed=cfg.train.seed, max_images=max_images,
                              progress=progress and rank == 0, total=min(share, max_images or share) or None)
     dims = image_dims(cfg.model.image_size)
     metrics = {"split": split, "k": k, **metrics_from_sums(sums, dims),

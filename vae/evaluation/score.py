@@ -20,7 +20,7 @@ from tqdm import tqdm
 from common.atomic import atomic_write_text
 from common.errors import BadInput
 from vae.checkpoint import load_trained
-from vae.objectives import bits_per_dim, image_dims, iwae_bound
+from vae.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
 
 
 def _shard_batches(shards: str, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -77,7 +77,6 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
         batches = _shard_batches(str(source), batch_size)
     else:
         batches = _image_batches(source, _training_crop(cfg), size, batch_size, skipped)
-    generator = torch.Generator().manual_seed(seed)
     scores = []
     # shown on a terminal only (disable=None), and erased when it ends or an error ends it
     with tqdm(unit="img", desc=f"scoring K={k}", disable=None if progress else True, leave=False, file=sys.stderr,
@@ -86,7 +85,8 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
             if x.shape[1:] != (3, size, size):
                 raise BadInput(f"source {source}: images are {list(x.shape[1:])}, the model takes "
                                f"[3, {size}, {size}]")
-            nll = bits_per_dim(iwae_bound(model, x, k, cfg.eval.k_chunk, generator), dims)
+            # each image's noise seeded by its key: its score does not depend on the images scored with it
+            nll = bits_per_dim(iwae_bound(model, x, k, cfg.eval.k_chunk, ImageNoise(seed, keys)), dims)
             scores += zip(keys, nll.tolist())
             bar.update(len(keys))
     if not scores:

@@ -6,8 +6,8 @@
                                              "evidence": {...}, "run", "promoted_at"}
 
 A version is immutable and published whole: locally it is staged under a temporary name and renamed into
-place; on object storage its files are uploaded first and `version.json` last, and a version exists only once
-its record does. `champion.json` names the version relative to the registry, so any host that can read the
+place; on object storage the version is first claimed for its files (`.claim.json`, a conditional create), its
+files are uploaded and `version.json` last, and a version exists only once its record does. `champion.json` names the version relative to the registry, so any host that can read the
 registry can follow it.
 
 Promotion compares evidence (`evidence_of(metrics)`): the test `nll_bpd`, and what makes two numbers comparable
@@ -43,6 +43,7 @@ from common.errors import VaeError
 PROJECT = "train-vae"
 CHAMPION = "champion.json"
 VERSION_RECORD = "version.json"
+CLAIM = ".claim.json"  # on object storage: which files a registration of the version is uploading
 COMPARABLE_KEYS = ("split", "split_fingerprint", "k", "image_size")
 EVIDENCE_KEYS = (*COMPARABLE_KEYS, "nll_bpd", "elbo_bpd", "n_images", "shards", "config_hash",
                  "weights_sha256", "model_step")
@@ -126,6 +127,7 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
     target = version_dir(registry, version)
     if storage.is_url(registry):
         if not _already_published(registry, version, hashes, target):
+            _claim(target, hashes)
             for name, src in files.items():
                 storage.put_file(src, storage.join(target, name))
             storage.write_bytes_atomic(storage.join(target, VERSION_RECORD), _record_bytes(record))
@@ -142,6 +144,57 @@ def _already_published(registry, version: str, hashes: dict, target: str) -> boo
         raise RegistryError(f"registry version {target} already holds {sorted(held.get('files', {}))} "
                             f"with other contents than {sorted(hashes)}: versions are immutable")
     return held is not None
+
+
+def _claim(target: str, hashes: dict) -> None:
+    """On object storage, the version's name taken for these files before any is uploaded: `CLAIM` created only
+    where absent (`If-None-Match: *` on S3, a process lock on `memory://`). A claim for other files refuses this
+    registration (two registrations of one version at once, or one left half-done); the same files go on (a
+    retry). Schemes without conditional writes (gs://, http://) upload unclaimed."""
+    url = storage.join(target, CLAIM)
+    data = _record_bytes({"files": hashes})
+    if not _create_if_absent(url, data):
+        try:
+            held = json.loads(storage.read_bytes(url)).get("files")
+        except (ValueError, UnicodeDecodeError, AttributeError, FileNotFoundError):
+            held = None
+        if held != hashes:
+            raise RegistryError(f"registry version {target} is claimed for other files ({url}): versions are "
+                                f"immutable; register under another version, or remove the claim of an abandoned "
+                                f"registration")
+
+
+def _create_if_absent(url: str, data: bytes) -> bool:
+    """Write `url` only where nothing is: True if this call created it, False if something was there."""
+    scheme = url.split("://", 1)[0]
+    if scheme in ("s3", "s3a"):
+        fs, path = storage.filesystem(url)
+        try:
+            fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if _lost_condition(err):
+                return False
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return True
+    if scheme == "memory":
+        with _MEMORY_LOCK:
+            if storage.exists(url):
+                return False
+            storage.write_bytes_atomic(url, data)
+            return True
+    storage.write_bytes_atomic(url, data)
+    return True
+
+
+def _lost_condition(err: OSError) -> bool:
+    """Whether S3 refused a conditional write because another writer got there first."""
+    text = str(err)
+    return (getattr(err, "errno", None) == errno.EINVAL or "PreconditionFailed" in text
+            or "ConditionalRequestConflict" in text or "412" in text or "409" in text)
 
 
 @contextlib.contextmanager
@@ -280,17 +333,12 @@ class _S3Champion:
         raise RegistryError(f"{self.url}: changed on every read")
 
     def swap(self, token: str | None, data: bytes) -> bool:
+        if token is None:
+            return _create_if_absent(self.url, data)
         try:
-            if token is None:
-                self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: *
-            else:
-                self.fs.pipe_file(self.path, data, IfMatch=token)
-        except FileExistsError:
-            return False
+            self.fs.pipe_file(self.path, data, IfMatch=token)
         except OSError as err:
-            text = str(err)
-            if (getattr(err, "errno", None) == errno.EINVAL or "PreconditionFailed" in text
-                    or "ConditionalRequestConflict" in text or "412" in text or "409" in text):
+            if _lost_condition(err):
                 return False  # another writer got there first
             raise
         finally:

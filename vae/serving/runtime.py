@@ -55,6 +55,7 @@ __all__ = ["Champion", "Decoder", "Encoder", "KNOWN_CONTRACTS", "RuntimeModelErr
 KNOWN_CONTRACTS = ("1",)
 
 
+MAX_THREADS = 1024  # intra-op threads: more is a mistake on any machine (onnxruntime would try to start them)
 LEGACY_STREAM = 1  # cudaStreamLegacy: CUDA's legacy default stream, as a handle
 
 
@@ -88,7 +89,13 @@ def verified_graph(folder: str | os.PathLike, name: str) -> str:
                                 "a graph without its card)") from None
     except ValueError as err:
         raise RuntimeModelError(f"model folder {folder}: model.json is not valid JSON ({err})") from None
-    hashes = card.get("sha256") if isinstance(card, dict) else None
+    if not isinstance(card, dict):
+        raise RuntimeModelError(f"model folder {folder}: model.json is not a model card (a JSON object)")
+    hashes = card.get("sha256")
+    if "sha256" in card and not (isinstance(hashes, dict) and hashes
+                                 and all(isinstance(v, str) for v in hashes.values())):
+        raise RuntimeModelError(f"model folder {folder}: model.json's sha256 is not a mapping of graph names to "
+                                f"digests (damaged card)")
     if not hashes:
         warnings.warn(f"model folder {folder}: model.json lists no sha256 (an older export); {name} is not "
                       "verified", RuntimeWarning, stacklevel=3)
@@ -106,7 +113,7 @@ def resolve_model(model, kind: str, precision: str | None = None) -> tuple[str, 
     if isinstance(model, Champion):
         return model.graph(kind, precision), model.version
     location = os.fspath(model)
-    if "://" in location or os.path.isfile(os.path.join(location, "train-vae", "champion.json")):
+    if "://" in location or os.path.isdir(os.path.join(location, reg.PROJECT)):  # Champion: "no champion yet"
         champion = Champion(location)
         return champion.graph(kind, precision), champion.version
     if os.path.isdir(location):
@@ -130,9 +137,9 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # these graphs are chains: nothing to overlap
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise RuntimeModelError(f"threads: expected an integer >= 1, got {threads!r}")
-        options.intra_op_num_threads = threads
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
+            raise RuntimeModelError(f"threads: expected an integer in [1, {MAX_THREADS}], got {threads!r}")
+        options.intra_op_num_threads = int(threads)
     return options
 
 
@@ -182,6 +189,7 @@ def _session(path: str, device: str, threads: int | None, spinning: bool,
 
 class _Model:
     KIND = ""
+    EXTRA_OUTPUTS: tuple[str, ...] = ()  # outputs besides the bound one, shaped like it
     SIGNATURE: buffers.Signature  # the input and output bound by the *_on_device calls and `capture`
 
     def __init__(self, model, device: str = "cpu", threads: int | None = None, *, spinning: bool = False,
@@ -222,11 +230,24 @@ class _Model:
         def dims(arg):
             return [d if isinstance(d, int) else None for d in arg.shape]
 
-        name, want = self.signature.input_name, list(self.signature.input_shape)
-        inputs = {arg.name: dims(arg) for arg in self.session.get_inputs()}
-        if inputs.get(name) != want:
-            raise RuntimeModelError(f"model {self.path}: input {name} is {inputs.get(name)}, its metadata "
-                                    f"says {want} (graph and metadata disagree, or not a {self.KIND})")
+        sig = self.signature
+        found = {"input": {arg.name: (dims(arg), arg.type) for arg in self.session.get_inputs()},
+                 "output": {arg.name: (dims(arg), arg.type) for arg in self.session.get_outputs()}}
+        wanted = [("input", sig.input_name, list(sig.input_shape)), ("output", sig.output_name, list(sig.output_shape))]
+        wanted += [("output", name, list(sig.output_shape)) for name in self.EXTRA_OUTPUTS]
+        for side, name, want in wanted:
+            shape, kind = found[side].get(name, (None, None))
+            if shape != want or kind != "tensor(float)":
+                got = f"{shape} {kind}" if kind else "missing"
+                raise RuntimeModelError(f"model {self.path}: {side} {name} is {got}, its metadata says {want} "
+                                        f"float32 (graph and metadata disagree, or not a {self.KIND})")
+
+    def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        """session.run, its failures one line."""
+        try:
+            return self.session.run(outputs, feeds)
+        except ONNXRUNTIME_ERRORS as err:
+            raise RuntimeModelError(f"model {self.path}: onnxruntime failed ({str(err).splitlines()[0]})") from None
 
     def _signature(self) -> buffers.Signature:
         """SIGNATURE with this model's sizes in place of their names."""
@@ -287,16 +308,21 @@ class Decoder(_Model):
     SIGNATURE = buffers.Signature("z", (None, "latent"), "x_mean", (None, "channels", "size", "size"))
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        z = np.asarray(z)
+        try:
+            z = np.asarray(z)
+        except ValueError as err:  # e.g. rows of different lengths
+            raise RuntimeModelError(f"z: not an array of latents ({err})") from None
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise RuntimeModelError(f"z: expected shape [N, {self.latent_dim}], got {list(z.shape)}")
         if z.shape[0] == 0:
             raise RuntimeModelError("z: expected at least one latent, got N = 0")
         if not np.issubdtype(z.dtype, np.floating):
             raise RuntimeModelError(f"z: expected floating point values, got {z.dtype}")
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+            z = np.ascontiguousarray(z, dtype=np.float32)
         if not np.all(np.isfinite(z)):
-            raise RuntimeModelError("z: contains NaN or infinite values")
-        return self.session.run(["x_mean"], {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
+            raise RuntimeModelError("z: contains NaN or infinite values (or values beyond float32's range)")
+        return self._run(["x_mean"], {"z": z})[0]
 
     def decode_on_device(self, z, out=None):
         """Decode latents [N, latent_dim] that already live where the session runs (an OrtValue, e.g.
@@ -311,10 +337,13 @@ class Decoder(_Model):
             raise RuntimeModelError(f"n: expected an integer >= 1, got {n!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise RuntimeModelError(f"seed: expected an integer >= 0, got {seed!r}")
-        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating))
+                or not np.isfinite(temperature) or temperature <= 0):
             raise RuntimeModelError(f"temperature: expected a finite number > 0, got {temperature!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise RuntimeModelError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         rng = np.random.default_rng(seed)
-        out = np.empty((n, self.channels, self.image_size, self.image_size), np.float32)
+        out = output_array("n", (n, self.channels, self.image_size, self.image_size))
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
             z = rng.standard_normal((size, self.latent_dim)) * temperature
@@ -326,12 +355,13 @@ class Encoder(_Model):
     """`encoder.onnx`: images -> (mu, logvar) of q(z|x), each [N, latent_dim]."""
 
     KIND = "encoder"
+    EXTRA_OUTPUTS = ("logvar",)
     SIGNATURE = buffers.Signature("x", (None, "channels", "size", "size"), "mu", (None, "latent"))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images: uint8 [N, H, W, 3] (0..255) or float [N, 3, H, W] in [0, 1]; returns (mu, logvar)."""
         x = self.to_input(images)
-        mu, logvar = self.session.run(["mu", "logvar"], {"x": x})
+        mu, logvar = self._run(["mu", "logvar"], {"x": x})
         return mu, logvar
 
     def encode_on_device(self, x, out=None):
@@ -381,8 +411,33 @@ def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
     if a.ndim != 1 or a.shape != b.shape:
         raise RuntimeModelError(f"a, b: expected two codes of the same shape [latent_dim], got "
                                 f"{list(a.shape)} and {list(b.shape)}")
+    out = output_array("steps", (steps, a.shape[0]))
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
-    return (1 - t) * a[None] + t * b[None]
+    np.add((1 - t) * a[None], t * b[None], out=out)
+    return out
+
+
+def output_array(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An empty float32 result of `shape`, refused in one line (naming the argument `name` that sized it) when it
+    is larger than this machine's memory or cannot be allocated."""
+    shape = tuple(int(d) for d in shape)
+    nbytes = 4 * int(np.prod(shape, dtype=object))
+    physical = _physical_memory()
+    if physical is not None and nbytes > physical:
+        raise RuntimeModelError(f"{name}: {shape[0]} would need {nbytes / 2**30:.1f} GiB, more than this machine's "
+                                f"{physical / 2**30:.1f} GiB of memory; ask in parts")
+    try:
+        return np.empty(shape, np.float32)
+    except (MemoryError, ValueError) as err:
+        raise RuntimeModelError(f"{name}: {shape[0]} would need {nbytes / 2**30:.1f} GiB, which cannot be "
+                                f"allocated ({type(err).__name__}); ask in parts") from None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that reports it
+        return None
 
 
 def _reason(err: Exception) -> str:
