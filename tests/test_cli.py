@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from conftest import REPO
 from vae.cli import main
 
 
@@ -158,3 +160,50 @@ def test_eval_and_score_show_progress_on_a_terminal(trained_run, synth_source, t
     assert "scoring K=4" in stderr_on_a_tty("score", "--run", str(trained_run), "--source",
                                             str(synth_source / "img_align_celeba"), "--k", "4", "--out",
                                             str(tmp_path / "s.csv"))
+
+
+def one_line(capsys, code, want_code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == want_code and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--num-machines", "2", "--machine-rank", "7", "--main-process-ip", "127.0.0.1"], "--machine-rank 7: expected"),
+    (["--machine-rank", "-1"], "--machine-rank -1: expected an integer in [0, 0]"),
+    (["--num-machines", "2", "--machine-rank", "1"], "--main-process-ip: needed with --num-machines 2")])
+def test_a_launch_that_would_wait_forever_is_refused_first(tmp_path, capsys, extra, needle):
+    """These once hung silently: a rank no machine has, or no address for the main machine."""
+    code = main(["train", "--config", str(REPO / "configs" / "demo.yaml"), f"run_dir={tmp_path / 'run'}", *extra])
+    one_line(capsys, code, 2, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_precision_names(capsys):
+    from vae.cli import _precisions
+    from vae.serving.export import export
+
+    assert _precisions("INT8, fp32,int8") == ("int8",) and _precisions("fp16,int8") == ("fp16", "int8")
+    assert _precisions(None) == ()
+    for text in ("", ",", "int8,,fp16"):
+        code = main(["export", "--run", "r", "--out", "o", "--precision", text])
+        one_line(capsys, code, 2, "--precision", "expected names separated by commas")
+    with pytest.raises(Exception, match=r"precision int4: not offered \(reduced-precision CPU graphs: int8; float16 "
+                                        r"for GPUs: fp16 or --fp16\)$"):
+        export("no-run", "o", precisions=("int4",))
+
+
+def test_score_checks_its_output_before_scoring_and_refuses_nan_scores(trained_run, synth_source, tmp_path, capsys,
+                                                                         monkeypatch):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    code = main(["score", "--run", str(tmp_path / "no-run"), "--source", str(synth_source), "--out", str(folder)])
+    one_line(capsys, code, 2, f"--out {folder}: is a folder")  # before the run is even loaded
+    from vae.evaluation import score as score_module
+
+    monkeypatch.setattr(score_module, "iwae_bound", lambda model, x, *args: torch.full((len(x),), float("nan")))
+    out = tmp_path / "scores.csv"
+    code = main(["score", "--run", str(trained_run), "--source", str(synth_source), "--k", "2", "--out", str(out)])
+    one_line(capsys, code, 1, "scores are not finite", "no ranking written")
+    assert not out.exists()

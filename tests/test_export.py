@@ -258,3 +258,42 @@ def test_mixture_decoder_exports_its_expected_image(tmp_path):
         want = model.decode_mean(torch.from_numpy(z)).numpy()
     assert want.std() > 0.01  # a real image, not a constant
     np.testing.assert_allclose(got, want, atol=TOLERANCE, rtol=0)
+
+
+def test_nan_outputs_never_pass_the_export_gate(trained_run, tmp_path):
+    """A NaN beside a finite difference once lost to Python's max: a NaN logvar passed and was published."""
+    from vae.serving.export import _max_abs_diff, export_graphs, validate
+
+    assert np.isnan(_max_abs_diff([np.zeros(2), np.full(2, np.nan)], (torch.zeros(2), torch.zeros(2))))
+    model = load_trained(trained_run, ema=True)[0]
+    with torch.no_grad():
+        model.to_posterior.bias[model.latent_dim:] = float("nan")  # the logvar half of the posterior head
+    export_graphs(model, tmp_path)
+    images = np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)
+    with pytest.raises(ExportError, match="outputs are not finite"):
+        validate(tmp_path, model, images)
+
+
+def test_a_run_whose_metrics_are_not_finite_is_not_exported(trained_run, tmp_path, monkeypatch):
+    from vae.serving import export as export_module
+
+    real = export_module.current_metrics
+    monkeypatch.setattr(export_module, "current_metrics",
+                        lambda *args: {**real(*args), "nll_bpd": float("nan")})
+    with pytest.raises(ExportError, match=r"metrics are not finite .*nll_bpd nan"):
+        export(trained_run, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_validation_shards_must_match_the_model_and_its_preprocessing(trained_run, synth_source, tmp_path, capsys):
+    from pipeline.shard import shard
+    from vae.cli import main
+
+    shard(synth_source, tmp_path / "crop0", size=16, crop=0, maxcount=60, progress=False)
+    shard(synth_source, tmp_path / "size8", size=8, maxcount=60, progress=False)
+    for shards, message in (("crop0", "preprocessed with crop 0, the run's shards"), ("size8", "images of 8x8")):
+        code = main(["export", "--run", str(trained_run), "--out", str(tmp_path / "m"), "--shards",
+                     str(tmp_path / shards)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert not (tmp_path / "m").exists()

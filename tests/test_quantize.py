@@ -3,6 +3,8 @@ written and load by explicit choice, a graph over budget that is never written."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -58,6 +60,11 @@ def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
     assert set(sets) == {"prior_draws", "codes"}
     assert report["decoder"]["mean_abs"] == max(e["mean_abs"] for e in sets.values())
     assert report["decoder"]["max_abs"] == max(e["max_abs"] for e in sets.values())
+    assert set(report["encoder"]["by_input"]) == {"codes", "posterior_samples"}  # logvar is held to it too
+    assert np.isfinite(report["encoder"]["logvar_max_abs"])
+    # held-out images first, topped up from the next splits to 128 (half calibrate, half validate)
+    assert re.search(r"first 60 images .* other 60 \(images from test \d+, valid \d+, train \d+\)",
+                     report["calibration"]), report["calibration"]
     assert {"decoder.int8.onnx", "encoder.int8.onnx"} <= set(card["files"]) <= set(card["sha256"])
     nodes = onnx.load(str(out / "decoder.int8.onnx")).graph.node
     ops = {node.op_type for node in nodes}
@@ -94,8 +101,8 @@ def test_each_input_set_must_meet_the_budget_on_its_own():
     assert _verdict({**_worst(prior_draws=fine, codes=fine), "recon_increase": 0.005}) == "fidelity"
 
 
-def test_int8_needs_two_held_out_images(trained_run, tmp_path):
-    """One image cannot both calibrate and validate: refused, nothing written."""
+def test_int8_needs_enough_images(trained_run, tmp_path):
+    """A few images can neither calibrate nor validate: refused, nothing written."""
     from vae.checkpoint import load_trained
     from vae.serving.export import ExportError, export
     from vae.serving.quantize import write_int8
@@ -104,9 +111,42 @@ def test_int8_needs_two_held_out_images(trained_run, tmp_path):
     folder = tmp_path / "model"
     model = load_trained(trained_run)[0]
     before = sorted(p.name for p in folder.iterdir())
-    with pytest.raises(ExportError, match="int8: needs at least 2 held-out images .* the split has 1"):
-        write_int8(model, folder, np.zeros((1, 3, 16, 16), np.float32), session=None)
+    with pytest.raises(ExportError, match="int8: needs at least 16 images .* the shards have 15"):
+        write_int8(model, folder, np.zeros((15, 3, 16, 16), np.float32), session=None)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_nan_in_any_input_set_meets_no_budget():
+    from vae.serving.quantize import _verdict, _worst
+
+    fine, nan = {"mean_abs": 0.1 / 255, "max_abs": 1 / 255}, {"mean_abs": float("nan"), "max_abs": float("nan")}
+    for sets in ({"codes": fine, "posterior_samples": nan}, {"codes": nan, "posterior_samples": fine}):
+        errors = {**_worst(**sets), "recon_increase": 0.0}
+        assert np.isnan(errors["mean_abs"]) and _verdict(errors) is None
+    assert _verdict({**_worst(codes=fine), "recon_increase": float("nan")}) is None
+
+
+def test_an_int8_encoder_with_a_broken_logvar_is_not_written(trained_run, tmp_path, monkeypatch):
+    """Only mu was once validated: an int8 encoder whose logvar is NaN shipped."""
+    from vae.serving import quantize
+    from vae.serving.export import ExportError, export
+
+    build = quantize.build_int8_graphs
+
+    def with_nan_logvar(model, folder, images):
+        build(model, folder, images)
+        graph = onnx.load(str(folder / "encoder.int8.onnx"))
+        for node in graph.graph.node:
+            node.output[:] = ["logvar_raw" if name == "logvar" else name for name in node.output]
+        nan = onnx.helper.make_tensor("nan", onnx.TensorProto.FLOAT, [], [float("nan")])
+        graph.graph.node.extend([onnx.helper.make_node("Constant", [], ["nan_value"], value=nan),
+                                 onnx.helper.make_node("Add", ["logvar_raw", "nan_value"], ["logvar"])])
+        onnx.save(graph, str(folder / "encoder.int8.onnx"))
+
+    monkeypatch.setattr(quantize, "build_int8_graphs", with_nan_logvar)
+    with pytest.raises(ExportError, match="encoder.int8.onnx: differs from the float32 graph by mean nan"):
+        export(trained_run, tmp_path / "model", precisions=("int8",))
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_graph_over_its_budget_is_not_written(trained_run, tmp_path, monkeypatch):

@@ -78,6 +78,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
         raise BadInput(f"--accelerate-config {args.accelerate_config}: file not found")
+    _check_machines(args)
     if args.num_processes == 1 and args.num_machines == 1 and not args.accelerate_config:
         from vae.training.train import Preempted, train
 
@@ -101,6 +102,16 @@ def cmd_train(args) -> int:
             return 2 if bad_input else 1
     print(f"trained {run_dir}")
     return 0
+
+
+def _check_machines(args) -> None:
+    """The machine rank and the main machine's address, before a launch that would wait for them forever."""
+    if args.machine_rank < 0 or (not args.accelerate_config and args.machine_rank >= args.num_machines):
+        raise BadInput(f"--machine-rank {args.machine_rank}: expected an integer in [0, {args.num_machines - 1}] "
+                       f"(one per machine of --num-machines {args.num_machines})")
+    if args.num_machines > 1 and not args.main_process_ip and not args.accelerate_config:
+        raise BadInput(f"--main-process-ip: needed with --num-machines {args.num_machines} (the address of the "
+                       "machine with --machine-rank 0, which every machine connects to)")
 
 
 def _preempted_ranks(run_dir: Path) -> int:
@@ -153,10 +164,20 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _precisions(text: str | None) -> tuple[str, ...]:
+    """`--precision int8,fp16` as names (lower case; fp32, always written, is accepted and dropped)."""
+    if text is None:
+        return ()
+    names = [name.strip().lower() for name in text.split(",")]
+    if not all(names):
+        raise BadInput(f"--precision {text!r}: expected names separated by commas, such as int8 or int8,fp16")
+    return tuple(dict.fromkeys(name for name in names if name not in ("fp32", "float32")))
+
+
 def cmd_export(args) -> int:
     from vae.serving.export import FP16_DECODER, export
 
-    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip()) if args.precision else ()
+    precisions = _precisions(args.precision)
     card = export(args.run, args.out, shards=args.shards, fp16=args.fp16 or "fp16" in precisions,
                   precisions=tuple(p for p in precisions if p != "fp16"))
     worst = max(max(v.values()) for v in card["validation"]["max_abs_diff"].values())

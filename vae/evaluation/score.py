@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -18,9 +19,23 @@ import torch
 from tqdm import tqdm
 
 from common.atomic import atomic_write_text
-from common.errors import BadInput
+from common.errors import BadInput, VaeError
 from vae.checkpoint import load_trained
 from vae.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
+
+
+class ScoreError(VaeError):
+    """The model gave scores that rank nothing (NaN or infinite)."""
+
+
+def writable_file(out: str | Path) -> None:
+    """`out` names a file this process can write (its folder may not exist yet), else one line naming it."""
+    out = Path(out)
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a folder; name the CSV file to write, such as {out / 'scores.csv'}")
+    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {folder} cannot be written here")
 
 
 def _shard_batches(shards: str, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -68,7 +83,10 @@ def _training_crop(cfg) -> int:
 @torch.no_grad()
 def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None = None,
           batch_size: int = 64, seed: int = 0, progress: bool = False) -> list[tuple[str, float]]:
-    """[(key, nll_bpd)] sorted from most to least anomalous; written as CSV to `out` when given."""
+    """[(key, nll_bpd)] sorted from most to least anomalous; written as CSV to `out` when given (checked before
+    any image is scored). Scores that are not finite fail the run (ScoreError): no ranking is written."""
+    if out is not None:
+        writable_file(out)
     model, cfg, _ = load_trained(run_dir)
     size = cfg.model.image_size
     dims = image_dims(size)
@@ -91,6 +109,10 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
             bar.update(len(keys))
     if not scores:
         raise BadInput(f"source {source}: no usable images")
+    broken = [key for key, value in scores if not np.isfinite(value)]
+    if broken:
+        raise ScoreError(f"run {run_dir}: {len(broken)} of {len(scores)} scores are not finite (first: {broken[0]}): "
+                         "the model's bound is broken on them; no ranking written")
     scores.sort(key=lambda item: (-item[1], item[0]))
     if out is not None:
         buf = io.StringIO()

@@ -63,8 +63,13 @@ def _session(path: Path, device: str = "cpu"):
 
 
 def _max_abs_diff(got: list[np.ndarray], want) -> float:
+    """The largest difference over all outputs; NaN when any output holds one (np.max propagates it)."""
     want = want if isinstance(want, tuple) else (want,)
-    return max(float(np.max(np.abs(g - w.numpy()))) for g, w in zip(got, want))
+    return float(np.max([np.max(np.abs(g - w.numpy())) for g, w in zip(got, want)]))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
@@ -91,6 +96,9 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
             prior = torch.from_numpy(rng.standard_normal((batch, model.latent_dim)).astype(np.float32))
             z = torch.where(torch.arange(batch)[:, None] % 2 == 0, want_enc[0], prior).contiguous()
             want_dec = model.decode_mean(z)
+        if not all(torch.isfinite(t).all() for t in (*want_enc, want_dec)):
+            raise ExportError(f"the model's own outputs are not finite (NaN or infinite) at batch {batch}: its "
+                              "weights are broken; not exported")
         enc = _max_abs_diff(encoder.run(["mu", "logvar"], {"x": x}), want_enc)
         dec = _max_abs_diff(decoder.run(["x_mean"], {"z": z.numpy()}), want_dec)
         report["max_abs_diff"][str(batch)] = {"encoder": enc, "decoder": dec}
@@ -100,22 +108,49 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
     return report
 
 
-def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray, dict]:
-    """Real held-out inputs (float32 [n, 3, H, W] in [0, 1]) and the shards' preprocessing.
+def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray, dict, str]:
+    """Up to `n` real inputs (float32 [n, 3, H, W] in [0, 1]), the preprocessing the model was trained with, and
+    which splits the images came from ("test 20, valid 20, ...").
 
-    The test split when it has images; else valid, then train (e.g. the shared CelebA sample has no test
-    partition)."""
+    Held-out images first: the test split, topped up from valid, then train (the shared CelebA sample has no
+    test partition). Shards given for validation must hold images of the model's size, preprocessed like the
+    training shards where those can be read (the card's preprocessing is what apps apply)."""
     from pipeline.loader import eval_loader
+    from pipeline.manifest import require_image_size
+
+    given = shards or cfg.data.shards
+    manifest = require_image_size(given, cfg.model.image_size)
+    preprocessing = manifest.get("preprocessing", {})
+    if shards and shards != cfg.data.shards:
+        preprocessing = _same_preprocessing(cfg.data.shards, shards, preprocessing)
+    batches, taken = [], []
+    for split in ("test", "valid", "train"):
+        room = n - sum(len(b) for b in batches)
+        if room > 0 and manifest["splits"].get(split, {}).get("count", 0) > 0:
+            for _, x, _ in eval_loader(given, split, room):
+                batches.append((x.float() / 255.0).numpy())
+                taken.append(f"{split} {len(x)}")
+                break
+    if not batches:
+        raise ExportError(f"shards {given}: no images to validate the export against")
+    return np.concatenate(batches), preprocessing, ", ".join(taken)
+
+
+def _same_preprocessing(trained: str, given: str, found: dict) -> dict:
+    """The training shards' preprocessing, after checking that the validation shards `given` share it (when the
+    training shards cannot be read here, the given shards' is all there is)."""
     from pipeline.manifest import load_manifest
 
-    shards = shards or cfg.data.shards
-    manifest = load_manifest(shards)
-    preprocessing = manifest.get("preprocessing", {})
-    for split in ("test", "valid", "train"):
-        if manifest["splits"].get(split, {}).get("count", 0) > 0:
-            for _, x, _ in eval_loader(shards, split, n):
-                return (x.float() / 255.0).numpy(), preprocessing
-    raise ExportError(f"shards {shards}: no images to validate the export against")
+    try:
+        want = load_manifest(trained).get("preprocessing", {})
+    except (BadInput, OSError):
+        return found
+    differ = sorted(key for key in set(want) | set(found) if want.get(key) != found.get(key))
+    if differ:
+        raise BadInput(f"shards {given}: preprocessed with " + ", ".join(f"{k} {found.get(k)!r}" for k in differ)
+                       + f", the run's shards {trained} with " + ", ".join(f"{k} {want.get(k)!r}" for k in differ)
+                       + " (validate on shards made like the training shards)")
+    return want
 
 
 def export_graphs(model: nn.Module, folder: Path, fp16: bool = False) -> list[str]:
@@ -207,13 +242,17 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
     run_dir, out = Path(run_dir), Path(out)
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
+        why = ("; onnxruntime's CPU provider has no bf16 convolution or matrix-product kernels"
+               if "bf16" in unknown else "")
         raise BadInput(f"precision {', '.join(unknown)}: not offered (reduced-precision CPU graphs: "
-                       f"{', '.join(PRECISIONS)}; float16 for GPUs: --fp16); onnxruntime's CPU provider has no "
-                       "bf16 convolution or matrix-product kernels")
+                       f"{', '.join(PRECISIONS)}; float16 for GPUs: fp16 or --fp16){why}")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
+    images, preprocessing, source = validation_images(cfg, shards, n=128)  # int8: half calibrates, half validates
     metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
-    images, preprocessing = validation_images(cfg, shards, n=128)  # int8: one half calibrates, the other validates
+    if not all(_finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
+        raise ExportError(f"run {run_dir}: its metrics are not finite (elbo_bpd {metrics.get('elbo_bpd')!r}, "
+                          f"nll_bpd {metrics.get('nll_bpd')!r}): the weights diverged; not exported")
     card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim,
             "image_size": cfg.model.image_size, "channels": 3, "likelihood": cfg.model.likelihood,
             "version": version or f"{run_dir.name}@{step}",
@@ -228,7 +267,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
         if fp16:
             card["validation"]["fp16_decoder"] = validate_fp16(staging, cfg.model.latent_dim)
         if "int8" in precisions:
-            card["validation"]["int8"] = write_int8(model, staging, images, _session)
+            card["validation"]["int8"] = write_int8(model, staging, images, _session, source)
             names += ["encoder.int8.onnx", "decoder.int8.onnx"]
             for name in names[-2:]:
                 set_metadata(staging / name, {**card, "precision": "int8"})

@@ -11,7 +11,9 @@ does not load), so no bf16 graph is offered.
 Calibration (activation ranges): codes of real held-out images (the encoder's mu) and draws from the prior for the
 decoder, the images themselves for the encoder. Validation, on other draws and other held-out images: the decoder
 on 64 prior draws and 64 codes of held-out images (each set within the budget), the encoder on 64 held-out images
-seen through the float32 decoder (its codes decoded, so the budget is in pixels). Each graph meets BUDGET
+seen through the float32 decoder, so the budget is in pixels: their codes (mu) decoded, and one posterior sample
+each (mu + exp(logvar / 2) * eps, the same eps for both graphs) decoded, so logvar is held to the budget too.
+Any non-finite output fails. Each graph meets BUDGET
 (agreement with the float32 graph) or else FIDELITY_BUDGET (held-out images reconstructed nearly as well as by the
 float32 graphs), else the export fails and nothing is written; the report says which.
 """
@@ -138,13 +140,17 @@ def _errors(got: np.ndarray, want: np.ndarray) -> dict:
 
 def _worst(**sets: dict) -> dict:
     """The differences of each input set (`by_input`), judged by the worst: a budget holds for every set, so the
-    accurate codes of held-out images cannot average away the prior draws' larger differences."""
-    return {"mean_abs": max(e["mean_abs"] for e in sets.values()),
-            "max_abs": max(e["max_abs"] for e in sets.values()), "by_input": sets}
+    accurate codes of held-out images cannot average away the prior draws' larger differences. A NaN in any set
+    is the worst (np.max propagates it; Python's max would drop it)."""
+    return {"mean_abs": float(np.max([e["mean_abs"] for e in sets.values()])),
+            "max_abs": float(np.max([e["max_abs"] for e in sets.values()])), "by_input": sets}
 
 
 def _verdict(errors: dict) -> str | None:
-    """Which budget `errors` meet: "agreement" (BUDGET), "fidelity" (FIDELITY_BUDGET) or None."""
+    """Which budget `errors` meet: "agreement" (BUDGET), "fidelity" (FIDELITY_BUDGET) or None (also when any
+    figure is not finite: a NaN output meets no budget)."""
+    if not all(np.isfinite(errors[key]) for key in ("mean_abs", "max_abs", "recon_increase")):
+        return None
     if errors["mean_abs"] <= BUDGET["mean_abs"] and errors["max_abs"] <= BUDGET["max_abs"]:
         return "agreement"
     if (errors["recon_increase"] <= FIDELITY_BUDGET["recon_increase"]
@@ -177,18 +183,30 @@ def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> Non
                    [np.ascontiguousarray(b) for b in np.array_split(images, max(1, len(images) // 16))])
 
 
-def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> dict:
+def _posterior_decoded(decoder, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """mu + exp(logvar / 2) * eps decoded by `decoder`; all NaN where any of it is not finite (no budget holds: an
+    infinite code could decode to finite, saturated images)."""
+    with np.errstate(all="ignore"):
+        z = (mu + np.exp(logvar / 2) * eps).astype(np.float32)
+    return decoder.run(["x_mean"], {"z": z if np.isfinite(z).all() else np.full_like(z, np.nan)})[0]
+
+
+MIN_IMAGES = 16  # half calibrates, half validates (repeated to 64): fewer says little about either
+
+
+def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, source: str = "held-out images") -> dict:
     """Write `decoder.int8.onnx` and `encoder.int8.onnx` into `folder`, beside its validated float32 graphs, and
     return their validation report; raise ExportError (nothing written) when either misses both budgets.
 
-    `session(path)` opens a graph the way the runtime does; `images` are held-out float32 [N, 3, H, W]: the
-    first half calibrates, the other half validates (with the prior draws)."""
+    `session(path)` opens a graph the way the runtime does; `images` are float32 [N, 3, H, W], held-out where
+    the shards have enough (`source` says from which splits): the first half calibrates, the other validates
+    (with the prior draws)."""
     from vae.serving.graphs import ExportError
     from vae.serving.model_card import budgets_text
 
-    if len(images) < 2:
-        raise ExportError(f"int8: needs at least 2 held-out images (one half calibrates, the other validates); the "
-                          f"split has {len(images)}")
+    if len(images) < MIN_IMAGES:
+        raise ExportError(f"int8: needs at least {MIN_IMAGES} images (one half calibrates, the other validates); "
+                          f"the shards have {len(images)}")
     d, half = model.latent_dim, len(images) // 2
     calibration, held = images[:half], images[half:]
     build_int8_graphs(model, folder, calibration)
@@ -199,22 +217,26 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session) -> d
         return graph.run(["x_mean"], {"z": z})[0]
 
     x = np.ascontiguousarray(held[np.arange(64) % len(held)], dtype=np.float32)
-    mu, mu8 = encoder.run(["mu"], {"x": x})[0], encoder8.run(["mu"], {"x": x})[0]
+    (mu, logvar), (mu8, logvar8) = encoder.run(["mu", "logvar"], {"x": x}), encoder8.run(["mu", "logvar"], {"x": x})
     prior = np.random.default_rng(3).standard_normal((64, d)).astype(np.float32)
+    eps = np.random.default_rng(4).standard_normal(mu.shape).astype(np.float32)
     images, images_int8_decoder, images_int8_encoder = decode(decoder, mu), decode(decoder8, mu), decode(decoder, mu8)
+    sampled = [_posterior_decoded(decoder, m, lv, eps) for m, lv in ((mu, logvar), (mu8, logvar8))]
     reference = _recon_error(images, x)
     decoded = {**_worst(prior_draws=_errors(decode(decoder8, prior), decode(decoder, prior)),
                         codes=_errors(images_int8_decoder, images)),
                "recon_increase": _recon_error(images_int8_decoder, x) / reference - 1}
-    encoded = {**_errors(images_int8_encoder, images),
+    encoded = {**_worst(codes=_errors(images_int8_encoder, images),
+                        posterior_samples=_errors(sampled[1], sampled[0])),
                "recon_increase": _recon_error(images_int8_encoder, x) / reference - 1,
-               "mu_max_abs": float(np.abs(mu8 - mu).max())}
-    seen = f"{len(held)} held-out images" + (" (repeated to 64)" if len(held) < 64 else "")
+               "mu_max_abs": float(np.abs(mu8 - mu).max()), "logvar_max_abs": float(np.abs(logvar8 - logvar).max())}
+    seen = f"{len(held)} images" + (" (repeated to 64)" if len(held) < 64 else "")
     report = {"budget": BUDGET, "fidelity_budget": FIDELITY_BUDGET, "recon_error_float32": reference,
               "decoder": {**decoded, "inputs": f"64 prior draws; the codes of {seen}, each set within the budget"},
-              "encoder": {**encoded, "inputs": f"{seen}, their codes decoded by decoder.onnx"},
-              "calibration": f"codes of {len(calibration)} held-out images + 256 prior draws; those images for the "
-                             f"encoder; validated on {len(held)} other held-out images",
+              "encoder": {**encoded, "inputs": f"{seen}: their codes and one posterior sample each, decoded by "
+                                               "decoder.onnx, each set within the budget"},
+              "calibration": f"codes of the first {len(calibration)} images + 256 prior draws; those images for the "
+                             f"encoder; validated on the other {len(held)} (images from {source})",
               "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + channels-last phase interleave "
                                  "(exact in float32)"}
     for name, key in (("decoder.int8.onnx", "decoder"), ("encoder.int8.onnx", "encoder")):

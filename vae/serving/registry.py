@@ -7,8 +7,8 @@
 
 A version is immutable and published whole: locally it is staged under a temporary name and renamed into
 place; on object storage the version is first claimed for its files (`.claim.json`, a conditional create), its
-files are uploaded and `version.json` last, and a version exists only once its record does. `champion.json` names the version relative to the registry, so any host that can read the
-registry can follow it.
+files are uploaded and `version.json` last, and a version exists only once its record does. `champion.json`
+names the version relative to the registry, so any host that can read the registry can follow it.
 
 Promotion compares evidence (`evidence_of(metrics)`): the test `nll_bpd`, and what makes two numbers comparable
 (split, the split's fingerprint, K, image size). Non-finite numbers never win. The champion is replaced by
@@ -469,7 +469,8 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
 def _champion_record(version: str, record_bytes: bytes, evidence: dict, run: str | None) -> dict:
     """`champion.json` naming `version`: it pins the version record's bytes as stored (what the runtime hashes)."""
     return {"version": version, "path": version_path(version),
-            "record_sha256": hashlib.sha256(record_bytes).hexdigest(), "evidence": evidence, "run": run, **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
+            "record_sha256": hashlib.sha256(record_bytes).hexdigest(), "evidence": evidence, "run": run,
+            **{key: evidence[key] for key in ("nll_bpd", "split", "k")},
             "promoted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
