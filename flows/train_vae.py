@@ -96,10 +96,11 @@ def evaluate_model(run_dir: str, k: int | None = None) -> dict:
 def export_model(run_dir: str, version: str, fp16: bool = False, precisions: list[str] | None = None) -> str:
     """Export and validate (ONNX check + onnxruntime parity; with `fp16` also `decoder.fp16.onnx`, validated
     against float32); raises and writes nothing on failure."""
-    from vae.serving.export import export
+    from vae.serving.export import existing_export, export
 
     out = Path(run_dir) / "export"
-    export(run_dir, out, version=version, fp16=fp16, precisions=tuple(precisions or ()))
+    if existing_export(out, run_dir, version, fp16, tuple(precisions or ())) is None:  # a retry reuses its export
+        export(run_dir, out, version=version, fp16=fp16, precisions=tuple(precisions or ()))
     return str(out.resolve())  # the complete folder the link points to now
 
 

@@ -6,12 +6,14 @@ import re
 import shutil
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from common.digest import sha256_file
 from exported_model import exported_once
 from vae.checkpoint import load_trained
 from vae.serving.export import FP16_DECODER, FP16_TOLERANCE, TOLERANCE, ExportError, export, random_ops, validate_fp16
@@ -297,3 +299,36 @@ def test_validation_shards_must_match_the_model_and_its_preprocessing(trained_ru
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
         assert not (tmp_path / "m").exists()
+
+
+def test_a_retried_flow_export_reuses_the_export_of_its_version(trained_run, tmp_path):
+    """A retried flow run re-exporting would make new bytes (the card's `created`), which a version half-registered
+    on object storage refuses; the retry reuses the export when it holds this version of these weights, whole."""
+    from flows.train_vae import export_model
+    from vae.serving.export import existing_export
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export", ".export*"))
+    first = Path(export_model.fn(str(run), "v-1"))
+    card = (first / "model.json").read_bytes()
+    assert Path(export_model.fn(str(run), "v-1")) == first and (first / "model.json").read_bytes() == card
+    assert existing_export(run / "export", run, "v-1") is not None
+    assert existing_export(run / "export", run, "v-2") is None  # another version
+    assert existing_export(run / "export", run, "v-1", fp16=True) is None  # a graph it lacks
+    assert existing_export(run / "export", run, "v-1", precisions=("int8",)) is None
+    (first / "decoder.onnx").write_bytes(b"damaged")
+    assert existing_export(run / "export", run, "v-1") is None
+    again = Path(export_model.fn(str(run), "v-1"))
+    assert json.loads((again / "model.json").read_text())["sha256"]["decoder.onnx"] == sha256_file(
+        again / "decoder.onnx")
+
+
+def test_validation_shards_are_enough_where_the_runs_shards_cannot_be_read(trained_run, tiny_shards, tmp_path):
+    """A run trained from s3:// (no credentials here) exports against local shards, with a warning."""
+    from vae.serving.export import _same_preprocessing
+
+    found = {"crop": 148, "size": 16}
+    with pytest.warns(RuntimeWarning, match="cannot be read here"):
+        assert _same_preprocessing("gs://no-such-bucket/shards", str(tiny_shards), found) == found
+    with pytest.warns(RuntimeWarning, match="cannot be read here"):
+        assert _same_preprocessing(str(tmp_path / "gone"), str(tiny_shards), found) == found

@@ -63,7 +63,7 @@ def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
     assert set(report["encoder"]["by_input"]) == {"codes", "posterior_samples"}  # logvar is held to it too
     assert np.isfinite(report["encoder"]["logvar_max_abs"])
     # held-out images first, topped up from the next splits to 128 (half calibrate, half validate)
-    assert re.search(r"first 60 images .* other 60 \(images from test \d+, valid \d+, train \d+\)",
+    assert re.search(r"last 60 images .* first 60 \(images from test \d+, valid \d+, train \d+, in that order\)",
                      report["calibration"]), report["calibration"]
     assert {"decoder.int8.onnx", "encoder.int8.onnx"} <= set(card["files"]) <= set(card["sha256"])
     nodes = onnx.load(str(out / "decoder.int8.onnx")).graph.node
@@ -99,6 +99,25 @@ def test_each_input_set_must_meet_the_budget_on_its_own():
     assert (over["mean_abs"] + fine["mean_abs"]) / 2 <= FIDELITY_BUDGET["mean_abs"] < errors["mean_abs"]
     assert _verdict(errors) is None
     assert _verdict({**_worst(prior_draws=fine, codes=fine), "recon_increase": 0.005}) == "fidelity"
+
+
+def test_the_most_held_out_images_are_the_ones_judged(trained_run, monkeypatch):
+    """Images come test first, then valid and train: the first 64 (at most half) validate and the rest calibrate,
+    so a small test split is judged rather than spent on calibration."""
+    from vae.checkpoint import load_trained
+    from vae.serving import quantize
+
+    calibrated = []
+
+    def record(model, folder, images):
+        calibrated.append(images)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(quantize, "build_int8_graphs", record)
+    images = np.stack([np.full((3, 16, 16), i / 40, np.float32) for i in range(33)])  # image i holds i / 40
+    with pytest.raises(RuntimeError, match="stop here"):
+        quantize.write_int8(load_trained(trained_run)[0], None, images, session=None)
+    assert [round(float(x[0, 0, 0]) * 40) for x in calibrated[0]] == list(range(16, 33))  # 16 judged
 
 
 def test_int8_needs_enough_images(trained_run, tmp_path):

@@ -310,3 +310,24 @@ def test_a_rollback_needs_a_published_version_and_a_reason(tmp_path, capsys):
     assert main(["registry", "rollback", str(registry), "--to", "v1", "--reason", "x"]) == 2
     assert "metrics.json: sha256 differs from the version record" in capsys.readouterr().err
     assert reg.read_champion(registry) is None  # nothing changed
+
+
+def test_only_a_failed_precondition_counts_as_a_lost_race():
+    """s3fs gives a failed precondition and an invalid argument (a store without conditional writes) one errno;
+    the S3 error code in the cause tells them apart, so an unsupported store is not read as a lost race."""
+    import errno
+
+    class ClientError(Exception):
+        def __init__(self, code):
+            self.response = {"Error": {"Code": code}}
+
+    def translated(code):
+        err = OSError(errno.EINVAL, "some message from the server")
+        err.__cause__ = ClientError(code)
+        return err
+
+    assert reg._lost_condition(translated("PreconditionFailed"))
+    assert reg._lost_condition(translated("ConditionalRequestConflict"))
+    assert not reg._lost_condition(translated("InvalidArgument"))
+    assert not reg._lost_condition(OSError(errno.EINVAL, "Invalid argument"))
+    assert reg._lost_condition(OSError(errno.EINVAL, "At least one of the pre-conditions you specified did not hold"))

@@ -46,6 +46,7 @@ CONTRACT_VERSION = "1"
 TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # max abs difference of decoder.fp16.onnx from decoder.onnx, outputs in [0, 1]
 VALIDATION_BATCHES = (1, 7, 64)
+CHECK_IMAGES = 576  # read for the checks: int8 validates on the first 64 and calibrates on the other 512
 GRAPHS = ("encoder.onnx", "decoder.onnx")
 FP16_DECODER = "decoder.fp16.onnx"
 
@@ -143,7 +144,9 @@ def _same_preprocessing(trained: str, given: str, found: dict) -> dict:
 
     try:
         want = load_manifest(trained).get("preprocessing", {})
-    except (BadInput, OSError):
+    except Exception as err:  # e.g. s3:// without credentials here, gs:// without gcsfs: any failure to read it
+        warnings.warn(f"the run's shards {trained} cannot be read here ({type(err).__name__}): the card takes the "
+                      f"preprocessing of {given}", RuntimeWarning, stacklevel=3)
         return found
     differ = sorted(key for key in set(want) | set(found) if want.get(key) != found.get(key))
     if differ:
@@ -248,7 +251,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
                        f"{', '.join(PRECISIONS)}; float16 for GPUs: fp16 or --fp16){why}")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
-    images, preprocessing, source = validation_images(cfg, shards, n=128)  # int8: half calibrates, half validates
+    images, preprocessing, source = validation_images(cfg, shards, n=CHECK_IMAGES)
     metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
     if not all(_finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
         raise ExportError(f"run {run_dir}: its metrics are not finite (elbo_bpd {metrics.get('elbo_bpd')!r}, "
@@ -278,6 +281,29 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
         write_samples(staging)
         write_model_card(staging, card)
     return card
+
+
+def existing_export(out: str | Path, run_dir: str | Path, version: str, fp16: bool = False,
+                    precisions: tuple[str, ...] = ()) -> dict | None:
+    """The card of the export at `out` when it holds `version` of the run's current EMA weights with the graphs
+    asked for, every file matching its sha256; else None. A retried flow run reuses it rather than exporting
+    again: a new export differs in bytes (its `created` time), and a version half-registered on object storage
+    takes only the bytes it was claimed for."""
+    from vae.checkpoint import weights_digest
+
+    try:
+        card = json.loads((Path(out) / "model.json").read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = {"encoder.onnx", "decoder.onnx", *([FP16_DECODER] if fp16 else []),
+              *(name for p in precisions for name in (f"encoder.{p}.onnx", f"decoder.{p}.onnx"))}
+    if not isinstance(card, dict) or card.get("version") != version or not wanted <= set(card.get("sha256") or {}):
+        return None
+    if any(not (Path(out) / name).is_file() or sha256_file(Path(out) / name) != digest
+           for name, digest in card["sha256"].items()):
+        return None
+    model = load_trained(Path(run_dir), ema=True)[0]
+    return card if card.get("weights_sha256") == weights_digest(model) else None
 
 
 def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:

@@ -191,7 +191,8 @@ def _posterior_decoded(decoder, mu: np.ndarray, logvar: np.ndarray, eps: np.ndar
     return decoder.run(["x_mean"], {"z": z if np.isfinite(z).all() else np.full_like(z, np.nan)})[0]
 
 
-MIN_IMAGES = 16  # half calibrates, half validates (repeated to 64): fewer says little about either
+MIN_IMAGES = 16  # some validate, the rest calibrate: fewer says little about either
+VALIDATION_IMAGES = 64  # judged (the most held-out); every other image given calibrates
 
 
 def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, source: str = "held-out images") -> dict:
@@ -199,16 +200,17 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
     return their validation report; raise ExportError (nothing written) when either misses both budgets.
 
     `session(path)` opens a graph the way the runtime does; `images` are float32 [N, 3, H, W], held-out where
-    the shards have enough (`source` says from which splits): the first half calibrates, the other validates
-    (with the prior draws)."""
+    the shards have enough, most held-out first (`source` says from which splits): the first VALIDATION_IMAGES
+    (at most half) validate, with the prior draws, and all the others calibrate. Calibrating on few images leaves
+    activation ranges that other images exceed (docs/onnx.md): give several hundred."""
     from vae.serving.graphs import ExportError
     from vae.serving.model_card import budgets_text
 
     if len(images) < MIN_IMAGES:
-        raise ExportError(f"int8: needs at least {MIN_IMAGES} images (one half calibrates, the other validates); "
+        raise ExportError(f"int8: needs at least {MIN_IMAGES} images (some calibrate, the others validate); "
                           f"the shards have {len(images)}")
-    d, half = model.latent_dim, len(images) // 2
-    calibration, held = images[:half], images[half:]
+    d, judged = model.latent_dim, min(VALIDATION_IMAGES, len(images) // 2)
+    held, calibration = images[:judged], images[judged:]
     build_int8_graphs(model, folder, calibration)
     decoder, decoder8 = session(folder / "decoder.onnx"), session(folder / "decoder.int8.onnx")
     encoder, encoder8 = session(folder / "encoder.onnx"), session(folder / "encoder.int8.onnx")
@@ -235,8 +237,9 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
               "decoder": {**decoded, "inputs": f"64 prior draws; the codes of {seen}, each set within the budget"},
               "encoder": {**encoded, "inputs": f"{seen}: their codes and one posterior sample each, decoded by "
                                                "decoder.onnx, each set within the budget"},
-              "calibration": f"codes of the first {len(calibration)} images + 256 prior draws; those images for the "
-                             f"encoder; validated on the other {len(held)} (images from {source})",
+              "calibration": f"codes of the last {len(calibration)} images + 256 prior draws; those images for the "
+                             f"encoder; validated on the first {len(held)} (images from {source}, in that order)",
+              "calibration_images": len(calibration),
               "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + channels-last phase interleave "
                                  "(exact in float32)"}
     for name, key in (("decoder.int8.onnx", "decoder"), ("encoder.int8.onnx", "encoder")):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import hashlib
 import json
 import math
@@ -176,7 +175,9 @@ def _create_if_absent(url: str, data: bytes) -> bool:
         except OSError as err:
             if _lost_condition(err):
                 return False
-            raise
+            raise RegistryError(f"{url}: conditional write failed ({type(err).__name__}: {err}); registration and "
+                                "promotion on object storage need conditional writes (If-None-Match, If-Match)") \
+                from None
         finally:
             fs.invalidate_cache(path)
         return True
@@ -190,11 +191,19 @@ def _create_if_absent(url: str, data: bytes) -> bool:
     return True
 
 
+LOST_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
 def _lost_condition(err: OSError) -> bool:
-    """Whether S3 refused a conditional write because another writer got there first."""
+    """Whether S3 refused a conditional write because another writer got there first. s3fs gives a failed
+    precondition and an invalid argument (a store without conditional writes) the same errno, so the S3 error
+    code is read from the cause where there is one."""
+    response = getattr(err.__cause__, "response", None)
+    code = (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
+    if code:
+        return str(code) in LOST_CODES
     text = str(err)
-    return (getattr(err, "errno", None) == errno.EINVAL or "PreconditionFailed" in text
-            or "ConditionalRequestConflict" in text or "412" in text or "409" in text)
+    return any(marker in text for marker in LOST_CODES) or "pre-condition" in text.lower()
 
 
 @contextlib.contextmanager

@@ -413,7 +413,9 @@ def interpolate(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
                                 f"{list(a.shape)} and {list(b.shape)}")
     out = output_array("steps", (steps, a.shape[0]))
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
-    np.add((1 - t) * a[None], t * b[None], out=out)
+    np.multiply(t, (b - a)[None], out=out)  # in place: no temporaries the size of the result
+    out += a[None]
+    out[-1] = b  # the endpoint exactly
     return out
 
 
