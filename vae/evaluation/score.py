@@ -82,12 +82,14 @@ def _training_crop(cfg) -> int:
 
 @torch.no_grad()
 def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None = None,
-          batch_size: int = 64, seed: int = 0, progress: bool = False) -> list[tuple[str, float]]:
+          batch_size: int = 64, seed: int | None = None, progress: bool = False) -> list[tuple[str, float]]:
     """[(key, nll_bpd)] sorted from most to least anomalous; written as CSV to `out` when given (checked before
-    any image is scored). Scores that are not finite fail the run (ScoreError): no ranking is written."""
+    any image is scored). Scores that are not finite fail the run (ScoreError): no ranking is written. Each
+    image's noise is seeded by `seed` (default: the run's `train.seed`, as `vae eval` draws it) and its key."""
     if out is not None:
         writable_file(out)
     model, cfg, _ = load_trained(run_dir)
+    seed = cfg.train.seed if seed is None else seed
     size = cfg.model.image_size
     dims = image_dims(size)
     skipped: list = []
