@@ -39,7 +39,8 @@ COPY common common
 COPY vae vae
 COPY pipeline pipeline
 COPY flows flows
-RUN pip install ".[gpu]"
+# gpu: onnxruntime-gpu; s3 and http: the registries, shards and sources the deploy configs point at (s3://)
+RUN pip install ".[gpu,s3,http]"
 COPY configs configs
 COPY prefect.yaml ./
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh

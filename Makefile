@@ -15,9 +15,11 @@ export ORT_DISABLE_TELEMETRY := 1
 
 .PHONY: demo test install system-deps clean serve serve-stop
 
+# a failed creation (no python3-venv package: the interpreter is copied, pip is not) removes the half-made .venv,
+# so the next make, after the fix, creates it again instead of taking it for done
 $(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+	$(PY) -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)

@@ -84,9 +84,11 @@ def train_model(config: str, overrides: list[str], run_dir: str, shards: str, nu
 
 @task(retries=1, retry_delay_seconds=[10])
 def evaluate_model(run_dir: str, k: int | None = None) -> dict:
-    from vae.evaluation.evaluate import evaluate
+    """The test metrics of the run's weights; a retried flow run reuses those its first attempt wrote when they
+    measured these weights on these images at this K (IWAE at K=1000 over the test split takes long)."""
+    from vae.evaluation.evaluate import evaluate, reusable_metrics
 
-    metrics = evaluate(run_dir, split="test", k=k)
+    metrics = reusable_metrics(run_dir, split="test", k=k) or evaluate(run_dir, split="test", k=k)
     get_run_logger().info("test nll_bpd %.4f (K=%d), elbo_bpd %.4f over %d images",
                           metrics["nll_bpd"], metrics["k"], metrics["elbo_bpd"], metrics["n_images"])
     return metrics
@@ -229,6 +231,48 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
     if synthesize_n == 0 and "://" not in source and not Path(source).exists():
         raise BadInput(f"train-vae parameter 'source': {source} does not exist (point it at a CelebA folder, "
                        "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")
+    check_registry(registry)
+
+
+def check_registry(registry: str) -> None:
+    """The registry can take versions and promotions here: a scheme with conditional writes, its fsspec backend
+    installed, a local folder that can be written (else the run would fail after training)."""
+    from common import storage
+
+    try:
+        reg.champion_store(registry)  # schemes without conditional writes are refused here
+        if storage.is_url(registry):
+            storage.filesystem(registry)  # the backend (s3fs, ...) is installed
+    except (reg.RegistryError, ImportError, ValueError) as err:
+        raise BadInput(f"train-vae parameter 'registry': {err}") from None
+    if not storage.is_url(registry):
+        folder = next((p for p in (Path(registry), *Path(registry).parents) if p.exists()), Path("."))
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise BadInput(f"train-vae parameter 'registry': {registry} cannot be written here ({folder})")
+
+
+def needs_synthesis(source: str, synthesize_n: int) -> bool:
+    """Whether to write a synthetic set at `source`: asked for, and the source is a local folder that is missing
+    or empty (never into a folder of real images, a zip or a URL)."""
+    if synthesize_n <= 0 or "://" in source:
+        return False
+    folder = Path(source)
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def check_shards(shards: str, precisions: list[str] | None) -> None:
+    """After sharding, before training: the test split the flow evaluates and promotes on holds images, and
+    int8 graphs have enough images to calibrate and validate."""
+    from pipeline.manifest import load_manifest
+    from vae.serving.quantize import MIN_IMAGES
+
+    splits = load_manifest(shards)["splits"]
+    count = {name: int((split or {}).get("count") or 0) for name, split in splits.items()}
+    if not count.get("test"):
+        raise BadInput(f"shards {shards}: the test split holds no images ({count}); the flow evaluates and promotes "
+                       "on it: give a source with a test partition (list_eval_partition.txt) or more images")
+    if "int8" in (precisions or []) and sum(count.values()) < MIN_IMAGES:
+        raise BadInput(f"shards {shards}: {sum(count.values())} images; int8 graphs need at least {MIN_IMAGES}")
 
 
 def warm_start_overrides(registry: str, runs: str) -> list[str]:
@@ -269,7 +313,8 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         k: Importance samples of the test IWAE bound (default: the config's eval.k).
         crop: The centred square cropped before resizing (0: the largest square).
         shard_workers: Preprocessing processes while sharding.
-        synthesize_n: When the source holds no data set yet, write this many synthetic faces there first.
+        synthesize_n: When the source is a missing or empty local folder, write this many synthetic faces there
+            first (a source that holds anything is used as it is).
         synthesize_seed: The seed of the synthetic faces.
         fp16: Also export decoder.fp16.onnx (float16 network, float32 interface) for GPU apps.
         warm_start: Start training from the champion's EMA weights, with this run's own schedule; refused before
@@ -288,9 +333,10 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         warm_start_weights(cfg)  # another architecture, or no checkpoint: one line, before any work
     version = reg.new_version(config_hash(cfg), *_flow_run_identity())
     run_dir = str(Path(runs) / version)
-    if synthesize_n > 0 and not (Path(source) / "list_eval_partition.txt").exists():
+    if needs_synthesis(source, synthesize_n):
         synthesize_source(source, synthesize_n, synthesize_seed)
     shard_data(source, shards, cfg.model.image_size, crop, shard_workers)
+    check_shards(shards, precisions)
     train_model(config, overrides, run_dir, shards, num_processes)
     metrics = evaluate_model(run_dir, k)
     export_dir = export_model(run_dir, version, fp16, precisions)

@@ -111,6 +111,19 @@ def changed_in_source(manifest: dict, listing: Listing) -> list[str]:
                   if size and now.get(key) and now[key] != size and key not in duplicated)
 
 
+def refuse_moved_images(out: str, manifest: dict, listing: Listing, present: set) -> None:
+    """One line when images already sharded now belong to another split, or to none (the partition file changed,
+    or one was added): shards are immutable, so a test image would stay in train."""
+    now = {entry.key: split for split in SPLITS for entry in listing.entries[split]}
+    moved = [(key, split, now.get(key)) for split in SPLITS for record in manifest["splits"][split]["shards"]
+             for key in record["keys"] if key in present and now.get(key) != split]
+    if moved:
+        shown = ", ".join(f"{key}: {was} -> {is_ or 'no split'}" for key, was, is_ in sorted(moved)[:3])
+        raise BadInput(f"shards {out}: {len(moved)} sharded images now belong to another split than they were "
+                       f"sharded into ({shown}{', ...' if len(moved) > 3 else ''}); shards are never rewritten, so "
+                       "shard into a fresh folder")
+
+
 def remove_stale_temps(out: str, dataset: str) -> list[str]:
     """Temporary files a killed run left behind (the manifest's, its shards'): removed before any work."""
     ours = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(dataset)}-({'|'.join(SPLITS)})-\d{{6}}\.tar)$")
@@ -220,6 +233,7 @@ def make_plan(src: Source, out: str, dataset: str, crop: int, size: int, maxcoun
         return plan
     done = {k for s in SPLITS for record in manifest["splits"][s]["shards"] for k in record["keys"]}
     present = set(listing.metadata)  # every key the source holds now
+    refuse_moved_images(out, manifest, listing, present)
     # Images that failed preprocessing stay recorded while they are in the source, and are tried again (fixed in
     # place, they are sharded now); listing problems (duplicates, images the partition does not name) are derived
     # afresh from the current listing.

@@ -99,3 +99,25 @@ def test_anomaly_scores_rank_foreign_images_above_faces(tiny_shards, synth_sourc
     among = dict(score(trained_run, str(folder), k=4))
     [(key, value)] = score(trained_run, str(alone), k=4)
     assert value == pytest.approx(among[key], rel=1e-5)
+
+
+def test_metrics_are_reused_only_for_the_same_weights_images_and_k(trained_run, tmp_path):
+    """A retried flow run reuses its evaluation (IWAE at K=1000 over the test split takes long) only when it
+    measured exactly these weights on these images at this K."""
+    import shutil
+
+    from vae.evaluation.evaluate import reusable_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval"))
+    assert reusable_metrics(run, "test", 4) is None  # nothing measured yet
+    metrics = evaluate(run, split="test", k=4)
+    assert reusable_metrics(run, "test", 4) == metrics
+    assert reusable_metrics(run, "test", 8) is None and reusable_metrics(run, "valid", 4) is None
+    on_disk = run / "eval" / "metrics.json"
+    on_disk.write_text(json.dumps({**metrics, "weights_sha256": "0" * 64}))
+    assert reusable_metrics(run, "test", 4) is None
+    on_disk.write_text(json.dumps({**metrics, "split_fingerprint": "0" * 64}))
+    assert reusable_metrics(run, "test", 4) is None
+    evaluate(run, split="test", k=4, max_images=3)
+    assert reusable_metrics(run, "test", 4) is None  # a partial evaluation measures other images

@@ -126,6 +126,10 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"synthesize_n": -5}, "parameter 'synthesize_n': must be >= 0, got -5"),
     ({"shards": " "}, "parameter 'shards': must not be empty"),
     ({"precisions": ["fp16"]}, "parameter 'precisions': fp16 not offered"),  # before training, not at export
+    # registries that cannot take a promotion: refused before any work, not after training and registering
+    ({"registry": "gs://bucket/registry"}, "parameter 'registry': registry gs://bucket/registry: promotion needs"),
+    ({"registry": "https://example.com/registry"}, "parameter 'registry': registry https://example.com/registry"),
+    ({"registry": "/dev/null/registry"}, "parameter 'registry': /dev/null/registry cannot be written here"),
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
     from common.errors import BadInput
@@ -156,3 +160,65 @@ def test_version_is_stable_for_one_flow_run():
     a = reg.new_version("abcdef0123", started, "1234abcd-5678")
     assert a == reg.new_version("abcdef0123", started, "1234abcd-5678") == "20260102T030405Z-abcdef01-1234abcd"
     assert reg.new_version("abcdef0123", started, "99999999-0000") != a
+
+
+def test_only_a_missing_or_empty_folder_is_synthesized_into(tmp_path):
+    """A folder of real images once got 2,000 synthetic faces written into it (the demo deployment's default)."""
+    from flows.train_vae import needs_synthesis
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "me.png").write_bytes(b"not empty")
+    (tmp_path / "celeba.zip").write_bytes(b"PK")
+    assert needs_synthesis(str(tmp_path / "absent"), 10) and needs_synthesis(str(tmp_path / "empty"), 10)
+    assert not needs_synthesis(str(tmp_path / "faces"), 10) and not needs_synthesis(str(tmp_path / "celeba.zip"), 10)
+    assert not needs_synthesis("s3://bucket/celeba", 10) and not needs_synthesis(str(tmp_path / "absent"), 0)
+    assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == ["me.png"]
+
+
+def test_shards_without_a_test_split_stop_the_flow_before_training(synth_source, tmp_path):
+    import shutil
+
+    from common.errors import BadInput
+    from flows.train_vae import check_shards
+    from pipeline.shard import shard
+
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    partition = source / "list_eval_partition.txt"
+    partition.write_text("".join(f"{line.split()[0]} 0\n" for line in partition.read_text().splitlines()))
+    shard(source, tmp_path / "shards", size=16, maxcount=50, progress=False)
+    with pytest.raises(BadInput, match="the test split holds no images"):
+        check_shards(str(tmp_path / "shards"), None)
+
+
+def test_a_run_its_worker_left_behind_is_marked_crashed_so_it_can_be_retried(prefect_harness):
+    """`prefect flow-run cancel` leaves such a run Cancelling for good and `retry` takes finished runs only."""
+    import asyncio
+    import uuid
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling, Completed, Running
+
+    from flows.recover import mark_crashed
+
+    @flow
+    def left_behind():
+        pass
+
+    async def create(state):
+        async with get_client() as client:
+            return str((await client.create_flow_run(left_behind, state=state)).id)
+
+    async def state_of(run_id):
+        async with get_client() as client:
+            return (await client.read_flow_run(uuid.UUID(run_id))).state.type.value
+
+    for state in (Running(), Cancelling()):
+        run_id = asyncio.run(create(state))
+        assert "now CRASHED" in asyncio.run(mark_crashed(run_id))
+        assert asyncio.run(state_of(run_id)) == "CRASHED"
+    finished = asyncio.run(create(Completed()))
+    assert "nothing changed" in asyncio.run(mark_crashed(finished))
+    assert asyncio.run(state_of(finished)) == "COMPLETED"

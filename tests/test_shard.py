@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from common.errors import BadInput
 from pipeline.preprocess import preprocess
 from pipeline.records import iter_samples
 from pipeline.shard import shard
@@ -352,3 +353,34 @@ def test_an_image_with_damaged_exif_keeps_its_pixels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
     assert preprocess((tmp_path / "x.png").read_bytes(), 0, 16).max() == 90
+
+
+def test_an_image_the_partition_moves_to_another_split_is_refused_not_left_in_train(synth_source, tmp_path, capsys):
+    """Shards are never rewritten: an image moved from train to test by a changed partition file once stayed in
+    train silently (a test image trained on), as did images split by hash before a partition file was added."""
+    from vae.cli import main
+
+    source = tmp_path / "src"
+    shutil.copytree(synth_source, source)
+    out = tmp_path / "shards"
+    shard(source, out, size=16, maxcount=25, progress=False)
+    manifest_before = (out / "manifest.json").read_bytes()
+    partition = source / "list_eval_partition.txt"
+    lines = partition.read_text().splitlines()
+    moved = next(i for i, line in enumerate(lines) if line.endswith(" 0"))
+    key = lines[moved].split()[0].rsplit(".", 1)[0]
+    lines[moved] = lines[moved][:-1] + "2"
+    partition.write_text("\n".join(lines) + "\n")
+    code = main(["data", "shard", "--source", str(source), "--out", str(out), "--size", "16", "--maxcount", "25"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"1 sharded images now belong to another split than they were sharded into ({key}: train -> test)" in err
+    assert (out / "manifest.json").read_bytes() == manifest_before  # nothing written
+
+    unpartitioned = tmp_path / "unpartitioned"
+    shutil.copytree(synth_source, unpartitioned)
+    (unpartitioned / "list_eval_partition.txt").rename(tmp_path / "partition.txt")
+    shard(unpartitioned, tmp_path / "shards2", size=16, maxcount=25, progress=False)
+    (tmp_path / "partition.txt").rename(unpartitioned / "list_eval_partition.txt")
+    with pytest.raises(BadInput, match=r"sharded images now belong to another split"):
+        shard(unpartitioned, tmp_path / "shards2", size=16, maxcount=25, progress=False)

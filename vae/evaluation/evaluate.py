@@ -7,6 +7,7 @@ across ranks when `torch.distributed` is initialised, so every image counts exac
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -165,6 +166,28 @@ def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None 
     manifest = require_image_size(shards, cfg.model.image_size)
     require_images(shards, split, manifest)
     return model, cfg, step, split, k, shards, manifest
+
+
+def reusable_metrics(run_dir: str | Path, split: str | None = None, k: int | None = None) -> dict | None:
+    """`RUN_DIR/eval/metrics.json` when it measured the run's current weights on the split's current images (its
+    fingerprint), at K, without an image cap; else None (evaluate again)."""
+    from pipeline.manifest import load_manifest
+
+    try:
+        metrics = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    model, cfg, _ = load_trained(Path(run_dir))
+    split, k = split or cfg.eval.split, k or cfg.eval.k
+    if not isinstance(metrics, dict) or metrics.get("max_images") is not None:
+        return None
+    try:
+        fingerprint = split_fingerprint(load_manifest(cfg.data.shards), split)
+    except (BadInput, OSError):
+        return None
+    same = (metrics.get("split") == split and metrics.get("k") == k and metrics.get("split_fingerprint") == fingerprint
+            and metrics.get("weights_sha256") == weights_digest(model))
+    return metrics if same else None
 
 
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,

@@ -1,0 +1,50 @@
+"""Recovery of a flow run that its worker left behind: `Running` (or `Cancelling`) with nothing running it.
+
+    python -m flows.recover FLOW_RUN_ID      # marks it Crashed, which releases its concurrency slot
+    prefect flow-run retry FLOW_RUN_ID       # then scheduled again; the retry resumes from its checkpoint
+
+A worker stopped under a run (`docker compose restart`, an image upgrade) leaves the run `Running`; `prefect
+flow-run cancel` then stays `Cancelling` for good, because only the worker that started a run handles its
+cancellation, and `prefect flow-run retry` takes runs in a terminal state only. The state is forced (no worker
+will ever report on the run), so only runs that are not in a terminal state are touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+
+LEFT_BEHIND = ("PENDING", "RUNNING", "CANCELLING")
+
+
+async def mark_crashed(flow_run_id: str) -> str:
+    """Force the run into Crashed when it is left behind; returns what was done, in words."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        run_id = uuid.UUID(flow_run_id)
+    except ValueError:
+        raise SystemExit(f"recover: {flow_run_id!r} is not a flow run id") from None
+    async with get_client() as client:
+        run = await client.read_flow_run(run_id)
+        state = run.state.type.value if run.state else None
+        if state not in LEFT_BEHIND:
+            return f"flow run {run_id} is {state}: not left behind, nothing changed (prefect flow-run retry it)"
+        await client.set_flow_run_state(run_id, Crashed(message="its worker is gone: marked by flows.recover"),
+                                        force=True)
+        return f"flow run {run_id} was {state}, now CRASHED: retry it with `prefect flow-run retry {run_id}`"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.recover", description=__doc__.splitlines()[0])
+    parser.add_argument("flow_run_id")
+    args = parser.parse_args(argv)
+    print(asyncio.run(mark_crashed(args.flow_run_id)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
