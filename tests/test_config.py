@@ -49,6 +49,8 @@ def test_wrong_type_named(override, key):
     (["eval.k=0"], "eval.k"),
     (["train.ema_decay=1.5"], "train.ema_decay"),
     (["data.batch_size=0"], "data.batch_size"),
+    (["train.seed=-1"], "train.seed"),  # these two were tracebacks from numpy and torch, after config.json
+    (["train.seed=99999999999999999999"], "train.seed"),
 ])
 def test_impossible_value_named(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -391,3 +391,42 @@ def test_a_torn_log_of_a_run_killed_before_its_first_checkpoint_is_trimmed_on_re
     train(tiny_config(run, tiny_shards, "train.steps=4", "train.log_every=2"), progress=False)
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == [2, 4]  # the abandoned lines are gone, the new ones whole
+
+
+def test_the_time_budget_is_the_runs_not_each_launchs(tiny_shards, tmp_path):
+    """train.max_seconds once restarted with every launch: a retried task trained a whole new budget. The spent
+    time is checkpointed; a run resumed past its budget trains nothing and keeps its records."""
+    run = tmp_path / "run"
+    cfg = tiny_config(run, tiny_shards, "train.steps=100000", "train.max_seconds=1", "train.checkpoint_every=100000")
+    train(cfg, progress=False)
+    [first] = list_checkpoints(run)
+    saved = load_checkpoint(first)
+    assert saved["train_s"] >= 1.0 and 0 < saved["step"] < 100000
+    keys = (run / "ranks" / "rank-0.keys").read_text()
+    assert keys  # the audit of what the first launch consumed
+    before = first.read_bytes()
+    train(tiny_config(run, tiny_shards, "train.steps=100000", "train.max_seconds=1", "train.checkpoint_every=100000"),
+          progress=False)
+    assert list_checkpoints(run) == [first] and first.read_bytes() == before  # no step, nothing rewritten
+    assert (run / "ranks" / "rank-0.keys").read_text() == keys  # not wiped by a launch that trained nothing
+    longer = tiny_config(run, tiny_shards, "train.steps=100000", "train.max_seconds=3", "train.checkpoint_every=100000")
+    train(longer, progress=False)  # a larger budget: only the time left of it
+    again = load_checkpoint(list_checkpoints(run)[-1])
+    assert again["step"] > saved["step"] and 3.0 <= again["train_s"] < 3.0 + (saved["train_s"] - 1.0) + 1.5
+
+
+def test_a_resume_on_shards_preprocessed_otherwise_is_refused(tiny_shards, synth_source, tmp_path):
+    """data.shards may move on resume; the images may not change what they are (a crop-148 run once resumed on
+    crop-0 shards silently, and its card then claimed crop 0)."""
+    from common.errors import BadInput
+    from pipeline.shard import shard
+
+    run = tmp_path / "run"
+    train(tiny_config(run, tiny_shards, "train.steps=4", "train.checkpoint_every=2"), progress=False)
+    shard(synth_source, tmp_path / "crop0", size=16, crop=0, maxcount=60, progress=False)
+    with pytest.raises(BadInput, match=r"preprocessed with crop 0; the run trained on crop 148"):
+        train(tiny_config(run, tmp_path / "crop0", "train.steps=6", "train.checkpoint_every=2"), progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_shards, moved)  # the same shards elsewhere: fine
+    train(tiny_config(run, moved, "train.steps=6", "train.checkpoint_every=2"), progress=False)
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 6

@@ -158,6 +158,18 @@ def check_resume(path: Path, state: dict, cfg: Config) -> None:
                        "run_dir")
 
 
+def check_resume_shards(path: Path, state: dict, cfg: Config, preprocessing: dict | None) -> None:
+    """The shards a run resumes on are preprocessed like those it trained on (data.shards may move, not change
+    what the images are); checkpoints written before they recorded it are not compared."""
+    before = state.get("preprocessing")
+    if before is not None and preprocessing is not None and before != preprocessing:
+        differ = sorted(key for key in set(before) | set(preprocessing) if before.get(key) != preprocessing.get(key))
+        raise BadInput(f"run {cfg.run_dir}: resuming from {path.name} on shards {cfg.data.shards} preprocessed with "
+                       + ", ".join(f"{k} {preprocessing.get(k)!r}" for k in differ) + "; the run trained on "
+                       + ", ".join(f"{k} {before.get(k)!r}" for k in differ)
+                       + ": use shards made like the first, or start a new run_dir")
+
+
 def config_of(state: dict) -> Config:
     return config_from_dict(json.loads(state["config"]))
 

@@ -146,6 +146,7 @@ class TrainConfig:
         _at_least(self, "grad_accum_steps", 1)
         _at_least(self, "grids_every", 0)
         _at_least(self, "max_seconds", 0)
+        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy and torch seeds), got {self.seed}")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
 
 

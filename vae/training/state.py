@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,8 +70,15 @@ class TrainState:
     ema: EMA
     counters: dict = field(default_factory=lambda: {"step": 0, "skipped": 0, "images": 0})
     stream_start: int = 0  # the step at which the current data stream and noise were seeded
+    trained_s: float = 0.0  # training time of the run before this process (train.max_seconds counts it)
+    clock_origin: float = field(default_factory=time.time)  # when this run's training time was 0, on this clock
     nonfinite_in_a_row: int = 0
+    preprocessing: dict | None = None  # the shards' (recorded in checkpoints: a resume must use shards made alike)
     overflows_in_a_row: int = 0  # fp16 steps the loss scaler skipped, in a row
+
+    def elapsed_s(self) -> float:
+        """Training time of the whole run so far: earlier processes' and this one's."""
+        return time.time() - self.clock_origin
 
     @property
     def main(self) -> bool:
@@ -90,11 +98,12 @@ def setup(cfg: Config) -> TrainState:
     checkpoint; prepared with Accelerate (the data loaders never are: they are already split by rank)."""
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
-    require_image_size(cfg.data.shards, cfg.model.image_size)
+    preprocessing = require_image_size(cfg.data.shards, cfg.model.image_size).get("preprocessing")
     resume = agreed_checkpoint(accelerator, run_dir)
     saved = ckpt.load_checkpoint(resume) if resume is not None else None
     if saved is not None:
         ckpt.check_resume(resume, saved, cfg)
+        ckpt.check_resume_shards(resume, saved, cfg, preprocessing)
     warm = ckpt.warm_start_weights(cfg) if saved is None else None
     if accelerator.is_local_main_process:  # every machine keeps its own run folder
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +121,7 @@ def setup(cfg: Config) -> TrainState:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps))
     ema = EMA(model, cfg.train.ema_decay)
-    counters, stream_start = {"step": 0, "skipped": 0, "images": 0}, 0
+    counters, stream_start, trained_s = {"step": 0, "skipped": 0, "images": 0}, 0, 0.0
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -120,6 +129,7 @@ def setup(cfg: Config) -> TrainState:
         ema.load_state_dict(saved["ema"])
         counters = {k: int(saved[k]) for k in counters}
         stream_start = int(saved.get("stream_start", counters["step"]))
+        trained_s = float(saved.get("train_s", 0.0))
         if accelerator.is_main_process:
             print(f"resuming {run_dir} from {resume.name} (step {counters['step']})", file=sys.stderr)
     if accelerator.is_main_process:  # lines past the step this run starts at (from scratch: all) were abandoned
@@ -135,7 +145,7 @@ def setup(cfg: Config) -> TrainState:
     if accelerator.is_main_process:
         accelerator.init_trackers("train")
     return TrainState(cfg, run_dir, accelerator, model, raw_model, forward, optimizer, scheduler, ema, counters,
-                      stream_start)
+                      stream_start, trained_s, preprocessing=preprocessing)
 
 
 def agreed_checkpoint(accelerator: Accelerator, run_dir: Path) -> Path | None:
@@ -168,7 +178,8 @@ def save_checkpoint(state: TrainState, stream_start: int) -> None:
     if state.accelerator.is_local_main_process:
         saved = {"model": state.raw_model.state_dict(), "ema": state.ema.state_dict(),
                  "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                 "config": ckpt.config_json(state.cfg), "stream_start": stream_start, **state.counters}
+                 "config": ckpt.config_json(state.cfg), "stream_start": stream_start, **state.counters,
+                 "train_s": state.elapsed_s(), "preprocessing": state.preprocessing}
         if state.accelerator.scaler is not None:
             saved["scaler"] = state.accelerator.scaler.state_dict()
         ckpt.save_checkpoint(state.run_dir, state.counters["step"], saved, state.cfg.train.keep_checkpoints)

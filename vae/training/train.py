@@ -43,8 +43,10 @@ def train(cfg: Config, progress: bool = True) -> Path:
                           state.accelerator.device) if cfg.data.in_memory else None
     bar = tqdm(total=cfg.train.steps, initial=state.counters["step"], disable=not (state.main and progress),
                desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
-    sigterm, started = SigtermFlag(), time.time()
-    window, seen, grid_images, stop = Window(), set(), None, 0.0  # seen: keys this rank consumed (an audit)
+    sigterm, first_step = SigtermFlag(), state.counters["step"]
+    state.clock_origin = time.time() - state.trained_s  # train.max_seconds is the run's budget, resumes included
+    window, seen, grid_images = Window(), set(), None  # seen: keys this rank consumed (an audit)
+    stop = stop_signal(state, sigterm)  # a run resumed past its time budget stays done
     state.model.train()
     try:
         while state.counters["step"] < cfg.train.steps and not stop:
@@ -58,7 +60,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
                     grid_images = result.first_images[:8].clone()
                 bar.update(1)
                 window = log_if_due(state, window, result, bar)
-                stop = stop_signal(state, sigterm, started)
+                stop = stop_signal(state, sigterm)
                 if stop:
                     break
                 write_grids_if_due(state, grid_images)
@@ -67,7 +69,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
     finally:
         bar.close()  # a newline after the bar, before any error line
         sigterm.restore()
-    write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, state.counters["step"], seen)
+    if state.counters["step"] > first_step:  # a launch that trained nothing keeps the last launch's record
+        write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, state.counters["step"], seen)
     state.accelerator.wait_for_everyone()
     state.accelerator.end_training()
     if stop == PREEMPTED:
@@ -109,11 +112,11 @@ def log_if_due(state: TrainState, window: Window, result: StepResult, bar) -> Wi
     return Window()
 
 
-def stop_signal(state: TrainState, sigterm: "SigtermFlag", started: float) -> float:
-    """PREEMPTED (a SIGTERM on any rank), OUT_OF_TIME (the main process's clock past train.max_seconds) or 0;
-    the same on every rank, so all stop at the same step."""
+def stop_signal(state: TrainState, sigterm: "SigtermFlag") -> float:
+    """PREEMPTED (a SIGTERM on any rank), OUT_OF_TIME (the run's training time, on the main process's clock, past
+    train.max_seconds) or 0; the same on every rank, so all stop at the same step."""
     cfg = state.cfg
-    late = bool(cfg.train.max_seconds) and state.main and time.time() - started > cfg.train.max_seconds
+    late = bool(cfg.train.max_seconds) and state.main and state.elapsed_s() > cfg.train.max_seconds
     stop = PREEMPTED if sigterm.raised else (OUT_OF_TIME if late else 0.0)
     if state.world > 1:
         stop = state.accelerator.gather(torch.tensor([stop], device=state.accelerator.device)).max().item()
@@ -179,7 +182,8 @@ class SigtermFlag:
 
 def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: int, step: int,
                       seen: set[str]) -> None:
-    """`ranks/rank-R.json` (parameter digest, world size) and `rank-R.keys`: what each rank ended with."""
+    """`ranks/rank-R.json` (parameter digest, world size) and `rank-R.keys`: what each rank ended with, and the keys
+    it consumed in its last launch that trained."""
     folder = run_dir / "ranks"
     atomic_write_json(folder / f"rank-{rank}.json", {"rank": rank, "world_size": world, "step": step,
                                                      "params_sha256": weights_digest(model), "keys_seen": len(seen)})
