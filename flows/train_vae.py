@@ -14,6 +14,7 @@ import base64
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -168,7 +169,7 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     outcome = reg.promote(registry, version, metrics, run=str(Path(run_dir).resolve()), reevaluate=reevaluate)
     logger.info("version %s %s: %s", version, "promoted" if outcome["promoted"] else "kept, not promoted",
                 outcome["reason"])
-    if outcome["promoted"] and outcome["reason"] != "already the champion":
+    if outcome["promoted"]:  # also "already the champion": a retry after a crash between the swap and the event
         announce_champion(registry, version, metrics, outcome)
     return {"version": version, "path": str(target), **outcome}
 
@@ -197,12 +198,20 @@ def summary_markdown(version: str, metrics: dict, result: dict, pictures: list[t
     return "\n".join(lines)
 
 
+def champion_event_id(registry: str, version: str) -> uuid.UUID:
+    """One id per promotion (a version is promoted at most once: a rolled-back one never again), so the event a
+    retried task sends again is the same event, which Prefect stores once."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{CHAMPION_EVENT}:{registry}:{version}")
+
+
 def announce_champion(registry: str, version: str, metrics: dict, outcome: dict) -> None:
     """The Prefect event `vae.champion.promoted`, for automations and apps that react to a new champion."""
     from prefect.events import emit_event
 
     previous = outcome["previous"]
-    emit_event(event=CHAMPION_EVENT,
+    if previous and previous.get("version") == version:  # a retry: the champion before it is not known here
+        previous = None
+    emit_event(event=CHAMPION_EVENT, id=champion_event_id(registry, version),
                resource={"prefect.resource.id": f"vae.registry.{registry}", "prefect.resource.name": registry},
                payload={"version": version, "path": reg.version_path(version), "registry": registry,
                         "previous": previous["version"] if previous else None, "reason": outcome["reason"],

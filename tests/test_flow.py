@@ -222,3 +222,29 @@ def test_a_run_its_worker_left_behind_is_marked_crashed_so_it_can_be_retried(pre
     finished = asyncio.run(create(Completed()))
     assert "nothing changed" in asyncio.run(mark_crashed(finished))
     assert asyncio.run(state_of(finished)) == "COMPLETED"
+
+
+def test_a_retried_promotion_announces_the_champion_once_more_under_the_same_event_id(
+        prefect_harness, trained_run, tmp_path_factory, tmp_path, monkeypatch):
+    """A crash between the champion swap and its event once lost the event (the retry found the version already
+    champion and said nothing); the retry now sends it again with the same id, which Prefect stores once."""
+    import prefect.events
+    from prefect import flow
+
+    from exported_model import exported_once
+    from flows.train_vae import champion_event_id, promote_model
+
+    out, card = exported_once(trained_run, tmp_path_factory)
+    sent = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: sent.append(event))
+    registry = str(tmp_path / "registry")
+
+    @flow
+    def promote_twice():
+        for _ in range(2):
+            promote_model(registry, "v1", str(trained_run), str(out), card["metrics"], str(tmp_path / "runs"))
+
+    promote_twice()
+    assert [e["id"] for e in sent] == [champion_event_id(registry, "v1")] * 2
+    assert champion_event_id(registry, "v2") != champion_event_id(registry, "v1")
+    assert sent[1]["payload"]["version"] == "v1" and sent[1]["payload"]["previous"] is None
