@@ -250,23 +250,36 @@ def check_registry(registry: str) -> None:
 
     try:
         reg.champion_store(registry)  # schemes without conditional writes are refused here
-        if storage.is_url(registry):
-            storage.filesystem(registry)  # the backend (s3fs, ...) is installed
     except (reg.RegistryError, ImportError, ValueError) as err:
         raise BadInput(f"train-vae parameter 'registry': {err}") from None
-    if not storage.is_url(registry):
-        folder = next((p for p in (Path(registry), *Path(registry).parents) if p.exists()), Path("."))
+    if storage.is_url(registry):
+        try:  # the backend is installed, the credentials and the bucket are there: reads, before training
+            fs, path = storage.filesystem(registry)
+            fs.exists(storage.filesystem(storage.join(registry, reg.PROJECT, reg.CHAMPION))[1])
+            bucket_found = registry.split("://", 1)[0] not in ("s3", "s3a") or fs.exists(path.split("/")[0])
+        except Exception as err:
+            reason = str(err).splitlines()[0] if str(err).strip() else ""
+            raise BadInput(f"train-vae parameter 'registry': {registry} cannot be read here ({type(err).__name__}"
+                           f"{': ' + reason if reason else ''})") from None
+        if not bucket_found:
+            raise BadInput(f"train-vae parameter 'registry': the bucket of {registry} does not exist or cannot be "
+                           "reached with these credentials")
+    else:
+        local = Path(storage.local_path(registry))  # file:///x is /x
+        folder = next((p for p in (local, *local.parents) if p.exists()), Path("."))
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise BadInput(f"train-vae parameter 'registry': {registry} cannot be written here ({folder})")
 
 
 def needs_synthesis(source: str, synthesize_n: int) -> bool:
-    """Whether to write a synthetic set at `source`: asked for, and the source is a local folder that is missing
-    or empty (never into a folder of real images, a zip or a URL)."""
+    """Whether to write a synthetic set at `source`: asked for, and the source is a local folder that is missing,
+    empty, or a synthetic set cut short (its in-progress mark); never a folder of real images, a zip or a URL."""
+    from pipeline.synth import IN_PROGRESS
+
     if synthesize_n <= 0 or "://" in source:
         return False
     folder = Path(source)
-    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or (folder / IN_PROGRESS).exists()))
 
 
 def check_shards(shards: str, precisions: list[str] | None) -> None:

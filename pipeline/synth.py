@@ -304,18 +304,23 @@ def _accessories(f: _Face) -> None:
         d.ellipse((cx - 1.4 * rx, brim - 6, cx + 1.4 * rx, brim + 8), fill=_rgb(hat, .75))
 
 
+IN_PROGRESS = ".synthesizing"  # in the folder while `synthesize` writes it
+
+
 def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
     """Write n synthetic faces in CelebA's layout under out; return a summary dict.
 
     The summary is ``{"n": n, "out": str(out), "splits": {"train": a, "valid": b,
     "test": c}}``. Splits are about 80/10/10 (each non-empty when ``n >= 10``),
-    identities are ``1..max(1, n // 20)``. Same ``(n, seed)`` => same bytes.
+    identities are ``1..max(1, n // 20)``. Same ``(n, seed)`` => same bytes. While it writes, ``IN_PROGRESS``
+    marks the folder (a set cut short by a kill is written again, not taken for a data set).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     root = Path(out)
     img_dir = root / "img_align_celeba"
     img_dir.mkdir(parents=True, exist_ok=True)
+    (root / IN_PROGRESS).touch()
     rng = np.random.default_rng(seed)
     idents = [_identity(rng) for _ in range(max(1, n // 20))]
     ids = rng.permutation(np.arange(n) % len(idents)) + 1
@@ -336,6 +341,7 @@ def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
     }
     for fname, lines in text.items():
         atomic_write_bytes(root / fname, ("\n".join(lines) + "\n").encode())
+    (root / IN_PROGRESS).unlink()
     counts = np.bincount(split, minlength=3)
     return {"n": n, "out": str(out),
             "splits": {"train": int(counts[0]), "valid": int(counts[1]), "test": int(counts[2])}}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from common.digest import sha256_file
+from common.errors import BadInput
 from exported_model import exported_once
 from vae.checkpoint import load_trained
 from vae.serving.export import FP16_DECODER, FP16_TOLERANCE, TOLERANCE, ExportError, export, random_ops, validate_fp16
@@ -293,7 +294,7 @@ def test_validation_shards_must_match_the_model_and_its_preprocessing(trained_ru
 
     shard(synth_source, tmp_path / "crop0", size=16, crop=0, maxcount=60, progress=False)
     shard(synth_source, tmp_path / "size8", size=8, maxcount=60, progress=False)
-    for shards, message in (("crop0", "preprocessed with crop 0, the run's shards"), ("size8", "images of 8x8")):
+    for shards, message in (("crop0", "preprocessed with crop 0; the run trained on crop 148"), ("size8", "images of 8x8")):
         code = main(["export", "--run", str(trained_run), "--out", str(tmp_path / "m"), "--shards",
                      str(tmp_path / shards)])
         err = capsys.readouterr().err.strip()
@@ -323,12 +324,20 @@ def test_a_retried_flow_export_reuses_the_export_of_its_version(trained_run, tmp
         again / "decoder.onnx")
 
 
-def test_validation_shards_are_enough_where_the_runs_shards_cannot_be_read(trained_run, tiny_shards, tmp_path):
-    """A run trained from s3:// (no credentials here) exports against local shards, with a warning."""
+def test_the_runs_own_preprocessing_decides_even_where_its_shards_cannot_be_read(trained_run, tiny_shards):
+    """Checkpoints record the preprocessing they trained on: an s3:// run without credentials here still gets its
+    card's crop right; only a run from before that record, whose shards cannot be read, takes the given shards'."""
+    import dataclasses
+
+    from vae.checkpoint import trained_preprocessing
     from vae.serving.export import _same_preprocessing
 
-    found = {"crop": 148, "size": 16}
-    with pytest.warns(RuntimeWarning, match="cannot be read here"):
-        assert _same_preprocessing("gs://no-such-bucket/shards", str(tiny_shards), found) == found
-    with pytest.warns(RuntimeWarning, match="cannot be read here"):
-        assert _same_preprocessing(str(tmp_path / "gone"), str(tiny_shards), found) == found
+    _, cfg, _ = load_trained(trained_run)
+    elsewhere = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards="s3://no-credentials/shards"))
+    recorded = trained_preprocessing(trained_run, elsewhere)
+    assert recorded == json.loads((tiny_shards / "manifest.json").read_text())["preprocessing"]
+    with pytest.raises(BadInput, match="preprocessed with crop 0; the run trained on crop 148"):
+        _same_preprocessing(recorded, "crop0-shards", {**recorded, "crop": 0})
+    found = {"crop": 0, "size": 16}
+    with pytest.warns(RuntimeWarning, match="preprocessing is unknown here"):
+        assert _same_preprocessing(None, str(tiny_shards), found) == found

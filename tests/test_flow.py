@@ -130,6 +130,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"registry": "gs://bucket/registry"}, "parameter 'registry': registry gs://bucket/registry: promotion needs"),
     ({"registry": "https://example.com/registry"}, "parameter 'registry': registry https://example.com/registry"),
     ({"registry": "/dev/null/registry"}, "parameter 'registry': /dev/null/registry cannot be written here"),
+    ({"registry": "file:///dev/null/registry"}, "file:///dev/null/registry cannot be written here"),
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
     from common.errors import BadInput
@@ -174,6 +175,17 @@ def test_only_a_missing_or_empty_folder_is_synthesized_into(tmp_path):
     assert not needs_synthesis(str(tmp_path / "faces"), 10) and not needs_synthesis(str(tmp_path / "celeba.zip"), 10)
     assert not needs_synthesis("s3://bucket/celeba", 10) and not needs_synthesis(str(tmp_path / "absent"), 0)
     assert sorted(p.name for p in (tmp_path / "faces").iterdir()) == ["me.png"]
+    # a synthetic set cut short by a kill is written again on the retry, not sharded half-made
+    from pipeline.synth import IN_PROGRESS, synthesize
+
+    half = tmp_path / "half"
+    (half / "img_align_celeba").mkdir(parents=True)
+    (half / "img_align_celeba" / "000001.jpg").write_bytes(b"part of a set")
+    (half / IN_PROGRESS).touch()
+    assert needs_synthesis(str(half), 10)
+    synthesize(half, 12, seed=1)
+    assert not (half / IN_PROGRESS).exists() and not needs_synthesis(str(half), 10)
+    assert (half / "list_eval_partition.txt").is_file()
 
 
 def test_shards_without_a_test_split_stop_the_flow_before_training(synth_source, tmp_path):
@@ -207,9 +219,9 @@ def test_a_run_its_worker_left_behind_is_marked_crashed_so_it_can_be_retried(pre
     def left_behind():
         pass
 
-    async def create(state):
+    async def create(state, name=None):
         async with get_client() as client:
-            return str((await client.create_flow_run(left_behind, state=state)).id)
+            return str((await client.create_flow_run(left_behind, state=state, name=name)).id)
 
     async def state_of(run_id):
         async with get_client() as client:
@@ -222,6 +234,13 @@ def test_a_run_its_worker_left_behind_is_marked_crashed_so_it_can_be_retried(pre
     finished = asyncio.run(create(Completed()))
     assert "nothing changed" in asyncio.run(mark_crashed(finished))
     assert asyncio.run(state_of(finished)) == "COMPLETED"
+    by_name = asyncio.run(create(Running(), name="left-behind-otter"))
+    assert "now CRASHED" in asyncio.run(mark_crashed("left-behind-otter"))  # as `prefect flow-run retry` takes
+    assert asyncio.run(state_of(by_name)) == "CRASHED"
+    with pytest.raises(SystemExit, match="no flow run with the id or name 'no-such-run'"):
+        asyncio.run(mark_crashed("no-such-run"))
+    with pytest.raises(SystemExit, match="no flow run with the id or name"):
+        asyncio.run(mark_crashed(str(uuid.uuid4())))
 
 
 def test_a_retried_promotion_announces_the_champion_once_more_under_the_same_event_id(

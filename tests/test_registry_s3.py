@@ -53,6 +53,15 @@ def test_a_half_registered_version_on_s3_takes_no_other_files(s3_endpoint, tmp_p
     half_registered_then_other_files("s3://models/claims", tmp_path, monkeypatch)
 
 
+def test_the_flow_checks_an_s3_registry_before_any_work(s3_endpoint):
+    from common.errors import BadInput
+    from flows.train_vae import check_registry
+
+    check_registry("s3://models/registry")  # the bucket exists, the credentials work
+    with pytest.raises(BadInput, match="the bucket of s3://no-such-bucket/registry does not exist"):
+        check_registry("s3://no-such-bucket/registry")
+
+
 def test_concurrent_promoters_on_s3_leave_the_best_version(s3_endpoint, tmp_path):
     import random
 

@@ -430,3 +430,24 @@ def test_a_resume_on_shards_preprocessed_otherwise_is_refused(tiny_shards, synth
     shutil.copytree(tiny_shards, moved)  # the same shards elsewhere: fine
     train(tiny_config(run, moved, "train.steps=6", "train.checkpoint_every=2"), progress=False)
     assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 6
+
+
+def test_a_sigterm_before_the_first_step_still_records_where_the_rank_stopped(tiny_shards, tmp_path, monkeypatch):
+    """vae train reads the rank records to say whether every rank stopped at the checkpoint; a record left from an
+    earlier launch made it report the opposite."""
+    from vae.training import train as train_module
+
+    run = tmp_path / "run"
+    train(tiny_config(run, tiny_shards, "train.steps=4", "train.checkpoint_every=2"), progress=False)
+    record = run / "ranks" / "rank-0.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "step": 2}))  # as a killed launch left it
+
+    class RaisedAtOnce(train_module.SigtermFlag):
+        def __init__(self):
+            super().__init__()
+            self.raised = True
+
+    monkeypatch.setattr(train_module, "SigtermFlag", RaisedAtOnce)
+    with pytest.raises(train_module.Preempted):
+        train(tiny_config(run, tiny_shards, "train.steps=8", "train.checkpoint_every=2"), progress=False)
+    assert json.loads(record.read_text())["step"] == 4

@@ -69,14 +69,14 @@ def _image_batches(source: str, crop: int, size: int, batch_size: int, skipped: 
         yield keys, torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
 
 
-def _training_crop(cfg) -> int:
+def _training_crop(run_dir, cfg) -> int:
+    """The crop the run's images were made with (its checkpoint's record, else its shards'), else the default."""
     from pipeline.preprocess import DEFAULT_CROP
+    from vae.checkpoint import trained_preprocessing
 
     try:
-        from pipeline.manifest import load_manifest
-
-        return int(load_manifest(cfg.data.shards)["preprocessing"]["crop"])
-    except (BadInput, OSError, KeyError, ValueError):
+        return int((trained_preprocessing(run_dir, cfg) or {})["crop"])
+    except (KeyError, TypeError, ValueError):
         return DEFAULT_CROP
 
 
@@ -96,7 +96,7 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
     if (Path(source) / "manifest.json").exists() or "://" in str(source):
         batches = _shard_batches(str(source), batch_size)
     else:
-        batches = _image_batches(source, _training_crop(cfg), size, batch_size, skipped)
+        batches = _image_batches(source, _training_crop(run_dir, cfg), size, batch_size, skipped)
     scores = []
     # shown on a terminal only (disable=None), and erased when it ends or an error ends it
     with tqdm(unit="img", desc=f"scoring K={k}", disable=None if progress else True, leave=False, file=sys.stderr,

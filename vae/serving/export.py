@@ -34,7 +34,7 @@ from torch import nn
 from common.atomic import atomic_write_json
 from common.digest import sha256_file
 from common.errors import BadInput
-from vae.checkpoint import load_trained
+from vae.checkpoint import load_trained, trained_preprocessing
 from vae.config import config_hash
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
@@ -109,21 +109,20 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
     return report
 
 
-def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray, dict, str]:
+def validation_images(cfg, shards: str | None, n: int = 64,
+                      trained: dict | None = None) -> tuple[np.ndarray, dict, str]:
     """Up to `n` real inputs (float32 [n, 3, H, W] in [0, 1]), the preprocessing the model was trained with, and
     which splits the images came from ("test 20, valid 20, ...").
 
     Held-out images first: the test split, topped up from valid, then train (the shared CelebA sample has no
-    test partition). Shards given for validation must hold images of the model's size, preprocessed like the
-    training shards where those can be read (the card's preprocessing is what apps apply)."""
+    test partition). The shards must hold images of the model's size, preprocessed as the run's images were
+    (`trained`, from `trained_preprocessing`), which is what the card says and apps apply."""
     from pipeline.loader import eval_loader
     from pipeline.manifest import require_image_size
 
     given = shards or cfg.data.shards
     manifest = require_image_size(given, cfg.model.image_size)
-    preprocessing = manifest.get("preprocessing", {})
-    if shards and shards != cfg.data.shards:
-        preprocessing = _same_preprocessing(cfg.data.shards, shards, preprocessing)
+    preprocessing = _same_preprocessing(trained, given, manifest.get("preprocessing", {}))
     batches, taken = [], []
     for split in ("test", "valid", "train"):
         room = n - sum(len(b) for b in batches)
@@ -137,21 +136,17 @@ def validation_images(cfg, shards: str | None, n: int = 64) -> tuple[np.ndarray,
     return np.concatenate(batches), preprocessing, ", ".join(taken)
 
 
-def _same_preprocessing(trained: str, given: str, found: dict) -> dict:
-    """The training shards' preprocessing, after checking that the validation shards `given` share it (when the
-    training shards cannot be read here, the given shards' is all there is)."""
-    from pipeline.manifest import load_manifest
-
-    try:
-        want = load_manifest(trained).get("preprocessing", {})
-    except Exception as err:  # e.g. s3:// without credentials here, gs:// without gcsfs: any failure to read it
-        warnings.warn(f"the run's shards {trained} cannot be read here ({type(err).__name__}): the card takes the "
-                      f"preprocessing of {given}", RuntimeWarning, stacklevel=3)
+def _same_preprocessing(want: dict | None, given: str, found: dict) -> dict:
+    """The run's preprocessing `want`, after checking that the shards `given` share it; where it is unknown here
+    (an older run whose shards cannot be read), the given shards' with a warning."""
+    if want is None:
+        warnings.warn(f"the run's preprocessing is unknown here (its checkpoint does not record it and its shards "
+                      f"cannot be read): the card takes that of {given}", RuntimeWarning, stacklevel=3)
         return found
     differ = sorted(key for key in set(want) | set(found) if want.get(key) != found.get(key))
     if differ:
         raise BadInput(f"shards {given}: preprocessed with " + ", ".join(f"{k} {found.get(k)!r}" for k in differ)
-                       + f", the run's shards {trained} with " + ", ".join(f"{k} {want.get(k)!r}" for k in differ)
+                       + "; the run trained on " + ", ".join(f"{k} {want.get(k)!r}" for k in differ)
                        + " (validate on shards made like the training shards)")
     return want
 
@@ -251,7 +246,7 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
                        f"{', '.join(PRECISIONS)}; float16 for GPUs: fp16 or --fp16){why}")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
-    images, preprocessing, source = validation_images(cfg, shards, n=CHECK_IMAGES)
+    images, preprocessing, source = validation_images(cfg, shards, CHECK_IMAGES, trained_preprocessing(run_dir, cfg))
     metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
     if not all(_finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
         raise ExportError(f"run {run_dir}: its metrics are not finite (elbo_bpd {metrics.get('elbo_bpd')!r}, "

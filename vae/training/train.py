@@ -69,8 +69,11 @@ def train(cfg: Config, progress: bool = True) -> Path:
     finally:
         bar.close()  # a newline after the bar, before any error line
         sigterm.restore()
-    if state.counters["step"] > first_step:  # a launch that trained nothing keeps the last launch's record
+    if state.counters["step"] > first_step or stop == PREEMPTED:  # a launch that trained nothing keeps the record
         write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, state.counters["step"], seen)
+    if stop == OUT_OF_TIME and state.counters["step"] == first_step and state.main:
+        print(f"{state.run_dir}: train.max_seconds ({cfg.train.max_seconds:g} s) was spent by step {first_step}: "
+              "nothing more to train (raise it to train on)", file=sys.stderr)
     state.accelerator.wait_for_everyone()
     state.accelerator.end_training()
     if stop == PREEMPTED:
