@@ -329,7 +329,7 @@ def test_the_runs_own_preprocessing_decides_even_where_its_shards_cannot_be_read
     card's crop right; only a run from before that record, whose shards cannot be read, takes the given shards'."""
     import dataclasses
 
-    from vae.checkpoint import trained_preprocessing
+    from vae.evaluation.evaluate import trained_preprocessing
     from vae.serving.export import _same_preprocessing
 
     _, cfg, _ = load_trained(trained_run)

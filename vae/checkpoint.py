@@ -207,21 +207,6 @@ def warm_start_weights(cfg: Config) -> dict | None:
     return {"ema": state["ema"], "checkpoint": str(path), "step": int(state["step"])}
 
 
-def trained_preprocessing(run_dir: str | Path, cfg: Config) -> dict | None:
-    """The preprocessing of the images the run trained on: recorded in its latest checkpoint, else (checkpoints
-    from before they recorded it) that of its shards' manifest where it can be read here, else None."""
-    from pipeline.manifest import load_manifest
-
-    path = latest_checkpoint(run_dir)
-    recorded = load_checkpoint(path).get("preprocessing") if path is not None else None
-    if recorded is not None:
-        return recorded
-    try:
-        return load_manifest(cfg.data.shards).get("preprocessing")
-    except Exception:  # e.g. s3:// without credentials here, gs:// without gcsfs: unknown here
-        return None
-
-
 def load_trained(run_dir: str | Path, ema: bool = True):
     """The trained model of a run (EMA weights by default), its config and its step, on the CPU."""
     from vae.models import build_model

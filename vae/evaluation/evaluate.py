@@ -19,8 +19,8 @@ from common.atomic import atomic_write_json
 from common.errors import BadInput
 from common.grid import make_grid, write_png
 from pipeline.loader import eval_loader
-from pipeline.manifest import require_image_size, split_fingerprint
-from vae.checkpoint import load_trained, weights_digest
+from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
+from vae.checkpoint import latest_checkpoint, load_checkpoint, load_trained, weights_digest
 from vae.config import MAX_K, config_hash
 from vae.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
@@ -168,11 +168,23 @@ def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None 
     return model, cfg, step, split, k, shards, manifest
 
 
+def trained_preprocessing(run_dir: str | Path, cfg) -> dict | None:
+    """The preprocessing of the images the run trained on: recorded in its latest checkpoint, else (checkpoints
+    from before they recorded it) that of its shards' manifest (`cfg.data.shards`) where it can be read here,
+    else None."""
+    path = latest_checkpoint(run_dir)
+    recorded = load_checkpoint(path).get("preprocessing") if path is not None else None
+    if recorded is not None:
+        return recorded
+    try:
+        return load_manifest(cfg.data.shards).get("preprocessing")
+    except Exception:  # e.g. s3:// without credentials here, gs:// without gcsfs: unknown here
+        return None
+
+
 def reusable_metrics(run_dir: str | Path, split: str | None = None, k: int | None = None) -> dict | None:
     """`RUN_DIR/eval/metrics.json` when it measured the run's current weights on the split's current images (its
     fingerprint), at K, without an image cap; else None (evaluate again)."""
-    from pipeline.manifest import load_manifest
-
     try:
         metrics = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
     except (OSError, ValueError):

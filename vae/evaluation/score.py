@@ -72,7 +72,7 @@ def _image_batches(source: str, crop: int, size: int, batch_size: int, skipped: 
 def _training_crop(run_dir, cfg) -> int:
     """The crop the run's images were made with (its checkpoint's record, else its shards'), else the default."""
     from pipeline.preprocess import DEFAULT_CROP
-    from vae.checkpoint import trained_preprocessing
+    from vae.evaluation.evaluate import trained_preprocessing
 
     try:
         return int((trained_preprocessing(run_dir, cfg) or {})["crop"])

@@ -34,7 +34,7 @@ from torch import nn
 from common.atomic import atomic_write_json
 from common.digest import sha256_file
 from common.errors import BadInput
-from vae.checkpoint import load_trained, trained_preprocessing
+from vae.checkpoint import load_trained
 from vae.config import config_hash
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
@@ -246,6 +246,8 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
                        f"{', '.join(PRECISIONS)}; float16 for GPUs: fp16 or --fp16){why}")
     model, cfg, step = load_trained(run_dir, ema=True)
     check_out(out)
+    from vae.evaluation.evaluate import trained_preprocessing
+
     images, preprocessing, source = validation_images(cfg, shards, CHECK_IMAGES, trained_preprocessing(run_dir, cfg))
     metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
     if not all(_finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
