@@ -50,8 +50,9 @@ system-deps:
 # A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1:$(PORT), the process pool `local`, the
 # deployments of prefect.yaml and a worker, in the background; PIDs in $(PREFECT_HOME)/serve.json.
 PORT ?= 4200
+DEPLOYMENTS ?= demo,celeba-64
 serve: $(STAMP)
-	$(PY) -m flows.serve start --port $(PORT)
+	$(PY) -m flows.serve start --port $(PORT) --deployments $(DEPLOYMENTS)
 
 serve-stop:
 	$(PY) -m flows.serve stop

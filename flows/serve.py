@@ -265,12 +265,24 @@ def stop(stack: Stack) -> list[str]:
     return names
 
 
+def deployment_names(text: str) -> tuple[str, ...]:
+    """`demo,celeba-64` as names, each one of prefect.yaml's."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(set(names) - set(DEPLOYMENTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(DEPLOYMENTS)}, got {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
     parser.add_argument("--pool", default=os.environ.get("POOL", DEFAULT_POOL))
     parser.add_argument("--home", default=None, help="PREFECT_HOME (default: $PREFECT_HOME or .prefect)")
+    parser.add_argument("--deployments", type=deployment_names, default=DEPLOYMENTS,
+                        help=f"which of prefect.yaml's deployments, comma-separated (default: "
+                             f"{','.join(DEPLOYMENTS)}); leave out celeba-64 on a machine that must not retrain weekly")
     args = parser.parse_args(argv)
     stack = Stack(Path(args.home) if args.home else default_home(), args.port, args.pool)
     if args.command == "stop":
@@ -287,13 +299,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        start(stack)
+        start(stack, args.deployments)
     except RuntimeError as err:
         print(f"serve: {err}", file=sys.stderr)
         return 1
     print(f"Prefect server  {stack.api_url} (UI http://127.0.0.1:{stack.port}), logs in {stack.home}")
     print(f"work pool       {stack.pool} (process), worker pid {stack.procs['worker'].pid}")
-    print(f"deployments     {', '.join('train-vae/' + n for n in DEPLOYMENTS)}")
+    print(f"deployments     {', '.join('train-vae/' + n for n in args.deployments)}")
     print(f"next            export PREFECT_API_URL={stack.api_url}")
     print("                prefect deployment run train-vae/demo --watch")
     print("stop            make serve-stop")

@@ -203,6 +203,19 @@ def test_makefile_has_serve_targets():
     assert re.search(r"^serve-stop:.*\n\t.*-m flows\.serve stop", makefile, re.M)
 
 
+def test_serve_deploys_the_deployments_asked_for(capsys):
+    """`make serve DEPLOYMENTS=demo` keeps the weekly celeba-64 retraining off a machine (a schedule paused by
+    hand comes back with every redeploy)."""
+    from flows.serve import DEPLOYMENTS, deployment_names, main
+
+    assert deployment_names("demo") == ("demo",) and deployment_names("demo, celeba-64") == DEPLOYMENTS
+    with pytest.raises(SystemExit) as stopped:
+        main(["start", "--deployments", "nightly"])
+    assert stopped.value.code == 2 and "expected some of demo, celeba-64, got 'nightly'" in capsys.readouterr().err
+    assert re.search(r"^DEPLOYMENTS \?= demo,celeba-64$", (REPO / "Makefile").read_text(), re.M)
+    assert "--deployments $(DEPLOYMENTS)" in (REPO / "Makefile").read_text()
+
+
 def test_serve_stop_ends_recorded_process_groups_and_their_children(tmp_path):
     """`make serve-stop` in a later shell: only the PID file is known; the group and a child in its own session
     (as the worker starts flow runs) are both stopped; a PID that is no longer ours is left alone."""

@@ -347,7 +347,7 @@ def test_vae_encode_skips_unreadable_images_and_exits_2_on_bad_input(exported, s
         (["--images", str(empty)], "no image files"),
         (["--images", str(images / "broken.jpg")], "no usable image; "),
         (["--images", str(images), "--crop", "-1"], "crop: expected >= 0"),
-        (["--images", str(images), "--model", str(tmp_path)], "file not found"),
+        (["--images", str(images), "--model", str(tmp_path)], f"model folder {tmp_path}: no encoder.onnx"),
     ]
     for args, message in bad:
         target = tmp_path / "bad.npz"

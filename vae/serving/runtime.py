@@ -77,10 +77,13 @@ def verified_graph(folder: str | os.PathLike, name: str) -> str:
 
     The folder is resolved once (an export's `--out` is a link switched whole), so the graph and the card come
     from one export. A folder whose card lists no hashes (exported before they existed) loads with a warning."""
-    folder = os.path.realpath(folder)
+    given, folder = folder, os.path.realpath(folder)
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise RuntimeModelError(f"model {path}: file not found")
+        held = sorted(n for n in os.listdir(folder) if n.endswith(".onnx")) if os.path.isdir(folder) else []
+        precision = name.split(".")[1] if name.count(".") == 2 else None
+        hint = f"; export it with `vae export --precision {precision}`" if precision else ""
+        raise RuntimeModelError(f"model folder {given}: no {name} (it holds {', '.join(held) or 'no graphs'}){hint}")
     try:
         with open(os.path.join(folder, "model.json"), "rb") as f:
             card = json.loads(f.read())
