@@ -50,7 +50,7 @@ def test_eval_of_a_run_without_checkpoint_exits_2(capsys, tmp_path):
 
 def test_sample_from_missing_model_exits_2(capsys, tmp_path):
     _one_line_error(capsys, main(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "g.png")]),
-                    "not found")
+                    f"model folder {tmp_path}: no decoder.onnx (it holds no graphs)")
 
 
 def test_usage_error_exits_2():
