@@ -451,3 +451,13 @@ def test_a_sigterm_before_the_first_step_still_records_where_the_rank_stopped(ti
     with pytest.raises(train_module.Preempted):
         train(tiny_config(run, tiny_shards, "train.steps=8", "train.checkpoint_every=2"), progress=False)
     assert json.loads(record.read_text())["step"] == 4
+
+
+def test_fewer_train_shards_than_processes_is_said_not_silent(tiny_shards):
+    from vae.training.state import overlap_note
+
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    count = len(manifest["splits"]["train"]["shards"])
+    assert overlap_note("s", manifest, count) is None and overlap_note("s", manifest, 1) is None
+    note = overlap_note("s", manifest, count + 1)
+    assert f"hold {count} train shards for {count + 1} processes" in note and "--maxcount" in note

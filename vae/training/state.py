@@ -93,12 +93,27 @@ class TrainState:
         return self.accelerator.num_processes
 
 
+def overlap_note(shards: str, manifest: dict, processes: int) -> str | None:
+    """A warning when there are fewer train shards than processes: each process then resamples all of them, and
+    their data overlap (with as many shards as processes, each takes its own)."""
+    count = len((manifest.get("splits", {}).get("train") or {}).get("shards") or [])
+    if processes <= count:
+        return None
+    return (f"vae train: warning: shards {shards} hold {count} train shards for {processes} processes, so every "
+            "process samples all of them and their data overlap; re-shard with a smaller --maxcount for disjoint "
+            "subsets")
+
+
 def setup(cfg: Config) -> TrainState:
     """Checks, then the model, optimizer, scheduler and EMA: fresh, warm-started or resumed from the run's latest
     checkpoint; prepared with Accelerate (the data loaders never are: they are already split by rank)."""
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
-    preprocessing = require_image_size(cfg.data.shards, cfg.model.image_size).get("preprocessing")
+    manifest = require_image_size(cfg.data.shards, cfg.model.image_size)
+    preprocessing = manifest.get("preprocessing")
+    note = overlap_note(cfg.data.shards, manifest, accelerator.num_processes)
+    if note and accelerator.is_main_process:
+        print(note, file=sys.stderr)
     resume = agreed_checkpoint(accelerator, run_dir)
     saved = ckpt.load_checkpoint(resume) if resume is not None else None
     if saved is not None:
