@@ -5,6 +5,12 @@ failed for a reason we can name (exit 1). Both carry a message meant for a perso
 """
 
 
+def one_line(err: BaseException) -> str:
+    """An error from a library (a store's client, onnxruntime, ...) as one line: its type and first line."""
+    text = str(err).splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 class VaeError(Exception):
     """A failure with a message fit for one line on stderr."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from common.atomic import atomic_write_bytes
 
@@ -80,6 +81,14 @@ def parent(location: str) -> str:
     if is_url(location):
         return location.rstrip("/").rsplit("/", 1)[0]
     return os.path.dirname(os.path.abspath(local_path(location)))
+
+
+def creatable(path: str | os.PathLike) -> tuple[bool, Path]:
+    """Whether this process can create the local `path` (it may not exist yet): the nearest existing folder on
+    its way is a folder it can write. Returns (answer, that nearest existing path)."""
+    path = Path(local_path(path))
+    nearest = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    return nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK), nearest
 
 
 def list_files(folder: str) -> list[tuple[str, int]]:

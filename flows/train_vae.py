@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from common.errors import BadInput
+from common.errors import BadInput, one_line
 from pipeline.preprocess import DEFAULT_CROP
 from vae.config import MAX_K, config_hash, load_config
 from vae.serving import registry as reg
@@ -255,19 +255,17 @@ def check_registry(registry: str) -> None:
     if storage.is_url(registry):
         try:  # the backend is installed, the credentials and the bucket are there: reads, before training
             fs, path = storage.filesystem(registry)
-            fs.exists(storage.filesystem(storage.join(registry, reg.PROJECT, reg.CHAMPION))[1])
+            fs.exists(f"{path.rstrip('/')}/{reg.PROJECT}/{reg.CHAMPION}")
             bucket_found = registry.split("://", 1)[0] not in ("s3", "s3a") or fs.exists(path.split("/")[0])
         except Exception as err:
-            reason = str(err).splitlines()[0] if str(err).strip() else ""
-            raise BadInput(f"train-vae parameter 'registry': {registry} cannot be read here ({type(err).__name__}"
-                           f"{': ' + reason if reason else ''})") from None
+            raise BadInput(f"train-vae parameter 'registry': {registry} cannot be read here ({one_line(err)})") \
+                from None
         if not bucket_found:
             raise BadInput(f"train-vae parameter 'registry': the bucket of {registry} does not exist or cannot be "
                            "reached with these credentials")
     else:
-        local = Path(storage.local_path(registry))  # file:///x is /x
-        folder = next((p for p in (local, *local.parents) if p.exists()), Path("."))
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        writable, folder = storage.creatable(registry)  # file:///x is /x
+        if not writable:
             raise BadInput(f"train-vae parameter 'registry': {registry} cannot be written here ({folder})")
 
 

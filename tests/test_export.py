@@ -329,12 +329,13 @@ def test_the_runs_own_preprocessing_decides_even_where_its_shards_cannot_be_read
     card's crop right; only a run from before that record, whose shards cannot be read, takes the given shards'."""
     import dataclasses
 
+    from vae.checkpoint import latest_state
     from vae.evaluation.evaluate import trained_preprocessing
     from vae.serving.export import _same_preprocessing
 
     _, cfg, _ = load_trained(trained_run)
     elsewhere = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards="s3://no-credentials/shards"))
-    recorded = trained_preprocessing(trained_run, elsewhere)
+    recorded = trained_preprocessing(latest_state(trained_run), elsewhere)
     assert recorded == json.loads((tiny_shards / "manifest.json").read_text())["preprocessing"]
     with pytest.raises(BadInput, match="preprocessed with crop 0; the run trained on crop 148"):
         _same_preprocessing(recorded, "crop0-shards", {**recorded, "crop": 0})

@@ -207,16 +207,25 @@ def warm_start_weights(cfg: Config) -> dict | None:
     return {"ema": state["ema"], "checkpoint": str(path), "step": int(state["step"])}
 
 
-def load_trained(run_dir: str | Path, ema: bool = True):
-    """The trained model of a run (EMA weights by default), its config and its step, on the CPU."""
-    from vae.models import build_model
-
+def latest_state(run_dir: str | Path) -> dict:
+    """The run's latest checkpoint, loaded (one line when there is none)."""
     path = latest_checkpoint(run_dir)
     if path is None:
         raise BadInput(f"run {run_dir}: no checkpoint found (train it first)")
-    state = load_checkpoint(path)
+    return load_checkpoint(path)
+
+
+def trained_model(state: dict, ema: bool = True):
+    """The model of a loaded checkpoint (EMA weights by default), its config and its step, on the CPU."""
+    from vae.models import build_model
+
     cfg = config_of(state)
     model = build_model(cfg.model)
     model.load_state_dict(state["ema"] if ema else state["model"])
     model.eval()
     return model, cfg, int(state["step"])
+
+
+def load_trained(run_dir: str | Path, ema: bool = True):
+    """The trained model of a run (EMA weights by default), its config and its step, on the CPU."""
+    return trained_model(latest_state(run_dir), ema)

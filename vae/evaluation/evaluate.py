@@ -20,7 +20,7 @@ from common.errors import BadInput
 from common.grid import make_grid, write_png
 from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
-from vae.checkpoint import latest_checkpoint, load_checkpoint, load_trained, weights_digest
+from vae.checkpoint import load_trained, weights_digest
 from vae.config import MAX_K, config_hash
 from vae.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
@@ -168,14 +168,12 @@ def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None 
     return model, cfg, step, split, k, shards, manifest
 
 
-def trained_preprocessing(run_dir: str | Path, cfg) -> dict | None:
-    """The preprocessing of the images the run trained on: recorded in its latest checkpoint, else (checkpoints
+def trained_preprocessing(state: dict, cfg) -> dict | None:
+    """The preprocessing of the images a run trained on: recorded in its checkpoint `state`, else (checkpoints
     from before they recorded it) that of its shards' manifest (`cfg.data.shards`) where it can be read here,
     else None."""
-    path = latest_checkpoint(run_dir)
-    recorded = load_checkpoint(path).get("preprocessing") if path is not None else None
-    if recorded is not None:
-        return recorded
+    if state.get("preprocessing") is not None:
+        return state["preprocessing"]
     try:
         return load_manifest(cfg.data.shards).get("preprocessing")
     except Exception:  # e.g. s3:// without credentials here, gs:// without gcsfs: unknown here
@@ -189,10 +187,10 @@ def reusable_metrics(run_dir: str | Path, split: str | None = None, k: int | Non
         metrics = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    model, cfg, _ = load_trained(Path(run_dir))
-    split, k = split or cfg.eval.split, k or cfg.eval.k
     if not isinstance(metrics, dict) or metrics.get("max_images") is not None:
         return None
+    model, cfg, _ = load_trained(Path(run_dir))
+    split, k = split or cfg.eval.split, k or cfg.eval.k
     try:
         fingerprint = split_fingerprint(load_manifest(cfg.data.shards), split)
     except (BadInput, OSError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import storage
 from common.atomic import atomic_write_text
 from common.errors import BadInput, VaeError
-from vae.checkpoint import load_trained
+from vae.checkpoint import latest_state, trained_model
 from vae.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
 
 
@@ -33,8 +33,8 @@ def writable_file(out: str | Path) -> None:
     out = Path(out)
     if out.is_dir():
         raise BadInput(f"--out {out}: is a folder; name the CSV file to write, such as {out / 'scores.csv'}")
-    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    writable, folder = storage.creatable(out.parent)
+    if not writable:
         raise BadInput(f"--out {out}: {folder} cannot be written here")
 
 
@@ -69,13 +69,13 @@ def _image_batches(source: str, crop: int, size: int, batch_size: int, skipped: 
         yield keys, torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
 
 
-def _training_crop(run_dir, cfg) -> int:
+def _training_crop(state: dict, cfg) -> int:
     """The crop the run's images were made with (its checkpoint's record, else its shards'), else the default."""
     from pipeline.preprocess import DEFAULT_CROP
     from vae.evaluation.evaluate import trained_preprocessing
 
     try:
-        return int((trained_preprocessing(run_dir, cfg) or {})["crop"])
+        return int((trained_preprocessing(state, cfg) or {})["crop"])
     except (KeyError, TypeError, ValueError):
         return DEFAULT_CROP
 
@@ -88,7 +88,8 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
     image's noise is seeded by `seed` (default: the run's `train.seed`, as `vae eval` draws it) and its key."""
     if out is not None:
         writable_file(out)
-    model, cfg, _ = load_trained(run_dir)
+    state = latest_state(run_dir)
+    model, cfg, _ = trained_model(state)
     seed = cfg.train.seed if seed is None else seed
     size = cfg.model.image_size
     dims = image_dims(size)
@@ -96,7 +97,7 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
     if (Path(source) / "manifest.json").exists() or "://" in str(source):
         batches = _shard_batches(str(source), batch_size)
     else:
-        batches = _image_batches(source, _training_crop(run_dir, cfg), size, batch_size, skipped)
+        batches = _image_batches(source, _training_crop(state, cfg), size, batch_size, skipped)
     scores = []
     # shown on a terminal only (disable=None), and erased when it ends or an error ends it
     with tqdm(unit="img", desc=f"scoring K={k}", disable=None if progress else True, leave=False, file=sys.stderr,

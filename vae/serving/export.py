@@ -34,7 +34,7 @@ from torch import nn
 from common.atomic import atomic_write_json
 from common.digest import sha256_file
 from common.errors import BadInput
-from vae.checkpoint import load_trained
+from vae.checkpoint import latest_state, load_trained, trained_model
 from vae.config import config_hash
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
@@ -244,11 +244,12 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
                if "bf16" in unknown else "")
         raise BadInput(f"precision {', '.join(unknown)}: not offered (reduced-precision CPU graphs: "
                        f"{', '.join(PRECISIONS)}; float16 for GPUs: fp16 or --fp16){why}")
-    model, cfg, step = load_trained(run_dir, ema=True)
-    check_out(out)
     from vae.evaluation.evaluate import trained_preprocessing
 
-    images, preprocessing, source = validation_images(cfg, shards, CHECK_IMAGES, trained_preprocessing(run_dir, cfg))
+    state = latest_state(run_dir)
+    model, cfg, step = trained_model(state, ema=True)
+    check_out(out)
+    images, preprocessing, source = validation_images(cfg, shards, CHECK_IMAGES, trained_preprocessing(state, cfg))
     metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
     if not all(_finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
         raise ExportError(f"run {run_dir}: its metrics are not finite (elbo_bpd {metrics.get('elbo_bpd')!r}, "

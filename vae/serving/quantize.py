@@ -13,9 +13,9 @@ decoder, the images themselves for the encoder. Validation, on other draws and o
 on 64 prior draws and 64 codes of held-out images (each set within the budget), the encoder on 64 held-out images
 seen through the float32 decoder, so the budget is in pixels: their codes (mu) decoded, and one posterior sample
 each (mu + exp(logvar / 2) * eps, the same eps for both graphs) decoded, so logvar is held to the budget too.
-Any non-finite output fails. Each graph meets BUDGET
-(agreement with the float32 graph) or else FIDELITY_BUDGET (held-out images reconstructed nearly as well as by the
-float32 graphs), else the export fails and nothing is written; the report says which.
+Any non-finite output fails. Each graph meets BUDGET (agreement with the float32 graph) or else FIDELITY_BUDGET
+(held-out images reconstructed nearly as well as by the float32 graphs), else the export fails and nothing is
+written; the report says which.
 """
 
 from __future__ import annotations
@@ -183,12 +183,16 @@ def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> Non
                    [np.ascontiguousarray(b) for b in np.array_split(images, max(1, len(images) // 16))])
 
 
+def _decode(decoder, z: np.ndarray) -> np.ndarray:
+    return decoder.run(["x_mean"], {"z": z})[0]
+
+
 def _posterior_decoded(decoder, mu: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
     """mu + exp(logvar / 2) * eps decoded by `decoder`; all NaN where any of it is not finite (no budget holds: an
     infinite code could decode to finite, saturated images)."""
     with np.errstate(all="ignore"):
         z = (mu + np.exp(logvar / 2) * eps).astype(np.float32)
-    return decoder.run(["x_mean"], {"z": z if np.isfinite(z).all() else np.full_like(z, np.nan)})[0]
+    return _decode(decoder, z if np.isfinite(z).all() else np.full_like(z, np.nan))
 
 
 MIN_IMAGES = 16  # some validate, the rest calibrate: fewer says little about either
@@ -215,17 +219,15 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
     decoder, decoder8 = session(folder / "decoder.onnx"), session(folder / "decoder.int8.onnx")
     encoder, encoder8 = session(folder / "encoder.onnx"), session(folder / "encoder.int8.onnx")
 
-    def decode(graph, z):
-        return graph.run(["x_mean"], {"z": z})[0]
-
     x = np.ascontiguousarray(held[np.arange(64) % len(held)], dtype=np.float32)
     (mu, logvar), (mu8, logvar8) = encoder.run(["mu", "logvar"], {"x": x}), encoder8.run(["mu", "logvar"], {"x": x})
     prior = np.random.default_rng(3).standard_normal((64, d)).astype(np.float32)
     eps = np.random.default_rng(4).standard_normal(mu.shape).astype(np.float32)
-    images, images_int8_decoder, images_int8_encoder = decode(decoder, mu), decode(decoder8, mu), decode(decoder, mu8)
+    images, images_int8_decoder = _decode(decoder, mu), _decode(decoder8, mu)
+    images_int8_encoder = _decode(decoder, mu8)
     sampled = [_posterior_decoded(decoder, m, lv, eps) for m, lv in ((mu, logvar), (mu8, logvar8))]
     reference = _recon_error(images, x)
-    decoded = {**_worst(prior_draws=_errors(decode(decoder8, prior), decode(decoder, prior)),
+    decoded = {**_worst(prior_draws=_errors(_decode(decoder8, prior), _decode(decoder, prior)),
                         codes=_errors(images_int8_decoder, images)),
                "recon_increase": _recon_error(images_int8_decoder, x) / reference - 1}
     encoded = {**_worst(codes=_errors(images_int8_encoder, images),
@@ -239,7 +241,6 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
                                                "decoder.onnx, each set within the budget"},
               "calibration": f"codes of the last {len(calibration)} images + 256 prior draws; those images for the "
                              f"encoder; validated on the first {len(held)} (images from {source}, in that order)",
-              "calibration_images": len(calibration),
               "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + channels-last phase interleave "
                                  "(exact in float32)"}
     for name, key in (("decoder.int8.onnx", "decoder"), ("encoder.int8.onnx", "encoder")):

@@ -38,6 +38,7 @@ import numpy as np
 from common import storage
 from common.atomic import atomic_write_bytes
 from common.digest import sha256_file
+from common.errors import one_line
 from vae.serving import device_buffers as buffers
 from vae.serving import registry as reg
 
@@ -445,12 +446,6 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _reason(err: Exception) -> str:
-    """One line for an error from a store or a record: its type and first line."""
-    text = str(err).splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def default_cache_dir() -> str:
     """Where remote champions are cached: `$VAE_RUNTIME_CACHE`, else `~/.cache/vae-runtime`."""
     return os.environ.get("VAE_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vae-runtime")
@@ -482,7 +477,7 @@ class Champion:
         try:
             record = reg.read_champion(self.registry)
         except Exception as err:  # noqa: BLE001 - any store's client error (HTTP status, S3 endpoint, timeout)
-            raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({_reason(err)})") from None
+            raise RuntimeModelError(f"registry {self.registry}: cannot read the champion ({one_line(err)})") from None
         if record is None:
             raise RuntimeModelError(f"registry {self.registry}: no champion yet "
                                     f"({reg.PROJECT}/{reg.CHAMPION} not found)")
@@ -495,7 +490,7 @@ class Champion:
             parsed, raw = reg.read_version_record_bytes(self.registry, version)
         except Exception as err:  # noqa: BLE001 - a damaged record, or any store's client error
             raise RuntimeModelError(f"registry {self.registry}: cannot read the record of champion {version} "
-                                    f"({_reason(err)})") from None
+                                    f"({one_line(err)})") from None
         if parsed is None:
             if pinned is not None:
                 raise RuntimeModelError(f"registry {self.registry}: champion {version} has no "
@@ -544,7 +539,7 @@ class Champion:
             data = storage.read_bytes(source)
         except Exception as err:  # noqa: BLE001 - any store's client error (HTTP status, S3 endpoint, timeout)
             raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} "
-                                    f"({_reason(err)})") from None
+                                    f"({one_line(err)})") from None
         if want is not None and hashlib.sha256(data).hexdigest() != want:
             raise RuntimeModelError(f"registry {self.registry}: {name} of {self.version} differs from its "
                                     "version record (damaged or replaced)")
