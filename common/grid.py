@@ -13,7 +13,7 @@ import numpy as np
 
 from common.atomic import atomic_write_bytes
 
-__all__ = ["make_grid", "png_bytes", "to_uint8_hwc", "write_png"]
+__all__ = ["label", "make_grid", "png_bytes", "to_uint8_hwc", "write_png"]
 
 def to_uint8_hwc(images: np.ndarray) -> np.ndarray:
     """float [N, 3, H, W] in [0, 1] (or uint8 [N, H, W, 3]) -> uint8 [N, H, W, 3]."""
@@ -37,6 +37,16 @@ def make_grid(images: np.ndarray, ncols: int = 8, pad: int = 2) -> np.ndarray:
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         grid[y:y + h, x:x + w] = image
     return grid
+
+
+def label(picture: np.ndarray, text: str, height: int = 16) -> np.ndarray:
+    """The picture with `text` written in black on a white strip above it (Pillow's built-in font). Pillow is
+    imported here, not at the top: the torch-free runtime uses this module without it."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (picture.shape[1], height), "white")
+    ImageDraw.Draw(strip).text((4, 2), text, fill="black")
+    return np.concatenate([np.asarray(strip, dtype=np.uint8), picture], axis=0)
 
 
 def png_bytes(picture: np.ndarray) -> bytes:

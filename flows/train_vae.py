@@ -11,6 +11,8 @@ a synthetic CelebA-layout set, so the demo deployment works on a fresh machine.
 from __future__ import annotations
 
 import base64
+import io
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +28,16 @@ from vae.config import MAX_K, config_hash, load_config
 from vae.serving import registry as reg
 
 CHAMPION_EVENT = "vae.champion.promoted"
-MAX_EMBEDDED_PNG = 200_000  # bytes of one picture embedded in the summary artifact
+MAX_EMBEDDED_PICTURE = 200_000  # bytes of one picture embedded in the summary artifact (before base64)
+# The whole summary artifact. Prefect 3's server stores artifact data without a size check, but Prefect 1's server
+# refused artifacts over 1 MB, proxies in front of an API (nginx's default client_max_body_size is 1 MiB) refuse
+# larger requests, and the UI loads the whole markdown on every visit: the summary stays under 1 MB.
+MAX_SUMMARY_BYTES = 1_000_000
+MIN_PICTURE_WIDTH = 256  # pixels: a picture narrower is enlarged (nearest neighbour), never shrunk below this
+JPEG_QUALITIES = (90, 80, 70, 60)  # tried at each width, largest width first; lower ones only at the smallest
+LAST_RESORT_QUALITIES = (50, 40, 30, 20)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SAMPLE_FIGURES = ("kid", "precision", "recall", "density", "coverage", "swd", "fid")
 VERSION_EXTRAS = ("model.json", "metrics.json", "samples.png", "README.md")  # beside the graphs of model.json
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
@@ -84,15 +95,40 @@ def train_model(config: str, overrides: list[str], run_dir: str, shards: str, nu
 
 
 @task(retries=1, retry_delay_seconds=[10])
-def evaluate_model(run_dir: str, k: int | None = None) -> dict:
-    """The test metrics of the run's weights; a retried flow run reuses those its first attempt wrote when they
-    measured these weights on these images at this K (IWAE at K=1000 over the test split takes long)."""
+def evaluate_model(run_dir: str, k: int | None = None, inception_weights: str | None = None) -> dict:
+    """The test metrics of the run's weights, with the sample-quality figures (FID too with `inception_weights`);
+    a retried flow run reuses those its first attempt wrote when they measured these weights on these images at
+    this K, with sample figures on the same Inception weights (IWAE at K=1000 over the test split takes long)."""
     from vae.evaluation.evaluate import evaluate, reusable_metrics
 
-    metrics = reusable_metrics(run_dir, split="test", k=k) or evaluate(run_dir, split="test", k=k)
-    get_run_logger().info("test nll_bpd %.4f (K=%d), elbo_bpd %.4f over %d images",
-                          metrics["nll_bpd"], metrics["k"], metrics["elbo_bpd"], metrics["n_images"])
+    metrics = reusable_metrics(run_dir, split="test", k=k)
+    if metrics is not None and not samples_as_asked(metrics, inception_weights):
+        metrics = None
+    metrics = metrics or evaluate(run_dir, split="test", k=k, inception_weights=inception_weights)
+    logger = get_run_logger()
+    logger.info("test nll_bpd %.4f (K=%d), elbo_bpd %.4f over %d images",
+                metrics["nll_bpd"], metrics["k"], metrics["elbo_bpd"], metrics["n_images"])
+    primary = reg.sample_primary(metrics.get("samples"))
+    if primary is not None:
+        logger.info("samples: %s %s at temperature %s (measure %s)", str(primary["metric"]).upper(),
+                    _figure(primary), primary["temperature"], primary["measure"])
     return metrics
+
+
+def samples_as_asked(metrics: dict, inception_weights: str | None) -> bool:
+    """Whether `metrics` hold sample figures measured with these Inception weights (none: no FID)."""
+    samples = metrics.get("samples")
+    if not isinstance(samples, dict) or reg.sample_primary(samples) is None:
+        return False
+    inception = (samples.get("features") or {}).get("inception")
+    if not inception_weights:
+        return inception is None
+    from common.digest import sha256_file
+
+    try:
+        return isinstance(inception, dict) and inception.get("sha256") == sha256_file(inception_weights)
+    except OSError:
+        return False
 
 
 @task(retries=1, retry_delay_seconds=[10])
@@ -121,24 +157,35 @@ def validate_model(export_dir: str, seed: int = 0) -> str:
     return str(Path(export_dir) / "samples.png")
 
 
-def reevaluate_champion(champion: dict, challenger: dict, runs: str) -> dict:
-    """The champion's test metrics on the challenger's test set and K, from the champion's run folder (kept
-    under `runs`: its checkpoint is what was exported); cached in that run as `eval-<fingerprint>-k<K>/`."""
+def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_weights: str | None = None) -> dict:
+    """The champion's test metrics measured as the challenger's were: its test set and K, and (when the challenger
+    has sample figures) the same temperatures, image count and Inception weights, from the champion's run folder
+    (kept under `runs`: its checkpoint is what was exported); cached in that run as
+    `eval-<fingerprint>-k<K>[-s<sample measure>]/`, reused only when it measured the same way."""
+    import hashlib
     import json
+    import re
 
     from vae.evaluation.evaluate import evaluate
 
     run = Path(champion.get("run") or Path(runs) / champion["version"])
     if not (run / "checkpoints").is_dir():
         raise reg.RegistryError(f"its run folder {run} is gone (champion runs must be kept)")
-    out = run / f"eval-{challenger['split_fingerprint'][:16]}-k{challenger['k']}"
+    wanted = challenger.get("sample_primary")
+    measure = str((wanted or {}).get("measure") or "")
+    if measure and not re.fullmatch(r"[0-9a-f]{1,64}", measure):  # read from a record: never a path
+        measure = hashlib.sha256(measure.encode()).hexdigest()[:16]
+    out = run / f"eval-{challenger['split_fingerprint'][:16]}-k{challenger['k']}{f'-s{measure}' if measure else ''}"
     if (out / "metrics.json").exists():
         cached = json.loads((out / "metrics.json").read_text())
         if reg.comparable(reg.evidence_of(cached), challenger):
             return cached
     try:
         metrics = evaluate(run, split=challenger["split"], k=challenger["k"], shards=challenger["shards"], out=out,
-                           grids=False)
+                           grids=False, samples=wanted is not None,
+                           temperatures=(wanted or {}).get("temperatures") or None,
+                           sample_images=(wanted or {}).get("n_images") or None,
+                           inception_weights=inception_weights if wanted is not None else None)
     except (BadInput, OSError) as err:
         raise reg.RegistryError(str(err)) from None
     recorded = reg.champion_evidence(champion).get("weights_sha256")
@@ -148,9 +195,12 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict, runs: str) -> dict:
+def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict, runs: str,
+                  sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> dict:
     """Register the export folder whole as the version, then promote it when it beats the champion on the same
-    test set and K (re-evaluating the champion first when it was measured on other images or at another K)."""
+    test set and K and its primary sample figure is not worse beyond `sample_tolerance` standard errors
+    (re-evaluating the champion first when it was measured on other images, at another K, or its samples another
+    way: with `inception_weights` as the challenger's were)."""
     import json
 
     export = Path(export_dir)
@@ -162,11 +212,13 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     logger = get_run_logger()
 
     def reevaluate(champion: dict, challenger: dict) -> dict:
-        logger.info("champion %s was measured on %s: re-evaluating it on this test set at K=%d",
-                    champion["version"], reg.difference(reg.champion_evidence(champion), challenger), challenger["k"])
-        return reevaluate_champion(champion, challenger, runs)
+        logger.info("champion %s was measured another way (%s): re-evaluating it on this test set at K=%d%s",
+                    champion["version"], reg.difference(reg.champion_evidence(champion), challenger), challenger["k"],
+                    " with this version's sample measure" if challenger.get("sample_primary") else "")
+        return reevaluate_champion(champion, challenger, runs, inception_weights)
 
-    outcome = reg.promote(registry, version, metrics, run=str(Path(run_dir).resolve()), reevaluate=reevaluate)
+    outcome = reg.promote(registry, version, metrics, run=str(Path(run_dir).resolve()), reevaluate=reevaluate,
+                          sample_tolerance=sample_tolerance)
     logger.info("version %s %s: %s", version, "promoted" if outcome["promoted"] else "kept, not promoted",
                 outcome["reason"])
     if outcome["promoted"]:  # also "already the champion": a retry after a crash between the swap and the event
@@ -174,27 +226,204 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     return {"version": version, "path": str(target), **outcome}
 
 
-def summary_markdown(version: str, metrics: dict, result: dict, pictures: list[tuple[str, Path]]) -> str:
-    """The run's summary for the Prefect UI: the decision and why, the numbers, and the pictures embedded as PNG
-    data URIs (the UI is served over http and cannot show file:// images); a picture over the size limit is
-    named instead of embedded, so the artifact stays small."""
+def _figure(figure: dict | None, digits: int = 4) -> str:
+    """`value ± stderr` of a figure ({"value", "stderr"}), or a dash when there is none."""
+    if not isinstance(figure, dict) or not isinstance(figure.get("value"), (int, float)):
+        return "–"
+    value, se = figure["value"], figure.get("stderr")
+    text = f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return text + (f" ± {se:.2g}" if isinstance(se, (int, float)) and math.isfinite(se) else "")
+
+
+def _best_prior(samples: dict) -> tuple[str, dict]:
+    """(temperature key, figures) of the prior samples at the primary figure's (best) temperature."""
+    key = f"{samples['primary']['temperature']:g}"
+    return key, (samples.get("prior") or {}).get(key) or {}
+
+
+def sample_summary_lines(samples: dict) -> list[str]:
+    """The sample-quality figures in markdown: the primary one with its floor, FID or why it is missing, and a
+    table of every figure of the floor, the prior samples at each temperature and the reconstructions."""
+    primary, floor = samples["primary"], samples.get("floor") or {}
+    metric = primary["metric"]
+    best, best_figures = _best_prior(samples)
+    temperatures = [f"{t:g}" for t in samples.get("temperatures") or [primary["temperature"]]]
+    space = ((samples.get("features") or {}).get("random") or {}).get("name", "random features")
+    lines = [f"- samples: {metric.upper()} **{_figure(primary)}** (prior samples at temperature {best}, the best of "
+             f"{', '.join(temperatures)}; lower is better), real-versus-real floor {_figure(floor.get(metric))}; "
+             f"{samples.get('n_generated')} samples against {samples.get('n_heldout')} held-out and "
+             f"{samples.get('n_train')} training images, in {space} features (measure `{samples.get('measure')}`)"]
+    if isinstance(best_figures.get("fid"), dict):
+        lines.append(f"- FID {_figure(best_figures['fid'])} at temperature {best} (floor {_figure(floor.get('fid'))})")
+    else:
+        lines.append(f"- FID: not measured: {samples.get('fid_reason') or 'no Inception weights given'}")
+    prior = samples.get("prior") or {}
+    columns = [("floor (held-out vs training)", floor)]
+    columns += [(f"prior t={t}" + (" (best)" if t == best else ""), prior.get(t) or {}) for t in temperatures]
+    columns.append(("reconstructions", samples.get("reconstructions") or {}))
+    lines += ["", "| figure | " + " | ".join(name for name, _ in columns) + " |",
+              "| --- |" + " --- |" * len(columns)]
+    for name in SAMPLE_FIGURES:
+        lines.append(f"| {name} | " + " | ".join(_figure(figures.get(name)) for _, figures in columns) + " |")
+    ratios = [((figures.get("memorisation") or {}).get("ratio_to_heldout") if name.startswith("prior") else None)
+              for name, figures in columns]
+    lines.append("| nearest-training distance / held-out's | " + " | ".join(
+        f"{r:.3g}" if isinstance(r, (int, float)) else "–" for r in ratios) + " |")
+    lines.append("")
+    return lines
+
+
+def sample_rows(samples: dict | None) -> list[dict]:
+    """The table artifact's rows of the sample figures (values only, flattened names: `samples.prior.kid` is the
+    prior samples' KID at the best temperature, `samples.prior.t0.8.kid` at each temperature)."""
+    if reg.sample_primary(samples) is None:
+        return []
+    primary, metric = samples["primary"], samples["primary"]["metric"]
+    rows = [(f"samples.primary.{metric}", primary.get("value")), (f"samples.primary.{metric}_stderr",
+                                                                   primary.get("stderr")),
+            ("samples.primary.temperature", primary.get("temperature")), ("samples.measure", samples.get("measure")),
+            ("samples.n_heldout", samples.get("n_heldout"))]
+    best, best_figures = _best_prior(samples)
+
+    def values(prefix: str, figures: dict, names=SAMPLE_FIGURES) -> list[tuple]:
+        return [(f"{prefix}.{name}", (figures.get(name) or {}).get("value")) for name in names
+                if isinstance(figures.get(name), dict)]
+
+    rows += values("samples.floor", samples.get("floor") or {})
+    rows += values("samples.prior", best_figures)
+    rows.append(("samples.prior.memorisation_ratio", (best_figures.get("memorisation") or {}).get("ratio_to_heldout")))
+    for t, figures in (samples.get("prior") or {}).items():
+        rows += values(f"samples.prior.t{t}", figures, (metric,))
+    rows += values("samples.reconstructions", samples.get("reconstructions") or {})
+    if samples.get("fid_reason"):
+        rows.append(("samples.fid_reason", samples["fid_reason"]))
+    return [{"metric": name, "value": value} for name, value in rows]
+
+
+def metric_rows(metrics: dict) -> list[dict]:
+    """The rows of the table artifact `train-vae-metrics`: the bounds, then the sample figures."""
+    return [{"metric": name, "value": metrics.get(name)} for name in METRIC_ROWS] + sample_rows(metrics.get("samples"))
+
+
+def embeddable_picture(path: Path, limit: int = MAX_EMBEDDED_PICTURE) -> tuple[str, bytes] | None:
+    """(MIME type, bytes) of the picture at `path` in at most `limit` bytes and at least MIN_PICTURE_WIDTH pixels
+    wide: the PNG as it is when it fits (a narrower one enlarged by a whole factor, nearest neighbour, first),
+    else JPEG at decreasing quality, then at decreasing widths (never below MIN_PICTURE_WIDTH, or the picture's
+    own width if that is less); the result is decoded back once to check it is a whole picture. None when the
+    file is not a picture or nothing fits."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            picture = opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    width, height = picture.size
+    data, mime = path.read_bytes(), "image/png"
+    if width < MIN_PICTURE_WIDTH:
+        factor = -(-MIN_PICTURE_WIDTH // width)
+        picture = picture.resize((width * factor, height * factor), Image.NEAREST)
+        width, height = picture.size
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG", optimize=True)
+        data = buffer.getvalue()
+    if data[:8] != PNG_SIGNATURE or len(data) > limit:
+        data, mime = _jpeg_within(picture, limit), "image/jpeg"
+        if data is None:
+            return None
+    try:
+        with Image.open(io.BytesIO(data)) as check:
+            check.load()
+    except (OSError, ValueError):
+        return None
+    return mime, data
+
+
+def _jpeg_within(picture, limit: int) -> bytes | None:
+    """The RGB Pillow `picture` as JPEG in at most `limit` bytes: each quality of JPEG_QUALITIES at the full width,
+    then at widths shrinking by a fifth down to MIN_PICTURE_WIDTH (or the picture's width, if less), then lower
+    qualities at that width; None when nothing fits."""
+    from PIL import Image
+
+    width, height = picture.size
+    smallest, widths = min(width, MIN_PICTURE_WIDTH), [width]
+    while widths[-1] > smallest:
+        widths.append(max(smallest, int(widths[-1] * 0.8)))
+    tries = [(w, q) for w in widths for q in JPEG_QUALITIES] + [(widths[-1], q) for q in LAST_RESORT_QUALITIES]
+    for w, quality in tries:
+        shown = picture if w == width else picture.resize((w, max(1, round(height * w / width))), Image.LANCZOS)
+        buffer = io.BytesIO()
+        shown.save(buffer, "JPEG", quality=quality, optimize=True)
+        if len(buffer.getvalue()) <= limit:
+            return buffer.getvalue()
+    return None
+
+
+def summary_pictures(run_dir: str | Path, grid: str | Path, metrics: dict) -> list[tuple[str, Path, str]]:
+    """(name, file, caption) of the summary's pictures: the exported decoder's samples, the reconstructions, and
+    the evaluation's prior samples at each temperature of the sample metrics."""
+    folder = Path(run_dir) / "eval"
+    pictures = [("samples", Path(grid), "decoder.onnx, the exported graph, through onnxruntime: 64 prior samples "
+                                        "(seed 0, temperature 1)"),
+                ("reconstructions", folder / "reconstructions.png",
+                 "reconstructions: test images, each followed by its reconstruction (the decoded posterior mean)")]
+    samples, images = metrics.get("samples") or {}, metrics.get("images") or {}
+    best = (samples.get("primary") or {}).get("temperature")
+    for t in samples.get("temperatures") or []:
+        name = f"samples-t{t:g}"
+        if images.get(name):
+            pictures.append((name, folder / images[name], f"prior samples at temperature {t:g}: the first 64 of the "
+                             f"{samples.get('n_generated')} the sample metrics measured"
+                             + (" (the best temperature: the primary figure)" if t == best else "")))
+    return pictures
+
+
+def summary_markdown(version: str, metrics: dict, result: dict, pictures: list[tuple]) -> str:
+    """The run's summary for the Prefect UI: the decision and why, the numbers (bits/dim and the sample figures),
+    and the pictures embedded as data URIs (the UI is served over http and cannot show file:// images), each with
+    a caption. `pictures` holds (name, path) or (name, path, caption). The pictures share what MAX_SUMMARY_BYTES
+    leaves after the text, smallest file first, each at most an equal share of what is left and
+    MAX_EMBEDDED_PICTURE bytes: a PNG that fits is embedded as it is, a larger one as JPEG
+    (`embeddable_picture`); one that cannot fit is named instead."""
     previous, again = result["previous"], result["reevaluated"]
     comparison = "no previous champion"
+    theirs = None
     if previous and again:
         comparison = (f"champion {previous['version']} re-evaluated on this test set at K={again['k']}: nll_bpd "
                       f"{again['nll_bpd']:.4f}")
+        theirs = again.get("sample_primary")
     elif previous:
         comparison = f"champion {previous['version']}: nll_bpd {previous['nll_bpd']}"
+        theirs = (reg.champion_evidence(previous) or {}).get("sample_primary")
+    if theirs and previous.get("version") != version:
+        comparison += (f", {str(theirs.get('metric')).upper()} {_figure(theirs)} at temperature "
+                       f"{theirs.get('temperature')}")
     lines = [f"# train-vae {version}",
              f"- **{'promoted' if result['promoted'] else 'not promoted'}**: {result['reason']}",
              f"- test nll_bpd **{metrics['nll_bpd']:.4f}** (IWAE, K={metrics['k']}), elbo_bpd "
-             f"{metrics['elbo_bpd']:.4f}, {metrics['n_images']} images; {comparison}",
-             f"- version folder: `{result['path']}`", ""]
-    for name, path in pictures:
-        if path.is_file() and path.stat().st_size <= MAX_EMBEDDED_PNG:
-            lines.append(f"![{name}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})")
-        elif path.is_file():
-            lines.append(f"- {name}: `{path}` ({path.stat().st_size // 1024} KB, too large to embed)")
+             f"{metrics['elbo_bpd']:.4f}, {metrics['n_images']} images; {comparison}"]
+    samples = metrics.get("samples")
+    if reg.sample_primary(samples) is not None:
+        lines += sample_summary_lines(samples)
+    else:
+        lines.append("- samples: no sample-quality figures in these metrics")
+    lines += [f"- version folder: `{result['path']}`", ""]
+    text = "\n".join(lines)
+    shown = [(item[0], Path(item[1]), item[2] if len(item) > 2 else item[0]) for item in pictures]
+    shown = [item for item in shown if item[1].is_file()]
+    room = MAX_SUMMARY_BYTES - len(text.encode()) - sum(300 + len(caption.encode()) for _, _, caption in shown)
+    room = max(0, room) * 3 // 4  # bytes of pictures: base64 takes 4 characters for 3 bytes
+    encoded = {}
+    for i in sorted(range(len(shown)), key=lambda i: shown[i][1].stat().st_size):  # small ones leave room to others
+        encoded[i] = embeddable_picture(shown[i][1], min(MAX_EMBEDDED_PICTURE, room // (len(shown) - len(encoded))))
+        room -= len(encoded[i][1]) if encoded[i] else 0
+    for i, (name, path, caption) in enumerate(shown):
+        picture = encoded[i]
+        if picture is None:
+            lines += [f"- {name}: `{path}` ({path.stat().st_size // 1024} KB, too large to embed): {caption}", ""]
+            continue
+        mime, data = picture
+        lines += [f"![{name}](data:{mime};base64,{base64.b64encode(data).decode()})", "", f"*{caption}*", ""]
     return "\n".join(lines)
 
 
@@ -220,9 +449,19 @@ def announce_champion(registry: str, version: str, metrics: dict, outcome: dict)
 
 
 def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
-                     crop: int, shard_workers: int, synthesize_n: int, precisions: list[str] | None = None) -> None:
+                     crop: int, shard_workers: int, synthesize_n: int, precisions: list[str] | None = None,
+                     sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> None:
     """Reject bad flow parameters before any work, with one line that names the parameter."""
     from vae.serving.quantize import PRECISIONS
+
+    try:
+        reg.check_tolerance(sample_tolerance)
+    except reg.RegistryError:
+        raise BadInput(f"train-vae parameter 'sample_tolerance': must be a finite number >= 0 (standard errors of "
+                       f"the difference a challenger's primary sample figure may be worse by), got "
+                       f"{sample_tolerance!r}") from None
+    if inception_weights is not None:
+        check_inception_weights(inception_weights, "inception_weights")
 
     unknown = sorted(set(precisions or []) - set(PRECISIONS))
     if unknown:
@@ -241,6 +480,18 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
         raise BadInput(f"train-vae parameter 'source': {source} does not exist (point it at a CelebA folder, "
                        "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")
     check_registry(registry)
+
+
+def check_inception_weights(path: str, where: str) -> None:
+    """The FID Inception weights file is readable, is the published one and loads (one line naming `where`)."""
+    from vae.evaluation.inception import check_weights
+
+    if not str(path).strip():
+        raise BadInput(f"train-vae parameter '{where}': must not be empty (leave it null for no FID)")
+    try:
+        check_weights(path)
+    except BadInput as err:
+        raise BadInput(f"train-vae parameter '{where}': {' '.join(str(err).split())}") from None
 
 
 def check_registry(registry: str) -> None:
@@ -319,7 +570,8 @@ def _flow_run_identity() -> tuple:
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
               crop: int = DEFAULT_CROP, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
-              fp16: bool = False, warm_start: bool = False, precisions: list[str] | None = None) -> dict:
+              fp16: bool = False, warm_start: bool = False, precisions: list[str] | None = None,
+              sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
     Args:
@@ -341,9 +593,16 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
             any work when the architecture differs. Without a champion it starts fresh.
         precisions: Reduced-precision CPU graphs to export too, e.g. ["int8"] (decoder.int8.onnx and
             encoder.int8.onnx, validated against float32).
+        sample_tolerance: How many standard errors of the difference the primary sample figure (KID of prior
+            samples, lower is better) may be worse than the champion's while a lower test nll_bpd still promotes;
+            0 refuses any worse KID.
+        inception_weights: The FID Inception weights file (pt_inception-2015-12-05-6726825d.pth, no download) for
+            FID in the sample metrics, of this version and of a re-evaluated champion; null: $VAE_INCEPTION_WEIGHTS
+            or the config's eval.inception_weights, else no FID. Checked before any work.
     """
     overrides = list(overrides or [])
-    check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n, precisions)
+    check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n, precisions,
+                     sample_tolerance, inception_weights)
     if warm_start:
         overrides += warm_start_overrides(registry, runs)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
@@ -351,6 +610,12 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         from vae.checkpoint import warm_start_weights
 
         warm_start_weights(cfg)  # another architecture, or no checkpoint: one line, before any work
+    from vae.evaluation.inception import resolve_weights
+
+    # one weights file for this version and a re-evaluated champion, whatever the champion's config says
+    weights = resolve_weights(inception_weights, cfg.eval.inception_weights)
+    if weights and weights != inception_weights:  # from $VAE_INCEPTION_WEIGHTS or the config: checked here too
+        check_inception_weights(weights, "inception_weights ($VAE_INCEPTION_WEIGHTS or eval.inception_weights)")
     version = reg.new_version(config_hash(cfg), *_flow_run_identity())
     run_dir = str(Path(runs) / version)
     if needs_synthesis(source, synthesize_n):
@@ -358,14 +623,13 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     shard_data(source, shards, cfg.model.image_size, crop, shard_workers)
     check_shards(shards, precisions)
     train_model(config, overrides, run_dir, shards, num_processes)
-    metrics = evaluate_model(run_dir, k)
+    metrics = evaluate_model(run_dir, k, weights)
     export_dir = export_model(run_dir, version, fp16, precisions)
     grid = validate_model(export_dir)
-    result = promote_model(registry, version, run_dir, export_dir, metrics, runs)
+    result = promote_model(registry, version, run_dir, export_dir, metrics, runs, sample_tolerance, weights)
 
-    create_table_artifact(key="train-vae-metrics", table=[
-        {"metric": name, "value": metrics[name]} for name in METRIC_ROWS], description=f"Test metrics of {version}")
+    create_table_artifact(key="train-vae-metrics", table=metric_rows(metrics),
+                          description=f"Test metrics of {version}")
     create_markdown_artifact(key="train-vae-summary", markdown=summary_markdown(
-        version, metrics, result, [("samples", Path(grid)), ("reconstructions", Path(run_dir) / "eval" /
-                                                               "reconstructions.png")]))
+        version, metrics, result, summary_pictures(run_dir, grid, metrics)))
     return {**result, "metrics": metrics, "samples": str(Path(result["path"]) / "samples.png"), "grid": grid}

@@ -131,6 +131,14 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"registry": "https://example.com/registry"}, "parameter 'registry': registry https://example.com/registry"),
     ({"registry": "/dev/null/registry"}, "parameter 'registry': /dev/null/registry cannot be written here"),
     ({"registry": "file:///dev/null/registry"}, "file:///dev/null/registry cannot be written here"),
+    # promotion's picture check and FID's weights: refused before any work, not after training
+    ({"sample_tolerance": -1.0}, "parameter 'sample_tolerance': must be a finite number >= 0"),
+    ({"sample_tolerance": float("nan")}, "parameter 'sample_tolerance': must be a finite number >= 0"),
+    ({"sample_tolerance": float("inf")}, "parameter 'sample_tolerance': must be a finite number >= 0"),
+    ({"inception_weights": "/no/such/pt_inception.pth"},
+     "parameter 'inception_weights': Inception weights '/no/such/pt_inception.pth': no such file"),
+    ({"inception_weights": "/"}, "parameter 'inception_weights': Inception weights '/': is a directory"),
+    ({"inception_weights": " "}, "parameter 'inception_weights': must not be empty"),
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
     from common.errors import BadInput

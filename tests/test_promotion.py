@@ -91,7 +91,11 @@ def test_a_champion_from_another_test_set_is_re_evaluated_before_the_decision(tr
     assert again["split_fingerprint"] == new["split_fingerprint"] and again["k"] == new["k"]
     assert again["nll_bpd"] == pytest.approx(new["nll_bpd"], abs=1e-9)  # same weights, same images, same noise
     assert not outcome["promoted"] and "does not beat" in outcome["reason"] and "re-evaluated" in outcome["reason"]
+    measure = reg.evidence_of(new)["sample_primary"]["measure"]
+    assert again["sample_primary"]["measure"] == measure  # its pictures measured as the challenger's were
+    assert "KID" in outcome["reason"] and "within 2 SE" in outcome["reason"]  # same weights: the same figure
     cache = next(champion_run.glob("eval-*-k*/metrics.json"))
+    assert cache.parent.name.endswith(f"-s{measure}")  # a cache measured another way is never taken for it
 
     better = {**new, "nll_bpd": new["nll_bpd"] - 0.5}
     reg.register(registry, "chal-b", {p.name: p for p in Path(export_dir).iterdir()})
@@ -101,6 +105,39 @@ def test_a_champion_from_another_test_set_is_re_evaluated_before_the_decision(tr
     assert len(list(champion_run.glob("eval-*-k*/metrics.json"))) == 1 and cache.exists()  # measured once
     champion = reg.read_champion(registry)
     assert champion["version"] == "chal-b" and champion["evidence"]["split_fingerprint"] == new["split_fingerprint"]
+
+
+def test_a_champion_recorded_before_sample_metrics_is_re_measured_like_the_challenger(trained_run, tmp_path):
+    """champion.json from before sample figures (its evidence has no `sample_primary`) still loads; the champion
+    is re-measured at the challenger's temperatures and image count before the decision, and KID counts."""
+    from prefect.logging import disable_run_logger
+
+    from flows.train_vae import promote_model
+    from vae.evaluation.evaluate import evaluate
+    from vae.serving.export import export
+
+    registry, runs = tmp_path / "registry", tmp_path / "runs"
+    champion_run = copy_run(trained_run, runs / "old")
+    challenger_run = copy_run(trained_run, runs / "new")  # the same weights: the same pictures
+    metrics = evaluate(challenger_run, grids=False, temperatures=[0.7, 1.0], sample_images=12)
+    export(challenger_run, tmp_path / "export-new", version="new")
+    primary = reg.evidence_of(metrics)["sample_primary"]
+    assert primary["temperatures"] == [0.7, 1.0] and primary["n_images"] == metrics["samples"]["n_heldout"]
+    old = {key: value for key, value in reg.evidence_of(metrics).items() if key != "sample_primary"}
+    (registry / "train-vae").mkdir(parents=True)
+    (registry / "train-vae" / "champion.json").write_text(json.dumps(
+        {"version": "old", "path": "train-vae/versions/old", "evidence": {**old, "nll_bpd": metrics["nll_bpd"] + 0.5},
+         "nll_bpd": metrics["nll_bpd"] + 0.5, "split": "test", "k": metrics["k"], "run": str(champion_run)}))
+    with disable_run_logger():
+        outcome = promote_model.fn(str(registry), "new", str(challenger_run), str(tmp_path / "export-new"), metrics,
+                                   str(runs))
+    again = outcome["reevaluated"]
+    assert again is not None and again["sample_primary"]["measure"] == primary["measure"]
+    assert again["sample_primary"]["value"] == pytest.approx(primary["value"], abs=1e-12)
+    cached = json.loads(next(champion_run.glob("eval-*-k*-s*/metrics.json")).read_text())
+    assert cached["samples"]["temperatures"] == [0.7, 1.0] and cached["samples"]["n_heldout"] == primary["n_images"]
+    assert outcome["promoted"] and "within 2 SE" in outcome["reason"] and "sample measure" in outcome["reason"]
+    assert reg.read_champion(registry)["evidence"]["sample_primary"]["measure"] == primary["measure"]
 
 
 def test_no_promotion_when_the_champion_cannot_be_re_evaluated(trained_run, tmp_path):

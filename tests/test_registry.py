@@ -137,6 +137,154 @@ def test_an_incomparable_champion_is_re_evaluated_before_deciding(tmp_path):
     assert reg.read_champion(tmp_path)["version"] == "v1"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Promotion never trades pictures for bits: the primary sample figure (KID) beside nll_bpd
+
+
+MEASURE = "0123456789abcdef"
+
+
+def with_kid(nll, kid, stderr=0.001, measure=MEASURE, **kw):
+    """Evidence with a primary sample figure (as `evidence_of` makes from metrics with `samples`)."""
+    return {**evidence(nll, **kw), "sample_primary": {
+        "metric": "kid", "of": "prior", "temperature": 0.8, "value": kid, "stderr": stderr, "measure": measure,
+        "temperatures": [0.8, 1.0], "n_images": 500}}
+
+
+def metrics_with_samples(nll, kid, stderr=0.001, measure=MEASURE):
+    """A `metrics.json` as evaluation writes it now: `samples` with its primary figure and measure."""
+    figure = {"value": kid, "stderr": stderr}
+    return {**evidence(nll), "run": "runs/x", "samples": {
+        "format": 1, "primary": {"metric": "kid", "of": "prior", "temperature": 0.8, **figure}, "measure": measure,
+        "temperatures": [0.8, 1.0], "n_heldout": 500, "n_train": 500, "n_generated": 500,
+        "floor": {"kid": {"value": 0.0001, "stderr": 0.0001}}, "prior": {"0.8": {"kid": figure}}}}
+
+
+def test_evidence_carries_the_primary_sample_figure_and_its_measure():
+    ev = reg.evidence_of(metrics_with_samples(4.9, 0.0123, 0.0011))
+    assert ev["sample_primary"] == {"metric": "kid", "of": "prior", "temperature": 0.8, "value": 0.0123,
+                                    "stderr": 0.0011, "measure": MEASURE, "temperatures": [0.8, 1.0],
+                                    "n_images": 500}
+    assert reg.evidence_of(ev) == ev  # evidence passed where metrics are expected (the CLI, apps' tests)
+    assert reg.evidence_of(evidence(4.9))["sample_primary"] is None  # metrics from before sample figures
+    assert reg.comparable(ev, reg.evidence_of(metrics_with_samples(5.0, 0.1)))
+    other = reg.evidence_of(metrics_with_samples(5.0, 0.1, measure="fedcba9876543210"))
+    assert not reg.comparable(ev, other) and "sample measure 0123456789abcdef vs fedcba9876543210" in \
+        reg.difference(ev, other)
+    assert not reg.comparable(reg.evidence_of(evidence(5.0)), ev)
+    assert reg.difference(evidence(5.0), ev) == "sample measure none vs 0123456789abcdef"
+
+
+def test_decide_needs_lower_bits_and_a_kid_not_worse_beyond_the_tolerance():
+    champion = with_kid(4.95, 0.0120, 0.0010)
+    # lower nll, KID worse by 0.0030 > 2 x sqrt(0.0011^2 + 0.0010^2) = 0.0030 (0.00297): not promoted
+    promoted, reason = reg.decide(champion, with_kid(4.91, 0.0150, 0.0011))
+    assert not promoted
+    assert "test nll_bpd 4.9100 beats the champion's 4.9500 but KID 0.015 ± 0.0011 vs champion's 0.012 ± 0.001" \
+        in reason and "beyond 2 SE" in reason
+    # lower nll, KID worse but within 2 SE: promoted, and the reason names both figures
+    promoted, reason = reg.decide(champion, with_kid(4.91, 0.0123, 0.0011))
+    assert promoted
+    assert reason == "test nll_bpd 4.9100 beats the champion's 4.9500; KID 0.0123 ± 0.0011 vs champion's " \
+                     "0.012 ± 0.001, within 2 SE"
+    # higher nll: not promoted, however good the pictures
+    promoted, reason = reg.decide(champion, with_kid(4.99, 0.0001))
+    assert not promoted and reason.startswith("test nll_bpd 4.9900 does not beat the champion's 4.9500 (KID")
+    # the tolerance is respected: 0 refuses any worse KID; a wide one lets more through
+    assert not reg.decide(champion, with_kid(4.91, 0.01201, 0.0011), sample_tolerance=0.0)[0]
+    assert reg.decide(champion, with_kid(4.91, 0.0120, 0.0011), sample_tolerance=0.0)[0]  # equal is not worse
+    assert reg.decide(champion, with_kid(4.91, 0.0150, 0.0011), sample_tolerance=3.0)[0]
+    # missing standard errors count as 0: any worse KID is beyond the tolerance
+    assert not reg.decide(with_kid(4.95, 0.0120, None), with_kid(4.91, 0.01201, None))[0]
+    assert reg.decide(with_kid(4.95, 0.0120, None), with_kid(4.91, 0.0110, None))[0]
+    with pytest.raises(reg.RegistryError, match="sample_tolerance"):
+        reg.decide(champion, with_kid(4.91, 0.0123), sample_tolerance=-1.0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None, "0.01"])
+def test_a_non_finite_kid_never_wins(bad):
+    promoted, reason = reg.decide(with_kid(4.95, 0.0120), with_kid(4.0, bad))
+    assert not promoted and "KID" in reason and "not a finite number" in reason
+    assert not reg.decide(None, with_kid(4.0, bad))[0]  # not even without a champion
+    # a non-finite stderr counts as 0, never as an infinite (or undefined) tolerance
+    for se in (math.nan, math.inf):
+        assert not reg.decide(with_kid(4.95, 0.0120, se), with_kid(4.0, 0.0121, se), sample_tolerance=1e9)[0]
+    # a champion whose KID is not finite is beaten by a finite one (with a lower nll)
+    assert reg.decide(with_kid(4.95, bad), with_kid(4.9, 0.5))[0]
+
+
+def test_promote_keeps_a_champion_whose_pictures_are_better(tmp_path):
+    for version in ("v1", "v2", "v3"):
+        publish(tmp_path, version, tmp_path)
+    assert reg.promote(tmp_path, "v1", metrics_with_samples(5.0, 0.0120))["promoted"]
+    outcome = reg.promote(tmp_path, "v2", metrics_with_samples(4.5, 0.0500))  # fewer bits, worse faces
+    assert not outcome["promoted"] and "KID 0.05 ± 0.001 vs champion's 0.012 ± 0.001" in outcome["reason"]
+    outcome = reg.promote(tmp_path, "v3", metrics_with_samples(4.8, 0.0125), sample_tolerance=5.0)
+    assert outcome["promoted"] and "within 5 SE" in outcome["reason"]
+    champion = reg.read_champion(tmp_path)
+    assert champion["version"] == "v3" and champion["evidence"]["sample_primary"]["value"] == 0.0125
+    with pytest.raises(reg.RegistryError, match="sample_tolerance"):
+        reg.promote(tmp_path, "v2", metrics_with_samples(4.0, 0.01), sample_tolerance=math.nan)
+
+
+def test_a_champion_without_sample_figures_or_measured_another_way_is_re_measured(tmp_path):
+    for version in ("v1", "v2", "v3"):
+        publish(tmp_path, version, tmp_path)
+    (tmp_path / "train-vae").mkdir(exist_ok=True)
+    old_record = {"version": "v1", "path": "train-vae/versions/v1", "evidence": evidence(5.0), "nll_bpd": 5.0}
+    (tmp_path / "train-vae/champion.json").write_text(json.dumps(old_record))  # a record from before samples
+    seen = []
+
+    def reevaluate(champion, challenger):
+        seen.append((champion["version"], reg.sample_measure(reg.champion_evidence(champion)),
+                     challenger["sample_primary"]["measure"], challenger["sample_primary"]["temperatures"],
+                     challenger["sample_primary"]["n_images"]))
+        return metrics_with_samples(5.0, 0.0100)  # the champion measured as the challenger was
+
+    outcome = reg.promote(tmp_path, "v2", metrics_with_samples(4.9, 0.0200), reevaluate=reevaluate)
+    assert seen == [("v1", None, MEASURE, [0.8, 1.0], 500)]
+    assert outcome["reevaluated"]["sample_primary"]["value"] == 0.0100  # the re-measured figure decided
+    assert not outcome["promoted"] and "vs champion's 0.01 ± 0.001" in outcome["reason"]
+    assert "re-evaluated on this test set, K and sample measure" in outcome["reason"]
+    assert reg.read_champion(tmp_path)["version"] == "v1"
+
+    # a champion measured another way (other weights file, temperatures, image count): re-measured too
+    (tmp_path / "train-vae/champion.json").write_text(json.dumps(
+        {**old_record, "evidence": with_kid(5.0, 0.0001, measure="ffffffffffffffff")}))
+    seen.clear()
+    outcome = reg.promote(tmp_path, "v2", metrics_with_samples(4.9, 0.0200), reevaluate=reevaluate)
+    assert seen[0][1] == "ffffffffffffffff" and not outcome["promoted"]  # 0.0001 was not measured like 0.0200
+    assert outcome["reevaluated"]["sample_primary"]["value"] == 0.0100
+
+    # without a way to re-measure it, nothing is promoted, and the reason says the sample measure differs
+    outcome = reg.promote(tmp_path, "v2", metrics_with_samples(4.0, 0.0001))
+    assert not outcome["promoted"] and "sample measure ffffffffffffffff vs 0123456789abcdef" in outcome["reason"]
+
+    # a re-measurement that still measures another way decides nothing
+    outcome = reg.promote(tmp_path, "v2", metrics_with_samples(4.0, 0.0001),
+                          reevaluate=lambda c, e: metrics_with_samples(5.0, 0.01, measure="eeeeeeeeeeeeeeee"))
+    assert not outcome["promoted"] and "still not comparable" in outcome["reason"]
+
+    # re-measured and beaten on both: promoted
+    outcome = reg.promote(tmp_path, "v3", metrics_with_samples(4.9, 0.0090), reevaluate=reevaluate)
+    assert outcome["promoted"] and reg.read_champion(tmp_path)["version"] == "v3"
+
+
+def test_a_challenger_without_sample_figures_never_replaces_a_champion_with_them(tmp_path):
+    """Older code (or a metrics.json from before sample figures) cannot show its pictures are not worse: refused,
+    without re-measuring the champion. With no sample figures on either side nll_bpd decides, as before."""
+    for version in ("v1", "v2"):
+        publish(tmp_path, version, tmp_path)
+    reg.promote(tmp_path, "v1", metrics_with_samples(5.0, 0.0120))
+
+    def reevaluate(champion, challenger):
+        raise AssertionError("no re-evaluation for a challenger that cannot be compared on pictures")
+
+    outcome = reg.promote(tmp_path, "v2", evidence(3.0), reevaluate=reevaluate)
+    assert not outcome["promoted"] and "champion v1: the challenger has no sample figure" in outcome["reason"]
+    assert reg.read_champion(tmp_path)["version"] == "v1"
+
+
 class RacingStore:
     """A champion store in which another promoter writes between this promoter's read and its swap, `times`
     times: the deterministic form of a race."""

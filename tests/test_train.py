@@ -103,7 +103,7 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path)
         weight.fill_(float("inf"))
     result = step()
     assert result.skipped and result.grad_norm != result.grad_norm and state.counters == {
-        "step": 1, "skipped": 1, "images": 16}
+        "step": 1, "skipped": 1, "skipped_outliers": 0, "images": 16}
     with torch.no_grad():
         weight.copy_(kept)  # the skipped step left the weights as they were
     assert not step().skipped and state.nonfinite_in_a_row == 0 and state.counters["skipped"] == 1

@@ -133,15 +133,18 @@ def _preempted_ranks(run_dir: Path) -> int:
 
 
 def cmd_eval(args) -> int:
+    temperatures = _temperatures(args.temperatures)
     if args.num_processes > 1:
         from vae.distributed import run_launched
-        from vae.evaluation.evaluate import checked_inputs
+        from vae.evaluation.evaluate import check_sample_inputs, checked_inputs
 
-        checked_inputs(args.run, args.split, args.k, args.shards)  # bad input: one line here, not one per rank
+        # bad input: one line here, not one per rank
+        cfg = checked_inputs(args.run, args.split, args.k, args.shards)[1]
+        check_sample_inputs(cfg, temperatures, args.inception_weights)
 
-        forwarded = ["--run", args.run] + [f for name in ("split", "k", "shards")
+        forwarded = ["--run", args.run] + [f for name in ("split", "k", "shards", "temperatures", "inception_weights")
                                             if getattr(args, name) is not None
-                                            for f in (f"--{name}", str(getattr(args, name)))]
+                                            for f in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
         code = run_launched("vae.evaluation.evaluate", forwarded, args.num_processes)
         if code != 0:
             print(f"vae eval: accelerate launch exited with code {code}", file=sys.stderr)
@@ -150,10 +153,32 @@ def cmd_eval(args) -> int:
     else:
         from vae.evaluation.evaluate import evaluate
 
-        metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards, progress=True)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "images"}))
+        metrics = evaluate(args.run, split=args.split, k=args.k, shards=args.shards, progress=True,
+                           temperatures=temperatures, inception_weights=args.inception_weights)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("images", "samples")}))
+    if metrics.get("samples"):
+        from vae.info import sample_summary
+
+        print(json.dumps({"samples": sample_summary(metrics["samples"])}))
     print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
     return 0
+
+
+def _temperatures(text: str | None) -> list[float] | None:
+    """`--temperatures 0.8,1.0`: checked as eval.temperatures is (one line naming the flag)."""
+    if text is None:
+        return None
+    from common.errors import ConfigError
+    from vae.config import check_temperatures
+
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInput(f"--temperatures {text!r}: expected numbers separated by commas, such as 0.8,1.0") from None
+    try:
+        return check_temperatures(values, "--temperatures")
+    except ConfigError as err:
+        raise BadInput(str(err).replace("config key '--temperatures'", "--temperatures")) from None
 
 
 def cmd_score(args) -> int:
@@ -387,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=K, default=None, help="importance samples for the IWAE bound")
     p.add_argument("--shards", default=None, help="shards location (default: the run's)")
     p.add_argument("--num-processes", type=_positive, default=1, help="ranks sharing the split")
+    p.add_argument("--temperatures", default=None,
+                   help="prior temperatures of the sample metrics and grids, e.g. 0.8,1.0 (default: eval.temperatures)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth for FID (default: $VAE_INCEPTION_WEIGHTS, then "
+                        "eval.inception_weights; without it fid is null)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="per-image NLL in bits/dim (IWAE), most anomalous first, as CSV")

@@ -23,12 +23,27 @@ from common.errors import ConfigError
 LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")
 MODEL_KINDS = ("conv", "hierarchical")
+MAX_GROUPS_PER_SIDE = 64  # model.layout: latent groups at one resolution (VDVAE's deepest use about 20)
+OPTIMIZERS = ("adamw", "adamax")
 MAX_K = 100_000  # importance samples: the cap on eval.k, `vae eval --k`, `vae score --k` and the flow's k
+MAX_SAMPLE_IMAGES = 10_000  # images per sample-quality figure: nearest-neighbour matrices grow with its square
+MAX_TEMPERATURE = 100.0
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
+
+
+def check_temperatures(values, key: str) -> list[float]:
+    """A non-empty list of finite temperatures in (0, MAX_TEMPERATURE]; raises ConfigError naming `key`."""
+    _check(isinstance(values, (list, tuple)) and len(values) > 0, key,
+           f"must be a non-empty list of temperatures, got {values!r}")
+    for i, t in enumerate(values):
+        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= MAX_TEMPERATURE
+        _check(ok, key, f"temperature {i} must be a finite number in (0, {MAX_TEMPERATURE:g}], got {t!r}")
+    _check(len(set(values)) == len(values), key, f"temperatures repeat: {values!r}")
+    return [float(t) for t in values]
 
 
 def _at_least(section, name: str, low: float) -> None:
@@ -43,6 +58,7 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 2000
     in_memory: bool = False  # load the rank's train split onto the training device once (data that fits)
+    flip: bool = False  # mirror training images left-right at random (drawn from the run's seed; never in eval)
 
     def __post_init__(self) -> None:
         _at_least(self, "batch_size", 1)
@@ -55,17 +71,62 @@ class ModelConfig:
     image_size: int = 64
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     latent_dim: int = 128
-    res_blocks: int = 1  # residual blocks after each resolution change
+    res_blocks: int = 1  # residual blocks after each resolution change (with a layout: encoder cells per side)
     likelihood: str = "discretized_logistic"
     mixtures: int = 1  # logistic_mixture: components per pixel (docs/model.md: one is the best at a CPU budget)
     kind: str = "conv"  # conv: one latent vector; hierarchical: top-down latent groups (vae/models/hierarchical.py)
     groups: int = 2  # hierarchical: latent groups, one per resolution from the coarsest up
     latent_channels: int = 8  # hierarchical: channels of each group's spatial latent
+    # hierarchical, VDVAE-style (vae/models/vdvae.py): "SIDExGROUPS,..." top-down from the coarsest, e.g.
+    # "4x2,8x3,16x3,32x2"; replaces `groups` ("": one group per resolution, vae/models/hierarchical.py)
+    layout: str = ""
+
+    def level_sides(self) -> list[int]:
+        """The side of each resolution model.channels gives a width for: image_size / 2, / 4, ... (finest first)."""
+        return [self.image_size // 2 ** (k + 1) for k in range(len(self.channels))]
+
+    def layout_groups(self) -> list[tuple[int, int]]:
+        """`layout` as (side, groups at that side) pairs, coarsest first ([] without a layout). Raises ConfigError
+        naming the key when it does not fit the image size and widths."""
+        if not self.layout.strip():
+            return []
+        sides = self.level_sides()
+        usage = (f"write SIDExGROUPS items from the coarsest side up, each side once, sides among "
+                 f"{sorted(sides)} (image_size halved once per model.channels width) starting at {sides[-1]}, "
+                 f"e.g. model.layout={','.join(f'{r}x2' for r in reversed(sides))}")
+        pairs: list[tuple[int, int]] = []
+        for i, item in enumerate(self.layout.split(",")):
+            where = f"item {i + 1} {item.strip()!r}"
+            _check(item.strip() != "", "layout", f"item {i + 1} is empty in {self.layout!r}; {usage}")
+            side, sep, count = item.strip().lower().partition("x")
+            _check(sep == "x" and side.strip().isdigit() and count.strip().isdigit(), "layout",
+                   f"{where} is not SIDExGROUPS; {usage}")
+            side, count = int(side), int(count)
+            _check(1 <= count <= MAX_GROUPS_PER_SIDE, "layout",
+                   f"{where}: groups at a side must be in [1, {MAX_GROUPS_PER_SIDE}]; {usage}")
+            _check(side in sides, "layout", f"{where}: side {side} is not a resolution of this model; {usage}")
+            _check(not pairs or side > pairs[-1][0], "layout",
+                   f"{where}: sides must grow from the coarsest, {side} comes after {pairs[-1][0] if pairs else 0}; "
+                   f"{usage}")
+            pairs.append((side, count))
+        _check(pairs[0][0] == sides[-1], "layout",
+               f"starts at side {pairs[0][0]}, but model.channels has {len(sides)} widths, down to side "
+               f"{sides[-1]}: start the layout at {sides[-1]} or give model.channels "
+               f"{sides.index(pairs[0][0]) + 1} widths")
+        return pairs
 
     def group_resolutions(self) -> list[int]:
         """Hierarchical: each latent group's side, top (coarsest) group first."""
+        if self.layout.strip():
+            return [side for side, count in self.layout_groups() for _ in range(count)]
         depth = len(self.channels)
         return [self.image_size // 2 ** (s + 1) for s in range(depth - 1, depth - 1 - self.groups, -1)]
+
+    def latent_group_sizes(self) -> list[int]:
+        """The flat latent's groups, top first (their KL is balanced by objective.kl_balance); one for kind=conv."""
+        if self.kind != "hierarchical":
+            return [self.latent_dim]
+        return [self.latent_channels * r * r for r in self.group_resolutions()]
 
     def hierarchical_latent_dim(self) -> int:
         """Hierarchical: the flat latent size, latent_channels * side^2 summed over the groups."""
@@ -85,7 +146,17 @@ class ModelConfig:
         _check(self.kind in MODEL_KINDS, "kind", f"must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
         _at_least(self, "groups", 1)
         _at_least(self, "latent_channels", 1)
-        if self.kind == "hierarchical":
+        _check(not self.layout.strip() or self.kind == "hierarchical", "layout",
+               f"a layout is for kind=hierarchical, got kind={self.kind}: set model.kind=hierarchical or "
+               f"model.layout=''")
+        if self.kind == "hierarchical" and self.layout.strip():
+            pairs = self.layout_groups()
+            want = self.hierarchical_latent_dim()
+            _check(self.latent_dim == want, "latent_dim",
+                   f"kind=hierarchical with layout {self.layout!r} ({sum(c for _, c in pairs)} groups of "
+                   f"{self.latent_channels} channels) has {want} latent dimensions; set latent_dim={want}, "
+                   f"got {self.latent_dim}")
+        elif self.kind == "hierarchical":
             _check(self.groups <= len(self.channels), "groups",
                    f"one group per resolution: at most len(channels) = {len(self.channels)}, got {self.groups}")
             want = self.hierarchical_latent_dim()
@@ -100,11 +171,17 @@ class ObjectiveConfig:
     beta: float = 1.0
     kl_warmup_steps: int = 0  # beta ramps linearly from 0 over these steps (training only)
     free_bits: float = 0.0  # nats per latent dimension, training only
+    loss_per_dim: bool = False  # the optimiser sees the loss divided by 3*H*W (VDVAE); logs stay per image
+    # NVAE's KL balancing while beta warms up (kl_warmup_steps > 0): each latent group's KL weighted by its
+    # share (KL per dimension against the others'), so no group collapses early; training loss only
+    kl_balance: bool = False
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _at_least(self, "kl_warmup_steps", 0)
         _at_least(self, "free_bits", 0)
+        _check(not self.kl_balance or self.kl_warmup_steps > 0, "kl_balance",
+               "balances the groups' KL during the KL warm-up: set objective.kl_warmup_steps > 0 as well")
 
 
 @dataclass
@@ -129,6 +206,8 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop after this much training time (benchmarks at equal compute); 0: off
     init_from: str = ""  # a run folder: a new run starts from its latest EMA weights (same model section only)
     collective_timeout_s: float = 300.0  # how long a rank waits for the others (a lost machine) before failing
+    optimizer: str = "adamw"  # adamw, or adamax (torch.optim.Adamax: weight_decay is L2 there, not decoupled)
+    skip_threshold: float = 0.0  # skip updates whose pre-clip gradient norm exceeds this (counted); 0: off
 
     def __post_init__(self) -> None:
         _at_least(self, "steps", 1)
@@ -148,6 +227,10 @@ class TrainConfig:
         _at_least(self, "max_seconds", 0)
         _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy and torch seeds), got {self.seed}")
         _check(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer",
+               f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _check(self.skip_threshold >= 0, "skip_threshold",
+               f"must be >= 0 (a gradient norm; 0: off), got {self.skip_threshold}")
 
 
 @dataclass
@@ -156,6 +239,11 @@ class EvalConfig:
     k_chunk: int = 50  # importance samples decoded at once: memory does not grow with k
     batch_size: int = 64
     split: str = "test"
+    # sample quality (vae/evaluation/sample_quality.py): prior draws scaled by each temperature, and how many
+    # images each figure compares (held-out, training and generated alike; fewer when the split has fewer)
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    sample_images: int = 1000
+    inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth for FID (a path; no download)
 
     def __post_init__(self) -> None:
         _check(1 <= self.k <= MAX_K, "k", f"must be in [1, {MAX_K}], got {self.k}")
@@ -163,6 +251,10 @@ class EvalConfig:
         _at_least(self, "batch_size", 1)
         _check(self.split in ("train", "valid", "test"), "split",
                f"must be train, valid or test, got {self.split!r}")
+        check_temperatures(self.temperatures, "temperatures")
+        _check(2 <= self.sample_images <= MAX_SAMPLE_IMAGES, "sample_images",
+               f"must be in [2, {MAX_SAMPLE_IMAGES}] (each figure compares at least two images), got "
+               f"{self.sample_images}")
 
 
 @dataclass
@@ -296,13 +388,33 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys added after configs were shipped: left out of `config_hash` while at their default, so the hash of a
+# config written before them does not move; set otherwise, they enter it like any other key.
+LATER_KEYS = ("eval.temperatures", "eval.sample_images", "objective.loss_per_dim", "train.optimizer",
+              "train.skip_threshold", "data.flip", "model.layout", "objective.kl_balance")
+# Locations and waits, never part of what was trained: a path (`eval.inception_weights`) names a file, whose
+# identity the metrics record by its sha256.
+NOT_HASHED = ("run_dir", "data.shards", "data.num_workers", "train.init_from", "train.collective_timeout_s",
+              "eval.inception_weights")
+
+
+def _drop(values: dict, key: str) -> tuple[dict, str, object]:
+    *sections, name = key.split(".")
+    for section in sections:
+        values = values[section]
+    return values, name, values.get(name)
+
+
 def config_hash(cfg: Config) -> str:
     """Hash of what defines the model and its training (not where files live)."""
     values = config_to_dict(cfg)
-    values.pop("run_dir")
-    values["data"].pop("shards")
-    values["data"].pop("num_workers")
-    values["train"].pop("init_from")  # a location, like run_dir: the starting weights are recorded in the run
-    values["train"].pop("collective_timeout_s")  # how long to wait for other machines, not what is trained
+    defaults = config_to_dict(Config())
+    for key in NOT_HASHED:
+        section, name, _ = _drop(values, key)
+        section.pop(name)
+    for key in LATER_KEYS:
+        section, name, value = _drop(values, key)
+        if value == _drop(defaults, key)[2]:
+            section.pop(name)
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

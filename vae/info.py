@@ -21,6 +21,23 @@ CARD_KEYS = ("version", "created", "latent_dim", "image_size", "likelihood", "co
 METRIC_KEYS = ("split", "k", "n_images", "nll_bpd", "elbo_bpd", "active_units", "model_step")
 
 
+def sample_summary(samples: dict | None) -> dict | None:
+    """The sample-quality figures worth a glance: the primary one (best temperature), its real-versus-real floor,
+    FID or why there is none, and per temperature the download-free figures of the prior samples."""
+    if not isinstance(samples, dict) or not isinstance(samples.get("primary"), dict):
+        return None
+    primary = samples["primary"]
+    shown = ("kid", "precision", "recall", "density", "coverage", "swd", "fid")
+    prior = samples.get("prior") or {}
+    best = prior.get(f"{primary.get('temperature'):g}") or {} if isinstance(primary.get("temperature"), (int, float)) \
+        else {}
+    return {"primary": primary, "floor": (samples.get("floor") or {}).get(primary.get("metric")),
+            "fid": best.get("fid") if best.get("fid") is not None else samples.get("fid_reason"),
+            "measure": samples.get("measure"), "images": samples.get("n_heldout"),
+            "by_temperature": {t: {k: (v.get(k) or {}).get("value") if isinstance(v.get(k), dict) else None
+                                   for k in shown} for t, v in prior.items() if isinstance(v, dict)}}
+
+
 def describe(location: str) -> dict:
     """What `location` is and holds; one line of BadInput when it is none of a run, a model or a registry."""
     from vae.serving import registry as reg
@@ -58,14 +75,20 @@ def describe_run(path: Path) -> dict:
     return {"kind": "run", "path": str(path), "config_hash": config.get("config_hash"),
             "steps": (config.get("config") or {}).get("train", {}).get("steps"),
             "step": int(checkpoints[-1][5:13]) if checkpoints else 0, "checkpoints": checkpoints,
-            "last_log": last, "metrics": {k: metrics.get(k) for k in METRIC_KEYS} if metrics else None}
+            "last_log": last, "metrics": _shown_metrics(metrics)}
+
+
+def _shown_metrics(metrics: dict | None) -> dict | None:
+    if not metrics:
+        return None
+    return {**{k: metrics.get(k) for k in METRIC_KEYS}, "samples": sample_summary(metrics.get("samples"))}
 
 
 def describe_model(path: Path) -> dict:
     card = _json(path / "model.json")
     metrics = card.get("metrics") or {}
     return {"kind": "model", "path": str(Path(os.path.realpath(path))),
-            **{k: card.get(k) for k in CARD_KEYS}, "metrics": {k: metrics.get(k) for k in METRIC_KEYS},
+            **{k: card.get(k) for k in CARD_KEYS}, "metrics": _shown_metrics(metrics) or {},
             "folder": sorted(p.name for p in path.iterdir())}
 
 

@@ -141,10 +141,35 @@ def beta_at(step: int, beta: float, warmup_steps: int) -> float:
     return beta * min(1.0, step / warmup_steps)
 
 
-def training_loss(terms: dict[str, torch.Tensor], beta: float, free_bits: float) -> torch.Tensor:
-    """Negative (reconstruction - beta * KL), KL per dimension floored at `free_bits` nats (batch mean)."""
+def kl_balance_groups(cfg, beta: float) -> list[int] | None:
+    """The latent groups' sizes (`ModelConfig.latent_group_sizes`) while `objective.kl_balance` applies, during
+    the KL warm-up (beta below its target); else None. What `training_loss` takes as `balance`."""
+    if cfg.objective.kl_balance and beta < cfg.objective.beta:
+        return cfg.model.latent_group_sizes()
+    return None
+
+
+def kl_balance_weights(group_kl: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """NVAE's KL balancing coefficients [G] for the groups' batch-mean KL [G]: proportional to each group's KL
+    per dimension (plus 0.01 nats per group, so a collapsed group keeps a little weight), mean 1 over the
+    groups, constants for the gradient. A group that carries little information is penalised less for it, so
+    no group collapses while beta is small; the groups' total weight stays that of the plain sum."""
+    share = (group_kl.detach() + 0.01) / torch.tensor(sizes, dtype=group_kl.dtype, device=group_kl.device)
+    return share / share.mean()
+
+
+def training_loss(terms: dict[str, torch.Tensor], beta: float, free_bits: float,
+                  balance: list[int] | None = None) -> torch.Tensor:
+    """Negative (reconstruction - beta * KL), KL per dimension floored at `free_bits` nats (batch mean).
+
+    `balance` (the latent groups' sizes, from `kl_balance_groups`): each group's KL weighted by
+    `kl_balance_weights`. Training only: evaluation reports the true bound, never this."""
     kl_dims = terms["kl_dims"]
-    if free_bits > 0:
+    if balance is not None and len(balance) > 1:
+        per_dim = torch.clamp(kl_dims.mean(0), min=free_bits) if free_bits > 0 else kl_dims.mean(0)
+        group_kl = torch.stack([part.sum() for part in per_dim.split(balance)])
+        kl = (kl_balance_weights(group_kl, balance) * group_kl).sum()
+    elif free_bits > 0:
         kl = torch.clamp(kl_dims.mean(0), min=free_bits).sum()
     else:
         kl = kl_dims.sum(1).mean()

@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from common.atomic import atomic_write_json
-from common.errors import BadInput
-from common.grid import make_grid, write_png
+from common.errors import BadInput, ConfigError
+from common.grid import label, make_grid, write_png
 from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
 from vae.checkpoint import load_trained, weights_digest
 from vae.config import MAX_K, config_hash
+from vae.evaluation.sample_quality import sample_quality
 from vae.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -122,8 +123,10 @@ def attribute_directions(sums: dict, min_images: int = 2) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
-                directions: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
-    """Reconstructions beside inputs, prior samples, interpolations and attribute directions: {name: file}."""
+                directions: dict[str, torch.Tensor] | None = None,
+                tempered: dict[float, torch.Tensor] | None = None) -> dict[str, str]:
+    """Reconstructions beside inputs, prior samples, interpolations and attribute directions, and the first 64
+    prior samples the sample metrics drew at each temperature (`samples-t0.8.png`, labelled): {name: file}."""
     generator = torch.Generator().manual_seed(seed)
     x = first_images
     mu, _ = model.encode(to_unit(x))
@@ -144,6 +147,9 @@ def write_grids(model, first_images: torch.Tensor, out: Path, seed: int = 0,
     files = {}
     for name, images, ncols in grids:
         files[name] = write_png(out / f"{name}.png", make_grid(images.numpy(), ncols))
+    for t, images in (tempered or {}).items():
+        picture = label(make_grid(images.numpy(), 8), f"temperature {t:g}")
+        files[f"samples-t{t:g}"] = write_png(out / f"samples-t{t:g}.png", picture)
     return {k: Path(v).name for k, v in files.items()}
 
 
@@ -196,18 +202,24 @@ def reusable_metrics(run_dir: str | Path, split: str | None = None, k: int | Non
     except (BadInput, OSError):
         return None
     same = (metrics.get("split") == split and metrics.get("k") == k and metrics.get("split_fingerprint") == fingerprint
-            and metrics.get("weights_sha256") == weights_digest(model))
+            and metrics.get("weights_sha256") == weights_digest(model) and metrics.get("samples") is not None)
     return metrics if same else None
 
 
 def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None,
              shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
-             out: str | Path | None = None, grids: bool = True, progress: bool = False) -> dict:
+             out: str | Path | None = None, grids: bool = True, progress: bool = False, samples: bool = True,
+             temperatures: list[float] | None = None, sample_images: int | None = None,
+             inception_weights: str | None = None) -> dict:
     """Evaluate a run's EMA model on a split; writes `metrics.json` into `out` (default `RUN_DIR/eval`, main
     rank) and returns it. The metrics say which images (the split's fingerprint), which weights (their
-    sha256) and which K they measured, so promotion compares only like with like."""
+    sha256) and which K they measured, so promotion compares only like with like. With `samples` the main rank
+    adds the sample-quality figures (`sample_quality.py`) at `temperatures` (default the config's) over
+    `sample_images` images, with FID when `inception_weights` (or $VAE_INCEPTION_WEIGHTS, or the config's) is
+    given; the weights file is checked before any evaluation."""
     run_dir = Path(run_dir)
     model, cfg, step, split, k, shards, manifest = checked_inputs(run_dir, split, k, shards)
+    plan = sample_plan(cfg, temperatures, sample_images, inception_weights) if samples and rank == 0 else None
     weights = weights_digest(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # each rank on its own GPU
@@ -230,10 +242,59 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
         out = Path(out) if out is not None else run_dir / "eval"
         directions = attribute_directions(sums)
         metrics["attribute_directions"] = sorted(directions)
+        drawn = {}
+        if plan is not None:
+            metrics["samples"], drawn = sample_quality(
+                model, shards, split, manifest, plan["temperatures"], plan["n_images"], cfg.train.seed,
+                cfg.eval.batch_size, inception=plan["inception"], fid_reason=plan["fid_reason"])
         model.cpu()
-        metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions) if first and grids else {}
+        metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions, drawn) \
+            if first and grids else {}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def check_sample_inputs(cfg, temperatures: list[float] | None, inception_weights: str | None) -> None:
+    """The sample metrics' inputs checked without loading anything big (before launching several ranks)."""
+    from vae.evaluation import inception  # torchvision's import is paid only where FID may run
+
+    plan_settings(cfg, temperatures, None)
+    path = inception.resolve_weights(inception_weights, cfg.eval.inception_weights)
+    if path:
+        inception.check_weights(path)
+
+
+NO_INCEPTION = ("no Inception weights given (vae eval --inception-weights PATH, $VAE_INCEPTION_WEIGHTS or "
+                "eval.inception_weights; the file is pt_inception-2015-12-05-6726825d.pth, docs/model.md)")
+
+
+def plan_settings(cfg, temperatures: list[float] | None, sample_images: int | None) -> tuple[list[float], int]:
+    """The temperatures and image count of the sample metrics: the arguments, else the config's; checked."""
+    from vae.config import MAX_SAMPLE_IMAGES, check_temperatures
+
+    try:
+        temperatures = check_temperatures(cfg.eval.temperatures if temperatures is None else temperatures,
+                                          "eval.temperatures")
+    except ConfigError as err:
+        raise BadInput(str(err)) from None
+    n_images = cfg.eval.sample_images if sample_images is None else sample_images
+    if not 2 <= n_images <= MAX_SAMPLE_IMAGES:
+        raise BadInput(f"sample images: must be in [2, {MAX_SAMPLE_IMAGES}], got {n_images}")
+    return temperatures, n_images
+
+
+def sample_plan(cfg, temperatures: list[float] | None, sample_images: int | None, inception_weights: str | None
+                ) -> dict:
+    """What the sample metrics will measure, checked before any evaluation: temperatures, image count, and the
+    FID Inception network loaded from a verified weights file (or why there is none)."""
+    from vae.evaluation import inception  # torchvision's import is paid only where FID may run
+
+    temperatures, n_images = plan_settings(cfg, temperatures, sample_images)
+    path = inception.resolve_weights(inception_weights, cfg.eval.inception_weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network = inception.load_inception(path, device=device) if path else None
+    return {"temperatures": temperatures, "n_images": n_images, "inception": network,
+            "fid_reason": None if network is not None else NO_INCEPTION}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,10 +311,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default=None)
     parser.add_argument("--k", type=int, default=None)
     parser.add_argument("--shards", default=None)
+    parser.add_argument("--temperatures", default=None, help="comma-separated, as `vae eval --temperatures`")
+    parser.add_argument("--inception-weights", default=None)
     args = parser.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up the process group (gloo on CPU)
+    temperatures = [float(t) for t in args.temperatures.split(",")] if args.temperatures else None
     evaluate(args.run, split=args.split, k=args.k, shards=args.shards,
-             rank=accelerator.process_index, world_size=accelerator.num_processes)
+             rank=accelerator.process_index, world_size=accelerator.num_processes, temperatures=temperatures,
+             inception_weights=args.inception_weights)
     accelerator.wait_for_everyone()
     end_process_group()
 

@@ -31,6 +31,7 @@ from torch import nn
 from vae.config import ModelConfig
 from vae.models.blocks import ResBlock, soft_bound
 from vae.models.likelihoods import get_likelihood
+from vae.models.protocol import TopDownLatents
 
 
 class LatentGroup(nn.Module):
@@ -62,7 +63,7 @@ class LatentGroup(nn.Module):
         return self.cell(h + self.merge(z))
 
 
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(TopDownLatents, nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int = 3):
         super().__init__()
         self.cfg = cfg
@@ -94,15 +95,6 @@ class HierarchicalVAE(nn.Module):
                                          nn.ConvTranspose2d(widths[s], out, 4, stride=2, padding=1), nn.SiLU()))
         out_channels = self.likelihood.num_params(in_channels)
         self.to_params = nn.Conv2d(widths[0], out_channels, 3, padding=1)
-
-    # -- the flat latent <-> the groups ------------------------------------------------------------------
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [part.reshape(flat.shape[0], *shape)
-                for part, shape in zip(flat.split(self.group_sizes, dim=1), self.group_shapes)]
-
-    @staticmethod
-    def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([p.flatten(1) for p in parts], dim=1)
 
     # -- the passes ---------------------------------------------------------------------------------------
     def bottom_up(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -143,36 +135,3 @@ class HierarchicalVAE(nn.Module):
         if features is None:
             return params, None, None, None
         return params, self._flat(taken), self._flat(mus), self._flat(logvars)
-
-    def posterior_pass(self, features: list[torch.Tensor], eps: torch.Tensor):
-        """K posterior samples along their own paths: eps [K, N, latent_dim] ~ N(0, I).
-
-        Returns (params [K*N, ...], u, mu, logvar [K, N, latent_dim]) with u = mu + exp(logvar / 2) * eps."""
-        k, n, d = eps.shape
-        repeated = [f.unsqueeze(0).expand(k, *f.shape).reshape(k * n, *f.shape[1:]) for f in features]
-        params, u, mu, logvar = self._top_down(k * n, features=repeated, eps=eps.reshape(k * n, d))
-        return params, u.view(k, n, d), mu.view(k, n, d), logvar.view(k, n, d)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x in [0, 1] -> flat (mu, logvar) of q(u|x) along the posterior-mean path (each u_l = its mu_q).
-
-        The lower groups' posterior depends on the upper groups' sample; this is the one path that needs no
-        noise. `decode(mu)` follows exactly this path, so it is the model's reconstruction of x."""
-        _, _, mu, logvar = self._top_down(x.shape[0], features=self.bottom_up(x), mean_path=True)
-        return mu, logvar
-
-    def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """u [N, latent_dim] (the whitened prior noise, N(0, I) for samples) -> likelihood parameters."""
-        return self._top_down(u.shape[0], u=u)[0]
-
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The reparameterized training pass: one posterior sample per image along its own path.
-
-        Returns (likelihood params, mu, logvar): the flat posterior parameters of the sampled path, so
-        `gaussian_kl(mu, logvar)` is the per-group analytic KL against the whitened prior N(0, I)."""
-        params, _, mu, logvar = self._top_down(x.shape[0], features=self.bottom_up(x), eps=eps)
-        return params, mu, logvar
-
-    def decode_mean(self, u: torch.Tensor) -> torch.Tensor:
-        """u -> the image the decoder means, in [0, 1] (what `decoder.onnx` returns as `x_mean`)."""
-        return self.likelihood.mean(self.decode(u))

@@ -50,3 +50,58 @@ def gaussian_posterior_pass(model: VAEModel, features: tuple[torch.Tensor, torch
     u = mu + torch.exp(0.5 * logvar) * eps
     params = model.decode(u.reshape(k * n, d).to(next(model.parameters()).dtype))
     return params, u, mu.expand(k, n, d), logvar.expand(k, n, d)
+
+
+class TopDownLatents:
+    """The `VAEModel` methods of a top-down model, built on its `bottom_up(x01)` and its one top-down pass
+    `_top_down(n, u=None, features=None, eps=None, mean_path=False) -> (params, u, mu, logvar)` (the last three
+    flat, None on the prior path). The model sets `group_shapes` ([C, side, side] per latent group) and
+    `group_sizes` (their sizes), top group first; the flat latent is every group's u flattened in that order.
+
+    Mixed into `HierarchicalVAE` and `VDVAE` (before nn.Module, so its `forward` is the model's)."""
+
+    group_shapes: list[tuple[int, int, int]]
+    group_sizes: list[int]
+
+    # -- the flat latent <-> the groups ------------------------------------------------------------------
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [part.reshape(flat.shape[0], *shape)
+                for part, shape in zip(flat.split(self.group_sizes, dim=1), self.group_shapes)]
+
+    @staticmethod
+    def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([p.flatten(1) for p in parts], dim=1)
+
+    # -- the interface ------------------------------------------------------------------------------------
+    def posterior_pass(self, features: list[torch.Tensor], eps: torch.Tensor):
+        """K posterior samples along their own paths: eps [K, N, latent_dim] ~ N(0, I).
+
+        Returns (params [K*N, ...], u, mu, logvar [K, N, latent_dim]) with u = mu + exp(logvar / 2) * eps."""
+        k, n, d = eps.shape
+        repeated = [f.unsqueeze(0).expand(k, *f.shape).reshape(k * n, *f.shape[1:]) for f in features]
+        params, u, mu, logvar = self._top_down(k * n, features=repeated, eps=eps.reshape(k * n, d))
+        return params, u.view(k, n, d), mu.view(k, n, d), logvar.view(k, n, d)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [0, 1] -> flat (mu, logvar) of q(u|x) along the posterior-mean path (each u_l = its mu_q).
+
+        The lower groups' posterior depends on the upper groups' sample; this is the one path that needs no
+        noise. `decode(mu)` follows exactly this path, so it is the model's reconstruction of x."""
+        _, _, mu, logvar = self._top_down(x.shape[0], features=self.bottom_up(x), mean_path=True)
+        return mu, logvar
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        """u [N, latent_dim] (the whitened prior noise, N(0, I) for samples) -> likelihood parameters."""
+        return self._top_down(u.shape[0], u=u)[0]
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reparameterized training pass: one posterior sample per image along its own path.
+
+        Returns (likelihood params, mu, logvar): the flat posterior parameters of the sampled path, so
+        `gaussian_kl(mu, logvar)` is the per-group analytic KL against the whitened prior N(0, I)."""
+        params, _, mu, logvar = self._top_down(x.shape[0], features=self.bottom_up(x), eps=eps)
+        return params, mu, logvar
+
+    def decode_mean(self, u: torch.Tensor) -> torch.Tensor:
+        """u -> the image the decoder means, in [0, 1] (what `decoder.onnx` returns as `x_mean`)."""
+        return self.likelihood.mean(self.decode(u))

@@ -1,7 +1,7 @@
 """A training run's state and its two ends: `setup` (build, check and resume) and `save_checkpoint`.
 
 `TrainState` holds what the loop and its steps share: the Accelerator, the prepared model and optimizer, the
-scheduler, the EMA, and the trainer's own counters (step, skipped steps, images), which are checkpointed with the
+scheduler, the EMA, and the trainer's own counters (step, skipped steps and outliers, images), checkpointed with the
 weights so that a resume is one call. Everything that can refuse a run (image size, a changed config on resume,
 a warm start from another architecture) is checked before anything is written.
 """
@@ -23,6 +23,7 @@ from common.atomic import atomic_write_json, atomic_write_text
 from common.errors import BadInput, ConfigError, TrainingError
 from pipeline.manifest import require_image_size
 from vae import checkpoint as ckpt
+from vae import hardware
 from vae.config import Config, config_hash, config_to_dict
 from vae.models import build_model
 from vae.training.ema import EMA
@@ -53,8 +54,38 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     # fp16 gets Accelerate's GradScaler; parameters stay float32 under autocast in every mode.
     # A lost machine ends every collective after collective_timeout_s instead of the backend's default minutes.
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
-    return Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
-                       project_dir=str(run_dir), kwargs_handlers=[timeout])
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
+                              project_dir=str(run_dir), kwargs_handlers=[timeout])
+    if accelerator.is_main_process:
+        warn_slow_bf16(cfg.train.mixed_precision, on_gpu)
+    return accelerator
+
+
+def slow_bf16_note(precision: str, on_gpu: bool, cpuinfo: str | None = None) -> str | None:
+    """A warning when bf16 autocast is asked of a CPU whose flags show neither AMX-BF16 nor AVX512-BF16 (it then
+    emulates bf16 and is slower than float32); None otherwise, and where the flags cannot be read (not x86)."""
+    if precision != "bf16" or on_gpu:
+        return None
+    units = hardware.cpu_bf16_units(hardware.read_cpuinfo() if cpuinfo is None else cpuinfo)
+    if units is None or units:
+        return None
+    return ("vae train: warning: train.mixed_precision=bf16 on a CPU without bf16 units (neither amx_bf16 nor "
+            "avx512_bf16 in /proc/cpuinfo): it runs, but slower than float32 here")
+
+
+def warn_slow_bf16(precision: str, on_gpu: bool) -> None:
+    note = slow_bf16_note(precision, on_gpu)
+    if note:
+        print(note, file=sys.stderr)
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """AdamW (the default), or Adamax (NVAE trains with it: its second moment is a decaying maximum of |gradient|,
+    so one large gradient shrinks the following updates rather than pushing them). torch's default betas and eps in
+    both; Adamax's weight_decay is an L2 term added to the gradient, AdamW's is decoupled."""
+    if cfg.train.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 @dataclass
@@ -68,7 +99,8 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMA
-    counters: dict = field(default_factory=lambda: {"step": 0, "skipped": 0, "images": 0})
+    # skipped: non-finite steps; skipped_outliers: finite steps whose gradient norm passed train.skip_threshold
+    counters: dict = field(default_factory=lambda: {"step": 0, "skipped": 0, "skipped_outliers": 0, "images": 0})
     stream_start: int = 0  # the step at which the current data stream and noise were seeded
     trained_s: float = 0.0  # training time of the run before this process (train.max_seconds counts it)
     clock_origin: float = field(default_factory=time.time)  # when this run's training time was 0, on this clock
@@ -132,17 +164,17 @@ def setup(cfg: Config) -> TrainState:
         if accelerator.is_main_process:
             print(f"starting {run_dir} from the EMA weights of {warm['checkpoint']} (step {warm['step']})",
                   file=sys.stderr)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps))
     ema = EMA(model, cfg.train.ema_decay)
-    counters, stream_start, trained_s = {"step": 0, "skipped": 0, "images": 0}, 0, 0.0
+    counters, stream_start, trained_s = {"step": 0, "skipped": 0, "skipped_outliers": 0, "images": 0}, 0, 0.0
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         ema.load_state_dict(saved["ema"])
-        counters = {k: int(saved[k]) for k in counters}
+        counters = {k: int(saved.get(k, 0)) for k in counters}  # a counter added later: 0 in older checkpoints
         stream_start = int(saved.get("stream_start", counters["step"]))
         trained_s = float(saved.get("train_s", 0.0))
         if accelerator.is_main_process:

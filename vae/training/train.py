@@ -31,7 +31,7 @@ from vae.config import Config
 from vae.models import build_model
 from vae.objectives import image_dims, to_unit
 from vae.training.state import TrainState, save_checkpoint, setup
-from vae.training.steps import StepResult, Window, train_step
+from vae.training.steps import StepResult, Window, micro_batch_draws, train_step
 
 OUT_OF_TIME, PREEMPTED = 1.0, 2.0
 
@@ -84,7 +84,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
 def open_stream(state: TrainState, memory: MemoryStream | None, start_step: int):
     """(batches, noise) seeded from (seed, rank, start_step), advanced to the run's current step: a run resumed
-    inside a segment replays what the checkpoint's steps consumed."""
+    inside a segment replays what the checkpoint's steps consumed (batches, posterior noise and flips)."""
     cfg = state.cfg
     noise = torch.Generator(device="cpu").manual_seed(stream_seed(cfg.train.seed, state.rank, start_step))
     if memory is not None:
@@ -94,7 +94,7 @@ def open_stream(state: TrainState, memory: MemoryStream | None, start_step: int)
                                     start_step, cfg.data.num_workers, cfg.data.shuffle_buffer))
     for _ in range((state.counters["step"] - start_step) * cfg.train.grad_accum_steps):
         next(batches)
-        torch.randn((cfg.data.batch_size, cfg.model.latent_dim), generator=noise)
+        micro_batch_draws(noise, cfg.data.batch_size, cfg)
     return batches, noise
 
 
@@ -105,7 +105,8 @@ def log_if_due(state: TrainState, window: Window, result: StepResult, bar) -> Wi
     if done % cfg.train.log_every and done != cfg.train.steps:
         return window
     record = window.record(done, image_dims(cfg.model.image_size), beta=result.beta, grad_norm=result.grad_norm,
-                           lr=state.scheduler.get_last_lr()[0], skipped_steps=state.counters["skipped"])
+                           lr=state.scheduler.get_last_lr()[0], skipped_steps=state.counters["skipped"],
+                           skipped_outliers=state.counters["skipped_outliers"])
     if state.main:
         with open(state.run_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")

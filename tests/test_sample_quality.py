@@ -1,0 +1,156 @@
+"""Sample quality in evaluation: `metrics.json`'s `samples` object (figures with standard errors, the
+real-versus-real floor, counts, the feature spaces' identity, memorisation, FID or why not), labelled grids at
+each temperature, FID end to end on an Inception network of the real architecture, bad input in one line
+before any work, `vae info`, and config hashes that new keys leave alone."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import REPO
+from vae.evaluation.evaluate import evaluate
+
+FIGURES = ("kid", "precision", "recall", "density", "coverage", "swd")
+
+
+def _finite_figure(f) -> bool:
+    return isinstance(f, dict) and math.isfinite(f["value"]) and (f["stderr"] is None or math.isfinite(f["stderr"]))
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-samples")
+    return out, evaluate(trained_run, split="test", k=4, out=out, temperatures=[0.7, 1.0])
+
+
+def test_the_samples_object_holds_finite_figures_errors_floor_and_counts(evaluated, tiny_shards):
+    _, metrics = evaluated
+    samples = metrics["samples"]
+    n_test = json.loads((tiny_shards / "manifest.json").read_text())["splits"]["test"]["count"]
+    assert samples["n_heldout"] == samples["n_train"] == samples["n_generated"] == n_test
+    assert samples["temperatures"] == [0.7, 1.0] and set(samples["prior"]) == {"0.7", "1"}
+    for group in (samples["floor"], samples["reconstructions"], *samples["prior"].values()):
+        for name in FIGURES:
+            assert _finite_figure(group[name]), (name, group[name])
+        assert group["kid"]["stderr"] > 0 and group["swd"]["stderr"] > 0
+        assert group["fid"] is None
+    primary = samples["primary"]
+    assert primary["metric"] == "kid" and primary["temperature"] in (0.7, 1.0)
+    assert primary["value"] == min(samples["prior"][t]["kid"]["value"] for t in ("0.7", "1"))
+    memo = samples["prior"]["1"]["memorisation"]
+    assert _finite_figure(memo["nearest_train_rms"]) and memo["ratio_to_heldout"] > 0
+    assert samples["features"]["random"]["name"] == "randconv-v1" and samples["features"]["inception"] is None
+    assert "--inception-weights" in samples["fid_reason"] and len(samples["measure"]) == 16
+    # a briefly trained tiny model is far from real images; the floor is not
+    assert primary["value"] > samples["floor"]["kid"]["value"] + 2 * primary["stderr"]
+
+
+def test_grids_are_written_at_each_temperature_with_a_label_strip(evaluated):
+    import numpy as np
+    from PIL import Image
+
+    out, metrics = evaluated
+    for t in ("0.7", "1"):
+        name = metrics["images"][f"samples-t{t}"]
+        picture = np.asarray(Image.open(out / name))
+        plain = np.asarray(Image.open(out / metrics["images"]["samples"]))
+        assert picture.shape[0] > plain.shape[0] and picture.shape[1] == plain.shape[1]
+        strip = picture[:14]
+        assert (strip < 128).any() and (strip == 255).mean() > 0.5  # dark text on white
+
+
+def test_same_weights_same_settings_give_the_same_figures(trained_run, evaluated, tmp_path):
+    _, first = evaluated
+    again = evaluate(trained_run, split="test", k=4, out=tmp_path, temperatures=[0.7, 1.0], grids=False)
+    assert again["samples"] == first["samples"]
+    other = evaluate(trained_run, split="test", k=4, out=tmp_path, temperatures=[1.0], grids=False)
+    assert other["samples"]["measure"] != first["samples"]["measure"]  # measured another way: never compared
+
+
+def test_fid_runs_end_to_end_on_an_inception_network_of_the_real_architecture(trained_run, tmp_path,
+                                                                              monkeypatch):
+    from vae.evaluation.inception import TEST_ANY_HASH_ENV, build_fid_inception
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random-inception.pth"
+    torch.save(build_fid_inception().state_dict(), weights)
+    monkeypatch.setenv(TEST_ANY_HASH_ENV, "1")  # the test-only switch: a random network's hash cannot match
+    metrics = evaluate(trained_run, split="test", k=2, out=tmp_path / "eval", temperatures=[1.0], grids=False,
+                       sample_images=8, inception_weights=str(weights))
+    samples = metrics["samples"]
+    assert samples["features"]["inception"]["verified"] is False and samples["fid_reason"] is None
+    for group in (samples["floor"], samples["prior"]["1"], samples["reconstructions"]):
+        assert _finite_figure(group["fid"]) and group["fid"]["value"] >= 0
+    assert samples["prior"]["1"]["fid"]["value"] > samples["floor"]["fid"]["value"]
+
+
+def test_a_bad_inception_file_is_one_line_and_exit_2_before_any_evaluation(trained_run, tmp_path, capsys):
+    from vae.cli import main
+
+    eval_dir = trained_run / "eval"
+    before = (eval_dir / "metrics.json").read_bytes() if (eval_dir / "metrics.json").exists() else None
+    bad = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    bad.write_bytes(b"not the weights" * 100)
+    code = main(["eval", "--run", str(trained_run), "--k", "2", "--inception-weights", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(bad) in err and "6726825d" in err, err
+    after = (eval_dir / "metrics.json").read_bytes() if (eval_dir / "metrics.json").exists() else None
+    assert after == before  # nothing already written is lost or replaced
+
+
+@pytest.mark.parametrize("value, needle", [("0,1", "temperature 0"), ("-1", "temperature 0"),
+                                           ("nan", "temperature 0"), ("", "expected numbers"),
+                                           ("0.8,x", "expected numbers")])
+def test_bad_temperatures_are_one_line_and_exit_2(trained_run, capsys, value, needle):
+    from vae.cli import main
+
+    code = main(["eval", "--run", str(trained_run), "--temperatures", value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--temperatures" in err and needle in err, err
+
+
+@pytest.mark.parametrize("override, needle", [("eval.temperatures=[]", "non-empty"),
+                                              ("eval.temperatures=[1.0,0]", "temperature 1"),
+                                              ("eval.temperatures=[-0.5]", "temperature 0"),
+                                              ("eval.temperatures=[.inf]", "finite"),
+                                              ("eval.sample_images=1", "at least two")])
+def test_bad_sample_settings_in_the_config_name_the_key(override, needle):
+    from common.errors import ConfigError
+    from vae.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(err.value) and needle in str(err.value)
+
+
+def test_a_split_with_too_few_images_for_a_figure_is_one_line(trained_run, tmp_path):
+    from common.errors import BadInput
+
+    with pytest.raises(BadInput) as err:
+        evaluate(trained_run, split="test", k=2, out=tmp_path, sample_images=1)
+    assert "\n" not in str(err.value)
+
+
+def test_new_keys_stay_out_of_the_hash_at_their_default_and_paths_never_enter_it():
+    from vae.config import config_hash, load_config
+
+    base = config_hash(load_config(REPO / "configs" / "demo.yaml"))
+    assert config_hash(load_config(REPO / "configs" / "demo.yaml", ["eval.temperatures=[1.0]",
+                                                                     "eval.sample_images=1000"])) == base
+    assert config_hash(load_config(REPO / "configs" / "demo.yaml", ["eval.inception_weights=/x/w.pth"])) == base
+    assert config_hash(load_config(REPO / "configs" / "demo.yaml", ["eval.temperatures=[0.8,1.0]"])) != base
+    assert config_hash(load_config(REPO / "configs" / "demo.yaml", ["eval.sample_images=500"])) != base
+
+
+def test_vae_info_shows_the_sample_figures(trained_run, evaluated, capsys):
+    from vae.cli import main
+
+    evaluate(trained_run, split="test", k=4, temperatures=[0.7, 1.0], grids=True)
+    assert main(["info", str(trained_run)]) == 0
+    shown = json.loads(capsys.readouterr().out)["metrics"]["samples"]
+    assert shown["primary"]["metric"] == "kid" and set(shown["by_temperature"]) == {"0.7", "1"}
+    assert "--inception-weights" in shown["fid"] and shown["floor"]["value"] is not None
