@@ -2,12 +2,15 @@
 
 Trains each named config for the same wall-clock budget (default 10 minutes, 2 threads) on the official-train
 images of ../shared/data/celeba-sample (center crop 148, 64x64), then prints one JSON line per model with the
-valid-partition ELBO and IWAE (K=100) in bits/dim, the same on (up to 780) training images, steps, images/s and
-active units, and a last line comparing each model with the plain baseline. The baseline is the plain conv VAE
+valid-partition ELBO and IWAE (K=100) in bits/dim, the same on (up to 780) training images, steps, images/s,
+active units and the valid split's sample figures (KID, precision, recall, density, coverage and SWD of prior
+samples at each temperature and of reconstructions, each with its standard error, beside the real-versus-real
+floor: vae/evaluation/sample_quality.py), and a last line comparing each model with the plain baseline. The baseline is the plain conv VAE
 the issue describes: 4 stride-2 convs 32-64-128-256, latent 128, factorized discretized logistic, Adam 1e-3 with
 cosine decay, batch 64, float32, no EMA.
 
     .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,cpu,hierarchical] [--grids DIR]
+                                      [--temperatures 0.6,0.8,1.0]
 
 `--models` also takes config files, to compare a variant; `--grids` keeps each model's prior-sample grid.
 """
@@ -42,7 +45,7 @@ def model_spec(name: str) -> tuple[Path | None, list[str]]:
 
 
 def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_images: int,
-              grids: Path | None = None) -> dict:
+              grids: Path | None = None, temperatures: tuple[float, ...] = (1.0,)) -> dict:
     import torch
 
     from vae.config import load_config
@@ -68,18 +71,43 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
     from vae.checkpoint import latest_checkpoint
 
     done = int(latest_checkpoint(tmp / label).stem.split("-")[1])  # steps reached within the budget
-    valid = evaluate(tmp / label, split="valid", k=k)
+    valid = evaluate(tmp / label, split="valid", k=k, temperatures=temperatures)
     if grids is not None:  # prior samples only: the other grids show CelebA images, which stay out of the repo
         grids.mkdir(parents=True, exist_ok=True)
-        stem = Path(config).stem if config is not None else label  # celeba64-cpu-samples.png, as in docs/quality
-        shutil.copyfile(tmp / label / "eval" / valid["images"]["samples"], grids / f"{stem}-samples.png")
-    train_metrics = evaluate(tmp / label, split="train", k=k, max_images=train_images)
-    return {"model": label, "minutes": minutes, "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
+        stem = Path(config).stem if config is not None else label  # celeba64-cpu-samples-t0.8.png in docs/quality
+        for t in temperatures:
+            shutil.copyfile(tmp / label / "eval" / valid["images"][f"samples-t{t:g}"],
+                            grids / f"{stem}-samples-t{t:g}.png")
+    train_metrics = evaluate(tmp / label, split="train", k=k, max_images=train_images, samples=False)
+    from vae.hardware import cpu_bf16_units, cpu_model_name, read_cpuinfo
+
+    cpuinfo = read_cpuinfo()
+    return {"model": label, "cpu": cpu_model_name(cpuinfo), "bf16_units": cpu_bf16_units(cpuinfo), "minutes": minutes,
+            "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
             "steps": done,
             "planned_steps": steps, "images_per_s": round(done * cfg.data.batch_size / seconds, 1),
             "valid_elbo_bpd": round(valid["elbo_bpd"], 4), "valid_nll_bpd": round(valid["nll_bpd"], 4),
             "train_elbo_bpd": round(train_metrics["elbo_bpd"], 4), "train_nll_bpd": round(train_metrics["nll_bpd"], 4),
-            "active_units": valid["active_units"], "k": k}
+            "active_units": valid["active_units"], "k": k, "samples": sample_figures(valid["samples"])}
+
+
+def sample_figures(samples: dict) -> dict:
+    """The valid split's sample figures, rounded: the primary one (KID of prior samples at the best temperature) and
+    its real-versus-real floor, then every download-free figure per temperature and for reconstructions."""
+    def values(group: dict) -> dict:
+        out = {name: [round(group[name]["value"], 5), round(group[name]["stderr"] or 0.0, 5)]
+               for name in ("kid", "precision", "recall", "density", "coverage", "swd")}
+        if "memorisation" in group:
+            out["memorisation"] = [round(group["memorisation"][key], 4) for key in ("ratio_to_heldout",
+                                                                                     "train_to_heldout")]
+        return out
+
+    primary = samples["primary"]
+    return {"primary": [primary["metric"], primary["temperature"], round(primary["value"], 5),
+                        round(primary["stderr"] or 0.0, 5)],
+            "floor": values(samples["floor"]), "images": samples["n_heldout"], "features": samples["measure"],
+            "prior": {t: values(group) for t, group in samples["prior"].items()},
+            "reconstructions": values(samples["reconstructions"])}
 
 
 def main() -> None:
@@ -89,7 +117,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--train-images", type=int, default=780, help="training images evaluated")
-    parser.add_argument("--grids", type=Path, default=None, help="copy each model's prior-sample grid here")
+    parser.add_argument("--grids", type=Path, default=None, help="copy each model's prior-sample grids here")
+    parser.add_argument("--temperatures", default="0.6,0.8,1.0",
+                        help="prior temperatures of the sample figures and grids (the best is the primary figure's)")
     args = parser.parse_args()
     if not SHARED_SAMPLE.is_dir():
         print(json.dumps({"bench": "quality", "skipped": f"no shared CelebA sample at {SHARED_SAMPLE}"}))
@@ -111,7 +141,8 @@ def main() -> None:
         tmp = Path(tmp)
         shard(SHARED_SAMPLE, tmp / "shards", size=64, crop=148, workers=2, progress=False)
         for name in names:
-            result = run_model(name, args.minutes, str(tmp / "shards"), tmp, args.k, args.train_images, args.grids)
+            result = run_model(name, args.minutes, str(tmp / "shards"), tmp, args.k, args.train_images, args.grids,
+                               tuple(float(t) for t in args.temperatures.split(",")))
             results[result["model"]] = result
             print(json.dumps({"bench": "quality", **result}), flush=True)
     if "baseline" in results:

@@ -38,6 +38,8 @@ JPEG_QUALITIES = (90, 80, 70, 60)  # tried at each width, largest width first; l
 LAST_RESORT_QUALITIES = (50, 40, 30, 20)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SAMPLE_FIGURES = ("kid", "precision", "recall", "density", "coverage", "swd", "fid")
+MEMORISATION_ROWS = (("ratio_to_heldout", "nearest-training distance / held-out's"),  # well below 1: copies
+                     ("train_to_heldout", "samples' nearest-training / nearest-held-out distance"))
 VERSION_EXTRAS = ("model.json", "metrics.json", "samples.png", "README.md")  # beside the graphs of model.json
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
@@ -265,10 +267,12 @@ def sample_summary_lines(samples: dict) -> list[str]:
               "| --- |" + " --- |" * len(columns)]
     for name in SAMPLE_FIGURES:
         lines.append(f"| {name} | " + " | ".join(_figure(figures.get(name)) for _, figures in columns) + " |")
-    ratios = [((figures.get("memorisation") or {}).get("ratio_to_heldout") if name.startswith("prior") else None)
-              for name, figures in columns]
-    lines.append("| nearest-training distance / held-out's | " + " | ".join(
-        f"{r:.3g}" if isinstance(r, (int, float)) else "–" for r in ratios) + " |")
+    for key, label in MEMORISATION_ROWS:
+        ratios = [(figures.get("memorisation") or {}).get(key) if name.startswith("prior") else None
+                  for name, figures in columns]
+        if any(isinstance(r, (int, float)) for r in ratios):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{r:.3g}" if isinstance(r, (int, float)) else "–" for r in ratios) + " |")
     lines.append("")
     return lines
 
@@ -291,7 +295,10 @@ def sample_rows(samples: dict | None) -> list[dict]:
 
     rows += values("samples.floor", samples.get("floor") or {})
     rows += values("samples.prior", best_figures)
-    rows.append(("samples.prior.memorisation_ratio", (best_figures.get("memorisation") or {}).get("ratio_to_heldout")))
+    memorisation = best_figures.get("memorisation") or {}
+    rows.append(("samples.prior.memorisation_ratio", memorisation.get("ratio_to_heldout")))
+    if "train_to_heldout" in memorisation:
+        rows.append(("samples.prior.memorisation_train_to_heldout", memorisation["train_to_heldout"]))
     for t, figures in (samples.get("prior") or {}).items():
         rows += values(f"samples.prior.t{t}", figures, (metric,))
     rows += values("samples.reconstructions", samples.get("reconstructions") or {})

@@ -158,9 +158,11 @@ def test_demo_deployment_runs_promotes_and_reshards_incrementally(stack, client,
     assert rows["nll_bpd"] == pytest.approx(first_metrics["nll_bpd"]) and rows["k"] == 8
     summary = artifacts["train-vae-summary"].data
     assert f"# train-vae {versions[0]}" in summary and "**promoted**: no champion yet" in summary
-    pictures = re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary)
-    assert [name for name, _ in pictures] == ["samples", "reconstructions"]
-    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in pictures)
+    pictures = re.findall(r"!\[([\w.-]+)\]\(data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)\)", summary)
+    assert [name for name, _, _ in pictures] == ["samples", "reconstructions", "samples-t1"]
+    magic = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+    assert all(base64.b64decode(data).startswith(magic[kind]) for _, kind, data in pictures)
+    assert "KID" in summary and "floor" in summary  # the sample figures beside bits/dim
     announced = champion_events(stack)
     assert [e["payload"]["version"] for e in announced] == [versions[0]]
     assert announced[0]["payload"]["nll_bpd"] == pytest.approx(first_metrics["nll_bpd"])
@@ -279,9 +281,9 @@ def test_the_summary_pictures_show_in_the_prefect_ui(stack, client, tmp_path):
     driver = webdriver.Chrome(options=options, service=Service(sh.which("chromedriver")))
     try:
         driver.get(f"http://127.0.0.1:{stack.port}/artifacts/artifact/{found[-1].id}")
-        script = ("return Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+        script = ("return Array.from(document.images).filter(i => i.src.startsWith('data:image/'))"
                   ".map(i => [i.alt, i.complete, i.naturalWidth])")
-        WebDriverWait(driver, 90).until(lambda d: len(d.execute_script(script)) >= 2 and all(
+        WebDriverWait(driver, 90).until(lambda d: len(d.execute_script(script)) >= 3 and all(
             complete and width > 0 for _, complete, width in d.execute_script(script)))
         pictures = driver.execute_script(script)
         driver.save_screenshot(str(tmp_path / "artifact.png"))
@@ -289,6 +291,6 @@ def test_the_summary_pictures_show_in_the_prefect_ui(stack, client, tmp_path):
             sh.copyfile(tmp_path / "artifact.png", os.environ["VAE_UI_SCREENSHOT"])
     finally:
         driver.quit()
-    assert sorted(alt for alt, _, _ in pictures) == ["reconstructions", "samples"]
+    assert sorted(alt for alt, _, _ in pictures) == ["reconstructions", "samples", "samples-t1"]
     assert all(width > 0 for _, _, width in pictures)
     assert (tmp_path / "artifact.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

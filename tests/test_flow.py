@@ -47,6 +47,7 @@ def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_pa
     metrics = json.loads((folder / "metrics.json").read_text())
     assert champion["nll_bpd"] == metrics["nll_bpd"] and metrics["split"] == "test"
     assert champion["evidence"]["split_fingerprint"] == metrics["split_fingerprint"]
+    assert champion["evidence"]["sample_primary"]["measure"] == metrics["samples"]["measure"]  # pictures measured
     card = json.loads((folder / "model.json").read_text())
     assert card["metrics"] == metrics and card["weights_sha256"] == metrics["weights_sha256"]
     assert Decoder(folder / "decoder.onnx").sample(2, seed=0).shape == (2, 3, 16, 16)

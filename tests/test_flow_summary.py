@@ -28,7 +28,8 @@ def figures(kid, precision=0.71, fid=None):
 
 def metrics_with_samples(fid: bool = False) -> dict:
     prior = {"0.8": {**figures(0.0123, fid=figure(41.5, 0.5) if fid else None),
-                     "memorisation": {"nearest_train_rms": figure(0.1), "ratio_to_heldout": 1.02}},
+                     "memorisation": {"nearest_train_rms": figure(0.1), "ratio_to_heldout": 1.02,
+                                      "train_to_heldout": 0.98}},
              "1": {**figures(0.0201, precision=0.64, fid=figure(48.0, 0.6) if fid else None),
                    "memorisation": {"nearest_train_rms": figure(0.1), "ratio_to_heldout": 1.07}}}
     samples = {
@@ -155,6 +156,7 @@ def test_the_summary_shows_the_sample_figures_beside_bits_and_the_decision_names
     assert table["precision"] == ["0.75 ± 0.001", "0.71 ± 0.001", "0.64 ± 0.001", "0.68 ± 0.001"]
     assert {"recall", "density", "coverage", "swd", "fid"} <= set(table) and table["fid"] == ["–"] * 4
     assert table["nearest-training distance / held-out's"] == ["–", "1.02", "1.07", "–"]
+    assert table["samples' nearest-training / nearest-held-out distance"] == ["–", "0.98", "–", "–"]
 
     markdown = summary_markdown("v1", metrics_with_samples(fid=True), result_of(), [])
     assert "- FID 41.5 ± 0.5 at temperature 0.8 (floor 3.1 ± 0.1)" in markdown and "not measured" not in markdown
@@ -174,6 +176,7 @@ def test_the_metrics_table_gains_flattened_sample_rows_and_old_metrics_still_wor
     assert rows["samples.floor.kid"] == 0.0004 and rows["samples.prior.kid"] == 0.0123
     assert rows["samples.prior.precision"] == 0.71 and rows["samples.prior.t1.kid"] == 0.0201
     assert rows["samples.reconstructions.swd"] == 2.5 and rows["samples.prior.memorisation_ratio"] == 1.02
+    assert rows["samples.prior.memorisation_train_to_heldout"] == 0.98
     assert rows["samples.fid_reason"].startswith("no Inception weights") and "samples.prior.fid" not in rows
     with_fid = {row["metric"]: row["value"] for row in metric_rows(metrics_with_samples(fid=True))}
     assert with_fid["samples.prior.fid"] == 41.5 and "samples.fid_reason" not in with_fid

@@ -43,6 +43,7 @@ def test_the_samples_object_holds_finite_figures_errors_floor_and_counts(evaluat
     assert primary["value"] == min(samples["prior"][t]["kid"]["value"] for t in ("0.7", "1"))
     memo = samples["prior"]["1"]["memorisation"]
     assert _finite_figure(memo["nearest_train_rms"]) and memo["ratio_to_heldout"] > 0
+    assert 0.5 < memo["train_to_heldout"] < 2  # a tiny model copies nothing: as near held-out as training images
     assert samples["features"]["random"]["name"] == "randconv-v1" and samples["features"]["inception"] is None
     assert "--inception-weights" in samples["fid_reason"] and len(samples["measure"]) == 16
     # a briefly trained tiny model is far from real images; the floor is not
@@ -154,3 +155,22 @@ def test_vae_info_shows_the_sample_figures(trained_run, evaluated, capsys):
     shown = json.loads(capsys.readouterr().out)["metrics"]["samples"]
     assert shown["primary"]["metric"] == "kid" and set(shown["by_temperature"]) == {"0.7", "1"}
     assert "--inception-weights" in shown["fid"] and shown["floor"]["value"] is not None
+
+
+def test_training_grids_show_each_temperature_in_a_labelled_block(tiny_shards, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import tiny_config
+    from vae.training.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(run, tiny_shards, "train.steps=2", "train.checkpoint_every=2", "train.tensorboard=false",
+                      "eval.temperatures=[0.5,1.0]"), progress=False)
+    picture = np.asarray(Image.open(run / "grids" / "step-00000002-samples.png"))
+    one_block = 4 * (16 + 2) + 2  # 32 samples of 16x16, 8 a row, 2-pixel borders
+    assert picture.shape[0] == 2 * (one_block + 16)  # two blocks, each under a 16-pixel label strip
+    strips = [picture[:16], picture[one_block + 16:one_block + 32]]
+    assert all((s < 128).any() for s in strips)
+    cold, warm = picture[16:16 + one_block], picture[one_block + 32:]
+    assert np.abs(cold.astype(int) - warm.astype(int)).mean() > 0  # the same draws, scaled: another picture

@@ -260,3 +260,26 @@ def test_vae_export_of_a_trained_run_passes_the_parity_gate(vdvae_run, tmp_path)
     assert max(v["decoder"] for v in card["validation"]["max_abs_diff"].values()) <= TOLERANCE
     model, _, _ = load_trained(run_dir)
     assert isinstance(model, VDVAE)
+
+
+def test_the_gpu_recipe_builds_and_takes_a_finite_bf16_step_on_the_cpu():
+    """configs/celeba64-gpu.yaml at its real size (no GPU here): one bf16-autocast training step on two images is
+    finite, and the flat latent is the whitened prior noise decoder.onnx takes."""
+    import torch
+
+    from conftest import REPO
+    from vae.config import load_config
+    from vae.models import build_model
+    from vae.objectives import elbo_terms, training_loss
+
+    cfg = load_config(REPO / "configs" / "celeba64-gpu.yaml")
+    model = build_model(cfg.model)
+    assert model.latent_dim == cfg.model.latent_dim == 85504
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = elbo_terms(model, x, eps, model.likelihood)
+    loss = training_loss(terms, 1.0, 0.0)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)

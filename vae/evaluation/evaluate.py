@@ -245,8 +245,8 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
         drawn = {}
         if plan is not None:
             metrics["samples"], drawn = sample_quality(
-                model, shards, split, manifest, plan["temperatures"], plan["n_images"], cfg.train.seed,
-                cfg.eval.batch_size, inception=plan["inception"], fid_reason=plan["fid_reason"])
+                model, shards, split, manifest, plan["temperatures"], plan["n_images"], cfg.eval.batch_size,
+                inception=plan["inception"], fid_reason=plan["fid_reason"])
         model.cpu()
         metrics["images"] = write_grids(model, first[0], out, cfg.train.seed, directions, drawn) \
             if first and grids else {}

@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from common.atomic import atomic_write_json, atomic_write_text
 from common.errors import BadInput, VaeError
-from common.grid import make_grid, write_png
+from common.grid import label, make_grid, write_png
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
 from vae.checkpoint import weights_digest
@@ -143,13 +144,16 @@ def write_grids_if_due(state: TrainState, images: torch.Tensor | None) -> None:
 
 @torch.no_grad()
 def write_training_grids(run_dir: Path, cfg: Config, ema, x: torch.Tensor | None, step: int) -> dict:
-    """`grids/step-N-samples.png` (fixed prior draws) and `-reconstructions.png`, with the EMA weights; returns
-    the grids (uint8 HWC) by name."""
+    """`grids/step-N-samples.png` (fixed prior draws scaled by each of eval.temperatures, one labelled block
+    each, so steps and temperatures compare at a glance) and `-reconstructions.png`, with the EMA weights;
+    returns the grids (uint8 HWC) by name."""
     model = build_model(cfg.model)
     model.load_state_dict(ema.state_dict())
     model.eval()
     z = torch.randn((32, cfg.model.latent_dim), generator=torch.Generator().manual_seed(cfg.train.seed))
-    grids = {"samples": make_grid(model.decode_mean(z).numpy(), 8)}
+    blocks = [label(make_grid(model.decode_mean(z * t).numpy(), 8), f"temperature {t:g}")
+              for t in cfg.eval.temperatures]
+    grids = {"samples": np.concatenate(blocks, axis=0)}
     if x is not None:
         x = x.cpu()
         recon = model.decode_mean(model.encode(to_unit(x))[0])
