@@ -41,6 +41,8 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from benchkit import flops_per_image  # noqa: E402,F401 (shared with bench/train.py)
+from benchkit import gemm_gflops as benchkit_gemm_gflops  # noqa: E402
 from vae.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
 from vae.serving.export import CONTRACT_VERSION, export_graphs  # noqa: E402
@@ -62,46 +64,9 @@ def calls_for(batch: int) -> int:
     return 10 if batch == 1 else 1
 
 
-def flops_per_image(model, fn, example: torch.Tensor) -> float:
-    """Floating-point operations (2 per multiply-add) of the convolutions and linear layers in `fn(example)`,
-    per image: the work both sides must do, whatever the framework."""
-    total = [0]
-
-    def count(module, inputs, output):
-        if isinstance(module, torch.nn.ConvTranspose2d):  # each input value meets out_ch * kh * kw weights
-            total[0] += 2 * inputs[0].numel() * module.out_channels * module.weight[0, 0].numel() // module.groups
-        elif isinstance(module, torch.nn.Conv2d):
-            total[0] += 2 * output.numel() * module.weight[0].numel()
-        elif isinstance(module, torch.nn.Linear):
-            total[0] += 2 * output.numel() * module.in_features
-
-    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, kinds)]
-    with torch.inference_mode():
-        fn(example)
-    for hook in hooks:
-        hook.remove()
-    return total[0] / example.shape[0]
-
-
 def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
-    """The best float32 matrix-product rate of PyTorch and of onnxruntime (a one-node MatMul graph) on these
-    threads, whichever is higher: about what the cores can do."""
-    from onnx import TensorProto, helper
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ab"],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any onnxruntime
-    session = ort.InferenceSession(model.SerializeToString(), session_options(THREADS),
-                                   providers=["CPUExecutionProvider"])
-    feed = {"a": a.numpy(), "b": b.numpy()}
-    best = float("inf")
-    for fn in (lambda: torch.mm(a, b), lambda: session.run(None, feed)):
-        fn()
-        best = min(best, *(per_call(fn, 1) for _ in range(reps)))
-    return 2 * n ** 3 / best / 1e9
+    """`benchkit.gemm_gflops` on this benchmark's threads."""
+    return benchkit_gemm_gflops(n, reps, threads=THREADS)
 
 
 def int8_gemm_gops(n: int = 2048, reps: int = 5) -> float:

@@ -13,6 +13,19 @@ last logged training window, and the ELBO of the final weights in float32 on up 
 with the same noise: target within 1%), with the CPU's model name and bf16 flags. Each run is its own process:
 Accelerate fixes mixed precision once per process.
 
+Both modes also give the model's work and the share of the device's peak it reaches (`benchkit`):
+`forward_gflop_per_image` is the convolutions and linear layers of the training forward `model(x01, eps)` (for
+the hierarchical models the bottom-up pass and the top-down pass along the posterior), counted on the config's
+model; `train_gflop_per_image_3x_forward` is 3x that (the backward pass about twice the forward: the usual
+approximation, not a count); `achieved_gflops` = training GFLOP/image x images/s. `peak_gflops` holds the rates
+it is compared with, measured in the same run after training: on the CPU the float32 GEMM rate (`gemm_fp32`: the
+best of PyTorch and onnxruntime on 2048x2048, `--threads` threads) for float32 training and PyTorch's bf16 GEMM
+rate (`gemm_bf16`, measured the same way) for bf16; on a GPU the data sheet's dense bf16 peak by device name
+(`gpu_table_bf16_dense`: H100 SXM 989 TFLOP/s, H100 PCIe 756, H200 989, A100 312; null for another name, given
+in `peak_device`) and a measured 8192x8192 bf16 GEMM rate (`gemm_bf16`). `share_of_peak` is achieved over each
+(`--compare loader`: of the in-memory run; `shard_loader_share_of_peak` of the other).
+The CPU's model name and bf16 units are in the line (`cpu`, `cpu_bf16_flags`).
+
 Data: `--shards DIR`, else the shared real CelebA sample sharded at 64x64 into a temporary folder, else
 synthetic faces.
 
@@ -31,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import REPO, SHARED_SAMPLE  # noqa: E402
+from benchkit import REPO, SHARED_SAMPLE, config_flops, cpu_description, peak_gflops, share_of_peak  # noqa: E402
 
 
 def prepare_shards(args, tmp: Path) -> tuple[str, str]:
@@ -105,8 +118,9 @@ def train_one(args) -> None:
     wall = time.time() - started
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     per_step = cfg.data.batch_size * cfg.train.grad_accum_steps
+    img_s = images_per_s(run_dir)
     Path(args.child).write_text(json.dumps({
-        "steps_per_s": round(images_per_s(run_dir) / per_step, 3), "wall_s": round(wall, 1),
+        "steps_per_s": round(img_s / per_step, 3), "images_per_s": round(img_s, 1), "wall_s": round(wall, 1),
         "train_bpd": records[-1]["elbo_bpd"], "valid_bpd": round(valid_bpd(run_dir, args.valid_images), 4),
         "mixed_precision": cfg.train.mixed_precision, "channels_last": cfg.train.channels_last,
         "skipped_steps": records[-1]["skipped_steps"]}))
@@ -127,6 +141,10 @@ def compare_precision(args, shards: str, data: str, tmp: Path) -> dict:
                "--valid-images", str(args.valid_images), "--", *args.overrides, *overrides]
         subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         results[name] = json.loads(out.read_text())
+    work = config_flops(cfg.model)
+    for name, result in results.items():
+        peaks = peak_gflops("bf16" if name.startswith("bf16") else "float32", args.threads)
+        result.update(flop_figures(work, result["images_per_s"], peaks))
     cpuinfo = hardware.read_cpuinfo()
     flags = hardware.cpu_bf16_units(cpuinfo)
     target = next((CPU_BF16_TARGETS[f] for f in CPU_BF16_TARGETS if f in (flags or [])), None)
@@ -134,11 +152,24 @@ def compare_precision(args, shards: str, data: str, tmp: Path) -> dict:
     return {
         "bench": "train-precision", "device": device_name(), "cpu": hardware.cpu_model_name(cpuinfo),
         "cpu_bf16_flags": flags, "threads": args.threads, "data": data, "steps": args.steps,
-        "batch_size": cfg.data.batch_size, "image_size": cfg.model.image_size, "in_memory": True, **results,
+        "batch_size": cfg.data.batch_size, "image_size": cfg.model.image_size, "in_memory": True, **work, **results,
         "bf16_speedup": round(bf16["steps_per_s"] / fp32["steps_per_s"], 3),
         "target_bf16_speedup": None if torch.cuda.is_available() else target,
         "valid_bpd_rel_diff": round(abs(bf16["valid_bpd"] - fp32["valid_bpd"]) / fp32["valid_bpd"], 4),
         "target_bpd_rel_diff": 0.01, "valid_images": args.valid_images}
+
+
+def precision_of(cfg) -> str:
+    """The precision whose peak a run is compared with: bf16 autocast, else float32 (fp16 autocast is a no-op on
+    the CPU, and on a GPU every run is compared with the bf16 peak)."""
+    return "bf16" if cfg.train.mixed_precision == "bf16" else "float32"
+
+
+def flop_figures(work: dict, img_s: float, peaks: dict) -> dict:
+    """achieved_gflops, the peaks and the shares of them for a training rate of `img_s` images/s."""
+    train_gflop = work["train_gflop_per_image_3x_forward"]
+    return {"achieved_gflops": float(f"{train_gflop * img_s:.4g}"), "peak_gflops": peaks["gflops"],
+            "peak_device": peaks["device"], "share_of_peak": share_of_peak(train_gflop, img_s, peaks["gflops"])}
 
 
 def device_name() -> str:
@@ -183,13 +214,19 @@ def main() -> None:
             started = time.time()
             train(cfg, progress=False)
             rates[mode] = (images_per_s(tmp / f"run-{mode}"), time.time() - started)
+    work = config_flops(cfg.model)
+    peaks = peak_gflops(precision_of(cfg), args.threads)
     print(json.dumps({
         "bench": "train", "device": device_name(), "data": data, "steps": args.steps, "batch_size": cfg.data.batch_size,
         "image_size": cfg.model.image_size, "mixed_precision": cfg.train.mixed_precision,
         "num_workers": cfg.data.num_workers, "compile": cfg.train.compile, "channels_last": cfg.train.channels_last,
         "shard_loader_img_s": round(rates["false"][0], 1), "in_memory_img_s": round(rates["true"][0], 1),
         "ratio": round(rates["false"][0] / rates["true"][0], 3), "target_ratio": 0.9,
-        "wall_s": {"shard_loader": round(rates["false"][1], 1), "in_memory": round(rates["true"][1], 1)}}))
+        "wall_s": {"shard_loader": round(rates["false"][1], 1), "in_memory": round(rates["true"][1], 1)},
+        **cpu_description(), **work,
+        **flop_figures(work, rates["true"][0], peaks),  # of the in-memory run: the model's own rate
+        "shard_loader_share_of_peak": share_of_peak(work["train_gflop_per_image_3x_forward"], rates["false"][0],
+                                                    peaks["gflops"])}))
 
 
 if __name__ == "__main__":

@@ -174,3 +174,34 @@ def test_training_grids_show_each_temperature_in_a_labelled_block(tiny_shards, t
     assert all((s < 128).any() for s in strips)
     cold, warm = picture[16:16 + one_block], picture[one_block + 32:]
     assert np.abs(cold.astype(int) - warm.astype(int)).mean() > 0  # the same draws, scaled: another picture
+
+
+def test_the_export_records_the_best_temperature_and_sampling_uses_it(trained_run, tmp_path_factory, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from exported_model import exported_once
+    from vae.serving.graphs import set_metadata
+    from vae.serving.runtime import Decoder
+
+    out, card = exported_once(trained_run, tmp_path_factory)
+    primary = (card["metrics"].get("samples") or {}).get("primary")
+    assert card["temperature"] == (primary["temperature"] if primary else 1.0)
+    assert Decoder(out / "decoder.onnx").temperature == card["temperature"]
+    for recorded, expected in ((0.5, 0.5), ("garbled", 1.0), (-2, 1.0), (float("nan"), 1.0)):
+        graph = tmp_path / f"decoder-{recorded}.onnx"
+        shutil.copyfile(out / "decoder.onnx", graph)
+        metadata = {**Decoder(out / "decoder.onnx").metadata, "temperature": recorded}
+        set_metadata(graph, metadata)
+        decoder = Decoder(graph)
+        assert decoder.temperature == expected
+        assert np.array_equal(decoder.sample(4, seed=1), decoder.sample(4, seed=1, temperature=expected))
+    assert not np.array_equal(Decoder(graph).sample(4, seed=1, temperature=0.5), Decoder(graph).sample(4, seed=1))
+
+
+def test_best_temperature_reads_the_primary_figure():
+    from vae.serving.export import best_temperature
+
+    assert best_temperature({"samples": {"primary": {"temperature": 0.8}}}) == 0.8
+    assert best_temperature({}) == best_temperature({"samples": {"primary": {"temperature": True}}}) == 1.0

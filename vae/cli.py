@@ -238,9 +238,10 @@ def cmd_sample(args) -> int:
     from common.grid import make_grid, write_png
 
     decoder = _runtime_model("Decoder", args.model, args.device, args.precision)
-    images = decoder.sample(args.n, seed=args.seed, temperature=args.temperature)
+    temperature = decoder.temperature if args.temperature is None else args.temperature
+    images = decoder.sample(args.n, seed=args.seed, temperature=temperature)
     write_png(args.out, make_grid(images, ncols=int(max(1, round(args.n ** 0.5)))))
-    print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, temperature {args.temperature}, "
+    print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, temperature {temperature:g}, "
           f"model {decoder.version}, provider {decoder.provider})")
     return 0
 
@@ -445,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a reduced-precision graph of the model: fp16 (GPUs) or int8 (CPUs), when exported")
     p.add_argument("--n", type=GRID_IMAGES, default=64, help="images in the grid (decoded in batches)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--temperature", type=_temperature, default=1.0,
-                   help="the prior draw's scale: z ~ N(0, t^2 I) (default 1, the model's prior)")
+    p.add_argument("--temperature", type=_temperature, default=None,
+                   help="the prior draw's scale: z ~ N(0, t^2 I) (default: the temperature the model's evaluation "
+                        "found best, recorded at export; 1 where none is)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_sample)

@@ -226,6 +226,14 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str, split: str) ->
     return metrics
 
 
+def best_temperature(metrics: dict) -> float:
+    """The prior temperature whose samples scored best on the primary sample figure in `metrics` (its split's
+    evaluation), which `vae sample` and the runtime use when the caller gives none; 1 when not measured."""
+    primary = (metrics.get("samples") or {}).get("primary") or {}
+    value = primary.get("temperature")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
+
+
 def export(run_dir: str | Path, out: str | Path, shards: str | None = None, version: str | None = None,
            fp16: bool = False, precisions: tuple[str, ...] = ()) -> dict:
     """Export a run's EMA model to the folder `out`, published whole; returns the model card (`model.json`).
@@ -259,7 +267,8 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
             "version": version or f"{run_dir.name}@{step}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config_hash": config_hash(cfg), "metrics": metrics, "weights": "ema", "step": step,
-            "weights_sha256": metrics["weights_sha256"], "preprocessing": preprocessing}
+            "weights_sha256": metrics["weights_sha256"], "preprocessing": preprocessing,
+            "temperature": best_temperature(metrics)}
     with publishing(out) as staging:
         names = export_graphs(model, staging, fp16=fp16)
         for name in names:

@@ -227,6 +227,8 @@ class _Model:
         self.signature = self._signature()  # the bound input and output, checked against the graph
         self._check_interface()
         self.version = self.metadata.get("version")  # the model version the graph was exported as
+        # the prior temperature the model's evaluation found best (graphs from before it record none: 1)
+        self.temperature = _recorded_temperature(self.metadata.get("temperature"))
 
     def _check_interface(self) -> None:
         """The graph's input and output shapes against its metadata: a graph and card that disagree are refused
@@ -305,6 +307,15 @@ class _Model:
         return out
 
 
+def _recorded_temperature(value) -> float:
+    """A graph's recorded sampling temperature: a finite number in (0, 100], else 1 (none recorded, or garbled)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return value if np.isfinite(value) and 0 < value <= 100 else 1.0
+
+
 class Decoder(_Model):
     """`decoder.onnx`: latents [N, latent_dim] -> images float32 [N, 3, H, W] in [0, 1]."""
 
@@ -334,9 +345,11 @@ class Decoder(_Model):
         [N, 3, H, W] go into `out` (same kinds) or come back as an OrtValue on that device (see `on_device`)."""
         return self.on_device(z, out)
 
-    def sample(self, n: int, seed: int = 0, temperature: float = 1.0, batch_size: int = 256) -> np.ndarray:
+    def sample(self, n: int, seed: int = 0, temperature: float | None = None, batch_size: int = 256) -> np.ndarray:
         """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`, decoded `batch_size`
-        at a time (the draws are the same as one draw of all n)."""
+        at a time (the draws are the same as one draw of all n). Without a temperature, the one the model
+        records (`self.temperature`: the best its evaluation found by the primary sample figure, else 1)."""
+        temperature = self.temperature if temperature is None else temperature
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise RuntimeModelError(f"n: expected an integer >= 1, got {n!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
