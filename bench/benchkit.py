@@ -32,6 +32,14 @@ def calls_per_second(fn, seconds: float, min_calls: int = 3) -> float:
     return calls / (time.perf_counter() - start)
 
 
+def images_per_s(run_dir) -> float:
+    """Training throughput of a run (`RUN/train_log.jsonl`): the mean of the windows after the first (the first
+    holds start-up and compilation), or the only window."""
+    records = [json.loads(line) for line in (Path(run_dir) / "train_log.jsonl").read_text().splitlines()]
+    steady = records[1:] or records
+    return sum(r["images_per_s"] for r in steady) / len(steady)
+
+
 def emit(result: dict) -> None:
     """The benchmark's one JSON line on stdout."""
     print(json.dumps(result), flush=True)
@@ -181,6 +189,14 @@ def share_of_peak(train_gflop_per_image: float, images_per_s: float, peaks: dict
     or None}): {name: share, None where the peak is unknown}."""
     achieved = train_gflop_per_image * images_per_s
     return {name: None if not peak else float(f"{achieved / peak:.4g}") for name, peak in peaks.items()}
+
+
+def flop_figures(work: dict, img_s: float, peaks: dict) -> dict:
+    """For a training rate of `img_s` images/s, with `work` from `config_flops` and `peaks` from `peak_gflops`:
+    achieved_gflops (training GFLOP/image x images/s), the peaks, their device and the share of each."""
+    train_gflop = work["train_gflop_per_image_3x_forward"]
+    return {"achieved_gflops": float(f"{train_gflop * img_s:.4g}"), "peak_gflops": peaks["gflops"],
+            "peak_device": peaks["device"], "share_of_peak": share_of_peak(train_gflop, img_s, peaks["gflops"])}
 
 
 def cpu_description() -> dict:

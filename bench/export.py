@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from benchkit import flops_per_image  # noqa: E402,F401 (shared with bench/train.py)
+from benchkit import flops_per_image  # noqa: E402 (shared with bench/train.py)
 from benchkit import gemm_gflops as benchkit_gemm_gflops  # noqa: E402
 from vae.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402

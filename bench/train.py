@@ -44,7 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import REPO, SHARED_SAMPLE, config_flops, cpu_description, peak_gflops, share_of_peak  # noqa: E402
+from benchkit import (REPO, SHARED_SAMPLE, config_flops, cpu_description, flop_figures, images_per_s,  # noqa: E402
+                      peak_gflops, share_of_peak)
 
 
 def prepare_shards(args, tmp: Path) -> tuple[str, str]:
@@ -60,13 +61,6 @@ def prepare_shards(args, tmp: Path) -> tuple[str, str]:
     synthesize(tmp / "synth", 2000, seed=0)
     shard(tmp / "synth", tmp / "shards", size=64, workers=2, progress=False)
     return str(tmp / "shards"), "synthetic"
-
-
-def images_per_s(run_dir: Path) -> float:
-    """Throughput of the windows after the first (the first holds start-up and compilation)."""
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    steady = records[1:] or records
-    return sum(r["images_per_s"] for r in steady) / len(steady)
 
 
 PRECISIONS = {"float32": ["train.mixed_precision=no"],
@@ -163,13 +157,6 @@ def precision_of(cfg) -> str:
     """The precision whose peak a run is compared with: bf16 autocast, else float32 (fp16 autocast is a no-op on
     the CPU, and on a GPU every run is compared with the bf16 peak)."""
     return "bf16" if cfg.train.mixed_precision == "bf16" else "float32"
-
-
-def flop_figures(work: dict, img_s: float, peaks: dict) -> dict:
-    """achieved_gflops, the peaks and the shares of them for a training rate of `img_s` images/s."""
-    train_gflop = work["train_gflop_per_image_3x_forward"]
-    return {"achieved_gflops": float(f"{train_gflop * img_s:.4g}"), "peak_gflops": peaks["gflops"],
-            "peak_device": peaks["device"], "share_of_peak": share_of_peak(train_gflop, img_s, peaks["gflops"])}
 
 
 def device_name() -> str:

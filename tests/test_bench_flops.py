@@ -1,12 +1,18 @@
-"""bench/export.py's operation count, against the adjoint identity and hand counts."""
+"""The benchmarks' operation count (`bench/benchkit.py`'s `flops_per_image`, which bench/export.py and
+bench/train.py use), against the adjoint identity, hand counts and PyTorch's own counter."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.append(str(_BENCH))  # the scripts import their neighbour `benchkit`, as when run from bench/
+import benchkit  # noqa: E402
+
 _spec = importlib.util.spec_from_file_location("bench_export", _BENCH / "export.py")
 bench_export = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_export)
@@ -35,3 +41,45 @@ def test_linear_and_a_stack_add_up():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 7))
     expected = 2 * (4 * 25 * 3 * 9) + 2 * (7 * 100)
     assert bench_export.flops_per_image(model, model, torch.randn(3, 3, 5, 5)) == expected
+
+
+def test_export_counts_with_the_shared_counter():
+    assert bench_export.flops_per_image is benchkit.flops_per_image
+
+
+class OneConvVAE(nn.Module):
+    """The smallest thing with a model's training signature `model(x01, eps)`: one convolution, one linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent_dim = 5
+        self.conv = nn.Conv2d(3, 2, 3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.fc = nn.Linear(2 * 4 * 4 + 5, 7)
+
+    def forward(self, x01, eps):
+        return self.fc(torch.cat([self.conv(x01).flatten(1), eps], dim=1))
+
+
+def test_training_forward_of_a_tiny_model_against_a_hand_count():
+    # the convolution: 2 * 4 * 4 outputs, each 3 * 3 * 3 multiply-adds; the linear layer: 7 outputs of 37
+    expected = 2 * (2 * 16 * 27) + 2 * (7 * 37)
+    assert benchkit.training_forward_flops(OneConvVAE(), image_size=8, batch=3) == expected
+
+
+def test_the_hierarchical_layout_model_counts_what_torch_counts():
+    # a tiny VDVAE (model.layout): the counter's hooks see every convolution of the bottom-up pass and of the
+    # top-down pass along the posterior, as PyTorch's FlopCounterMode does (2 per multiply-add)
+    from vae.config import load_config
+    from vae.models import build_model
+
+    cfg = load_config(None, ["model.kind=hierarchical", "model.image_size=16", "model.channels=[8,8]",
+                             "model.layout=4x2,8x1", "model.latent_channels=2", "model.latent_dim=192",
+                             "model.res_blocks=1"])
+    model = build_model(cfg.model)
+    x, eps = torch.rand(2, 3, 16, 16), torch.randn(2, model.latent_dim)
+    with FlopCounterMode(display=False) as counter:
+        model(x, eps)
+    counted = benchkit.training_forward_flops(model, 16, batch=2)
+    assert counted > 0 and counted == counter.get_total_flops() / 2
+    work = benchkit.config_flops(cfg.model)
+    assert work["train_gflop_per_image_3x_forward"] == float(f"{3 * counted / 1e9:.6g}")

@@ -283,3 +283,20 @@ def test_the_gpu_recipe_builds_and_takes_a_finite_bf16_step_on_the_cpu():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_the_weights_digest_does_not_depend_on_the_memory_layout():
+    """channels_last 1x1 kernels count as contiguous with a last stride other than 1: the digest (which names the
+    evaluated and exported weights) reads values in logical order, so both layouts give one digest."""
+    import torch
+
+    from vae.checkpoint import weights_digest
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.Conv2d(16, 4, 3))
+    before = weights_digest(model)
+    model.to(memory_format=torch.channels_last)
+    assert model[0].weight.stride()[-1] != 1  # the layout that broke a byte view
+    assert weights_digest(model) == before
+    with torch.no_grad():
+        model[0].weight[0, 1, 0, 0] += 1.0
+    assert weights_digest(model) != before

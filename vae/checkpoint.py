@@ -182,9 +182,11 @@ def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of a model's parameters and buffers (names, dtypes, shapes, values): which weights were measured."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
+        # flattened first: a channels_last weight of 1x1 kernels counts as contiguous with a last stride other
+        # than 1, which a byte view refuses; flattening gives the values in logical order whatever the layout
         digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
     return digest.hexdigest()
 
 
