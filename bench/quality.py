@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import REPO, SHARED_SAMPLE  # noqa: E402
+from benchkit import REPO, SHARED_SAMPLE, cpu_description  # noqa: E402
 
 MODELS = {
     "baseline": (None, ["model.channels=[32,64,128,256]", "model.latent_dim=128", "model.res_blocks=0",
@@ -79,10 +79,7 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
             shutil.copyfile(tmp / label / "eval" / valid["images"][f"samples-t{t:g}"],
                             grids / f"{stem}-samples-t{t:g}.png")
     train_metrics = evaluate(tmp / label, split="train", k=k, max_images=train_images, samples=False)
-    from vae.hardware import cpu_bf16_units, cpu_model_name, read_cpuinfo
-
-    cpuinfo = read_cpuinfo()
-    return {"model": label, "cpu": cpu_model_name(cpuinfo), "bf16_units": cpu_bf16_units(cpuinfo), "minutes": minutes,
+    return {"model": label, **cpu_description(), "minutes": minutes,
             "train_s": round(seconds, 1), "threads": torch.get_num_threads(),
             "steps": done,
             "planned_steps": steps, "images_per_s": round(done * cfg.data.batch_size / seconds, 1),

@@ -617,7 +617,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         from vae.checkpoint import warm_start_weights
 
         warm_start_weights(cfg)  # another architecture, or no checkpoint: one line, before any work
-    from vae.evaluation.inception import resolve_weights
+    from vae.evaluation.features import resolve_weights  # imports no torchvision
 
     # one weights file for this version and a re-evaluated champion, whatever the champion's config says
     weights = resolve_weights(inception_weights, cfg.eval.inception_weights)

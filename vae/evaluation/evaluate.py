@@ -22,6 +22,7 @@ from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
 from vae.checkpoint import load_trained, weights_digest
 from vae.config import MAX_K, config_hash
+from vae.evaluation.features import resolve_weights
 from vae.evaluation.sample_quality import sample_quality
 from vae.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
@@ -256,11 +257,11 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
 
 def check_sample_inputs(cfg, temperatures: list[float] | None, inception_weights: str | None) -> None:
     """The sample metrics' inputs checked without loading anything big (before launching several ranks)."""
-    from vae.evaluation import inception  # torchvision's import is paid only where FID may run
-
     plan_settings(cfg, temperatures, None)
-    path = inception.resolve_weights(inception_weights, cfg.eval.inception_weights)
+    path = resolve_weights(inception_weights, cfg.eval.inception_weights)
     if path:
+        from vae.evaluation import inception  # torchvision's import is paid only where FID runs
+
         inception.check_weights(path)
 
 
@@ -287,12 +288,12 @@ def sample_plan(cfg, temperatures: list[float] | None, sample_images: int | None
                 ) -> dict:
     """What the sample metrics will measure, checked before any evaluation: temperatures, image count, and the
     FID Inception network loaded from a verified weights file (or why there is none)."""
-    from vae.evaluation import inception  # torchvision's import is paid only where FID may run
-
     temperatures, n_images = plan_settings(cfg, temperatures, sample_images)
-    path = inception.resolve_weights(inception_weights, cfg.eval.inception_weights)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = inception.load_inception(path, device=device) if path else None
+    path, network = resolve_weights(inception_weights, cfg.eval.inception_weights), None
+    if path:
+        from vae.evaluation import inception  # torchvision's import is paid only where FID runs
+
+        network = inception.load_inception(path, device="cuda" if torch.cuda.is_available() else "cpu")
     return {"temperatures": temperatures, "n_images": n_images, "inception": network,
             "fid_reason": None if network is not None else NO_INCEPTION}
 

@@ -8,7 +8,9 @@ features are those of a small random CNN whose weights are drawn from a named, f
 legacy `RandomState`, whose stream numpy guarantees never to change) and pinned by their sha256: figures are only
 compared when their `features` identity is the same.
 
-The network: images resized to 64x64 (antialiased) and scaled to [-1, 1]; four 3x3 stride-2 convolutions with
+The network: images larger than 64x64 resized to 64x64 (antialiased; smaller ones, such as the demo's 32x32,
+run at their own size, which costs a quarter and compares only with figures at that size, as the `measure` and
+the split's fingerprint ensure) and scaled to [-1, 1]; four 3x3 stride-2 convolutions with
 ReLU (32, 64, 128, 256 channels, He-normal weights, no bias). The embedding concatenates the spatial means of the
 first three stages (colour and texture statistics at three scales) and the last stage pooled to 2x2 (coarse
 layout), each part divided by the square root of its size so that every part weighs the same in a distance.
@@ -17,12 +19,14 @@ layout), each part divided by the square root of its size so that every part wei
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ENV_WEIGHTS = "VAE_INCEPTION_WEIGHTS"
 NAME = "randconv-v1"
 SEED = 20181203
 INPUT_SIDE = 64
@@ -56,7 +60,7 @@ class RandomFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        if x.shape[-1] != INPUT_SIDE or x.shape[-2] != INPUT_SIDE:
+        if x.shape[-1] > INPUT_SIDE or x.shape[-2] != x.shape[-1]:  # smaller squares run at their own size
             x = F.interpolate(x, size=(INPUT_SIDE, INPUT_SIDE), mode="bilinear", align_corners=False,
                               antialias=True)
         h, parts = x * 2 - 1, []
@@ -74,3 +78,13 @@ def embed(network: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
     device = next(network.parameters()).device
     out = [network(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
+
+
+def resolve_weights(cli_value: str | None, config_value: str = "") -> str | None:
+    """Where the FID Inception weights are (`vae.evaluation.inception` checks and loads them): the CLI flag, else
+    $VAE_INCEPTION_WEIGHTS, else the config's eval.inception_weights; None when none is given (empty or blank
+    strings count as not given). Here, not beside the network, so that finding none imports no torchvision."""
+    for value in (cli_value, os.environ.get(ENV_WEIGHTS), config_value):
+        if value is not None and value.strip():
+            return value
+    return None

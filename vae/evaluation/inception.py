@@ -36,11 +36,11 @@ from torchvision.models.inception import (
 )
 
 from common.errors import BadInput, one_line
+from vae.evaluation.features import ENV_WEIGHTS, resolve_weights  # noqa: F401  (where the weights are named)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 SHA256_PREFIX = "6726825d"  # torch.hub's rule: the file's sha256 must begin with the hex digits in its name
 MAX_WEIGHTS_BYTES = 256 * 1024 * 1024  # the genuine file is far smaller; a bigger one is refused before hashing
-ENV_WEIGHTS = "VAE_INCEPTION_WEIGHTS"
 TEST_ANY_HASH_ENV = "VAE_TEST_INCEPTION_ANY_HASH"  # tests only: "1" lets a file with another sha256 through
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -152,15 +152,6 @@ class InceptionFeatures(nn.Module):
         for stage in self._stages:
             x = stage(x)
         return torch.flatten(x, 1)
-
-
-def resolve_weights(cli_value: str | None, config_value: str = "") -> str | None:
-    """The weights path: the CLI flag, else $VAE_INCEPTION_WEIGHTS, else the config's eval.inception_weights;
-    None when none is given (empty or blank strings count as not given)."""
-    for value in (cli_value, os.environ.get(ENV_WEIGHTS), config_value):
-        if value is not None and value.strip():
-            return value
-    return None
 
 
 def _error(path: Path, what: str, todo: str) -> InceptionWeightsError:

@@ -30,7 +30,7 @@ KID_BLOCKS = 10  # disjoint blocks of images for KID's and SWD's standard errors
 PRDC_K = 5  # nearest neighbours that set each image's radius (Naeem et al.'s choice)
 SWD_PATCH, SWD_PATCHES, SWD_MIN_SIDE = 7, 128, 16  # Karras et al.'s patch size, patches an image, smallest level
 SWD_DIRS = 128  # random directions a block and level (Karras et al.: 512 x 4 repeats over one larger set)
-SWD_DESCRIPTORS, SWD_BLOCKS = 8_192, 4  # patches a level and set, over all blocks: bounds the cost
+SWD_DESCRIPTORS, SWD_BLOCKS = 4_096, 4  # patches a level and set, over all blocks: bounds the cost
 FID_BOOTSTRAP = 8
 
 
