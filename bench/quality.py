@@ -9,7 +9,7 @@ floor: vae/evaluation/sample_quality.py), and a last line comparing each model w
 the issue describes: 4 stride-2 convs 32-64-128-256, latent 128, factorized discretized logistic, Adam 1e-3 with
 cosine decay, batch 64, float32, no EMA.
 
-    .venv/bin/python bench/quality.py [--minutes 10] [--models baseline,cpu,hierarchical] [--grids DIR]
+    .venv/bin/python bench/quality.py [--minutes 10] [--models conv-cpu,cpu,hierarchical] [--grids DIR]
                                       [--temperatures 0.6,0.8,1.0]
 
 `--models` also takes config files, to compare a variant; `--grids` keeps each model's prior-sample grid.
@@ -34,6 +34,7 @@ MODELS = {
     "default": (REPO / "configs" / "celeba64.yaml", []),
     "hierarchical": (REPO / "configs" / "celeba64-hier.yaml", []),
     "cpu": (REPO / "configs" / "celeba64-cpu.yaml", []),
+    "conv-cpu": (REPO / "configs" / "celeba64-conv-cpu.yaml", []),
 }
 
 
@@ -110,7 +111,7 @@ def sample_figures(samples: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--models", default="baseline,cpu,hierarchical")
+    parser.add_argument("--models", default="conv-cpu,cpu,hierarchical")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--train-images", type=int, default=780, help="training images evaluated")

@@ -72,7 +72,7 @@ def test_yaml_file_errors(tmp_path):
 
 def test_shipped_configs_load():
     for name in ("configs/demo.yaml", "configs/celeba64.yaml", "configs/celeba64-hier.yaml",
-                 "configs/celeba64-cpu.yaml",
+                 "configs/celeba64-cpu.yaml", "configs/celeba64-conv-cpu.yaml",
                  "configs/celeba64-gpu.yaml"):
         load_config(name)
 

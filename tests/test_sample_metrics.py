@@ -68,6 +68,22 @@ def test_kid_is_zero_within_noise_for_one_distribution_and_clearly_positive_for_
     assert shifted["value"] > 10 * shifted["stderr"] and shifted["value"] > 20 * abs(same["value"]), (same, shifted)
 
 
+def test_kid_of_paired_sets_such_as_reconstructions_is_not_pulled_below_zero():
+    # y_i made from x_i (a reconstruction): the same distribution, so KID must be 0 within its error; a cross sum
+    # that kept the pairs (x_i, y_i) would put it far below 0
+    a = torch.randn(1000, 32, generator=_gen(16))
+    paired = sm.kid(a, a + 0.05 * torch.randn(1000, 32, generator=_gen(17)))
+    assert abs(paired["value"]) < 3 * paired["stderr"], paired
+
+
+def test_unbiased_mmd_of_equal_sizes_matches_the_u_statistic():
+    x, y = torch.randn(6, 3, generator=_gen(18)).double(), torch.randn(6, 3, generator=_gen(19)).double()
+    k = lambda a, b: (float(a @ b) / 3 + 1) ** 3  # noqa: E731
+    h = sum(k(x[i], x[j]) + k(y[i], y[j]) - k(x[i], y[j]) - k(x[j], y[i])
+            for i in range(6) for j in range(6) if i != j) / (6 * 5)
+    assert sm.mmd2_unbiased(x, y) == pytest.approx(h, rel=1e-12)
+
+
 def test_unbiased_mmd_matches_a_direct_double_sum():
     x, y = torch.randn(7, 3, generator=_gen(5)).double(), torch.randn(9, 3, generator=_gen(6)).double()
     k = lambda a, b: (float(a @ b) / 3 + 1) ** 3  # noqa: E731
@@ -87,6 +103,14 @@ def test_precision_recall_density_coverage_on_identical_disjoint_and_collapsed_s
     collapsed = sm.prdc(real, real.mean(0, keepdim=True).repeat(300, 1))  # mode collapse: realistic, not diverse
     assert collapsed["precision"]["value"] == 1.0 and collapsed["recall"]["value"] < 0.05
     assert collapsed["coverage"]["value"] < 0.1
+
+
+def test_precision_recall_of_sets_smaller_than_k_use_fewer_neighbours():
+    real = torch.randn(4, 8, generator=_gen(20))
+    assert sm.prdc_neighbours(4, 4) == 3
+    same = sm.prdc(real, real.clone())
+    assert same["precision"]["value"] == same["recall"]["value"] == same["coverage"]["value"] == 1.0
+    assert sm.prdc(real, real + 100.0)["precision"]["value"] == 0.0
 
 
 def _textures(n: int, seed: int, side: int = 32) -> torch.Tensor:
@@ -141,7 +165,7 @@ def test_memorisation_distances_are_zero_for_copies_of_the_reference():
 @pytest.mark.parametrize("call", [
     lambda: sm.kid(torch.randn(1, 4), torch.randn(5, 4)),
     lambda: sm.frechet_distance(torch.randn(5, 4), torch.randn(1, 4), _gen()),
-    lambda: sm.prdc(torch.randn(3, 4), torch.randn(3, 4)),
+    lambda: sm.prdc(torch.randn(1, 4), torch.randn(3, 4)),
     lambda: sm.SwdReference(torch.rand(1, 3, 16, 16), 1, _gen()),
 ])
 def test_fewer_images_than_a_figure_needs_is_one_line(call):

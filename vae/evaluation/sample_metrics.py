@@ -110,13 +110,17 @@ def _polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The unbiased estimate of MMD^2 with the cubic polynomial kernel (diagonals left out of the within-set
-    sums): its expectation is 0 when x and y come from one distribution."""
+    """The unbiased estimate of MMD^2 with the cubic polynomial kernel: its expectation is 0 when x and y come
+    from one distribution. Diagonals are left out of the within-set sums, and for sets of equal size out of the
+    cross sum too (Gretton et al.'s U-statistic): then only pairs (x_i, y_j), i != j, meet, so the estimate stays
+    unbiased when y_i is made from x_i (reconstructions of the same images), where the diagonal would pull it
+    below 0."""
     m, n = len(x), len(y)
     kxx, kyy, kxy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
     within_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
     within_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return float(within_x + within_y - 2 * kxy.mean())
+    cross = (kxy.sum() - kxy.diagonal().sum()) / (n * (n - 1)) if m == n else kxy.mean()
+    return float(within_x + within_y - 2 * cross)
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, blocks: int = KID_BLOCKS) -> dict:
@@ -133,6 +137,11 @@ def kid(real: torch.Tensor, fake: torch.Tensor, blocks: int = KID_BLOCKS) -> dic
 # Precision, recall, density, coverage
 
 
+def prdc_neighbours(n_real: int, n_fake: int, k: int = PRDC_K) -> int:
+    """The neighbours that set the radii: k, or fewer when a set has no k other images."""
+    return max(1, min(k, n_real - 1, n_fake - 1))
+
+
 def _kth_radius(features: torch.Tensor, k: int) -> torch.Tensor:
     distances = torch.cdist(features, features)
     return distances.kthvalue(k + 1, dim=1).values  # the 0th is the image itself
@@ -141,8 +150,9 @@ def _kth_radius(features: torch.Tensor, k: int) -> torch.Tensor:
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = PRDC_K) -> dict:
     """Precision (share of fakes inside some real image's k-NN ball), recall (share of reals inside some fake's
     ball), density (fakes' mean count of real balls containing them, / k) and coverage (share of real balls
-    holding a fake)."""
-    require_images("precision/recall", len(real), len(fake), at_least=k + 1)
+    holding a fake). Sets of k images or fewer use k = (their size - 1) neighbours (`prdc_neighbours`)."""
+    require_images("precision/recall", len(real), len(fake))
+    k = prdc_neighbours(len(real), len(fake), k)
     real, fake = real.double(), fake.double()
     real_radius, fake_radius = _kth_radius(real, k), _kth_radius(fake, k)
     between = torch.cdist(real, fake)  # [real, fake]

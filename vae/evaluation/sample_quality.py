@@ -32,7 +32,7 @@ PRIMARY = "kid"
 # One seed for every model's prior draws and random choices (not the run's train.seed): two models are measured
 # on the same draws, so their figures differ by the models alone and are comparable whatever seed trained them
 SAMPLE_SEED = 7_919
-FORMAT = 1
+FORMAT = 2  # 2: KID's cross sum leaves out the pairs (x_i, y_i) (reconstructions were biased below 0)
 GRID_IMAGES = 64  # prior draws shown at each temperature (the first of those measured)
 
 
@@ -154,6 +154,7 @@ def sample_quality(model, shards: str, split: str, manifest: dict, temperatures:
         "measure": measure_id(identity, {"heldout": n, "train": n, "generated": n}, list(temperatures), seed),
         "features": identity, "fid_reason": None if inception is not None else fid_reason,
         "n_heldout": n, "n_train": n, "n_generated": n, "temperatures": list(temperatures),
+        "prdc_neighbours": sm.prdc_neighbours(n, n),
         "floor": compare(reference, heldout_features, train, train_features, generator),
         "prior": prior,
         "reconstructions": compare(reference, heldout_features, recon, spaces.embed(recon), generator),
