@@ -45,6 +45,20 @@ def tiny_shards(synth_source, tmp_path_factory) -> Path:
     return out
 
 
+def tensors_of(tree):
+    """Every tensor in a checkpoint's nested dicts and lists, in a fixed order (keys sorted)."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for key in sorted(tree, key=str):
+            yield from tensors_of(tree[key])
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from tensors_of(item)
+
+
 def tiny_config(run_dir: Path, shards: Path, *extra: str):
     from vae.config import load_config
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from conftest import tiny_config
+from conftest import tensors_of, tiny_config
 from vae import checkpoint as ckpt
 from vae.config import config_hash, load_config
 from vae.models import build_model
@@ -22,20 +22,9 @@ from vae.training.train import train
 QUIET = ("train.tensorboard=false",)
 
 
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for key in sorted(tree, key=str):
-            yield from _tensors(tree[key])
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
-
-
 def _assert_same_run(a: dict, b: dict) -> None:
     for part in ("model", "ema", "optimizer"):
-        flat_a, flat_b = list(_tensors(a[part])), list(_tensors(b[part]))
+        flat_a, flat_b = list(tensors_of(a[part])), list(tensors_of(b[part]))
         assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), part
     for counter in ("step", "skipped", "skipped_outliers", "images"):
         assert a[counter] == b[counter], counter

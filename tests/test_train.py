@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError, TrainingError
-from conftest import tiny_config
+from conftest import tensors_of, tiny_config
 from pipeline.loader import eval_loader
 from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
 from vae.models import build_model
@@ -268,20 +268,9 @@ def test_sigkill_mid_training_then_rerun_ends_with_the_uninterrupted_weights(tin
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-00000060.pt")
     b = load_checkpoint(killed / "checkpoints" / "step-00000060.pt")
     for part in ("model", "ema", "optimizer"):
-        flat_a = [t for t in _tensors(a[part])]
-        flat_b = [t for t in _tensors(b[part])]
+        flat_a = [t for t in tensors_of(a[part])]
+        flat_b = [t for t in tensors_of(b[part])]
         assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), part
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for key in sorted(tree, key=str):
-            yield from _tensors(tree[key])
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
 
 
 def test_a_skipped_step_uses_up_all_its_micro_batches(tiny_shards, tmp_path):
