@@ -59,6 +59,41 @@ def tensors_of(tree):
             yield from tensors_of(item)
 
 
+def load_bench(name: str):
+    """A benchmark script of bench/ as a module; bench/ goes on the path first, since the scripts import their
+    neighbour `benchkit` as when run from there."""
+    import importlib.util
+
+    bench = REPO / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_images(n: int, side: int = 16, seed: int = 0):
+    """n random 8-bit RGB images [n, 3, side, side] (float values in 0..255), from a seeded generator."""
+    import torch
+
+    return torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def perturbed(model, scale: float = 0.3, seed: int = 1):
+    """The model with weights moved away from their zero-initialised start, so every latent group's prior and
+    posterior matter."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale / math.sqrt(max(1, p[0].numel())))
+    return model
+
+
 def tiny_config(run_dir: Path, shards: Path, *extra: str):
     from vae.config import load_config
 

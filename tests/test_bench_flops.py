@@ -1,21 +1,14 @@
 """The benchmarks' operation count (`bench/benchkit.py`'s `flops_per_image`, which bench/export.py and
 bench/train.py use), against the adjoint identity, hand counts and PyTorch's own counter."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.append(str(_BENCH))  # the scripts import their neighbour `benchkit`, as when run from bench/
-import benchkit  # noqa: E402
+from conftest import load_bench
 
-_spec = importlib.util.spec_from_file_location("bench_export", _BENCH / "export.py")
-bench_export = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_export)
+bench_export = load_bench("export")  # puts bench/ on the path first
+import benchkit  # noqa: E402
 
 
 def test_transposed_convolution_costs_what_its_adjoint_convolution_costs():

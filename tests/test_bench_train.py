@@ -1,20 +1,13 @@
 """bench/train.py's share of the device's peak (`bench/benchkit.py`): the arithmetic, the GPU table, and which
 peak each device and precision is compared with (the GPU path checked without a GPU)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.append(str(_BENCH))  # the scripts import their neighbour `benchkit`, as when run from bench/
-import benchkit  # noqa: E402
+from conftest import load_bench
 
-_spec = importlib.util.spec_from_file_location("bench_train", _BENCH / "train.py")
-bench_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_train)
+bench_train = load_bench("train")  # puts bench/ on the path first
+import benchkit  # noqa: E402
 
 
 def test_share_of_peak_is_training_flops_times_rate_over_each_peak():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from conftest import tiny_config
+from conftest import perturbed, random_images, tiny_config
 from pipeline.loader import eval_loader
 from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
 from vae.config import load_config
@@ -32,16 +32,10 @@ def _model(seed=0, *extra):
 
 
 def _images(n, seed=0):
-    return torch.randint(0, 256, (n, 3, 16, 16), generator=torch.Generator().manual_seed(seed)).float()
+    return random_images(n, 16, seed)
 
 
-def _perturb(model, scale=0.3, seed=1):
-    """Weights away from the zero-initialised identity start, so every group's prior and posterior matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale / math.sqrt(max(1, p[0].numel())))
-    return model
+_perturb = perturbed
 
 
 def test_build_model_picks_the_kind():

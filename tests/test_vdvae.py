@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from conftest import REPO, tiny_config
+from conftest import REPO, perturbed, random_images, tiny_config
 from vae.checkpoint import config_json, list_checkpoints, load_checkpoint, load_trained, resume_differences
 from vae.config import ModelConfig, config_hash, load_config
 from vae.models import build_model
@@ -35,16 +35,10 @@ def _model(seed=0, *extra):
 
 
 def _images(n, seed=0):
-    return torch.randint(0, 256, (n, 3, 16, 16), generator=torch.Generator().manual_seed(seed)).float()
+    return random_images(n, 16, seed)
 
 
-def _perturb(model, scale=0.3, seed=1):
-    """Weights away from the zero-initialised start, so every group's prior and posterior matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale / math.sqrt(max(1, p[0].numel())))
-    return model
+_perturb = perturbed
 
 
 # -- the layout ---------------------------------------------------------------------------------------------

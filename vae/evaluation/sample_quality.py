@@ -125,7 +125,8 @@ def sample_quality(model, shards: str, split: str, manifest: dict, temperatures:
         sm.require_images(f"sample metrics of the {split} split against training images", len(heldout), len(train))
     except BadInput as err:
         raise BadInput(f"shards {shards}: {err} (set eval.sample_images, or give the splits more images)") from None
-    heldout, train = to_unit(heldout[:n]).float(), to_unit(train[:n]).float()
+    heldout_u8 = heldout[:n]  # reconstructions encode the 8-bit images, as evaluation does
+    heldout, train = to_unit(heldout_u8).float(), to_unit(train[:n]).float()
     spaces = FeatureSpaces(next(model.parameters()).device, inception)
     generator = torch.Generator().manual_seed(seed)
     heldout_features, train_features = spaces.embed(heldout), spaces.embed(train)
@@ -145,7 +146,7 @@ def sample_quality(model, shards: str, split: str, manifest: dict, temperatures:
             # model that does not copy (even a blurry one, which is close to everything), well below 1 if it does
             "train_to_heldout": float(nearest.mean() / nearest_heldout.mean().clamp_min(1e-12))}
         prior[f"{t:g}"] = figures
-    recon = reconstructions(model, (heldout * 255).round().to(torch.uint8), batch_size)
+    recon = reconstructions(model, heldout_u8, batch_size)
     best = min(temperatures, key=lambda t: prior[f"{t:g}"][PRIMARY]["value"])
     identity = spaces.identity()
     samples = {
