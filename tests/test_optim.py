@@ -32,13 +32,13 @@ def _assert_same_run(a: dict, b: dict) -> None:
 
 def _resumed_equals_whole(tmp_path, shards, monkeypatch, *args, steps=6, every=4, stop_at=2) -> dict:
     """Train `steps` at once; train again stopped at `stop_at` (inside the first segment, as SIGTERM stops it),
-    then resumed: both end bitwise alike (weights, EMA, optimizer, counters). Returns the whole run's last state."""
+    then resumed: both end bitwise alike (weights, EMA, optimizer, progress). Returns the whole run's last state."""
     common = (*QUIET, *args, f"train.steps={steps}", f"train.checkpoint_every={every}")
     train(tiny_config(tmp_path / "whole", shards, *common), progress=False)
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "stop_signal", lambda state, sigterm: train_module.PREEMPTED
-                      if state.counters["step"] == stop_at else 0.0)
+                      if state.progress.step == stop_at else 0.0)
         with pytest.raises(train_module.Preempted):
             train(tiny_config(resumed, shards, *common), progress=False)
     stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(resumed))
@@ -154,7 +154,7 @@ def test_an_fp16_outlier_closes_the_loss_scalers_unscale_without_an_update(tiny_
     monkeypatch.setattr(state.optimizer, "step", lambda *a, **k: calls.append("step"))
     result = train_step(state, batches, noise, Window(), set())
     assert result.skipped and result.grad_norm == 1000.0 and calls == ["update"]
-    assert state.counters["skipped_outliers"] == 1 and state.counters["skipped"] == 0
+    assert state.progress.skipped_outliers == 1 and state.progress.skipped == 0
 
 
 def test_a_checkpoint_from_before_the_outlier_counter_resumes_with_it_at_zero(tiny_shards, tmp_path):

@@ -74,7 +74,7 @@ def _steps(cfg):
     from vae.training.train import open_stream
 
     state = setup(cfg)
-    batches, noise = open_stream(state, None, state.stream_start)
+    batches, noise = open_stream(state, None, state.progress.stream_start)
     return state, lambda: train_step(state, batches, noise, Window(), set())
 
 
@@ -86,7 +86,7 @@ def test_persistent_nonfinite_loss_stops_with_checkpoint_intact(tiny_shards, tmp
                                      "train.max_nonfinite=3"))
     with torch.no_grad():
         next(state.raw_model.parameters()).fill_(float("nan"))  # every loss from here on is NaN
-    assert step().skipped and step().skipped and state.counters["skipped"] == 2
+    assert step().skipped and step().skipped and state.progress.skipped == 2
     with pytest.raises(TrainingError, match="3 non-finite"):
         step()
     after = load_checkpoint(list_checkpoints(run)[-1])
@@ -102,11 +102,12 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(tiny_shards, tmp_path)
     with torch.no_grad():
         weight.fill_(float("inf"))
     result = step()
-    assert result.skipped and result.grad_norm != result.grad_norm and state.counters == {
-        "step": 1, "skipped": 1, "skipped_outliers": 0, "images": 16}
+    assert result.skipped and result.grad_norm != result.grad_norm and (
+        state.progress.step, state.progress.skipped, state.progress.skipped_outliers, state.progress.images) == (
+        1, 1, 0, 16)
     with torch.no_grad():
         weight.copy_(kept)  # the skipped step left the weights as they were
-    assert not step().skipped and state.nonfinite_in_a_row == 0 and state.counters["skipped"] == 1
+    assert not step().skipped and state.nonfinite_in_a_row == 0 and state.progress.skipped == 1
     assert all(torch.isfinite(p).all() for p in state.raw_model.parameters())
 
 
@@ -124,7 +125,7 @@ def test_an_fp16_overflow_is_the_loss_scalers_to_handle(tiny_shards, tmp_path, m
     monkeypatch.setattr(steps_module, "SCALE_HALVINGS", 3)
     for _ in range(3):  # more overflows in a row than max_nonfinite: calibration, not divergence
         assert step().skipped
-    assert len(stepped) == 3 and state.counters["skipped"] == 3 and state.nonfinite_in_a_row == 0
+    assert len(stepped) == 3 and state.progress.skipped == 3 and state.nonfinite_in_a_row == 0
     assert step().skipped and state.nonfinite_in_a_row == 1  # past what calibration takes: divergence
     with pytest.raises(TrainingError, match="2 non-finite"):
         step()
@@ -158,7 +159,7 @@ def test_a_step_moves_the_weights_the_scheduler_and_the_ema(tiny_shards, tmp_pat
     after = state.raw_model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(ema_before[k], v) for k, v in state.ema.state_dict().items())
-    assert state.scheduler.get_last_lr()[0] != lr and state.counters["step"] == 1
+    assert state.scheduler.get_last_lr()[0] != lr and state.progress.step == 1
 
 
 def test_fp16_on_cpu_is_refused_not_ignored(tiny_shards, tmp_path):
@@ -281,7 +282,7 @@ def test_a_skipped_step_uses_up_all_its_micro_batches(tiny_shards, tmp_path):
     from vae.training.train import open_stream
 
     state = setup(tiny_config(tmp_path / "accum", tiny_shards, "train.steps=10", "train.grad_accum_steps=2"))
-    batches, noise = open_stream(state, None, state.stream_start)
+    batches, noise = open_stream(state, None, state.progress.stream_start)
     taken = []
 
     def counted():
@@ -402,6 +403,45 @@ def test_the_time_budget_is_the_runs_not_each_launchs(tiny_shards, tmp_path):
     train(longer, progress=False)  # a larger budget: only the time left of it
     again = load_checkpoint(list_checkpoints(run)[-1])
     assert again["step"] > saved["step"] and 3.0 <= again["train_s"] < 3.0 + (saved["train_s"] - 1.0) + 1.5
+
+
+@pytest.mark.parametrize("jump_s", [30 * 86400.0, -30 * 86400.0])
+def test_a_wall_clock_stepped_either_way_changes_no_budget(tiny_shards, tmp_path, monkeypatch, jump_s):
+    """The budget once read the wall clock: stepped 30 days forward it ended training at once and recorded the run
+    as done for good; stepped back it ignored the budget. The wall clock here jumps by `jump_s` after its first
+    reading; a 1 s budget still trains about 1 s, and the checkpoint records about that."""
+    import time as time_module
+
+    real, readings = time_module.time, []
+
+    def stepped() -> float:
+        readings.append(1)
+        return real() + (jump_s if len(readings) > 1 else 0.0)
+
+    monkeypatch.setattr(time_module, "time", stepped)
+    run = tmp_path / "run"
+    started = time_module.monotonic()
+    train(tiny_config(run, tiny_shards, "train.steps=100000", "train.max_seconds=1", "train.checkpoint_every=100000"),
+          progress=False)
+    took = time_module.monotonic() - started
+    saved = load_checkpoint(list_checkpoints(run)[-1])
+    assert 1.0 <= saved["train_s"] < 1.0 + 5.0 and saved["step"] > 1 and took < 60
+
+
+def test_progress_reads_older_checkpoints_and_refuses_damaged_ones():
+    """A checkpoint from before a field existed reads it as its default (stream_start: the step, as a run then
+    resumed from its checkpoint's step); a damaged one is one line naming the field."""
+    from common.errors import BadInput
+    from vae.training.progress import Progress
+
+    old = Progress.from_checkpoint({"step": 40, "images": 640, "skipped": 1}, "ckpt")
+    assert (old.step, old.images, old.skipped, old.skipped_outliers, old.stream_start, old.earlier_s) == (
+        40, 640, 1, 0, 40, 0.0)
+    back = Progress.from_checkpoint({**old.to_checkpoint(), "train_s": 12.5}, "ckpt")
+    assert back.step == 40 and 12.5 <= back.train_s() < 13.5
+    for key, value in [("step", -1), ("images", "12"), ("train_s", float("nan")), ("train_s", -3.0)]:
+        with pytest.raises(BadInput, match=f"ckpt: {key} is"):
+            Progress.from_checkpoint({"step": 4, key: value}, "ckpt")
 
 
 def test_a_resume_on_shards_preprocessed_otherwise_is_refused(tiny_shards, synth_source, tmp_path):

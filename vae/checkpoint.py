@@ -1,7 +1,7 @@
 """Checkpoints: one file per save, `RUN_DIR/checkpoints/step-NNNNNNNN.pt`, written atomically.
 
 A checkpoint holds only tensors, numbers, strings and dicts (it loads with `weights_only=True`): model and
-EMA weights, optimizer, scheduler and scaler states, the trainer's counters and the full config as JSON,
+EMA weights, optimizer, scheduler and scaler states, the run's progress record and the full config as JSON,
 so a run is reproducible from its checkpoint alone. The newest complete file is the one to resume from.
 Beside each, `step-NNNNNNNN.pt.sha256` holds its sha256: a checkpoint whose bytes changed on disk is refused
 rather than resumed from (torch reads a damaged tensor without noticing); one without it (an older run, or a

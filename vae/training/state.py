@@ -1,8 +1,8 @@
 """A training run's state and its two ends: `setup` (build, check and resume) and `save_checkpoint`.
 
 `TrainState` holds what the loop and its steps share: the Accelerator, the prepared model and optimizer, the
-scheduler, the EMA, and the trainer's own counters (step, skipped steps and outliers, images), checkpointed with the
-weights so that a resume is one call. Everything that can refuse a run (image size, a changed config on resume,
+scheduler, the EMA, and the run's `Progress` (steps, images, skipped steps, noise position, training time),
+checkpointed with the weights so that a resume is one call. Everything that can refuse a run (image size, a changed config on resume,
 a warm start from another architecture) is checked before anything is written.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from vae import hardware
 from vae.config import Config, config_hash, config_to_dict
 from vae.models import build_model
 from vae.training.ema import EMA
+from vae.training.progress import Progress
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -99,18 +99,10 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMA
-    # skipped: non-finite steps; skipped_outliers: finite steps whose gradient norm passed train.skip_threshold
-    counters: dict = field(default_factory=lambda: {"step": 0, "skipped": 0, "skipped_outliers": 0, "images": 0})
-    stream_start: int = 0  # the step at which the current data stream and noise were seeded
-    trained_s: float = 0.0  # training time of the run before this process (train.max_seconds counts it)
-    clock_origin: float = field(default_factory=time.time)  # when this run's training time was 0, on this clock
+    progress: Progress = field(default_factory=Progress)
     nonfinite_in_a_row: int = 0
     preprocessing: dict | None = None  # the shards' (recorded in checkpoints: a resume must use shards made alike)
     overflows_in_a_row: int = 0  # fp16 steps the loss scaler skipped, in a row
-
-    def elapsed_s(self) -> float:
-        """Training time of the whole run so far: earlier processes' and this one's."""
-        return time.time() - self.clock_origin
 
     @property
     def main(self) -> bool:
@@ -168,19 +160,17 @@ def setup(cfg: Config) -> TrainState:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps))
     ema = EMA(model, cfg.train.ema_decay)
-    counters, stream_start, trained_s = {"step": 0, "skipped": 0, "skipped_outliers": 0, "images": 0}, 0, 0.0
+    progress = Progress()
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         ema.load_state_dict(saved["ema"])
-        counters = {k: int(saved.get(k, 0)) for k in counters}  # a counter added later: 0 in older checkpoints
-        stream_start = int(saved.get("stream_start", counters["step"]))
-        trained_s = float(saved.get("train_s", 0.0))
+        progress = Progress.from_checkpoint(saved, str(resume))
         if accelerator.is_main_process:
-            print(f"resuming {run_dir} from {resume.name} (step {counters['step']})", file=sys.stderr)
+            print(f"resuming {run_dir} from {resume.name} (step {progress.step})", file=sys.stderr)
     if accelerator.is_main_process:  # lines past the step this run starts at (from scratch: all) were abandoned
-        trim_log(run_dir / "train_log.jsonl", counters["step"])
+        trim_log(run_dir / "train_log.jsonl", progress.step)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The scheduler is stepped by hand: a prepared one steps once per process.
@@ -191,8 +181,8 @@ def setup(cfg: Config) -> TrainState:
     forward = torch.compile(model) if cfg.train.compile else model
     if accelerator.is_main_process:
         accelerator.init_trackers("train")
-    return TrainState(cfg, run_dir, accelerator, model, raw_model, forward, optimizer, scheduler, ema, counters,
-                      stream_start, trained_s, preprocessing=preprocessing)
+    return TrainState(cfg, run_dir, accelerator, model, raw_model, forward, optimizer, scheduler, ema, progress,
+                      preprocessing=preprocessing)
 
 
 def agreed_checkpoint(accelerator: Accelerator, run_dir: Path) -> Path | None:
@@ -213,23 +203,23 @@ def agreed_checkpoint(accelerator: Accelerator, run_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(state: TrainState, stream_start: int) -> None:
+def save_checkpoint(state: TrainState) -> None:
     """A checkpoint of the step just done (written by each machine's first process into that machine's run
     folder), after checking the weights are finite on every rank (DDP keeps them identical, so every rank reaches
     the same verdict)."""
     state.accelerator.wait_for_everyone()
     tensors = [*state.raw_model.parameters(), *state.ema.state_dict().values()]
     if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-        raise TrainingError(f"training stopped at step {state.counters['step']}: the weights are no longer finite; "
+        raise TrainingError(f"training stopped at step {state.progress.step}: the weights are no longer finite; "
                             f"the last good checkpoint is kept in {state.run_dir / 'checkpoints'}")
     if state.accelerator.is_local_main_process:
         saved = {"model": state.raw_model.state_dict(), "ema": state.ema.state_dict(),
                  "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                 "config": ckpt.config_json(state.cfg), "stream_start": stream_start, **state.counters,
-                 "train_s": state.elapsed_s(), "preprocessing": state.preprocessing}
+                 "config": ckpt.config_json(state.cfg), **state.progress.to_checkpoint(),
+                 "preprocessing": state.preprocessing}
         if state.accelerator.scaler is not None:
             saved["scaler"] = state.accelerator.scaler.state_dict()
-        ckpt.save_checkpoint(state.run_dir, state.counters["step"], saved, state.cfg.train.keep_checkpoints)
+        ckpt.save_checkpoint(state.run_dir, state.progress.step, saved, state.cfg.train.keep_checkpoints)
     state.accelerator.wait_for_everyone()
 
 

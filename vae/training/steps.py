@@ -1,4 +1,4 @@
-"""One optimizer step, split as torchtitan splits it: `train_step` (skip or step, scheduler, EMA, counters)
+"""One optimizer step, split as torchtitan splits it: `train_step` (skip or step, scheduler, EMA, progress)
 hands the math to `forward_backward_step` (the micro-batches: forward, loss, backward). `Window` keeps the
 running sums between two log lines.
 """
@@ -25,7 +25,7 @@ class Window:
     def __init__(self):
         self.sums = {"loss": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
         self.kl_dims = None
-        self.n, self.images, self.start = 0, 0, time.time()
+        self.n, self.images, self.start = 0, 0, time.monotonic()
 
     def add(self, loss: torch.Tensor, terms: dict) -> None:
         self.sums["loss"] += loss.item()
@@ -38,7 +38,7 @@ class Window:
     def record(self, step: int, dims: int, **extra) -> dict:
         """One log line: the window's means, null where it has none (every step in it skipped), and no
         non-finite number (strict JSON readers refuse NaN)."""
-        speed = {"images_per_s": self.images / max(1e-9, time.time() - self.start)}
+        speed = {"images_per_s": self.images / max(1e-9, time.monotonic() - self.start)}
         extra = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in extra.items()}
         if self.n == 0:
             return {"step": step, **dict.fromkeys(("loss", "elbo_nats", "recon_nats", "kl_nats", "elbo_bpd",
@@ -118,9 +118,9 @@ def train_step(state: TrainState, batches, noise: torch.Generator, window: Windo
     """One optimizer step, or a skipped one when the loss or the gradients are not finite (counted; too many in
     a row stop training with the last good checkpoint kept), or when the gradient norm before clipping passes
     train.skip_threshold (an outlier, counted apart; its finite loss is logged). The scheduler, the EMA and the
-    counters advance either way, so a skipped step keeps the run's schedule."""
-    cfg, counters = state.cfg, state.counters
-    step = counters["step"]
+    progress advance either way, so a skipped step keeps the run's schedule."""
+    cfg, progress = state.cfg, state.progress
+    step = progress.step
     beta = beta_at(step, cfg.objective.beta, cfg.objective.kl_warmup_steps)
     finite, loss, terms, first = forward_backward_step(state, batches, noise, beta, window, seen)
     grad_norm, overflow = float("nan"), False
@@ -138,12 +138,12 @@ def train_step(state: TrainState, batches, noise: torch.Generator, window: Windo
     elif outlier and getattr(state.accelerator, "scaler", None) is not None:
         state.accelerator.scaler.update()  # fp16: close the unscale clipping made, as the scaler's step would
     if outlier:
-        counters["skipped_outliers"] += 1
+        progress.skipped_outliers += 1
     if finite:
         state.nonfinite_in_a_row = state.overflows_in_a_row = 0
         window.add(loss, terms)
     else:
-        counters["skipped"] += 1
+        progress.skipped += 1
         state.overflows_in_a_row += overflow
         if not overflow or state.overflows_in_a_row > SCALE_HALVINGS:
             state.nonfinite_in_a_row += 1
@@ -154,6 +154,6 @@ def train_step(state: TrainState, batches, noise: torch.Generator, window: Windo
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
     state.ema.update(state.raw_model, step)
-    counters["step"] = step + 1
-    counters["images"] += cfg.data.batch_size * cfg.train.grad_accum_steps * state.world
+    progress.step = step + 1
+    progress.images += cfg.data.batch_size * cfg.train.grad_accum_steps * state.world
     return StepResult(beta, grad_norm, not finite or outlier, first)

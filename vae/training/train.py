@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +41,21 @@ def train(cfg: Config, progress: bool = True) -> Path:
     state = setup(cfg)
     memory = MemoryStream(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, state.rank, state.world,
                           state.accelerator.device) if cfg.data.in_memory else None
-    bar = tqdm(total=cfg.train.steps, initial=state.counters["step"], disable=not (state.main and progress),
+    progress = state.progress
+    bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not (state.main and progress),
                desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
-    sigterm, first_step = SigtermFlag(), state.counters["step"]
-    state.clock_origin = time.time() - state.trained_s  # train.max_seconds is the run's budget, resumes included
+    sigterm, first_step = SigtermFlag(), progress.step
+    progress.start_launch()  # train.max_seconds is the run's budget, resumes included
     window, seen, grid_images = Window(), set(), None  # seen: keys this rank consumed (an audit)
     stop = stop_signal(state, sigterm)  # a run resumed past its time budget stays done
     state.model.train()
     try:
-        while state.counters["step"] < cfg.train.steps and not stop:
-            segment_start = state.stream_start
+        while progress.step < cfg.train.steps and not stop:
+            segment_start = progress.stream_start
             segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
                               * cfg.train.checkpoint_every)
             batches, noise = open_stream(state, memory, segment_start)
-            while state.counters["step"] < segment_end:
+            while progress.step < segment_end:
                 result = train_step(state, batches, noise, window, seen)
                 if grid_images is None and result.first_images is not None:
                     grid_images = result.first_images[:8].clone()
@@ -65,20 +65,20 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 if stop:
                     break
                 write_grids_if_due(state, grid_images)
-            state.stream_start = segment_start if state.counters["step"] < segment_end else state.counters["step"]
-            save_checkpoint(state, state.stream_start)
+            progress.stream_start = segment_start if progress.step < segment_end else progress.step
+            save_checkpoint(state)
     finally:
         bar.close()  # a newline after the bar, before any error line
         sigterm.restore()
-    if state.counters["step"] > first_step or stop == PREEMPTED:  # a launch that trained nothing keeps the record
-        write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, state.counters["step"], seen)
-    if stop == OUT_OF_TIME and state.counters["step"] == first_step and state.main:
+    if progress.step > first_step or stop == PREEMPTED:  # a launch that trained nothing keeps the record
+        write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, progress.step, seen)
+    if stop == OUT_OF_TIME and progress.step == first_step and state.main:
         print(f"{state.run_dir}: train.max_seconds ({cfg.train.max_seconds:g} s) was spent by step {first_step}: "
               "nothing more to train (raise it to train on)", file=sys.stderr)
     state.accelerator.wait_for_everyone()
     state.accelerator.end_training()
     if stop == PREEMPTED:
-        raise Preempted(f"stopped by SIGTERM at step {state.counters['step']} with a checkpoint; run the same "
+        raise Preempted(f"stopped by SIGTERM at step {progress.step} with a checkpoint; run the same "
                         "command again to resume")
     return state.run_dir
 
@@ -93,7 +93,7 @@ def open_stream(state: TrainState, memory: MemoryStream | None, start_step: int)
     else:
         batches = iter(train_loader(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, state.rank, state.world,
                                     start_step, cfg.data.num_workers, cfg.data.shuffle_buffer))
-    for _ in range((state.counters["step"] - start_step) * cfg.train.grad_accum_steps):
+    for _ in range((state.progress.step - start_step) * cfg.train.grad_accum_steps):
         next(batches)
         micro_batch_draws(noise, cfg.data.batch_size, cfg)
     return batches, noise
@@ -102,12 +102,12 @@ def open_stream(state: TrainState, memory: MemoryStream | None, start_step: int)
 def log_if_due(state: TrainState, window: Window, result: StepResult, bar) -> Window:
     """Every `log_every` steps (and at the last): one line of `train_log.jsonl`, the trackers, the progress bar;
     returns the window to keep summing into."""
-    cfg, done = state.cfg, state.counters["step"]
+    cfg, done = state.cfg, state.progress.step
     if done % cfg.train.log_every and done != cfg.train.steps:
         return window
     record = window.record(done, image_dims(cfg.model.image_size), beta=result.beta, grad_norm=result.grad_norm,
-                           lr=state.scheduler.get_last_lr()[0], skipped_steps=state.counters["skipped"],
-                           skipped_outliers=state.counters["skipped_outliers"])
+                           lr=state.scheduler.get_last_lr()[0], skipped_steps=state.progress.skipped,
+                           skipped_outliers=state.progress.skipped_outliers)
     if state.main:
         with open(state.run_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
@@ -121,7 +121,7 @@ def stop_signal(state: TrainState, sigterm: "SigtermFlag") -> float:
     """PREEMPTED (a SIGTERM on any rank), OUT_OF_TIME (the run's training time, on the main process's clock, past
     train.max_seconds) or 0; the same on every rank, so all stop at the same step."""
     cfg = state.cfg
-    late = bool(cfg.train.max_seconds) and state.main and state.elapsed_s() > cfg.train.max_seconds
+    late = bool(cfg.train.max_seconds) and state.main and state.progress.train_s() > cfg.train.max_seconds
     stop = PREEMPTED if sigterm.raised else (OUT_OF_TIME if late else 0.0)
     if state.world > 1:
         stop = state.accelerator.gather(torch.tensor([stop], device=state.accelerator.device)).max().item()
@@ -129,7 +129,7 @@ def stop_signal(state: TrainState, sigterm: "SigtermFlag") -> float:
 
 
 def write_grids_if_due(state: TrainState, images: torch.Tensor | None) -> None:
-    cfg, done = state.cfg, state.counters["step"]
+    cfg, done = state.cfg, state.progress.step
     every = cfg.train.grids_every or cfg.train.checkpoint_every
     if state.main and (done % every == 0 or done == cfg.train.steps):
         grids = write_training_grids(state.run_dir, cfg, state.ema, images, done)
