@@ -62,6 +62,14 @@ class LatentGroup(nn.Module):
         z = mu_p + torch.exp(log_sigma_p) * u
         return self.cell(h + self.merge(z))
 
+    def visit(self, h: torch.Tensor, features: torch.Tensor | None, noise: torch.Tensor | None, mean_path: bool):
+        """The group's step of the top-down pass (`TopDownLatents._top_down`): (h, u_l, mu_q, logvar_q)."""
+        if features is None:
+            return self.merge_sample(h, noise), noise, None, None
+        mu_q, logvar_q = self.posterior_params(h, features)
+        u = mu_q if mean_path else mu_q + torch.exp(0.5 * logvar_q) * noise.to(mu_q.dtype)
+        return self.merge_sample(h, u), u, mu_q, logvar_q
+
 
 class HierarchicalVAE(TopDownLatents, nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int = 3):
@@ -105,33 +113,8 @@ class HierarchicalVAE(TopDownLatents, nn.Module):
             features.append(h)
         return features
 
-    def _top_down(self, n: int, u: torch.Tensor | None = None, features: list[torch.Tensor] | None = None,
-                  eps: torch.Tensor | None = None, mean_path: bool = False):
-        """The one top-down pass. Without features: the prior path with noise `u` (decode). With features:
-        the posterior path, u_l = mu_q + exp(logvar_q / 2) * eps_l (or mu_q on the mean path).
+    def _rise(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self.up[i](h)  # every level ends with its transposed convolution, the finest too
 
-        Returns (params, u, mu_q, logvar_q), the last three flat ([n, latent_dim]; None on the prior path)."""
-        us = self._split(u) if u is not None else None
-        epss = self._split(eps) if eps is not None else None
-        h = self.h0.expand(n, -1, -1, -1)
-        taken, mus, logvars = [], [], []
-        g = 0
-        for i, up in enumerate(self.up):
-            s = self.depth - 1 - i
-            if g < len(self.groups) and self.group_levels[g] == s:
-                group = self.groups[g]
-                if features is None:
-                    u_l = us[g]
-                else:
-                    mu_q, logvar_q = group.posterior_params(h, features[s])
-                    u_l = mu_q if mean_path else mu_q + torch.exp(0.5 * logvar_q) * epss[g].to(mu_q.dtype)
-                    mus.append(mu_q)
-                    logvars.append(logvar_q)
-                taken.append(u_l)
-                h = group.merge_sample(h, u_l)
-                g += 1
-            h = up(h)
-        params = self.to_params(h)
-        if features is None:
-            return params, None, None, None
-        return params, self._flat(taken), self._flat(mus), self._flat(logvars)
+    def _to_params(self, h: torch.Tensor) -> torch.Tensor:
+        return self.to_params(h)

@@ -53,15 +53,47 @@ def gaussian_posterior_pass(model: VAEModel, features: tuple[torch.Tensor, torch
 
 
 class TopDownLatents:
-    """The `VAEModel` methods of a top-down model, built on its `bottom_up(x01)` and its one top-down pass
-    `_top_down(n, u=None, features=None, eps=None, mean_path=False) -> (params, u, mu, logvar)` (the last three
-    flat, None on the prior path). The model sets `group_shapes` ([C, side, side] per latent group) and
-    `group_sizes` (their sizes), top group first; the flat latent is every group's u flattened in that order.
+    """The `VAEModel` methods of a top-down model and its one top-down pass, built on the model's
+    `bottom_up(x01)` (feature maps, finest level first) and its parts:
+    - `h0` [1, C, side, side], the learned state at the coarsest level; `depth`, the number of levels;
+    - `groups`, top group first, each with `visit(h, features, noise, mean_path) -> (h, u_l, mu_q, logvar_q)`
+      (features None: the prior path, noise is u_l itself), at the levels `group_levels` (index into levels);
+    - `_rise(i, h)`: the state after the i-th level from the top to the next; `_to_params(h)`: to the
+      likelihood's parameters;
+    - `group_shapes` ([C, side, side] per latent group) and `group_sizes` (their sizes), top group first; the
+      flat latent is every group's u flattened in that order.
 
     Mixed into `HierarchicalVAE` and `VDVAE` (before nn.Module, so its `forward` is the model's)."""
 
     group_shapes: list[tuple[int, int, int]]
     group_sizes: list[int]
+    group_levels: list[int]
+    depth: int
+
+    def _top_down(self, n: int, u: torch.Tensor | None = None, features: list[torch.Tensor] | None = None,
+                  eps: torch.Tensor | None = None, mean_path: bool = False):
+        """The one top-down pass. Without features: the prior path with noise `u` (decode). With features: the
+        posterior path, u_l = mu_q + std_q * eps_l (or mu_q on the mean path).
+
+        Returns (params, u, mu_q, logvar_q), the last three flat ([n, latent_dim]; None on the prior path)."""
+        noise = u if features is None else eps
+        noises = self._split(noise) if noise is not None else [None] * len(self.groups)
+        h = self.h0.expand(n, -1, -1, -1)
+        taken, mus, logvars, g = [], [], [], 0
+        for i in range(self.depth):
+            level = self.depth - 1 - i
+            while g < len(self.groups) and self.group_levels[g] == level:
+                h, u_l, mu_q, logvar_q = self.groups[g].visit(
+                    h, None if features is None else features[level], noises[g], mean_path)
+                taken.append(u_l)
+                mus.append(mu_q)
+                logvars.append(logvar_q)
+                g += 1
+            h = self._rise(i, h)
+        params = self._to_params(h)
+        if features is None:
+            return params, None, None, None
+        return params, self._flat(taken), self._flat(mus), self._flat(logvars)
 
     # -- the flat latent <-> the groups ------------------------------------------------------------------
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:

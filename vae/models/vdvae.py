@@ -77,6 +77,17 @@ class TopDownGroup(nn.Module):
         z = mu_p + std_p * u
         return self.cell(h + self.proj(z.to(h.dtype)))
 
+    def visit(self, h: torch.Tensor, features: torch.Tensor | None, noise: torch.Tensor | None, mean_path: bool):
+        """The group's step of the top-down pass (`TopDownLatents._top_down`): (h, u_l, mu_q, logvar_q)."""
+        mu_p, std_p, h_prior = self.prior_params(h)
+        if features is None:
+            u, mu_q, logvar_q = noise.to(mu_p.dtype), None, None
+        else:
+            mu_q, std_q = self.posterior_params(h, features)
+            u = mu_q if mean_path else mu_q + std_q * noise.to(mu_q.dtype)
+            logvar_q = 2.0 * torch.log(std_q)
+        return self.merge(h_prior, mu_p, std_p, u), u, mu_q, logvar_q
+
 
 class Upsample(nn.Module):
     """From one side to the next finer: a 1x1 convolution where the width changes, nearest upsampling, a bias."""
@@ -128,35 +139,8 @@ class VDVAE(TopDownLatents, nn.Module):
             features.append(h)
         return features
 
-    def _top_down(self, n: int, u: torch.Tensor | None = None, features: list[torch.Tensor] | None = None,
-                  eps: torch.Tensor | None = None, mean_path: bool = False):
-        """The one top-down pass. Without features: the prior path with noise `u` (decode). With features:
-        the posterior path, u_l = mu_q + std_q * eps_l (or mu_q on the mean path).
+    def _rise(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self.up[i](h) if i < self.depth - 1 else h  # the finest level goes to `to_params` as it is
 
-        Returns (params, u, mu_q, logvar_q), the last three flat ([n, latent_dim]; None on the prior path)."""
-        us = self._split(u) if u is not None else None
-        epss = self._split(eps) if eps is not None else None
-        h = self.h0.expand(n, -1, -1, -1)
-        taken, mus, logvars = [], [], []
-        g = 0
-        for i in range(self.depth):
-            s = self.depth - 1 - i
-            while g < len(self.groups) and self.group_levels[g] == s:
-                group = self.groups[g]
-                mu_p, std_p, h_prior = group.prior_params(h)
-                if features is None:
-                    u_l = us[g].to(mu_p.dtype)
-                else:
-                    mu_q, std_q = group.posterior_params(h, features[s])
-                    u_l = mu_q if mean_path else mu_q + std_q * epss[g].to(mu_q.dtype)
-                    mus.append(mu_q)
-                    logvars.append(2.0 * torch.log(std_q))
-                taken.append(u_l)
-                h = group.merge(h_prior, mu_p, std_p, u_l)
-                g += 1
-            if s > 0:
-                h = self.up[i](h)
-        params = self.to_params(F.silu(h))
-        if features is None:
-            return params, None, None, None
-        return params, self._flat(taken), self._flat(mus), self._flat(logvars)
+    def _to_params(self, h: torch.Tensor) -> torch.Tensor:
+        return self.to_params(F.silu(h))
