@@ -25,3 +25,20 @@ class ConfigError(BadInput):
 
 class TrainingError(VaeError):
     """Training cannot go on (for example: non-finite losses that persist)."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """`value` as a one-line message shows it: its repr cut to `limit` characters and "...", computed without
+    walking all of it (a value expanded from YAML aliases, or nested thousands deep, costs a few items)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict = 3, 4
+    short.maxlist = short.maxtuple = short.maxset = 6
+    short.maxstring = short.maxlong = short.maxother = limit + 10
+    try:
+        text = short.repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to show>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -6,7 +6,8 @@ reading where the size is known, and the read itself stops one byte past the cap
 member's declared size, a file growing while read) cannot pass either.
 
 A cap is overridden with the environment variable `VAE_MAX_<NAME>_MB` (mebibytes; `VAE_MAX_YAML_MB=4`).
-A cap exceeded is `BadInput` (one line, exit 2) naming the input, its cap and the variable that raises it.
+A cap exceeded is `OverCap`, a `BadInput` (one line, exit 2) naming the input, its cap and the variable that
+raises it; a reader that skips what is too large (a source image) catches `OverCap` alone.
 """
 
 from __future__ import annotations
@@ -19,16 +20,22 @@ from common.errors import BadInput
 MIB = 1 << 20
 
 # name: (default in MiB, what it caps). The defaults leave room for the full CelebA release
-# (list_attr_celeba.txt is 26 MB, a manifest of the full dataset about 10 MB).
+# (list_attr_celeba.txt is 26 MB, a manifest of the full dataset about 10 MB). A list's parsed tables take up
+# to about fifteen times its bytes (one short line per entry), so its cap stays close to the real files.
 CAPS: dict[str, tuple[float, str]] = {
     "yaml": (1, "a YAML config file"),
-    "json": (64, "a JSON record (champion.json, version.json, model.json, metrics.json, a run's log line)"),
+    "json": (64, "a JSON record (config.json, metrics.json, model.json, champion.json, version.json, a "
+             "line of a run's log)"),
     "manifest": (256, "a shard folder's manifest.json"),
-    "list": (128, "a partition, attribute or identity list (a file or a zip member)"),
+    "list": (32, "a partition, attribute or identity list (a file or a zip member)"),
     "image": (256, "one source image (a file or a zip member)"),
     "onnx": (2048, "an ONNX graph file (protobuf's own limit is 2 GiB)"),
     "onnx_data": (65536, "an ONNX graph's external weights file"),
 }
+
+
+class OverCap(BadInput):
+    """An input over its size cap."""
 
 
 def env_name(name: str) -> str:
@@ -50,11 +57,14 @@ def cap_bytes(name: str) -> int:
     return int(value * MIB)
 
 
-def _over(what: str, name: str, size: int | None) -> BadInput:
-    cap = cap_bytes(name)
-    told = f"{size / MIB:.1f} MiB, " if size is not None else ""
-    return BadInput(f"{what}: {told}over the {cap / MIB:g} MiB cap for {CAPS[name][1]} "
-                    f"(set ${env_name(name)} to raise it)")
+def _shown(size: int) -> str:
+    return f"{size / MIB:.1f} MiB" if size >= MIB else f"{size} bytes"
+
+
+def _over(what: str, name: str, size: int | None) -> OverCap:
+    told = f"{_shown(size)}, " if size is not None else ""
+    return OverCap(f"{what}: {told}over the {_shown(cap_bytes(name))} cap for {CAPS[name][1]} "
+                   f"(set ${env_name(name)} to raise it)")
 
 
 def check_size(what: str, size: int, name: str) -> None:
@@ -83,6 +93,35 @@ def read_file(path: str | os.PathLike, name: str, what: str | None = None) -> by
     with open(path, "rb") as f:
         check_size(what, os.fstat(f.fileno()).st_size, name)
         return read_stream(f, what, name)
+
+
+def read_last_line(path: str | os.PathLike, name: str, what: str | None = None, chunk: int = 1 << 16) -> bytes:
+    """The last non-blank line of the local file `path` (b"" when it has none), read backwards from its end: a
+    file of any length costs one line, and a last line (with the blank ones after it) over the cap `name` is
+    refused."""
+    what = what or f"{path}: its last line"
+    cap = cap_bytes(name)
+    parts, held, text_seen = [], 0, False  # chunks from the end backwards; whether one held more than blanks
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - chunk)
+            f.seek(start)
+            part = f.read(end - start)
+            end = start
+            parts.append(part)
+            held += len(part)
+            text = part if text_seen else part.rstrip()
+            text_seen = text_seen or bool(text)
+            if b"\n" in text:  # the line starts in this chunk
+                break
+            if held > cap + 1:
+                raise _over(what, name, None)
+    body = b"".join(reversed(parts)).rstrip()
+    line = body[body.rfind(b"\n") + 1:].strip()
+    if len(line) > cap:
+        raise _over(what, name, None)
+    return line
 
 
 def read_text(path: str | os.PathLike, name: str, what: str | None = None) -> str:

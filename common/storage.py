@@ -8,14 +8,22 @@ storage every object is written whole in one request (a PUT, or a multipart uplo
 when completed), so a reader never sees a partial object and a killed writer leaves nothing behind.
 Object-store credentials and endpoints come from the usual places (environment variables such as
 `AWS_ENDPOINT_URL`, `~/.aws`, or fsspec's `FSSPEC_S3_*` configuration); nothing here names a provider.
+
+Conditional writes (`create_if_absent`, `read_versioned`, `replace_if_unchanged`, `remove_if_unchanged`), which
+the registry's claims and champion and the folder leases of `common.folder_lock` build on: `If-None-Match: *` and
+`If-Match` on the ETag on S3; a process lock on `memory://` (it lives in this process: tests); elsewhere (gs://,
+http://, local paths) a check then a write, which two writers racing can both pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import threading
 from pathlib import Path
 
+from common import limits
 from common.atomic import atomic_write_bytes
 
 # The names vae.atomic gives its temporary files: a dot, the target's name, a random part, `.tmp`.
@@ -60,6 +68,21 @@ def read_bytes(location: str) -> bytes:
         return fs.cat_file(path)
     with open(local_path(location), "rb") as f:
         return f.read()
+
+
+def read_capped(location: str | os.PathLike, cap: str, what: str | None = None) -> bytes:
+    """`read_bytes` under the size cap `cap` of `common.limits`: refused (`OverCap`, one line naming `what`,
+    default the location) before reading where the size is known, and as soon as the read passes the cap."""
+    location = str(location)
+    what = what or location
+    if not is_url(location):
+        return limits.read_file(local_path(location), cap, what)
+    fs, path = filesystem(location)
+    # A ranged read of one byte past the cap: the store sends no more (opening a file object instead would ask
+    # for its size first, and fsspec's HTTP filesystem reports any failure of that request as "not found").
+    data = fs.cat_file(path, start=0, end=limits.cap_bytes(cap) + 1)
+    limits.check_size(what, len(data), cap)
+    return data
 
 
 def exists(location: str) -> bool:
@@ -164,3 +187,118 @@ def remove_stale_temps(folder: str, is_ours) -> list[str]:
                 pass
     return removed
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Conditional writes
+
+MEMORY_LOCK = threading.Lock()  # memory:// lives in this process: holding this makes a check-and-write one step
+LOST_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def _scheme(location: str) -> str:
+    return location.split("://", 1)[0].lower() if is_url(location) else ""
+
+
+def lost_condition(err: OSError) -> bool:
+    """Whether S3 refused a conditional write because another writer got there first. s3fs gives a failed
+    precondition and an invalid argument (a store without conditional writes) the same errno, so the S3 error
+    code is read from the cause where there is one."""
+    response = getattr(err.__cause__, "response", None)
+    code = (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
+    if code:
+        return str(code) in LOST_CODES
+    text = str(err)
+    return any(marker in text for marker in LOST_CODES) or "pre-condition" in text.lower()
+
+
+def _s3_put(location: str, data: bytes, **condition) -> bool:
+    """One conditional PUT: True if written, False if the condition failed (another writer got there first);
+    any other failure (a store without conditional writes, a missing bucket) raises."""
+    fs, path = filesystem(location)
+    try:
+        fs.pipe_file(path, data, **condition)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if lost_condition(err):
+            return False
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
+def create_if_absent(location: str, data: bytes) -> bool:
+    """Write `location` only where nothing is: True if this call created it, False if something was there."""
+    if _scheme(location) in ("s3", "s3a"):
+        return _s3_put(location, data, mode="create")  # If-None-Match: *
+    with _memory_lock(location):
+        if exists(location):
+            return False
+        write_bytes_atomic(location, data)
+        return True
+
+
+def read_versioned(location: str, cap: str = "json") -> tuple[bytes | None, object]:
+    """(the object's bytes, a token naming that version of it), or (None, None) where there is none; read under
+    the size cap `cap` (the records read this way are small JSON). On S3 the token is the ETag, read before and
+    after the body (both the same: the body is that object's); elsewhere the bytes themselves."""
+    if _scheme(location) not in ("s3", "s3a"):
+        try:
+            data = read_capped(location, cap)
+        except FileNotFoundError:
+            return None, None
+        return data, data
+    fs, path = filesystem(location)
+
+    def etag():
+        try:
+            return fs.info(path, refresh=True)["ETag"]
+        except FileNotFoundError:
+            return None
+
+    for _ in range(10):
+        before = etag()
+        if before is None:
+            return None, None
+        try:
+            data = read_capped(location, cap)
+        except FileNotFoundError:
+            continue
+        if etag() == before:
+            return data, before
+    raise OSError(f"{location}: changed on every read")
+
+
+def replace_if_unchanged(location: str, token, data: bytes) -> bool:
+    """Write `data` only if the object is still the version `token` names (from `read_versioned`; None: only
+    if there is none): True if written, False if another writer changed it first."""
+    if token is None:
+        return create_if_absent(location, data)
+    if _scheme(location) in ("s3", "s3a"):
+        return _s3_put(location, data, IfMatch=token)
+    with _memory_lock(location):
+        if read_versioned(location)[1] != token:
+            return False
+        write_bytes_atomic(location, data)
+        return True
+
+
+def remove_if_unchanged(location: str, token) -> bool:
+    """Delete the object only if it is still the version `token` names: True if deleted. (On S3 a check, then
+    the delete: the window between them is one request.)"""
+    with _memory_lock(location):
+        if read_versioned(location)[1] != token:
+            return False
+        if is_url(location):
+            fs, path = filesystem(location)
+            fs.rm_file(path)
+            fs.invalidate_cache(path)
+        else:
+            os.unlink(local_path(location))
+        return True
+
+
+def _memory_lock(location: str):
+    """The process lock for memory:// objects; elsewhere nothing (the check and the write are two steps)."""
+    return MEMORY_LOCK if _scheme(location) == "memory" else contextlib.nullcontext()

@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from common.errors import BadInput, one_line
+from common.limits import read_file
 from pipeline.preprocess import DEFAULT_CROP
 from vae.config import MAX_K, config_hash, load_config
 from vae.serving import registry as reg
@@ -41,6 +42,9 @@ SAMPLE_FIGURES = ("kid", "precision", "recall", "density", "coverage", "swd", "f
 MEMORISATION_ROWS = (("ratio_to_heldout", "nearest-training distance / held-out's"),  # well below 1: copies
                      ("train_to_heldout", "samples' nearest-training / nearest-held-out distance"))
 VERSION_EXTRAS = ("model.json", "metrics.json", "samples.png", "README.md")  # beside the graphs of model.json
+# How long a retried shard or training task waits for the folder's lock while an earlier attempt (a launcher or
+# ranks that outlived it) still holds the folder, before it fails naming the holder.
+LOCK_WAIT_S = 600.0
 METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "iwae_stderr_nats", "k",
                "elbo_bpd", "nll_bpd", "active_units")
 
@@ -56,11 +60,13 @@ def synthesize_source(source: str, n: int, seed: int = 0) -> dict:
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])
-def shard_data(source: str, shards: str, size: int, crop: int = DEFAULT_CROP, workers: int = 1) -> dict:
-    """Shard the source (no work when the manifest is current; new images land in new shards)."""
+def shard_data(source: str, shards: str, size: int, crop: int = DEFAULT_CROP, workers: int = 1,
+               lock_wait_s: float = LOCK_WAIT_S) -> dict:
+    """Shard the source (no work when the manifest is current; new images land in new shards); waits up to
+    `lock_wait_s` for another run sharding into the same folder."""
     from pipeline.shard import changed_note, shard
 
-    summary = shard(source, shards, crop=crop, size=size, workers=workers, progress=False)
+    summary = shard(source, shards, crop=crop, size=size, workers=workers, progress=False, wait_s=lock_wait_s)
     get_run_logger().info(
         "shards %s: %s; written %d, skipped %d, counts %s", shards,
         "up to date" if summary["up_to_date"] else "updated", summary["written"], summary["skipped"],
@@ -83,10 +89,14 @@ def _stream(cmd: list[str]) -> int:
 
 
 @task(retries=2, retry_delay_seconds=[10, 60])
-def train_model(config: str, overrides: list[str], run_dir: str, shards: str, num_processes: int = 1) -> str:
-    """`vae train` in a subprocess; resumes from the run's last checkpoint when retried."""
+def train_model(config: str, overrides: list[str], run_dir: str, shards: str, num_processes: int = 1,
+                lock_wait_s: float = LOCK_WAIT_S) -> str:
+    """`vae train` in a subprocess; resumes from the run's last checkpoint when retried. A retry whose earlier
+    attempt still holds the run folder (its launcher or ranks still ending) waits up to `lock_wait_s` for it
+    rather than failing beside it (`vae train --wait`)."""
     cmd = [sys.executable, "-m", "vae.cli", "train", "--config", config, *overrides,
-           f"run_dir={run_dir}", f"data.shards={shards}", "--num-processes", str(num_processes)]
+           f"run_dir={run_dir}", f"data.shards={shards}", "--num-processes", str(num_processes),
+           "--wait", f"{lock_wait_s:g}"]
     get_run_logger().info("running %s", " ".join(cmd))
     code = _stream(cmd)
     if code == 143:  # preempted (SIGTERM) after a checkpoint: the retry resumes from it
@@ -179,7 +189,7 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_w
         measure = hashlib.sha256(measure.encode()).hexdigest()[:16]
     out = run / f"eval-{challenger['split_fingerprint'][:16]}-k{challenger['k']}{f'-s{measure}' if measure else ''}"
     if (out / "metrics.json").exists():
-        cached = json.loads((out / "metrics.json").read_text())
+        cached = json.loads(read_file(out / "metrics.json", "json"))
         if reg.comparable(reg.evidence_of(cached), challenger):
             return cached
     try:
@@ -206,7 +216,7 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     import json
 
     export = Path(export_dir)
-    card = json.loads((export / "model.json").read_text())
+    card = json.loads(read_file(export / "model.json", "json"))
     if card["weights_sha256"] != metrics["weights_sha256"]:
         raise ValueError(f"{export}: exported other weights than the evaluated ones")
     files = {name: export / name for name in [*card["files"], *VERSION_EXTRAS]}
@@ -457,7 +467,8 @@ def announce_champion(registry: str, version: str, metrics: dict, outcome: dict)
 
 def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
                      crop: int, shard_workers: int, synthesize_n: int, precisions: list[str] | None = None,
-                     sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> None:
+                     sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None,
+                     lock_wait_s: float = LOCK_WAIT_S) -> None:
     """Reject bad flow parameters before any work, with one line that names the parameter."""
     from vae.serving.quantize import PRECISIONS
 
@@ -483,6 +494,9 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
             raise BadInput(f"train-vae parameter '{name}': must be >= {low}, got {value}")
     if k is not None and not 1 <= k <= MAX_K:
         raise BadInput(f"train-vae parameter 'k': must be in [1, {MAX_K}] or null, got {k}")
+    if isinstance(lock_wait_s, bool) or not (isinstance(lock_wait_s, (int, float)) and 0 <= lock_wait_s < math.inf):
+        raise BadInput(f"train-vae parameter 'lock_wait_s': must be a finite number of seconds >= 0, got "
+                       f"{lock_wait_s!r}")
     if synthesize_n == 0 and "://" not in source and not Path(source).exists():
         raise BadInput(f"train-vae parameter 'source': {source} does not exist (point it at a CelebA folder, "
                        "img_align_celeba.zip or an image folder, or set synthesize_n to generate a synthetic set)")
@@ -578,7 +592,8 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
               crop: int = DEFAULT_CROP, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
               fp16: bool = False, warm_start: bool = False, precisions: list[str] | None = None,
-              sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> dict:
+              sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None,
+              lock_wait_s: float = LOCK_WAIT_S) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
     Args:
@@ -606,10 +621,12 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         inception_weights: The FID Inception weights file (pt_inception-2015-12-05-6726825d.pth, no download) for
             FID in the sample metrics, of this version and of a re-evaluated champion; null: $VAE_INCEPTION_WEIGHTS
             or the config's eval.inception_weights, else no FID. Checked before any work.
+        lock_wait_s: How long sharding and training (a retry above all) wait for their folder while another
+            process still holds it (an earlier attempt's launcher or ranks ending), before failing naming it.
     """
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n, precisions,
-                     sample_tolerance, inception_weights)
+                     sample_tolerance, inception_weights, lock_wait_s)
     if warm_start:
         overrides += warm_start_overrides(registry, runs)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
@@ -627,9 +644,9 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     run_dir = str(Path(runs) / version)
     if needs_synthesis(source, synthesize_n):
         synthesize_source(source, synthesize_n, synthesize_seed)
-    shard_data(source, shards, cfg.model.image_size, crop, shard_workers)
+    shard_data(source, shards, cfg.model.image_size, crop, shard_workers, lock_wait_s)
     check_shards(shards, precisions)
-    train_model(config, overrides, run_dir, shards, num_processes)
+    train_model(config, overrides, run_dir, shards, num_processes, lock_wait_s)
     metrics = evaluate_model(run_dir, k, weights)
     export_dir = export_model(run_dir, version, fp16, precisions)
     grid = validate_model(export_dir)

@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 PIXEL_FORMAT = "npy:uint8:HWC:RGB"
 MANIFEST = "manifest.json"
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*-(train|valid|test)-\d{6}\.tar")
+LAST_SHARD = 999_999  # a split's last shard number: names have six digits (SPEC), the readers take no other
 
 
 @dataclass(frozen=True)
@@ -29,14 +30,19 @@ class ShardRef:
 
 
 def shard_name(dataset: str, split: str, index: int) -> str:
+    """The file name of a split's shard number `index` (0 to LAST_SHARD): never one the readers refuse."""
+    if not 0 <= index <= LAST_SHARD:
+        raise BadInput(f"shard number {index} of {dataset}-{split}: past {dataset}-{split}-{LAST_SHARD:06d}.tar, "
+                       "the last six-digit shard name")
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
 def read_manifest(shards: str | os.PathLike) -> dict | None:
-    """The manifest at a local path or URL, or None when there is none yet."""
+    """The manifest at a local path or URL, or None when there is none yet; one over the `manifest` size cap
+    (`common.limits`) is one line of BadInput, read no further."""
     path = storage.join(shards, MANIFEST)
     try:
-        manifest = json.loads(storage.read_bytes(path))
+        manifest = json.loads(storage.read_capped(path, "manifest"))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -66,8 +72,14 @@ def manifest_problem(manifest: dict) -> str | None:
         records = splits[split].get("shards")
         if not isinstance(records, list) or not all(isinstance(rec, dict) for rec in records):
             return f"split {split}: 'shards' must be a list of shard records"
+        names: set[str] = set()
         for rec in records:
             count, keys = rec.get("count"), rec.get("keys")
+            name = rec.get("name") if isinstance(rec.get("name"), str) else None
+            if name in names:  # its images would be read, and counted, twice
+                return f"split {split} lists shard {name!r} twice"
+            if name is not None:
+                names.add(name)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 return f"shard {rec.get('name')!r}: count {count!r}"
             if not isinstance(keys, list) or len(keys) != count or not all(isinstance(k, str) for k in keys):

@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 import webdataset as wds
 from tqdm import tqdm
 
-from common import storage
+from common import folder_lock, storage
 from common.errors import BadInput
-from pipeline.manifest import MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest, shard_name, write_manifest
+from common.orphans import end_with_parent
+from pipeline.manifest import (LAST_SHARD, MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest,
+                              shard_name, write_manifest)
 from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
 from pipeline.records import sample_members
-from pipeline.sources import LISTING_REASONS, MAX_IMAGE_BYTES, Entry, Listing, Source, open_source
+from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
 
 MANIFEST_EVERY_S = 10.0
 
@@ -44,15 +46,15 @@ MANIFEST_EVERY_S = 10.0
 _WORKER: dict = {}
 
 
-def _init_worker(source: Source, crop: int, size: int) -> None:
+def _init_worker(source: Source, crop: int, size: int, parent: int | None = None) -> None:
+    if parent is not None:  # a pool worker: it ends with the shard process, never an orphan printing tracebacks
+        end_with_parent(parent)
     _WORKER.update(source=source, crop=crop, size=size)
 
 
 def _process(entry: Entry) -> tuple[Entry, object]:
-    if entry.size > MAX_IMAGE_BYTES:
-        return entry, f"too large: {entry.size} bytes (at most {MAX_IMAGE_BYTES} are read)"
     try:
-        data = _WORKER["source"].read(entry.name)
+        data = _WORKER["source"].read(entry.name)  # an image over its size cap is SkipImage, read no further
         return entry, preprocess(data, _WORKER["crop"], _WORKER["size"])
     except SkipImage as err:
         return entry, str(err)
@@ -149,6 +151,7 @@ class Plan:
     manifest: dict
     failed: dict = field(default_factory=dict)
     todo: dict = field(default_factory=dict)
+    lock: object = None  # the folder's lock (common.folder_lock): checked still ours before each manifest write
 
     @property
     def up_to_date(self) -> bool:
@@ -160,6 +163,8 @@ class Plan:
         self.manifest["skipped"] = sorted([*self.failed.values(), *self.listing.skipped],
                                           key=lambda r: (r["key"], r["reason"]))
         self.manifest["partition_missing"] = self.listing.partition_missing
+        if self.lock is not None:
+            self.lock.check()  # a lease on object storage taken over: another run writes the folder now
         write_manifest(self.out, self.manifest)
         self.saved_at = time.monotonic()
 
@@ -172,12 +177,23 @@ class Plan:
 
 
 def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = DEFAULT_CROP, size: int = 64,
-          workers: int = 1, dataset: str = "celeba", maxcount: int = 1000, progress: bool = True) -> dict:
+          workers: int = 1, dataset: str = "celeba", maxcount: int = 1000, progress: bool = True,
+          wait_s: float = 0.0) -> dict:
     """Shard `source` into `out`; returns a summary {written, skipped, seconds, up_to_date, counts, manifest,
-    changed_in_source}."""
+    changed_in_source}. The folder's lock (`common.folder_lock`) is held from before anything in `out` is read
+    until the run ends: another run into `out` is refused, naming it, or waited for up to `wait_s` seconds."""
     started = time.time()
     check_settings(crop, size, workers, dataset, maxcount)
-    plan = make_plan(open_source(source), str(out), dataset, crop, size, maxcount)
+    src = open_source(source)
+    with folder_lock.hold(str(out), "shard folder", wait_s) as lock:
+        plan = make_plan(src, str(out), dataset, crop, size, maxcount)
+        plan.lock = lock
+        return write_plan(plan, started, workers, progress)
+
+
+def write_plan(plan: Plan, started: float, workers: int, progress: bool) -> dict:
+    """Shard what `plan` leaves to do, the manifest last (the folder's lock held); returns `shard`'s summary."""
+    crop, size = plan.crop, plan.size
     if plan.up_to_date:
         if learn_source_bytes(plan.manifest, plan.listing):  # a manifest from before sizes were kept, upgraded once
             plan.manifest.setdefault("changed_in_source", [])
@@ -186,7 +202,7 @@ def shard(source: str | os.PathLike, out: str | os.PathLike, *, crop: int = DEFA
     total = sum(len(v) for v in plan.todo.values())
     bar = tqdm(total=total, unit="img", desc="sharding", disable=not progress or total == 0, file=sys.stderr,
                dynamic_ncols=True)
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (plan.src, crop, size)) \
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (plan.src, crop, size, os.getpid())) \
         if workers > 1 else None
     if pool is None:
         _init_worker(plan.src, crop, size)
@@ -240,6 +256,7 @@ def make_plan(src: Source, out: str, dataset: str, crop: int, size: int, maxcoun
     plan.failed = {r["key"]: r for r in manifest["skipped"]
                    if not r["reason"].startswith(LISTING_REASONS) and r["key"] in present}
     plan.todo = {s: [e for e in listing.entries[s] if e.key not in done] for s in SPLITS}
+    refuse_past_last_shard(plan)
     # Shards are immutable: an image deleted from the source stays in its shard and is listed here.
     manifest["not_in_source"] = sorted(done - present)
     manifest["changed_in_source"] = changed_in_source(manifest, listing)  # kept as first sharded
@@ -285,6 +302,19 @@ def next_index(records: list[dict]) -> int:
     when records were removed from it)."""
     numbers = [int(m[1]) for r in records if (m := re.search(r"-(\d{6})\.tar$", str(r.get("name", ""))))]
     return max([len(records) - 1, *numbers]) + 1
+
+
+def refuse_past_last_shard(plan: Plan) -> None:
+    """One line, before any work, when a split's new shards would need numbers past LAST_SHARD (its last
+    six-digit name, the only names the readers take)."""
+    for split in SPLITS:
+        new = -(-len(plan.todo[split]) // plan.maxcount)  # shards, at most
+        last = next_index(plan.manifest["splits"][split]["shards"]) + new - 1
+        if new and last > LAST_SHARD:
+            raise BadInput(f"shards {plan.out}: the {split} split's {len(plan.todo[split])} new images would need "
+                           f"shard number {last} (--maxcount {plan.maxcount}), past "
+                           f"{shard_name(plan.dataset, split, LAST_SHARD)}, the last six-digit shard name; shard "
+                           "with a larger --maxcount, or into a fresh folder")
 
 
 def summarize(plan: Plan, started: float, written: int, up_to_date: bool) -> dict:

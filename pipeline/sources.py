@@ -6,6 +6,10 @@ carries CelebA's metadata when present: the split from `list_eval_partition.txt`
 split by a hash of the key), `identity_CelebA.txt` and `list_attr_celeba.txt`. Problems with the listing
 itself (duplicate keys, images the partition does not name, names the partition lists that are absent)
 are returned as records for the manifest, never raised.
+
+Every read is under a size cap of `common.limits`: an image over the `image` cap is skipped (`SkipImage`,
+recorded like any unusable image), a list over the `list` cap is one line of `BadInput`; a zip member is read
+through the cap whatever size it declares.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import storage
+from common import limits, storage
 from common.errors import BadInput
 from pipeline.manifest import SPLITS
 from pipeline.preprocess import IMAGE_SUFFIXES, SkipImage
@@ -28,7 +32,6 @@ PARTITION_FILE = "list_eval_partition.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 ATTR_FILE = "list_attr_celeba.txt"
 LISTING_REASONS = ("duplicate key", "not named in")  # skip reasons that come from the listing itself
-MAX_IMAGE_BYTES = 256 * 2**20  # larger files are skipped unread (a zip bomb expands to gigabytes per worker)
 # What reading one zip member raises when that member is damaged: a bad CRC or header, a truncated stream, an
 # encrypted member, a compression method zipfile lacks.
 ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
@@ -185,15 +188,23 @@ class FolderSource(Source):
                 if name.lower().endswith(IMAGE_SUFFIXES) and not name.rsplit("/", 1)[-1].startswith(".")]
 
     def read(self, name: str) -> bytes:
-        return storage.read_bytes(storage.join(self.image_dir, *name.split("/")))
+        return read_image(storage.join(self.image_dir, *name.split("/")))
 
     def _metadata_text(self, filename: str) -> str | None:
         return _text_if_present(storage.join(self.root, filename))
 
 
+def read_image(location: str) -> bytes:
+    """An image file's bytes (local or at a URL); one over the `image` cap is `SkipImage`, read no further."""
+    try:
+        return storage.read_capped(location, "image")
+    except limits.OverCap as err:
+        raise SkipImage(f"too large: {err}") from None
+
+
 def _text_if_present(location: str) -> str | None:
     try:
-        return metadata_text(storage.read_bytes(location), location)
+        return metadata_text(storage.read_capped(location, "list"), location)
     except (FileNotFoundError, IsADirectoryError):
         return None
 
@@ -235,9 +246,19 @@ class ZipSource(Source):
                 if name.lower().endswith(IMAGE_SUFFIXES) and not Path(name).name.startswith(".")
                 and "__MACOSX" not in name]
 
+    def member(self, name: str, cap: str) -> bytes:
+        """The member `name`'s bytes under the cap `cap`: its declared size checked first, then the inflated
+        bytes counted as they come (a header that lies about the size cannot pass)."""
+        what = f"{self.root}:{name}"
+        limits.check_size(what, self.infos[name].file_size, cap)
+        with self.zip.open(self.infos[name]) as f:
+            return limits.read_stream(f, what, cap)
+
     def read(self, name: str) -> bytes:
         try:
-            return self.zip.read(name)
+            return self.member(name, "image")
+        except limits.OverCap as err:
+            raise SkipImage(f"too large: {err}") from None
         except ZIP_MEMBER_ERRORS as err:
             detail = str(err).splitlines()[0] if str(err) else "no detail"
             raise SkipImage(f"damaged zip member: {type(err).__name__}: {detail}") from None
@@ -249,7 +270,7 @@ class ZipSource(Source):
         for name in self.infos:
             if Path(name).name == filename:
                 try:
-                    data = self.zip.read(name)
+                    data = self.member(name, "list")
                 except ZIP_MEMBER_ERRORS as err:
                     raise BadInput(f"source {self.root}: member {name} is damaged ({type(err).__name__})") from None
                 return metadata_text(data, f"{self.root}:{name}")

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.atomic import atomic_write_bytes
+from common.atomic import atomic_file, atomic_write_bytes
+from common.errors import BadInput
+from common.storage import remove_stale_temps
 
 ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald",
@@ -305,6 +307,32 @@ def _accessories(f: _Face) -> None:
 
 
 IN_PROGRESS = ".synthesizing"  # in the folder while `synthesize` writes it
+MAX_N = 999_999  # file names have six digits, as CelebA's (000001.jpg ... 202599.jpg)
+LISTS = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt")
+
+
+class _Shuffle:
+    """A seeded permutation of ``range(n)`` computed one index at a time: no table, so memory does not grow
+    with n. A few rounds of bijections of the integers below the next power of two (an odd multiplier and an
+    offset, then the high bits folded into the low ones), repeated until the value falls below n: a bijection
+    of ``range(n)`` as well (cycle walking)."""
+
+    def __init__(self, n: int, rng: np.random.Generator, rounds: int = 4):
+        self.n, self.bits = n, max(1, (n - 1).bit_length())
+        self.mask = (1 << self.bits) - 1
+        self.keys = [(int(rng.integers(self.mask + 1)) | 1, int(rng.integers(self.mask + 1))) for _ in range(rounds)]
+
+    def _mix(self, x: int) -> int:
+        for a, c in self.keys:
+            x = (x * a + c) & self.mask
+            x ^= x >> (self.bits // 2 + 1)
+        return x
+
+    def __call__(self, i: int) -> int:
+        x = self._mix(i)
+        while x >= self.n:
+            x = self._mix(x)
+        return x
 
 
 def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
@@ -312,36 +340,41 @@ def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
 
     The summary is ``{"n": n, "out": str(out), "splits": {"train": a, "valid": b,
     "test": c}}``. Splits are about 80/10/10 (each non-empty when ``n >= 10``),
-    identities are ``1..max(1, n // 20)``. Same ``(n, seed)`` => same bytes. While it writes, ``IN_PROGRESS``
-    marks the folder (a set cut short by a kill is written again, not taken for a data set).
+    identities are ``1..max(1, n // 20)``, each given to n // 20 or so images. Same ``(n, seed)`` => same bytes.
+    n is at most MAX_N. Each image and its line in each list are written before the next image is drawn (the
+    lists stream into temporary files, renamed at the end), so memory does not grow with n. While it writes,
+    ``IN_PROGRESS`` marks the folder (a set cut short by a kill is written again, not taken for a data set).
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not 1 <= n <= MAX_N:
+        raise BadInput(f"n: must be in [1, {MAX_N}] (six-digit file names, as CelebA's), got {n}")
     root = Path(out)
     img_dir = root / "img_align_celeba"
     img_dir.mkdir(parents=True, exist_ok=True)
     (root / IN_PROGRESS).touch()
-    rng = np.random.default_rng(seed)
-    idents = [_identity(rng) for _ in range(max(1, n // 20))]
-    ids = rng.permutation(np.arange(n) % len(idents)) + 1
+    remove_stale_temps(str(root), LISTS.__contains__)  # what a killed run left
+    remove_stale_temps(str(img_dir), lambda name: name.endswith(".jpg"))
+    plan = np.random.default_rng([seed, 0])
+    identity_of, split_of = _Shuffle(n, plan), _Shuffle(n, plan)
+    n_identities = max(1, n // 20)
     n_val = n_test = round(n * .1)
-    split = rng.permutation(np.repeat([0, 1, 2], [n - n_val - n_test, n_val, n_test]))
-    names = [f"{i + 1:06d}.jpg" for i in range(n)]
-    attr_lines = []
-    for name, ident in zip(names, ids):
-        a = _attributes(rng, idents[ident - 1])
-        buf = io.BytesIO()
-        _draw(rng, idents[ident - 1], a).save(buf, "JPEG", quality=90)
-        atomic_write_bytes(img_dir / name, buf.getvalue())
-        attr_lines.append(name + " " + " ".join(f"{1 if a[k] else -1:2d}" for k in ATTRIBUTES))
-    text = {
-        "list_eval_partition.txt": [f"{m} {s}" for m, s in zip(names, split)],
-        "list_attr_celeba.txt": [str(n), " ".join(ATTRIBUTES)] + attr_lines,
-        "identity_CelebA.txt": [f"{m} {i}" for m, i in zip(names, ids)],
-    }
-    for fname, lines in text.items():
-        atomic_write_bytes(root / fname, ("\n".join(lines) + "\n").encode())
+    first_valid, first_test = n - n_val - n_test, n - n_test
+    counts = [0, 0, 0]
+    # binary files: a line is copied into the file's buffer at once (a text file keeps its pending lines)
+    with (atomic_file(root / LISTS[0]) as partition, atomic_file(root / LISTS[1]) as attr_list,
+          atomic_file(root / LISTS[2]) as identity_list):
+        attr_list.write(f"{n}\n{' '.join(ATTRIBUTES)}\n".encode())
+        for i in range(n):
+            name, ident, order = f"{i + 1:06d}.jpg", identity_of(i) % n_identities + 1, split_of(i)
+            split = 0 if order < first_valid else 1 if order < first_test else 2
+            idt = _identity(np.random.default_rng([seed, 1, ident]))  # the same traits for each of its images
+            rng = np.random.default_rng([seed, 2, i])
+            a = _attributes(rng, idt)
+            buf = io.BytesIO()
+            _draw(rng, idt, a).save(buf, "JPEG", quality=90)
+            atomic_write_bytes(img_dir / name, buf.getvalue())
+            partition.write(f"{name} {split}\n".encode())
+            attr_list.write(f"{name} {' '.join(f'{1 if a[k] else -1:2d}' for k in ATTRIBUTES)}\n".encode())
+            identity_list.write(f"{name} {ident}\n".encode())
+            counts[split] += 1
     (root / IN_PROGRESS).unlink()
-    counts = np.bincount(split, minlength=3)
-    return {"n": n, "out": str(out),
-            "splits": {"train": int(counts[0]), "valid": int(counts[1]), "test": int(counts[2])}}
+    return {"n": n, "out": str(out), "splits": {"train": counts[0], "valid": counts[1], "test": counts[2]}}

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,16 +105,56 @@ def _other_size_shards(ctx) -> Path:
     return out
 
 
-def _metadata_mismatch(ctx) -> Path:
+def _with_metadata(ctx, name: str, key: str, value: str) -> Path:
+    """The exported graph `name` alone, its metadata `key` set to `value`."""
     import onnx
 
     folder, _ = exported_once(ctx.run, ctx.factory)
-    graph = onnx.load(str(folder / "decoder.onnx"))
+    graph = onnx.load(str(folder / name))
     for prop in graph.metadata_props:
-        if prop.key == "latent_dim":
-            prop.value = "5"
-    onnx.save(graph, str(ctx.tmp / "decoder.onnx"))
-    return ctx.tmp / "decoder.onnx"
+        if prop.key == key:
+            prop.value = value
+    onnx.save(graph, str(ctx.tmp / name))
+    return ctx.tmp / name
+
+
+DEEP = 20_000  # nesting that was a RecursionError traceback (Python's limit is 1,000 frames)
+
+
+def _deep_list() -> str:
+    return "[" * DEEP + "]" * DEEP
+
+
+def _yaml(ctx, text: str) -> Path:
+    path = ctx.tmp / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def _train(ctx, *overrides: str) -> list[str]:
+    return ["train", *_base(ctx), f"run_dir={ctx.tmp / 'r'}", *overrides]
+
+
+def _registry(ctx, champion: str) -> Path:
+    """A registry with one published version, v1, and `champion` as its champion.json."""
+    registry = ctx.tmp / "registry"
+    version = registry / "train-vae" / "versions" / "v1"
+    version.mkdir(parents=True)
+    (version / "version.json").write_text(json.dumps({"version": "v1", "files": {}}))
+    (registry / "train-vae" / "champion.json").write_text(champion)
+    return registry
+
+
+def _folder_with(ctx, name: str, text: str) -> Path:
+    folder = ctx.tmp / "folder"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    return folder
+
+
+def _encode(ctx, preprocessing: str) -> list[str]:
+    return ["encode", "--model", str(_with_metadata(ctx, "encoder.onnx", "preprocessing", preprocessing)),
+            "--images", str(ctx.source / "img_align_celeba" / "000001.jpg"), "--out", str(ctx.tmp / "codes.npz")]
 
 
 def _non_utf8_yaml(ctx) -> Path:
@@ -159,8 +203,9 @@ CASES = [
     ("checkpoint that needs pickle", lambda c: ["eval", "--run", str(_checkpoint(c, _pickled))],
      "refusing to unpickle"),
     ("--k beyond the cap", lambda c: ["eval", "--run", str(c.run), "--k", "1000000"], "[1, 100000]"),
-    ("graph and metadata disagree", lambda c: ["sample", "--model", str(_metadata_mismatch(c)), "--out",
-                                               str(c.tmp / "g.png")], "graph and metadata disagree"),
+    ("graph and metadata disagree", lambda c: ["sample", "--model", str(_with_metadata(c, "decoder.onnx", "latent_dim",
+                                                                                      "5")),
+                                               "--out", str(c.tmp / "g.png")], "graph and metadata disagree"),
     ("--seed -1", lambda c: ["sample", "--model", str(exported_once(c.run, c.factory)[0]), "--seed", "-1",
                              "--out", str(c.tmp / "g.png")], "argument --seed"),
     ("--n beyond one grid", lambda c: ["sample", "--model", str(exported_once(c.run, c.factory)[0]), "--n",
@@ -179,6 +224,43 @@ CASES = [
      "model.latent_dim 4 -> 8"),
     ("--dataset that names a path", lambda c: ["data", "shard", "--source", str(c.source), "--out",
                                                str(c.tmp / "s"), "--dataset", "../x"], "letters, digits"),
+    # numbers past a sane range: each was an OverflowError or an allocation failure inside training
+    ("a collective timeout of 1e300 s", lambda c: _train(c, "train.collective_timeout_s=1e300"),
+     "config key 'train.collective_timeout_s': must be in (0, 604800] (a week), got 1e+300"),
+    ("a latent of 10**10 dimensions", lambda c: _train(c, "model.latent_dim=10000000000"),
+     "config key 'model.latent_dim': must be <= 4194304, got 10000000000"),
+    ("a layer of 10**8 channels", lambda c: _train(c, "model.channels=[100000000,8]"),
+     "config key 'model.channels': widths must be in [1, 4096]"),
+    ("a batch of 10**9 images", lambda c: _train(c, "data.batch_size=1000000000"),
+     "config key 'data.batch_size': must be <= 16384, got 1000000000"),
+    ("a step count of 401 digits", lambda c: _train(c, "train.steps=" + "9" * 401),
+     "config key 'train.steps': must be <= 99999999 (checkpoint names hold eight digits), got 999"),
+    ("a learning rate of 401 digits", lambda c: _train(c, "train.lr=" + "9" * 401),
+     "config key 'train.lr': expected a finite number, got 999"),
+    # nesting past Python's recursion limit: refused while parsing
+    ("YAML nested 20,000 deep", lambda c: ["train", "--config", str(_yaml(c, "train:\n  steps: " + _deep_list())),
+                                           *_base(c)], "c.yaml: nested deeper than 16 levels"),
+    ("an override nested 20,000 deep", lambda c: _train(c, "model.channels=" + _deep_list()),
+     "config key 'model.channels': nested deeper than 16 levels"),
+    ("an override key of 20,000 parts", lambda c: _train(c, "train." + ".".join(["x"] * DEEP) + "=1"),
+     "the key nests deeper than 16 levels"),
+    # records read back, each field's type checked
+    ("vae info on champion.json nested 20,000 deep", lambda c: ["info", str(_registry(c, _deep_list()))],
+     "champion.json: not a champion record (JSON nested too deeply)"),
+    ("rollback on champion.json nested 20,000 deep", lambda c: ["registry", "rollback", str(_registry(
+        c, _deep_list())), "--to", "v1", "--reason", "bad"], "champion.json: not a champion record (JSON nested"),
+    ("a champion's rolled_back as a string", lambda c: ["info", str(_registry(c, json.dumps(
+        {"version": "v1", "rolled_back": "v2-old"})))], "'rolled_back' is a string, expected a JSON array"),
+    ("a model.json that is a list", lambda c: ["info", str(_folder_with(c, "model.json", "[]"))],
+     "model.json: not a model card (it is a JSON array, expected a JSON object)"),
+    ("a model.json whose metrics are a list", lambda c: ["info", str(_folder_with(c, "model.json", json.dumps(
+        {"metrics": [1]})))], "model.json: not a model card ('metrics' is a JSON array"),
+    ("a run's config.json whose config is a string", lambda c: ["info", str(_folder_with(c, "config.json", json.dumps(
+        {"config": "x"})))], "config.json: not a run's config record ('config' is a string"),
+    ("encode with a crop that is a word", lambda c: _encode(c, '{"crop": "wide"}'),
+     "metadata: not a model card ('preprocessing.crop' is a string, expected an integer)"),
+    ("encode with preprocessing that is a list", lambda c: _encode(c, "[148]"),
+     "metadata: not a model card ('preprocessing' is a JSON array"),
 ]
 
 
@@ -197,7 +279,43 @@ def test_bad_input_is_one_line_and_exit_2(case, argv, needle, tmp_path, tiny_sha
     err = capsys.readouterr().err.strip()
     assert code == 2, (case, err)
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
+    assert re.match(r"vae( [a-z]+)*: error: ", err) and needle in err, err
+    assert len(err) < 600, err  # values are shown by a short prefix, never whole
+
+
+def test_a_yaml_bomb_is_refused_at_once_in_bounded_memory(tmp_path):
+    """Nine levels of nine aliases: 10**9 strings from 500 bytes of YAML, which ran 38 s into a MemoryError while
+    the error message formatted the value. Refused while parsing, in a process held to 1 GiB of address space."""
+    import resource
+
+    anchors = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    anchors += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"run_dir: [{', '.join(anchors)}]\n")
+
+    def one_gib():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "vae.cli", "train", "--config", str(bomb)], capture_output=True,
+                          text=True, timeout=60, preexec_fn=one_gib)
+    took = time.monotonic() - start
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"vae: error: config file {bomb}: more than 100000 values once its aliases are expanded")
+    assert took < 5, took
+
+
+def test_info_shows_the_last_complete_log_record_when_a_kill_cut_the_last_line(tmp_path, trained_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    log = run / "train_log.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    with open(log, "a") as f:
+        f.write('{"step": 35, "loss": 1.2')  # what a kill in the middle of a write leaves
+    assert main(["info", str(run)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["last_log"] == last and "last line is not a complete record" in shown["last_log_note"]
 
 
 def test_a_refused_resume_rewrites_nothing(tmp_path, tiny_shards, trained_run, capsys):

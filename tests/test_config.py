@@ -86,3 +86,28 @@ def test_config_hash_ignores_locations_not_training():
 
 def test_bare_no_is_the_string_no():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_yaml_aliases_within_the_budget_load_and_an_endless_one_is_refused(tmp_path):
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("data:\n  batch_size: &batch 32\neval:\n  batch_size: *batch\n")
+    assert load_config(shared).eval.batch_size == 32
+    endless = tmp_path / "endless.yaml"
+    endless.write_text("model: &m\n  channels: *m\n")
+    with pytest.raises(ConfigError, match=r"endless.yaml: alias \*m repeats a node that holds it"):
+        load_config(endless)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=100000000", "config key 'train.steps': must be <= 99999999"),
+    ("train.lr=11", "config key 'train.lr': must be in (0, 10]"),
+    ("train.max_seconds=1e9", "config key 'train.max_seconds': must be <= 3.1536e+07 (a year)"),
+    ("eval.temperatures=[" + ",".join(str(i + 1) for i in range(33)) + "]",
+     "config key 'eval.temperatures': must be a list of 1 to 32 temperatures, got [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, ...]"),
+    ("run_dir=" + "r" * 5000, "config key 'run_dir': expected at most 4096 characters, got 5000"),
+    ("train." + "x" * 5000 + "=1", "config key 'train." + "x" * 54 + "...': unknown key"),
+])
+def test_values_past_a_sane_range_are_one_short_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message) and len(str(err.value)) < 400

@@ -121,3 +121,24 @@ def test_metrics_are_reused_only_for_the_same_weights_images_and_k(trained_run, 
     assert reusable_metrics(run, "test", 4) is None
     evaluate(run, split="test", k=4, max_images=3)
     assert reusable_metrics(run, "test", 4) is None  # a partial evaluation measures other images
+
+
+def test_a_diverged_run_fails_in_one_line_rather_than_measuring_nan(trained_run, tmp_path, capsys):
+    """Weights that are not finite (a diverged run) exit 1 with one line naming the run; no metrics written."""
+    import shutil
+
+    import torch
+
+    from vae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from vae.cli import main
+
+    run = tmp_path / "diverged"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval"))
+    state = load_checkpoint(latest_checkpoint(run))
+    next(t for t in state["ema"].values() if torch.is_floating_point(t)).fill_(float("nan"))
+    save_checkpoint(run, state["step"], state, keep=3)
+    code = main(["eval", "--run", str(run), "--split", "test", "--k", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"vae: failed: run {run}: its weights at step {state['step']} are not finite"), err
+    assert not (run / "eval").exists()

@@ -324,6 +324,15 @@ def test_a_retried_flow_export_reuses_the_export_of_its_version(trained_run, tmp
         again / "decoder.onnx")
 
 
+def test_a_retry_exports_again_over_a_card_whose_fields_are_damaged(tmp_path):
+    from vae.serving.export import existing_export
+
+    card = tmp_path / "model.json"
+    for damaged in ({"version": "v-1", "sha256": ["encoder.onnx", "decoder.onnx"]}, ["v-1"], "[" * 20_000):
+        card.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+        assert existing_export(tmp_path, tmp_path, "v-1") is None
+
+
 def test_the_runs_own_preprocessing_decides_even_where_its_shards_cannot_be_read(trained_run, tiny_shards):
     """Checkpoints record the preprocessing they trained on: an s3:// run without credentials here still gets its
     card's crop right; only a run from before that record, whose shards cannot be read, takes the given shards'."""

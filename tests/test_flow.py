@@ -140,6 +140,9 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
      "parameter 'inception_weights': Inception weights '/no/such/pt_inception.pth': no such file"),
     ({"inception_weights": "/"}, "parameter 'inception_weights': Inception weights '/': is a directory"),
     ({"inception_weights": " "}, "parameter 'inception_weights': must not be empty"),
+    # how long a retried step waits for its folder's lock
+    ({"lock_wait_s": -1.0}, "parameter 'lock_wait_s': must be a finite number of seconds >= 0"),
+    ({"lock_wait_s": float("inf")}, "parameter 'lock_wait_s': must be a finite number of seconds >= 0"),
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
     from common.errors import BadInput

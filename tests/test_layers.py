@@ -29,7 +29,7 @@ ALLOWED = {  # layer -> the layers its modules may import (besides themselves)
     "edge": ("common", "pipeline", "core", "training", "evaluation", "serving"),
 }
 TORCH_FREE = ("common", "vae.serving.runtime", "vae.serving.device_buffers", "vae.serving.registry", "vae.runtime",
-              "vae.grid", "vae.cli", "vae.info")
+              "vae.serving.graph_files", "vae.serving.watchdog", "vae.grid", "vae.cli", "vae.info")
 
 
 def layer(module: str) -> str:

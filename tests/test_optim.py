@@ -73,7 +73,7 @@ def test_the_optimiser_sees_the_loss_per_dimension_and_the_logs_stay_in_nats(tin
         grads[per_dim] = [p.grad.clone() for p in state.raw_model.parameters()]
     dims = image_dims(16)
     per_image, per_dim = (torch.cat([g.flatten() for g in grads[key]]) for key in (False, True))
-    assert (per_dim * dims - per_image).norm() <= 1e-6 * per_image.norm()  # equal up to float32 rounding
+    assert (per_dim * dims - per_image).norm() <= 1e-5 * per_image.norm()  # equal up to float32 rounding
     assert per_image.norm() > 1  # and not both zero
     assert windows[True].sums == windows[False].sums  # the loss and the ELBO logged: nats per image both ways
 

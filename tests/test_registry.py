@@ -479,3 +479,45 @@ def test_only_a_failed_precondition_counts_as_a_lost_race():
     assert not reg._lost_condition(translated("InvalidArgument"))
     assert not reg._lost_condition(OSError(errno.EINVAL, "Invalid argument"))
     assert reg._lost_condition(OSError(errno.EINVAL, "At least one of the pre-conditions you specified did not hold"))
+
+
+@pytest.mark.parametrize("champion, says", [
+    ('{"version": "v1", "evidence": [1, 2]}', "'evidence' is a JSON array, expected a JSON object"),
+    ('{"version": "v1", "rolled_back": "v2-old"}', "'rolled_back' is a string, expected a JSON array"),
+    ('{"version": "v1", "evidence": {"sample_primary": {"value": "0.1"}}}',
+     "'evidence.sample_primary.value' is a string, expected a number"),
+    ('{"version": ["v1"]}', "'version' is a JSON array, expected a string"),
+    ("[" * 20_000 + "]" * 20_000, "JSON nested too deeply"),
+])
+def test_a_damaged_champion_record_stops_promotion_in_one_line(tmp_path, champion, says):
+    """Each field of champion.json is type-checked on read: a hand-edited `rolled_back` string would otherwise
+    retire every version whose name it contains ("v2" in "v2-old")."""
+    metrics = publish_with_metrics(tmp_path, "v2", 4.0, tmp_path)
+    (tmp_path / "train-vae" / "champion.json").write_text(champion)
+    with pytest.raises(reg.RegistryError) as err:
+        reg.promote(tmp_path, "v2", metrics)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'train-vae' / 'champion.json'}: not a champion record (")
+    assert says in message and "\n" not in message
+
+
+def test_a_rolled_back_version_retires_itself_alone(tmp_path):
+    old, new = (publish_with_metrics(tmp_path, v, nll, tmp_path) for v, nll in (("v2-old", 5.0), ("v2", 4.0)))
+    reg.promote(tmp_path, "v2-old", old)
+    champion = tmp_path / "train-vae" / "champion.json"
+    champion.write_text(json.dumps({**json.loads(champion.read_text()), "rolled_back": ["v2-old"]}))
+    assert reg.promote(tmp_path, "v2", new)["promoted"]
+
+
+@pytest.mark.parametrize("record, says", [
+    ('{"version": "v1", "files": {"decoder.onnx": 5}}', "'files.decoder.onnx' is an integer, expected a string"),
+    ('{"version": "v1", "files": ["decoder.onnx"]}', "'files' is a JSON array, expected a JSON object"),
+    ('{"version": "v1"}', "no 'files'"),
+])
+def test_a_damaged_version_record_is_one_line(tmp_path, record, says):
+    metrics = publish_with_metrics(tmp_path, "v1", 4.0, tmp_path)
+    (tmp_path / "train-vae" / "versions" / "v1" / "version.json").write_text(record)
+    for attempt in (lambda: reg.promote(tmp_path, "v1", metrics), lambda: reg.rollback(tmp_path, "v1", "why")):
+        with pytest.raises(reg.RegistryError, match="version.json: not a version record") as err:
+            attempt()
+        assert says in str(err.value) and "\n" not in str(err.value)

@@ -124,6 +124,9 @@ def test_runtime_refuses_unknown_contract_and_missing_files(exported, tmp_path):
     with pytest.raises(RuntimeModelError, match="file not found"):
         Decoder(tmp_path / "missing.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(RuntimeModelError, match="not an ONNX graph"):  # read for external weights first
+        Decoder(tmp_path / "junk.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x01")  # a protobuf message: ir_version 1 and no graph
     with pytest.raises(RuntimeModelError, match="onnxruntime cannot load it"):
         Decoder(tmp_path / "junk.onnx")
     with pytest.raises(RuntimeModelError, match="device 'tpu'"):

@@ -114,7 +114,7 @@ def test_bad_temperatures_are_one_line_and_exit_2(trained_run, capsys, value, ne
     assert code == 2 and len(err.splitlines()) == 1 and "--temperatures" in err and needle in err, err
 
 
-@pytest.mark.parametrize("override, needle", [("eval.temperatures=[]", "non-empty"),
+@pytest.mark.parametrize("override, needle", [("eval.temperatures=[]", "a list of 1 to"),
                                               ("eval.temperatures=[1.0,0]", "temperature 1"),
                                               ("eval.temperatures=[-0.5]", "temperature 0"),
                                               ("eval.temperatures=[.inf]", "finite"),

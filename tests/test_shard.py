@@ -12,6 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from common.errors import BadInput
+from common.folder_lock import LOCK_NAME
 from pipeline.preprocess import preprocess
 from pipeline.records import iter_samples
 from pipeline.shard import shard
@@ -60,11 +61,14 @@ def test_manifest_fields(tiny_shards):
 
 
 def test_rerun_is_a_no_op(synth_source, tiny_shards):
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_shards.rglob("*") if p.is_file()}
+    def data():  # the lock file records who holds the folder while a run is in it: not data
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_shards.rglob("*")
+                if p.is_file() and p.name != LOCK_NAME}
+
+    before = data()
     summary = shard(synth_source, tiny_shards, size=16, maxcount=25, progress=False)
     assert summary["up_to_date"] and summary["written"] == 0
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tiny_shards.rglob("*") if p.is_file()}
-    assert after == before
+    assert data() == before and (tiny_shards / LOCK_NAME).read_bytes() == b""  # no holder recorded after the run
 
 
 def test_same_bytes_whatever_the_worker_count(synth_source, tmp_path):
@@ -289,6 +293,10 @@ def _edit(manifest, how):
         train["count"] = "x"
     elif how == "skip without reason":
         manifest["skipped"] = [{"key": "000001"}]
+    elif how == "a test shard twice":  # the counts agree: its images would be counted twice
+        test = manifest["splits"]["test"]
+        test["shards"].append(test["shards"][0])
+        test["count"] += test["shards"][0]["count"]
 
 
 @pytest.mark.parametrize("how, needle", [
@@ -297,6 +305,7 @@ def _edit(manifest, how):
     ("keys shortened", "shard 'celeba-train-000000.tar': its 'keys' must list its 25 images"),
     ("count as text", "split train: count 'x'"),
     ("skip without reason", "each 'skipped' entry needs a 'key' and a 'reason'"),
+    ("a test shard twice", "split test lists shard 'celeba-test-000000.tar' twice"),
 ])
 def test_a_damaged_manifest_is_one_line_for_the_writer_and_the_readers(tiny_shards, synth_source, tmp_path, how,
                                                                        needle):
@@ -384,3 +393,40 @@ def test_an_image_the_partition_moves_to_another_split_is_refused_not_left_in_tr
     (tmp_path / "partition.txt").rename(unpartitioned / "list_eval_partition.txt")
     with pytest.raises(BadInput, match=r"sharded images now belong to another split"):
         shard(unpartitioned, tmp_path / "shards2", size=16, maxcount=25, progress=False)
+
+
+def test_shard_names_end_at_the_last_six_digit_name_the_readers_take():
+    from pipeline.manifest import LAST_SHARD, SHARD_NAME, shard_name
+    from pipeline.shard import next_index
+
+    last = shard_name("celeba", "train", LAST_SHARD)
+    assert last == "celeba-train-999999.tar" and SHARD_NAME.fullmatch(last)  # the writer's last, the readers take
+    assert next_index([{"name": last}]) == LAST_SHARD + 1
+    with pytest.raises(BadInput, match=r"shard number 1000000 of celeba-train: past celeba-train-999999\.tar"):
+        shard_name("celeba", "train", next_index([{"name": last}]))  # never a seven-digit name the readers refuse
+
+
+def test_a_run_needing_a_shard_past_the_last_name_is_refused_before_any_work(tiny_shards, synth_source, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(synth_source, src)
+    shutil.copytree(tiny_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    last = manifest["splits"]["train"]["shards"][-1]  # as if the split had reached its last shard number
+    (out / "train" / last["name"]).rename(out / "train" / "celeba-train-999999.tar")
+    last["name"] = "celeba-train-999999.tar"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(src / "img_align_celeba" / "000001.jpg", src / "img_align_celeba" / "000121.jpg")
+    with open(src / "list_eval_partition.txt", "a") as f:
+        f.write("000121.jpg 0\n")  # one new train image
+
+    def written():  # the manifest and the shards
+        return {p.relative_to(out): p.read_bytes() for p in [out / "manifest.json", *out.rglob("*.tar")]}
+
+    before = written()
+    with pytest.raises(BadInput) as caught:
+        shard(src, out, size=16, maxcount=25, progress=False)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1, message
+    assert f"shards {out}: the train split's 1 new images would need shard number 1000000" in message
+    assert "past celeba-train-999999.tar" in message and "--maxcount" in message, message
+    assert written() == before and not list(out.rglob("*.tmp"))

@@ -92,3 +92,25 @@ def test_rerun_summary_line_says_up_to_date(tiny_shards, synth_source, capsys):
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(rf"shards {re.escape(str(tiny_shards))}: up to date, nothing to do, skipped 0, "
                         r"counts \{'train': \d+, 'valid': \d+, 'test': \d+\}, \d+\.\d s", line), line
+
+
+def test_workers_end_quietly_when_the_parent_is_killed(source, tmp_path):
+    """SIGKILL to `vae data shard` alone (not its workers): the workers end with it, printing nothing (left
+    alone, each would finish its queued images and print a BrokenPipeError traceback)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*_cli(source, out), "--workers", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.rglob("*.tar")):
+            time.sleep(0.002)
+        assert proc.poll() is None, "the command finished before it could be killed: make the source bigger"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers are left to end on their own
+        _, err = proc.communicate(timeout=30)  # stderr ends once every worker holding it has ended
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers still alive after the timeout
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL
+    assert b"Traceback" not in err and b"Error" not in err, err.decode()

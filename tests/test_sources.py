@@ -242,13 +242,12 @@ def _flip_member_byte(zip_path, member):
 
 
 def test_damaged_or_oversized_zip_members_are_skipped_and_recorded(synth_source, tmp_path, monkeypatch):
-    from pipeline import shard as shard_module
-
     zip_path = _make_zip(synth_source, tmp_path / "img_align_celeba.zip", with_metadata_inside=True)
     names = sorted(n for n in zipfile.ZipFile(zip_path).namelist() if n.endswith(".jpg"))
     _flip_member_byte(zip_path, names[4])
     big = max(names, key=lambda n: zipfile.ZipFile(zip_path).getinfo(n).file_size)
-    monkeypatch.setattr(shard_module, "MAX_IMAGE_BYTES", zipfile.ZipFile(zip_path).getinfo(big).file_size - 1)
+    # the image cap just under the largest image (VAE_MAX_IMAGE_MB is in MiB; a power-of-two fraction is exact)
+    monkeypatch.setenv("VAE_MAX_IMAGE_MB", str((zipfile.ZipFile(zip_path).getinfo(big).file_size - 1) / 2**20))
     summary = shard(zip_path, tmp_path / "out", size=16, progress=False)
     reasons = {r["key"]: r["reason"] for r in json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]}
     damaged, large = names[4].split("/")[-1][:-4], big.split("/")[-1][:-4]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.errors import BadInput
 from pipeline import synth
 from pipeline.synth import ATTRIBUTES, synthesize
 
@@ -87,10 +88,74 @@ def test_deterministic_and_seed_dependent(tmp_path):
     assert all((a / r).read_bytes() == (b / r).read_bytes() for r in rel)
 
 
-@pytest.mark.parametrize("n", [0, -3])
-def test_bad_n(tmp_path, n):
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        synthesize(tmp_path, n)
+@pytest.mark.parametrize("n", [0, -3, synth.MAX_N + 1, 10**9])
+def test_bad_n_is_refused_before_anything_is_written(tmp_path, n):
+    with pytest.raises(BadInput, match=rf"n: must be in \[1, 999999\] \(six-digit file names, as CelebA's\), got {n}"):
+        synthesize(tmp_path / "out", n)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_huge_n_in_one_line(tmp_path, capsys):
+    from vae.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "out"), "--n", "1000000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vae: error: n: must be in [1, 999999] (six-digit file names, as CelebA's), got 1000000000", err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_removes_what_a_killed_run_left(tmp_path):
+    (tmp_path / "img_align_celeba").mkdir()
+    left = [tmp_path / ".list_attr_celeba.txt.k1ll3d.tmp", tmp_path / "img_align_celeba" / ".000002.jpg.k1ll3d.tmp"]
+    for path in [*left, tmp_path / ".notes.txt.k1ll3d.tmp"]:
+        path.write_bytes(b"partial")
+    synthesize(tmp_path, 3)
+    assert not any(path.exists() for path in left)
+    assert (tmp_path / ".notes.txt.k1ll3d.tmp").exists()  # not one of its files: left alone
+    assert not (tmp_path / synth.IN_PROGRESS).exists()
+
+
+def _held_at_last_image(module, out, n: int, monkeypatch) -> int:
+    """Bytes that `module.synthesize` itself has allocated, and still holds, when it writes its last image."""
+    import inspect
+    import tracemalloc
+
+    source, first = inspect.getsourcelines(module.synthesize)
+    inside, held, real = range(first, first + len(source)), [], module.atomic_write_bytes
+
+    def write(path, data):
+        real(path, data)
+        if path.name == f"{n:06d}.jpg":
+            traces = tracemalloc.take_snapshot().traces
+            held.append(sum(t.size for t in traces if t.traceback[0].filename == module.__file__
+                            and t.traceback[0].lineno in inside))
+
+    monkeypatch.setattr(module, "atomic_write_bytes", write)
+    tracemalloc.start(1)
+    try:
+        module.synthesize(out, n, seed=2)
+    finally:
+        tracemalloc.stop()
+    return held[0]
+
+
+def test_memory_does_not_grow_with_n(tmp_path, monkeypatch):
+    """Each image and its list lines are written as they are drawn: what `synthesize` holds while it draws its last
+    image is the same for 200 images as for 20 (names, lines or index tables kept for the end would add hundreds
+    of bytes per image)."""
+    small, large = (_held_at_last_image(synth, tmp_path / str(n), n, monkeypatch) for n in (20, 200))
+    assert large - small < 4096, (small, large)
+
+
+def test_identities_are_balanced_and_splits_exact_for_any_n(tmp_path):
+    """The permutations that assign identities and splits one index at a time are permutations of range(n)."""
+    for n in (1, 2, 7, 20, 64, 65, 1000, 4097):
+        shuffle = synth._Shuffle(n, np.random.default_rng(n))
+        assert sorted(shuffle(i) for i in range(n)) == list(range(n)), n
+    synthesize(tmp_path, 100, seed=4)
+    ident = [int(ln.split()[1]) for ln in (tmp_path / "identity_CelebA.txt").read_text().splitlines()]
+    assert sorted(set(ident)) == [1, 2, 3, 4, 5] and {ident.count(i) for i in range(1, 6)} == {20}
+    assert ident != sorted(ident)  # spread over the data set, not in runs
 
 
 def test_label_frequencies_roughly_celeba(big):

@@ -231,10 +231,13 @@ def test_gradient_accumulation_steps_like_one_large_batch(tiny_shards, tmp_path)
     first_micro_only, _ = weights_after("micro", "data.batch_size=8")
     assert sorted(keys_a) == sorted(keys_b) and len(keys_a) == 48
     assert int(accumulated["images"]) == int(large["images"]) == 2 * 24
-    for name, value in large["model"].items():
-        torch.testing.assert_close(accumulated["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    # the comparison can fail: updating from the first micro-batch alone gives other weights
-    assert any(not torch.allclose(first_micro_only["model"][n], v, atol=1e-4) for n, v in large["model"].items())
+    # Adam's first steps move each weight by about lr whatever its gradient's size, so float rounding in a
+    # near-zero gradient can move a stray weight by up to a step: compare whole weight vectors, against how far
+    # updating from the first micro-batch alone lands (the comparison can fail)
+    flat = {key: torch.cat([v.flatten().float() for v in state["model"].values()])
+            for key, state in (("accum", accumulated), ("large", large), ("micro", first_micro_only))}
+    off_by_accumulation = (flat["accum"] - flat["large"]).norm()
+    assert off_by_accumulation <= 0.02 * (flat["micro"] - flat["large"]).norm(), off_by_accumulation
 
 
 def test_sigkill_mid_training_then_rerun_ends_with_the_uninterrupted_weights(tiny_shards, tmp_path):

@@ -3,6 +3,9 @@
 A checkpoint holds only tensors, numbers, strings and dicts (it loads with `weights_only=True`): model and
 EMA weights, optimizer, scheduler and scaler states, the run's progress record and the full config as JSON,
 so a run is reproducible from its checkpoint alone. The newest complete file is the one to resume from.
+Readers of a run being trained (evaluation, export, scoring: `latest_state`) never see a partial checkpoint (each
+is renamed into place whole) and take the newest again when rotation deletes the one they chose meanwhile; what
+they report names the step they read.
 Beside each, `step-NNNNNNNN.pt.sha256` holds its sha256: a checkpoint whose bytes changed on disk is refused
 rather than resumed from (torch reads a damaged tensor without noticing); one without it (an older run, or a
 kill between the two writes) loads unverified.
@@ -98,12 +101,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if not data:
             raise BadInput(f"checkpoint {path}: empty file (a write that never finished?); delete it to resume "
                            "from the one before")
-        want = digest_path(Path(path))
-        if want.is_file() and want.read_text().strip() != hashlib.sha256(data).hexdigest():
-            raise BadInput(f"checkpoint {path}: its bytes differ from {want.name} (damaged on disk); delete it (and "
-                           f"{want.name}) to resume from the one before")
+        want = _digest_of(Path(path))
+        if want is not None and want != hashlib.sha256(data).hexdigest():
+            raise BadInput(f"checkpoint {path}: its bytes differ from {digest_path(Path(path)).name} (damaged on "
+                           f"disk); delete it (and {digest_path(Path(path)).name}) to resume from the one before")
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except BadInput:
+    except (BadInput, FileNotFoundError):  # gone: rotated away by the trainer (`latest_state` looks again)
         raise
     except pickle.UnpicklingError:
         raise BadInput(f"checkpoint {path}: holds Python objects beyond tensors and plain values; refusing to "
@@ -196,10 +199,10 @@ def warm_start_weights(cfg: Config) -> dict | None:
     source = cfg.train.init_from
     if not source:
         return None
-    path = latest_checkpoint(source)
-    if path is None:
+    if latest_checkpoint(source) is None:
         raise BadInput(f"train.init_from {source}: no checkpoint there to start from")
-    state = load_checkpoint(path)
+    state = latest_state(source)  # that run may be training still: its newest complete checkpoint
+    path = checkpoint_dir(source) / checkpoint_name(int(state["step"]))
     theirs, ours = config_to_dict(config_of(state))["model"], config_to_dict(cfg)["model"]
     differ = [f"model.{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
               if theirs.get(k) != ours.get(k)]
@@ -210,11 +213,27 @@ def warm_start_weights(cfg: Config) -> dict | None:
 
 
 def latest_state(run_dir: str | Path) -> dict:
-    """The run's latest checkpoint, loaded (one line when there is none)."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise BadInput(f"run {run_dir}: no checkpoint found (train it first)")
-    return load_checkpoint(path)
+    """The run's latest checkpoint, loaded (one line when there is none). A run being trained may rotate the
+    checkpoint chosen away before it is read: the newest is then chosen again."""
+    for _ in range(10):
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise BadInput(f"run {run_dir}: no checkpoint found (train it first)")
+        try:
+            return load_checkpoint(path)
+        except FileNotFoundError:
+            continue
+    raise BadInput(f"run {run_dir}: its newest checkpoint was deleted before it could be read, ten times over; "
+                   "is a process removing them?")
+
+
+def _digest_of(path: Path) -> str | None:
+    """The sha256 recorded beside a checkpoint, or None where there is none (an older run, or a checkpoint being
+    written: its digest follows it)."""
+    try:
+        return digest_path(path).read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def trained_model(state: dict, ema: bool = True):

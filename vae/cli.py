@@ -7,12 +7,14 @@ inside each subcommand so `vae --help`, `vae sample` and `vae encode` stay fast 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from common.errors import BadInput, VaeError
+from common.limits import read_file
 from vae.config import MAX_K
 
 
@@ -40,11 +42,38 @@ K = _bounded(1, MAX_K, "importance samples; the config caps eval.k the same way"
 GRID_IMAGES = _bounded(1, 10_000, "images in one PNG grid")
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
+WAIT_HELP = "seconds to wait while another process holds the {} (default 0: refuse at once, naming it)"
+
+
 def _temperature(text: str) -> float:
     value = float(text)
     if not 0 < value <= 10:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 10], got {text}")
     return value
+
+
+def _run_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 7 * 86400:  # the runtime's MAX_TIMEOUT: a week
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 604800], got {text}")
+    return value
+
+
+TIMEOUT_HELP = ("seconds one batch may run before it is ended (exit 1: a graph that runs too long, or a batch too "
+                "big for this machine; default 600)")
 
 
 def cmd_synth(args) -> int:
@@ -61,7 +90,7 @@ def cmd_shard(args) -> int:
 
     crop = DEFAULT_CROP if args.crop is None else args.crop
     summary = shard(args.source, args.out, crop=crop, size=args.size, workers=args.workers, dataset=args.dataset,
-                    maxcount=args.maxcount, progress=not args.quiet)
+                    maxcount=args.maxcount, progress=not args.quiet, wait_s=args.wait)
     state = "up to date, nothing to do" if summary["up_to_date"] else f"written {summary['written']}"
     print(f"shards {args.out}: {state}, skipped {summary['skipped']}, counts {summary['counts']}, "
           f"{summary['seconds']:.1f} s")
@@ -71,9 +100,7 @@ def cmd_shard(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from common.atomic import atomic_write_json
-    from vae.config import config_to_dict, load_config
-    from vae.distributed import run_launched
+    from vae.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
@@ -83,24 +110,42 @@ def cmd_train(args) -> int:
         from vae.training.train import Preempted, train
 
         try:
-            run_dir = train(cfg)
+            run_dir = train(cfg, wait_s=args.wait)
         except Preempted as stopped:
             print(f"vae train: {stopped}", file=sys.stderr)
             return Preempted.exit_code
     else:
+        from common import folder_lock
+
+        # this process holds the run folder's lock for its ranks (and passes it on to the launcher)
+        with folder_lock.hold(cfg.run_dir, "run folder", args.wait) as lock:
+            code = _train_launched(args, cfg, lock)
+        if code != 0:
+            return code
         run_dir = Path(cfg.run_dir)
-        config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
-        code = run_launched("vae.training.train", [str(config_file)], args.num_processes,
-                            log=run_dir / "launch.log", num_machines=args.num_machines,
-                            machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
-                            main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
-        if code == 143:
-            return _preempted_ranks(run_dir)
-        if code != 0:  # the failing rank has said why in one line above; bad input stays exit 2
-            log = run_dir / "launch.log"
-            bad_input = log.is_file() and any(line.startswith(b"vae: error:") for line in log.read_bytes().splitlines())
-            return 2 if bad_input else 1
     print(f"trained {run_dir}")
+    return 0
+
+
+def _train_launched(args, cfg, lock) -> int:
+    """`accelerate launch` of the training ranks, under the run folder's `lock`; 0 when they all succeeded."""
+    from common.atomic import atomic_write_json
+    from vae.config import config_to_dict
+    from vae.distributed import run_launched
+
+    run_dir = Path(cfg.run_dir)
+    config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
+    env, fds = lock.for_children()
+    code = run_launched("vae.training.train", [str(config_file)], args.num_processes,
+                        log=run_dir / "launch.log", env=env, pass_fds=fds, num_machines=args.num_machines,
+                        machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
+                        main_process_port=args.main_process_port, accelerate_config=args.accelerate_config)
+    if code == 143:
+        return _preempted_ranks(run_dir)
+    if code != 0:  # the failing rank has said why in one line above; bad input stays exit 2
+        log = run_dir / "launch.log"
+        bad_input = log.is_file() and any(line.startswith(b"vae: error:") for line in log.read_bytes().splitlines())
+        return 2 if bad_input else 1
     return 0
 
 
@@ -120,7 +165,7 @@ def _preempted_ranks(run_dir: Path) -> int:
     from vae.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir)
-    records = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
+    records = [json.loads(read_file(p, "json")) for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
     steps = {r["step"] for r in records}
     if latest is not None and records and len(records) == records[0]["world_size"] and \
             steps == {int(latest.stem.split("-")[1])}:
@@ -149,7 +194,7 @@ def cmd_eval(args) -> int:
         if code != 0:
             print(f"vae eval: accelerate launch exited with code {code}", file=sys.stderr)
             return 1
-        metrics = json.loads((Path(args.run) / "eval" / "metrics.json").read_text())
+        metrics = json.loads(read_file(Path(args.run) / "eval" / "metrics.json", "json"))
     else:
         from vae.evaluation.evaluate import evaluate
 
@@ -185,7 +230,8 @@ def cmd_score(args) -> int:
     from vae.evaluation.score import score
 
     scores = score(args.run, args.source, k=args.k, out=args.out, progress=True)
-    print(f"wrote {args.out}: {len(scores)} images, most anomalous {scores[0][0]} ({scores[0][1]:.3f} bits/dim)")
+    print(f"wrote {args.out}: {len(scores)} images, most anomalous {scores[0][0]} ({scores[0][1]:.3f} bits/dim; "
+          f"EMA weights of step {scores.step})")
     return 0
 
 
@@ -224,12 +270,27 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _runtime_model(kind: str, model: str, device: str, precision: str | None = None):
-    """`Decoder` or `Encoder` from a registry (its champion), a model folder or an .onnx file; bad input exits 2."""
+def _runtime_model(kind: str, model: str, device: str, precision: str | None = None, timeout: float | None = None):
+    """`Decoder` or `Encoder` from a registry (its champion), a model folder or an .onnx file; bad input exits 2.
+    `timeout`: seconds per run (None: the runtime's default)."""
+    from vae.serving import runtime
+
+    with _runtime_errors():
+        return getattr(runtime, kind)(model, device=device, precision=precision,
+                                      **({} if timeout is None else {"timeout": timeout}))
+
+
+@contextlib.contextmanager
+def _runtime_errors():
+    """The runtime's errors as the command's. A run past its timeout is a failed run (exit 1), not bad input: the
+    timeout cannot tell a graph that loops for ever from a machine too slow for the batch, and the model and images
+    may be fine. Any other runtime error names a model or input that cannot be used (exit 2)."""
     from vae.serving import runtime
 
     try:
-        return getattr(runtime, kind)(model, device=device, precision=precision)
+        yield
+    except runtime.RunTimeout as err:
+        raise VaeError(str(err)) from None
     except runtime.RuntimeModelError as err:
         raise BadInput(str(err)) from None
 
@@ -237,9 +298,10 @@ def _runtime_model(kind: str, model: str, device: str, precision: str | None = N
 def cmd_sample(args) -> int:
     from common.grid import make_grid, write_png
 
-    decoder = _runtime_model("Decoder", args.model, args.device, args.precision)
+    decoder = _runtime_model("Decoder", args.model, args.device, args.precision, args.timeout)
     temperature = decoder.temperature if args.temperature is None else args.temperature
-    images = decoder.sample(args.n, seed=args.seed, temperature=temperature)
+    with _runtime_errors():
+        images = decoder.sample(args.n, seed=args.seed, temperature=temperature)
     write_png(args.out, make_grid(images, ncols=int(max(1, round(args.n ** 0.5)))))
     print(f"wrote {args.out} ({args.n} samples, seed {args.seed}, temperature {temperature:g}, "
           f"model {decoder.version}, provider {decoder.provider})")
@@ -267,21 +329,24 @@ def cmd_encode(args) -> int:
     """Preprocess images as the shards are (center crop, antialiased resize), encode, write keys/mu/logvar."""
     import numpy as np
 
+    from common import schemas
     from common.atomic import atomic_write
     from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
+    from pipeline.sources import read_image
 
     if not args.out.endswith(".npz"):
         raise BadInput(f"out {args.out}: expected a .npz file name")
     if args.crop is not None and args.crop < 0:
         raise BadInput(f"crop: expected >= 0, got {args.crop}")
-    encoder = _runtime_model("Encoder", args.model, args.device, args.precision)
-    card = encoder.card()
-    crop = args.crop if args.crop is not None else int((card.get("preprocessing") or {}).get("crop", DEFAULT_CROP))
+    encoder = _runtime_model("Encoder", args.model, args.device, args.precision, args.timeout)
+    card = schemas.check(encoder.card(), {"preprocessing": schemas.PREPROCESSING}, f"model {encoder.path}: metadata",
+                         "a model card")
+    crop = args.crop if args.crop is not None else (card.get("preprocessing") or {}).get("crop", DEFAULT_CROP)
     files = _image_files(Path(args.images))
     keys, pixels, skipped = [], [], []
     for path in files:
         try:
-            pixels.append(preprocess(path.read_bytes(), crop, encoder.image_size))
+            pixels.append(preprocess(read_image(str(path)), crop, encoder.image_size))  # over the image cap: skipped
             keys.append(path.stem)
         except (SkipImage, OSError) as err:
             skipped.append(f"{path}: {err}")
@@ -292,7 +357,8 @@ def cmd_encode(args) -> int:
         print(f"vae encode: skipped {reason}", file=sys.stderr)
     mu, logvar = [], []
     for start in range(0, len(pixels), args.batch_size):
-        m, lv = encoder.encode(np.stack(pixels[start:start + args.batch_size]))
+        with _runtime_errors():
+            m, lv = encoder.encode(np.stack(pixels[start:start + args.batch_size]))
         mu.append(m)
         logvar.append(lv)
     arrays = {"keys": np.array(keys), "mu": np.concatenate(mu), "logvar": np.concatenate(logvar)}
@@ -393,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxcount", type=_positive, default=1000, help="images per shard")
     p.add_argument("--dataset", default="celeba", help="name in shard file names")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--wait", type=_wait_seconds, default=0.0, metavar="SECONDS", help=WAIT_HELP.format("shard folder"))
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("train", help="train (or resume) a run")
@@ -405,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main-process-port", type=int, default=None, help="default: a free port (one machine), 29500")
     p.add_argument("--accelerate-config", default=None,
                    help="an accelerate config file (deploy/accelerate/*.yaml) setting processes and machines")
+    p.add_argument("--wait", type=_wait_seconds, default=0.0, metavar="SECONDS", help=WAIT_HELP.format("run folder"))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="bounds, bits/dim and grids into RUN_DIR/eval/metrics.json")
@@ -451,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "found best, recorded at export; 1 where none is)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--timeout", type=_run_timeout, default=None, help=TIMEOUT_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("encode", help="codes (mu, logvar) of images from encoder.onnx (onnxruntime only)")
@@ -463,8 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default=None, help="int8: encoder.int8.onnx (CPUs), when exported")
+    p.add_argument("--timeout", type=_run_timeout, default=None, help=TIMEOUT_HELP)
     p.set_defaults(func=cmd_encode)
     return parser
+
+
+def _os_error(err: OSError) -> str:
+    """`FILE: reason`; the reason alone where the error names no file (the writers name theirs: common.atomic)."""
+    reason = err.strerror or str(err)
+    return f"{err.filename}: {reason}" if err.filename else reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,10 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vae: error: {err}", file=sys.stderr)
         return 2
     except (PermissionError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
-        print(f"vae: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        print(f"vae: error: {_os_error(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # the machine, not the input: disk full, I/O errors
-        print(f"vae: failed: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        print(f"vae: failed: {_os_error(err)}", file=sys.stderr)
         return 1
     except VaeError as err:
         print(f"vae: failed: {err}", file=sys.stderr)

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from common.errors import ConfigError
+from common.errors import ConfigError, one_line, shown
+from common.limits import read_file
 
 LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -28,6 +29,25 @@ OPTIMIZERS = ("adamw", "adamax")
 MAX_K = 100_000  # importance samples: the cap on eval.k, `vae eval --k`, `vae score --k` and the flow's k
 MAX_SAMPLE_IMAGES = 10_000  # images per sample-quality figure: nearest-neighbour matrices grow with its square
 MAX_TEMPERATURE = 100.0
+MAX_TEMPERATURES = 32  # eval.temperatures: each one is a full set of sample figures and grids
+# Sane ranges for every other number: generous beyond any run this project makes, tight enough that what is sized
+# from a value (tensors, buffers, checkpoint names, timedeltas, int conversions) cannot overflow or exhaust memory.
+MAX_STEPS = 10**8 - 1  # steps and step counts: checkpoint names hold eight digits (step-NNNNNNNN.pt)
+MAX_BATCH = 1 << 14  # images in one batch (data and eval)
+MAX_WIDTH = 1 << 12  # channels of one layer
+MAX_LEVELS = 10  # model.channels entries: resolutions halved this often (image_size <= 2**10)
+MAX_IMAGE_SIZE = 1 << 10
+MAX_LATENT_DIM = 1 << 22
+MAX_SECONDS = 365 * 86400.0  # train.max_seconds: a year
+MAX_TIMEOUT_S = 7 * 86400.0  # train.collective_timeout_s: a week (torch's timedelta in milliseconds stays exact)
+MAX_LR = 10.0
+MAX_NORM = 1e12  # gradient norms: train.grad_clip, train.skip_threshold
+MAX_WEIGHT = 1e6  # objective.beta, train.weight_decay, objective.free_bits (nats per dimension)
+MAX_TEXT = 4096  # characters of a string value (paths, the layout)
+# YAML: nesting and the nodes a file expands to once its aliases are followed (the configuration nests three
+# deep; a 700-byte "billion laughs" file of nested aliases expands to 10**9 nodes)
+MAX_DEPTH = 16
+MAX_NODES = 100_000
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -35,20 +55,38 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def _short(key: str) -> str:
+    """A key as an error names it: a key of a few thousand characters (a typo, an attack) cut to its start."""
+    return key if len(key) <= 80 else key[:60] + "..."
+
+
+def _within(section, name: str, low: float, high: float, why: str = "") -> None:
+    """`section.name` in [low, high]: below is "must be >= low", above "must be <= high (why)", naming the key."""
+    value = getattr(section, name)
+    _check(value >= low, name, f"must be >= {low}, got {shown(value)}")
+    _check(value <= high, name, f"must be <= {_number(high)}{f' ({why})' if why else ''}, got {shown(value)}")
+
+
+def _positive(section, name: str, high: float, why: str = "") -> None:
+    """`section.name` in (0, high]."""
+    value = getattr(section, name)
+    _check(0 < value <= high, name,
+           f"must be in (0, {_number(high)}]{f' ({why})' if why else ''}, got {shown(value)}")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def check_temperatures(values, key: str) -> list[float]:
     """A non-empty list of finite temperatures in (0, MAX_TEMPERATURE]; raises ConfigError naming `key`."""
-    _check(isinstance(values, (list, tuple)) and len(values) > 0, key,
-           f"must be a non-empty list of temperatures, got {values!r}")
+    _check(isinstance(values, (list, tuple)) and 0 < len(values) <= MAX_TEMPERATURES, key,
+           f"must be a list of 1 to {MAX_TEMPERATURES} temperatures, got {shown(values)}")
     for i, t in enumerate(values):
         ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= MAX_TEMPERATURE
-        _check(ok, key, f"temperature {i} must be a finite number in (0, {MAX_TEMPERATURE:g}], got {t!r}")
-    _check(len(set(values)) == len(values), key, f"temperatures repeat: {values!r}")
+        _check(ok, key, f"temperature {i} must be a finite number in (0, {MAX_TEMPERATURE:g}], got {shown(t)}")
+    _check(len(set(values)) == len(values), key, f"temperatures repeat: {shown(values)}")
     return [float(t) for t in values]
-
-
-def _at_least(section, name: str, low: float) -> None:
-    value = getattr(section, name)
-    _check(value >= low, name, f"must be >= {low}, got {value}")
 
 
 @dataclass
@@ -61,9 +99,9 @@ class DataConfig:
     flip: bool = False  # mirror training images left-right at random (drawn from the run's seed; never in eval)
 
     def __post_init__(self) -> None:
-        _at_least(self, "batch_size", 1)
-        _at_least(self, "num_workers", 0)
-        _at_least(self, "shuffle_buffer", 1)
+        _within(self, "batch_size", 1, MAX_BATCH)
+        _within(self, "num_workers", 0, 1024)
+        _within(self, "shuffle_buffer", 1, 10**6, "images held in memory")
 
 
 @dataclass
@@ -96,10 +134,10 @@ class ModelConfig:
                  f"e.g. model.layout={','.join(f'{r}x2' for r in reversed(sides))}")
         pairs: list[tuple[int, int]] = []
         for i, item in enumerate(self.layout.split(",")):
-            where = f"item {i + 1} {item.strip()!r}"
-            _check(item.strip() != "", "layout", f"item {i + 1} is empty in {self.layout!r}; {usage}")
+            where = f"item {i + 1} {shown(item.strip())}"
+            _check(item.strip() != "", "layout", f"item {i + 1} is empty in {shown(self.layout)}; {usage}")
             side, sep, count = item.strip().lower().partition("x")
-            _check(sep == "x" and side.strip().isdigit() and count.strip().isdigit(), "layout",
+            _check(sep == "x" and side.strip().isdecimal() and count.strip().isdecimal(), "layout",
                    f"{where} is not SIDExGROUPS; {usage}")
             side, count = int(side), int(count)
             _check(1 <= count <= MAX_GROUPS_PER_SIDE, "layout",
@@ -133,19 +171,22 @@ class ModelConfig:
         return sum(self.latent_channels * r * r for r in self.group_resolutions())
 
     def __post_init__(self) -> None:
-        _at_least(self, "latent_dim", 1)
-        _check(len(self.channels) >= 1, "channels", "needs at least one layer")
-        _check(all(c >= 1 for c in self.channels), "channels", f"widths must be >= 1, got {self.channels}")
-        _at_least(self, "res_blocks", 0)
-        _at_least(self, "mixtures", 1)
+        _within(self, "latent_dim", 1, MAX_LATENT_DIM)
+        _check(1 <= len(self.channels) <= MAX_LEVELS, "channels", f"needs 1 to {MAX_LEVELS} layers, got "
+               f"{len(self.channels)}")
+        _check(all(1 <= c <= MAX_WIDTH for c in self.channels), "channels",
+               f"widths must be in [1, {MAX_WIDTH}], got {shown(self.channels)}")
+        _within(self, "res_blocks", 0, 64)
+        _within(self, "mixtures", 1, 64)
         _check(self.likelihood in LIKELIHOODS, "likelihood",
-               f"must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
+               f"must be one of {', '.join(LIKELIHOODS)}, got {shown(self.likelihood)}")
+        _within(self, "image_size", 1, MAX_IMAGE_SIZE)
         stride = 2 ** len(self.channels)
         _check(self.image_size >= stride and self.image_size % stride == 0, "image_size",
                f"must be a multiple of 2**len(channels) = {stride}, got {self.image_size}")
-        _check(self.kind in MODEL_KINDS, "kind", f"must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
-        _at_least(self, "groups", 1)
-        _at_least(self, "latent_channels", 1)
+        _check(self.kind in MODEL_KINDS, "kind", f"must be one of {', '.join(MODEL_KINDS)}, got {shown(self.kind)}")
+        _within(self, "groups", 1, MAX_GROUPS_PER_SIDE * MAX_LEVELS)
+        _within(self, "latent_channels", 1, MAX_WIDTH)
         _check(not self.layout.strip() or self.kind == "hierarchical", "layout",
                f"a layout is for kind=hierarchical, got kind={self.kind}: set model.kind=hierarchical or "
                f"model.layout=''")
@@ -153,7 +194,7 @@ class ModelConfig:
             pairs = self.layout_groups()
             want = self.hierarchical_latent_dim()
             _check(self.latent_dim == want, "latent_dim",
-                   f"kind=hierarchical with layout {self.layout!r} ({sum(c for _, c in pairs)} groups of "
+                   f"kind=hierarchical with layout {shown(self.layout)} ({sum(c for _, c in pairs)} groups of "
                    f"{self.latent_channels} channels) has {want} latent dimensions; set latent_dim={want}, "
                    f"got {self.latent_dim}")
         elif self.kind == "hierarchical":
@@ -177,9 +218,9 @@ class ObjectiveConfig:
     kl_balance: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _at_least(self, "kl_warmup_steps", 0)
-        _at_least(self, "free_bits", 0)
+        _positive(self, "beta", MAX_WEIGHT)
+        _within(self, "kl_warmup_steps", 0, MAX_STEPS)
+        _within(self, "free_bits", 0, MAX_WEIGHT)
         _check(not self.kl_balance or self.kl_warmup_steps > 0, "kl_balance",
                "balances the groups' KL during the KL warm-up: set objective.kl_warmup_steps > 0 as well")
 
@@ -210,27 +251,28 @@ class TrainConfig:
     skip_threshold: float = 0.0  # skip updates whose pre-clip gradient norm exceeds this (counted); 0: off
 
     def __post_init__(self) -> None:
-        _at_least(self, "steps", 1)
-        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _at_least(self, "weight_decay", 0)
-        _at_least(self, "warmup_steps", 0)
-        _check(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        _within(self, "steps", 1, MAX_STEPS, "checkpoint names hold eight digits")
+        _positive(self, "lr", MAX_LR)
+        _within(self, "weight_decay", 0, MAX_WEIGHT)
+        _within(self, "warmup_steps", 0, MAX_STEPS)
+        _positive(self, "grad_clip", MAX_NORM)
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.mixed_precision in PRECISIONS, "mixed_precision",
-               f"must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
-        _at_least(self, "checkpoint_every", 1)
-        _at_least(self, "keep_checkpoints", 1)
-        _at_least(self, "log_every", 1)
-        _at_least(self, "max_nonfinite", 1)
-        _at_least(self, "grad_accum_steps", 1)
-        _at_least(self, "grids_every", 0)
-        _at_least(self, "max_seconds", 0)
-        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy and torch seeds), got {self.seed}")
-        _check(self.collective_timeout_s > 0, "collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
+               f"must be one of {', '.join(PRECISIONS)}, got {shown(self.mixed_precision)}")
+        _within(self, "checkpoint_every", 1, MAX_STEPS)
+        _within(self, "keep_checkpoints", 1, 10**6)
+        _within(self, "log_every", 1, MAX_STEPS)
+        _within(self, "max_nonfinite", 1, MAX_STEPS)
+        _within(self, "grad_accum_steps", 1, MAX_BATCH)
+        _within(self, "grids_every", 0, MAX_STEPS)
+        _within(self, "max_seconds", 0, MAX_SECONDS, "a year")
+        _check(0 <= self.seed < 2**32, "seed",
+               f"must be in [0, 2**32 - 1] (numpy and torch seeds), got {shown(self.seed)}")
+        _positive(self, "collective_timeout_s", MAX_TIMEOUT_S, "a week")
         _check(self.optimizer in OPTIMIZERS, "optimizer",
-               f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _check(self.skip_threshold >= 0, "skip_threshold",
-               f"must be >= 0 (a gradient norm; 0: off), got {self.skip_threshold}")
+               f"must be one of {', '.join(OPTIMIZERS)}, got {shown(self.optimizer)}")
+        _check(0 <= self.skip_threshold <= MAX_NORM, "skip_threshold",
+               f"must be >= 0 and <= {MAX_NORM:g} (a gradient norm; 0: off), got {shown(self.skip_threshold)}")
 
 
 @dataclass
@@ -246,15 +288,15 @@ class EvalConfig:
     inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth for FID (a path; no download)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.k <= MAX_K, "k", f"must be in [1, {MAX_K}], got {self.k}")
-        _at_least(self, "k_chunk", 1)
-        _at_least(self, "batch_size", 1)
+        _check(1 <= self.k <= MAX_K, "k", f"must be in [1, {MAX_K}], got {shown(self.k)}")
+        _within(self, "k_chunk", 1, MAX_K)
+        _within(self, "batch_size", 1, MAX_BATCH)
         _check(self.split in ("train", "valid", "test"), "split",
-               f"must be train, valid or test, got {self.split!r}")
+               f"must be train, valid or test, got {shown(self.split)}")
         check_temperatures(self.temperatures, "temperatures")
         _check(2 <= self.sample_images <= MAX_SAMPLE_IMAGES, "sample_images",
                f"must be in [2, {MAX_SAMPLE_IMAGES}] (each figure compares at least two images), got "
-               f"{self.sample_images}")
+               f"{shown(self.sample_images)}")
 
 
 @dataclass
@@ -272,7 +314,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
-        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        _check(isinstance(value, list), key, f"expected a list, got {shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -281,22 +323,31 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"expected a number, got {value!r}")
-        _check(math.isfinite(value), key, f"expected a finite number, got {value!r}")
+               f"expected a number, got {shown(value)}")
+        _check(_finite(value), key, f"expected a finite number, got {shown(value)}")
         return float(value)
     if hint is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key,
-               f"expected an integer, got {value!r}")
+               f"expected an integer, got {shown(value)}")
         return value
     if hint is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        _check(isinstance(value, bool), key, f"expected true or false, got {shown(value)}")
         return value
     if hint is str:
         if isinstance(value, bool):  # YAML 1.1 reads a bare `no` (mixed_precision=no) as false
             value = "yes" if value else "no"
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        _check(isinstance(value, str), key, f"expected a string, got {shown(value)}")
+        _check(len(value) <= MAX_TEXT, key, f"expected at most {MAX_TEXT} characters, got {len(value)}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _finite(value: int | float) -> bool:
+    """Whether `value` is a finite float (an integer too large for a float, 10**400, is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -305,10 +356,10 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
-        _check(name in names, key, f"unknown key (known: {', '.join(sorted(names))})")
+        _check(name in names, _short(key), f"unknown key (known: {', '.join(sorted(names))})")
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+            _check(isinstance(value, dict), key, f"expected a mapping, got {shown(value)}")
             kwargs[name] = _build(hint, value, f"{key}.")
         else:
             kwargs[name] = _coerce(value, hint, key)
@@ -332,22 +383,58 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, refused (ConfigError naming `where`) before anything is built when it nests deeper
+    than MAX_DEPTH or its aliases expand it past MAX_NODES nodes, counted on the parser's events (no recursion);
+    syntax errors and values that cannot be built (an integer past Python's digit limit, a date that does not exist)
+    are `yaml.YAMLError`."""
+    sizes: dict[str, int] = {}  # anchor -> the nodes it expands to
+    opened: list[tuple[str | None, int]] = []  # collections not yet closed: (anchor, nodes before them)
+    nodes = 0  # nodes so far, each alias counted at the size of what it repeats
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if len(opened) >= MAX_DEPTH:
+                raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels (the configuration nests three)")
+            opened.append((event.anchor, nodes))
+            nodes += 1
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, before = opened.pop()
+            if anchor is not None:
+                sizes[anchor] = nodes - before
+        elif isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in opened):
+                raise ConfigError(f"{where}: alias *{event.anchor} repeats a node that holds it (endless)")
+            nodes += sizes.get(event.anchor, 1)  # an unknown anchor: the loader below says so
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        if nodes > MAX_NODES:
+            raise ConfigError(f"{where}: more than {MAX_NODES} values once its aliases are expanded (a YAML bomb?)")
+    try:
+        return yaml.safe_load(text)
+    except ValueError as err:
+        raise yaml.constructor.ConstructorError(problem=f"a value cannot be read ({one_line(err)[:120]})") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """Turn `['train.lr=3e-4', 'model.channels=[32,64]']` into a nested dict (values parsed as YAML)."""
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {shown(item)}: expected key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"override {item!r}: empty key")
+            raise ConfigError(f"override {shown(item)}: empty key")
+        parts = key.split(".")
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError(f"override {shown(item)}: the key nests deeper than {MAX_DEPTH} levels")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw, f"config key '{_short(key)}'") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = nested
-        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -364,7 +451,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = load_yaml(read_file(path, "yaml", f"config file {path}").decode("utf-8"), f"config file {path}")
         except UnicodeDecodeError as err:
             raise ConfigError(f"config file {path}: not UTF-8 text (byte {err.start})") from None
         except OSError as err:

@@ -44,16 +44,19 @@ def launch_command(module: str, args: list[str], num_processes: int, num_machine
 
 
 def run_launched(module: str, args: list[str], num_processes: int, log: str | os.PathLike | None = None,
-                 **kwargs) -> int:
+                 env: dict | None = None, pass_fds: tuple = (), **kwargs) -> int:
     """Run the launcher and wait; SIGTERM and SIGINT sent to this process are passed on to it (and by it to
     every rank), so a preempted `vae train` stops all ranks with a checkpoint rather than orphaning them.
 
     With `log`, everything the launcher and the ranks write to stderr also goes to that file, and the console
     gets it up to the first traceback: after that only the ranks' one-line messages (`vae: ...`) and a pointer
     to the file, so a failure reads as one line rather than the launcher's report.
+    `env` adds to the launcher's environment and `pass_fds` are descriptors it keeps open (a folder lock held for
+    the ranks: `common.folder_lock`, so that a launcher outliving this process still holds it).
     Returns the launcher's exit code, or 143 when it ended after a forwarded SIGTERM."""
     proc = subprocess.Popen(launch_command(module, args, num_processes, **kwargs),
-                            stderr=subprocess.PIPE if log else None)
+                            stderr=subprocess.PIPE if log else None, env=dict(os.environ, **env) if env else None,
+                            pass_fds=pass_fds)
     pump = threading.Thread(target=_pump, args=(proc.stderr, Path(log)), daemon=True) if log else None
     if pump is not None:
         pump.start()

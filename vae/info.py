@@ -9,16 +9,17 @@ Nothing here imports torch: it reads JSON files and lists folders.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 
-from common import storage
+from common import limits, schemas, storage
 from common.errors import BadInput
 
 CARD_KEYS = ("version", "created", "latent_dim", "image_size", "likelihood", "config_hash", "step", "weights",
              "files", "sha256", "preprocessing")
 METRIC_KEYS = ("split", "k", "n_images", "nll_bpd", "elbo_bpd", "active_units", "model_step")
+CHECKPOINT = re.compile(r"step-(\d{8})\.pt")  # vae/checkpoint.py's names (that module imports torch)
 
 
 def sample_summary(samples: dict | None) -> dict | None:
@@ -53,29 +54,47 @@ def describe(location: str) -> dict:
                    f"registry ({reg.PROJECT}/)")
 
 
-def _json(path: Path) -> dict | None:
+def _json(path: Path, schema: dict, what: str) -> dict | None:
+    """The record at `path`, each field's type checked (`common.schemas`: one line naming the file and the field),
+    or None where there is none."""
     try:
-        return json.loads(path.read_text())
+        data = limits.read_file(path, "json")
     except FileNotFoundError:
         return None
-    except ValueError as err:
-        raise BadInput(f"{path}: not valid JSON ({err})") from None
+    return schemas.load(data, schema, str(path), what)
+
+
+def _log_record(line: bytes, where: str) -> dict | None:
+    try:
+        return schemas.load(line, schemas.LOG_LINE, where, "a log record")
+    except schemas.RecordError:
+        return None
+
+
+def last_log(log: Path) -> tuple[dict | None, str | None]:
+    """The last complete record of a run's `train_log.jsonl`, and a note when its last line is not one: a run
+    killed while writing a line leaves it cut short (training drops it on resume), and the record before it is
+    shown instead."""
+    line = limits.read_last_line(log, "json")  # a log of any length costs one line
+    record = _log_record(line, str(log))
+    if record is not None or not line:
+        return record, None
+    lines = [part for part in limits.read_file(log, "json").splitlines() if part.strip()]  # only after a cut
+    earlier = (_log_record(part, str(log)) for part in reversed(lines[:-1]))
+    return next((r for r in earlier if r is not None), None), \
+        f"{log}: its last line is not a complete record (cut short by a kill?); the record before it is shown"
 
 
 def describe_run(path: Path) -> dict:
-    checkpoints = sorted(p.name for p in (path / "checkpoints").glob("step-*.pt")) \
+    checkpoints = sorted(p.name for p in (path / "checkpoints").glob("step-*.pt") if CHECKPOINT.fullmatch(p.name)) \
         if (path / "checkpoints").is_dir() else []
-    config = _json(path / "config.json") or {}
-    last = None
-    log = path / "train_log.jsonl"
-    if log.is_file():
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        last = json.loads(lines[-1]) if lines else None
-    metrics = _json(path / "eval" / "metrics.json")
+    config = _json(path / "config.json", schemas.RUN_CONFIG, "a run's config record") or {}
+    last, note = last_log(path / "train_log.jsonl") if (path / "train_log.jsonl").is_file() else (None, None)
+    metrics = _json(path / "eval" / "metrics.json", schemas.METRICS, "a metrics record")
     return {"kind": "run", "path": str(path), "config_hash": config.get("config_hash"),
-            "steps": (config.get("config") or {}).get("train", {}).get("steps"),
+            "steps": ((config.get("config") or {}).get("train") or {}).get("steps"),
             "step": int(checkpoints[-1][5:13]) if checkpoints else 0, "checkpoints": checkpoints,
-            "last_log": last, "metrics": _shown_metrics(metrics)}
+            "last_log": last, **({"last_log_note": note} if note else {}), "metrics": _shown_metrics(metrics)}
 
 
 def _shown_metrics(metrics: dict | None) -> dict | None:
@@ -85,7 +104,7 @@ def _shown_metrics(metrics: dict | None) -> dict | None:
 
 
 def describe_model(path: Path) -> dict:
-    card = _json(path / "model.json")
+    card = _json(path / "model.json", schemas.MODEL_CARD, "a model card")
     metrics = card.get("metrics") or {}
     return {"kind": "model", "path": str(Path(os.path.realpath(path))),
             **{k: card.get(k) for k in CARD_KEYS}, "metrics": _shown_metrics(metrics) or {},
@@ -95,7 +114,10 @@ def describe_model(path: Path) -> dict:
 def describe_registry(location: str) -> dict:
     from vae.serving import registry as reg
 
-    champion = reg.read_champion(location)
+    try:
+        champion = reg.read_champion(location)
+    except reg.RegistryError as err:  # a damaged champion.json is the input `vae info` was given
+        raise BadInput(str(err)) from None
     shown = ("version", "path", "nll_bpd", "split", "k", "promoted_at", "run")
     if champion is not None:  # an operator's rollback, when there was one: its reason and the versions it retired
         champion = {**{k: champion.get(k) for k in shown},

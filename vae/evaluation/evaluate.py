@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common import limits
 from common.atomic import atomic_write_json
-from common.errors import BadInput, ConfigError
+from common.errors import BadInput, ConfigError, VaeError
 from common.grid import label, make_grid, write_png
 from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
@@ -163,10 +164,22 @@ def require_images(shards: str, split: str, manifest: dict) -> None:
         raise EmptySplit(f"shards {shards}: the {split} split holds no images (nothing to evaluate it on)")
 
 
+def require_finite_weights(model, run_dir: str | Path, step: int) -> None:
+    """A diverged run (NaN or infinite weights) fails in one line, rather than measuring NaN bounds that look
+    like results (exit 0) and could be exported or compared."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise VaeError(f"run {run_dir}: its weights at step {step} are not finite ({len(bad)} tensors, e.g. "
+                       f"{bad[0]}): the training diverged, nothing to evaluate (train it again, or from an earlier "
+                       "checkpoint)")
+
+
 def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None = None, shards: str | None = None):
     """(model, cfg, step, split, k, shards, manifest) after the checks `evaluate` makes before any work; run once
     before launching several processes too, so bad input is one line rather than a traceback per rank."""
     model, cfg, step = load_trained(Path(run_dir))
+    require_finite_weights(model, run_dir, step)
     split, k, shards = split or cfg.eval.split, k or cfg.eval.k, shards or cfg.data.shards
     if not 1 <= k <= MAX_K:
         raise BadInput(f"k: must be in [1, {MAX_K}], got {k}")
@@ -191,7 +204,7 @@ def reusable_metrics(run_dir: str | Path, split: str | None = None, k: int | Non
     """`RUN_DIR/eval/metrics.json` when it measured the run's current weights on the split's current images (its
     fingerprint), at K, without an image cap; else None (evaluate again)."""
     try:
-        metrics = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
+        metrics = json.loads(limits.read_file(Path(run_dir) / "eval" / "metrics.json", "json"))
     except (OSError, ValueError):
         return None
     if not isinstance(metrics, dict) or metrics.get("max_images") is not None:

@@ -24,6 +24,15 @@ from vae.checkpoint import latest_state, trained_model
 from vae.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
 
 
+class Ranking(list):
+    """[(key, nll_bpd)] from most to least anomalous, and `step`: the checkpoint whose EMA weights scored them
+    (read once: a run still training moves on, this ranking does not)."""
+
+    def __init__(self, scores: list[tuple[str, float]], step: int):
+        super().__init__(scores)
+        self.step = step
+
+
 class ScoreError(VaeError):
     """The model gave scores that rank nothing (NaN or infinite)."""
 
@@ -82,14 +91,15 @@ def _training_crop(state: dict, cfg) -> int:
 
 @torch.no_grad()
 def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None = None,
-          batch_size: int = 64, seed: int | None = None, progress: bool = False) -> list[tuple[str, float]]:
-    """[(key, nll_bpd)] sorted from most to least anomalous; written as CSV to `out` when given (checked before
+          batch_size: int = 64, seed: int | None = None, progress: bool = False) -> Ranking:
+    """[(key, nll_bpd)] sorted from most to least anomalous (a `Ranking`, which names the checkpoint step it
+    read); written as CSV to `out` when given (checked before
     any image is scored). Scores that are not finite fail the run (ScoreError): no ranking is written. Each
     image's noise is seeded by `seed` (default: the run's `train.seed`, as `vae eval` draws it) and its key."""
     if out is not None:
         writable_file(out)
     state = latest_state(run_dir)
-    model, cfg, _ = trained_model(state)
+    model, cfg, step = trained_model(state)
     seed = cfg.train.seed if seed is None else seed
     size = cfg.model.image_size
     dims = image_dims(size)
@@ -127,4 +137,4 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
             atomic_write_text(f"{out}.skipped.json", json.dumps(skipped, indent=1))
         else:  # an earlier run's list would describe images this run did not skip
             Path(f"{out}.skipped.json").unlink(missing_ok=True)
-    return scores
+    return Ranking(scores, step)

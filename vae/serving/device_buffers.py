@@ -183,10 +183,11 @@ def prepare(session, device_id: int, sig: Signature, value, out) -> tuple[ort.IO
     return binding, kept
 
 
-def run_bound(session, device_id: int, sig: Signature, value, out=None):
-    """Run once on bound buffers; returns `out` (written in place) or the output as an OrtValue."""
+def run_bound(session, device_id: int, sig: Signature, value, out=None, run_options=None):
+    """Run once on bound buffers (with `run_options`: the caller's deadline); returns `out` (written in place) or
+    the output as an OrtValue."""
     binding, _ = prepare(session, device_id, sig, value, out)
-    session.run_with_iobinding(binding)
+    session.run_with_iobinding(binding, run_options)
     return out if out is not None else binding.get_outputs()[0]
 
 

@@ -31,11 +31,13 @@ import onnx
 import torch
 from torch import nn
 
+from common import limits, schemas
 from common.atomic import atomic_write_json
 from common.digest import sha256_file
 from common.errors import BadInput
 from vae.checkpoint import latest_state, load_trained, trained_model
 from vae.config import config_hash
+from vae.serving.graph_files import referenced_files
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
 from vae.serving.model_card import write_model_card
@@ -207,7 +209,7 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str, split: str) ->
 
     path = run_dir / "eval" / "metrics.json"
     digest = weights_digest(model)
-    metrics = json.loads(path.read_text()) if path.exists() else None
+    metrics = json.loads(limits.read_file(path, "json")) if path.exists() else None
     if metrics is not None and metrics.get("weights_sha256") == digest:
         return metrics
     from pipeline.manifest import load_manifest
@@ -281,6 +283,8 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
             names += ["encoder.int8.onnx", "decoder.int8.onnx"]
             for name in names[-2:]:
                 set_metadata(staging / name, {**card, "precision": "int8"})
+        # a file a graph keeps weights in (ONNX external data; these graphs hold theirs) is hashed like the graph
+        names += sorted({data for name in names for data in referenced_files(staging / name)} - set(names))
         card["files"] = names
         card["sha256"] = {name: sha256_file(staging / name) for name in names}
         atomic_write_json(staging / "metrics.json", metrics)
@@ -299,8 +303,9 @@ def existing_export(out: str | Path, run_dir: str | Path, version: str, fp16: bo
     from vae.checkpoint import weights_digest
 
     try:
-        card = json.loads((Path(out) / "model.json").read_text())
-    except (OSError, ValueError):
+        card = schemas.load(limits.read_file(Path(out) / "model.json", "json"), schemas.MODEL_CARD,
+                            str(Path(out) / "model.json"))
+    except (OSError, ValueError):  # none, over its cap, or not a card whose fields have their types: export again
         return None
     wanted = {"encoder.onnx", "decoder.onnx", *([FP16_DECODER] if fp16 else []),
               *(name for p in precisions for name in (f"encoder.{p}.onnx", f"decoder.{p}.onnx"))}

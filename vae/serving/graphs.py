@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from common.atomic import atomic_write_bytes, naming
 from common.errors import VaeError
 
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
@@ -60,7 +61,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, input_name: str, outpu
             module, (example,), dynamo=True, input_names=[input_name], output_names=output_names,
             dynamic_shapes={input_name: {0: torch.export.Dim("batch", min=1, max=65536)}},
             external_data=False, verbose=False)
-    program.save(str(path), external_data=False)
+    with naming(path):  # a full disk names the graph being written
+        program.save(str(path), external_data=False)
 
 
 def set_metadata(path: Path, metadata: dict) -> None:
@@ -69,7 +71,7 @@ def set_metadata(path: Path, metadata: dict) -> None:
     for key, value in metadata.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(graph, str(path))
+    atomic_write_bytes(path, graph.SerializeToString())
 
 
 def random_ops(path: Path) -> set[str]:

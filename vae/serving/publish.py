@@ -20,7 +20,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from common.atomic import UMASK, fsync_tree
+from common.atomic import UMASK, fsync_tree, naming
 from common.errors import BadInput
 
 
@@ -82,8 +82,9 @@ def publishing(out: Path):
         staging = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), dir=out.parent))
         os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes 0700; readers (apps) may be other users
         try:
-            yield staging
-            fsync_tree(staging)
+            with naming(staging):  # an error on a file descriptor (a full disk) names at least the folder written
+                yield staging
+                fsync_tree(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -30,6 +30,8 @@ import onnx
 import torch
 from torch import nn
 
+from common.atomic import naming
+
 PRECISIONS = ("int8",)
 BUDGET = {"mean_abs": 1 / 255, "max_abs": 8 / 255}  # agreement with the float32 graphs, on decoded images in [0, 1]
 # The stated budget for a graph that misses BUDGET, as 8-bit activations through a trained decoder do by a little
@@ -122,15 +124,17 @@ def quantize_graph(source: Path, target: Path, input_name: str, calibration: lis
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        with naming(prepared):  # a full disk names the file being written
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         nodes = onnx.load(str(prepared)).graph.node  # in topological order
         arithmetic = [i for i, n in enumerate(nodes) if n.op_type in ("Conv", "MatMul", "Gemm")]
         last = [n.name for n in nodes[arithmetic[-1]:]] if arithmetic else []  # the head and what follows it
-        quantize_static(str(prepared), str(target), _reader(input_name, calibration), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=last, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        with naming(target):
+            quantize_static(str(prepared), str(target), _reader(input_name, calibration),
+                            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=last,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
 
 def _errors(got: np.ndarray, want: np.ndarray) -> dict:

@@ -1,7 +1,8 @@
 """The model registry: immutable versions and the champion, on a local path or an fsspec URL (torch-free).
 
-    REGISTRY/train-vae/versions/<version>/  the model folder (graphs, model.json, metrics.json, samples.png) and
-                                            version.json {"version", "files": {name: sha256}}, written last
+    REGISTRY/train-vae/versions/<version>/  the model folder (graphs and any files they keep weights in,
+                                            model.json, metrics.json, samples.png) and version.json
+                                            {"version", "files": {name: sha256}}, written last
     REGISTRY/train-vae/champion.json        {"version", "path": "train-vae/versions/<version>", "record_sha256",
                                              "evidence": {...}, "run", "promoted_at"}
 
@@ -37,14 +38,14 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Callable
 
-from common import storage
+from common import schemas, storage
 from common.atomic import atomic_write_bytes, fsync_tree
 from common.digest import sha256_file
-from common.errors import VaeError
+from common.errors import BadInput, VaeError
+from vae.serving.graph_files import referenced_files
 
 PROJECT = "train-vae"
 CHAMPION = "champion.json"
@@ -109,15 +110,10 @@ def read_version_record_bytes(registry: str | os.PathLike, version: str) -> tupl
     """A version's record and its bytes as stored (what a champion record pins), or (None, None)."""
     where = storage.join(version_dir(registry, version), VERSION_RECORD)
     try:
-        raw = storage.read_bytes(where)
+        raw = storage.read_capped(where, "json")
     except FileNotFoundError:
         return None, None
-    try:
-        record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{where}: not valid JSON ({err})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        raise RegistryError(f"{where}: not a version record (no 'files')")
+    record = schemas.load(raw, schemas.VERSION, where, "a version record", RegistryError)
     for name in record["files"]:
         plain_name("file", name, where)
     return record, raw
@@ -130,6 +126,11 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
     disk registrations take turns (a lock file), so two of one version at once end with one published whole."""
     for name in files:
         plain_name("file", name, f"registry version {version}")
+    for name, src in files.items():  # a graph's external weights are published and hashed with it
+        missing = [data for data in _graph_reads(src) if data not in files] if name.endswith(".onnx") else []
+        if missing:
+            raise RegistryError(f"registry version {version}: {name} keeps weights in {', '.join(missing)}, which "
+                                "is not among the files published")
     hashes = {name: sha256_file(src) for name, src in sorted(files.items())}
     record = {"version": version, "files": hashes}
     target = version_dir(registry, version)
@@ -144,6 +145,15 @@ def register(registry: str | os.PathLike, version: str, files: dict[str, str | o
         if not _already_published(registry, version, hashes, target):
             _stage_and_rename(Path(target), version, files, record)
     return target
+
+
+def _graph_reads(src) -> list[str]:
+    """The files the graph `src` keeps weights in; none where it is not a graph the runtime would load (the
+    registry stores files as given: the runtime refuses such a graph, in one line, when it is loaded)."""
+    try:
+        return referenced_files(src)
+    except BadInput:
+        return []
 
 
 def _already_published(registry, version: str, hashes: dict, target: str) -> bool:
@@ -163,7 +173,7 @@ def _claim(target: str, hashes: dict) -> None:
     data = _record_bytes({"files": hashes})
     if not _create_if_absent(url, data):
         try:
-            held = json.loads(storage.read_bytes(url)).get("files")
+            held = json.loads(storage.read_capped(url, "json")).get("files")
         except (ValueError, UnicodeDecodeError, AttributeError, FileNotFoundError):
             held = None
         if held != hashes:
@@ -173,46 +183,15 @@ def _claim(target: str, hashes: dict) -> None:
 
 
 def _create_if_absent(url: str, data: bytes) -> bool:
-    """Write `url` only where nothing is: True if this call created it, False if something was there."""
-    scheme = url.split("://", 1)[0]
-    if scheme in ("s3", "s3a"):
-        fs, path = storage.filesystem(url)
-        try:
-            fs.pipe_file(path, data, mode="create")  # If-None-Match: *
-        except FileExistsError:
-            return False
-        except OSError as err:
-            if _lost_condition(err):
-                return False
-            raise RegistryError(f"{url}: conditional write failed ({type(err).__name__}: {err}); registration and "
-                                "promotion on object storage need conditional writes (If-None-Match, If-Match)") \
-                from None
-        finally:
-            fs.invalidate_cache(path)
-        return True
-    if scheme == "memory":
-        with _MEMORY_LOCK:
-            if storage.exists(url):
-                return False
-            storage.write_bytes_atomic(url, data)
-            return True
-    storage.write_bytes_atomic(url, data)
-    return True
+    """Write `url` only where nothing is (`storage.create_if_absent`): True if this call created it."""
+    try:
+        return storage.create_if_absent(url, data)
+    except OSError as err:
+        raise RegistryError(f"{url}: conditional write failed ({type(err).__name__}: {err}); registration and "
+                            "promotion on object storage need conditional writes (If-None-Match, If-Match)") from None
 
 
-LOST_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-
-
-def _lost_condition(err: OSError) -> bool:
-    """Whether S3 refused a conditional write because another writer got there first. s3fs gives a failed
-    precondition and an invalid argument (a store without conditional writes) the same errno, so the S3 error
-    code is read from the cause where there is one."""
-    response = getattr(err.__cause__, "response", None)
-    code = (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
-    if code:
-        return str(code) in LOST_CODES
-    text = str(err)
-    return any(marker in text for marker in LOST_CODES) or "pre-condition" in text.lower()
+_lost_condition = storage.lost_condition  # S3 refused a conditional write: another writer got there first
 
 
 @contextlib.contextmanager
@@ -396,7 +375,7 @@ class _LocalChampion:
 
     def read(self) -> tuple[dict | None, bytes | None]:
         try:
-            data = self.path.read_bytes()
+            data = storage.read_capped(self.path, "json")
         except FileNotFoundError:
             return None, None
         return _parse(data, self.path), data
@@ -407,7 +386,7 @@ class _LocalChampion:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".champion.lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
-            current = self.path.read_bytes() if self.path.exists() else None
+            current = storage.read_capped(self.path, "json") if self.path.exists() else None
             if current != token:
                 return False
             atomic_write_bytes(self.path, data)
@@ -419,42 +398,15 @@ class _S3Champion:
 
     def __init__(self, registry: str):
         self.url = storage.join(project_dir(registry), CHAMPION)
-        self.fs, self.path = storage.filesystem(self.url)
-
-    def _etag(self) -> str | None:
-        try:
-            return self.fs.info(self.path, refresh=True)["ETag"]
-        except FileNotFoundError:
-            return None
 
     def read(self) -> tuple[dict | None, str | None]:
-        for _ in range(10):  # an ETag read before and after the body: both the same, the body is that object's
-            before = self._etag()
-            if before is None:
-                return None, None
-            try:
-                data = self.fs.cat_file(self.path)
-            except FileNotFoundError:
-                continue
-            if self._etag() == before:
-                return _parse(data, self.url), before
-        raise RegistryError(f"{self.url}: changed on every read")
+        data, etag = storage.read_versioned(self.url)  # the body and the ETag of that same object
+        return (None, None) if data is None else (_parse(data, self.url), etag)
 
     def swap(self, token: str | None, data: bytes) -> bool:
         if token is None:
             return _create_if_absent(self.url, data)
-        try:
-            self.fs.pipe_file(self.path, data, IfMatch=token)
-        except OSError as err:
-            if _lost_condition(err):
-                return False  # another writer got there first
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
-        return True
-
-
-_MEMORY_LOCK = threading.Lock()
+        return storage.replace_if_unchanged(self.url, token, data)  # a PUT with If-Match on the ETag
 
 
 class _MemoryChampion:
@@ -465,27 +417,20 @@ class _MemoryChampion:
 
     def read(self) -> tuple[dict | None, bytes | None]:
         try:
-            data = storage.read_bytes(self.url)
+            data = storage.read_capped(self.url, "json")
         except FileNotFoundError:
             return None, None
         return _parse(data, self.url), data
 
     def swap(self, token: bytes | None, data: bytes) -> bool:
-        with _MEMORY_LOCK:
-            if self.read()[1] != token:
-                return False
-            storage.write_bytes_atomic(self.url, data)
-            return True
+        return storage.replace_if_unchanged(self.url, token, data)  # compared and written under the process lock
 
 
 def _parse(data: bytes, where) -> dict:
-    try:
-        record = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RegistryError(f"{where}: not valid JSON ({err})") from None
-    if not isinstance(record, dict) or "version" not in record:
-        raise RegistryError(f"{where}: not a champion record (no 'version')")
-    plain_name("version", record["version"], str(where))
+    """champion.json's record, each field's type checked (`common.schemas.CHAMPION`) and its versions plain names."""
+    record = schemas.load(data, schemas.CHAMPION, str(where), "a champion record", RegistryError)
+    for version in [record["version"], *(record.get("rolled_back") or [])]:
+        plain_name("version", version, str(where))
     return record
 
 
@@ -507,7 +452,7 @@ def read_champion(registry: str | os.PathLike) -> dict | None:
     """The champion record, or None. Works on any registry location (read-only)."""
     location = str(registry)
     try:
-        data = storage.read_bytes(storage.join(project_dir(location), CHAMPION))
+        data = storage.read_capped(storage.join(project_dir(location), CHAMPION), "json")
     except FileNotFoundError:
         return None
     return _parse(data, storage.join(project_dir(location), CHAMPION))
@@ -547,10 +492,10 @@ def promote(registry: str | os.PathLike, version: str, metrics: dict, run: str |
         current, token = store.read()
         if current is not None and current.get("version") == version:
             return {"promoted": True, "reason": "already the champion", "previous": current, "reevaluated": None}
-        if current is not None and version in current.get("rolled_back", []):
+        if current is not None and version in (current.get("rolled_back") or []):
+            why = (current.get("rollback") or {}).get("reason")
             return {"promoted": False, "previous": current, "reevaluated": None,
-                    "reason": f"{version} was rolled back by an operator ({current.get('rollback', {}).get('reason')})"
-                              "; it is never promoted again"}
+                    "reason": f"{version} was rolled back by an operator ({why}); it is never promoted again"}
         against, reevaluated = champion_evidence(current), None
         if current is not None and evidence["sample_primary"] is None and sample_measure(against) is not None:
             return {"promoted": False, "previous": current, "reevaluated": None,
@@ -609,7 +554,7 @@ def rollback(registry: str | os.PathLike, version: str, reason: str, store=None)
     store = store or champion_store(registry)
     for _ in range(MAX_ROUNDS):
         current, token = store.read()
-        gone = [] if current is None else [*current.get("rolled_back", []), current["version"]]
+        gone = [] if current is None else [*(current.get("rolled_back") or []), current["version"]]
         new = {**_champion_record(version, raw, evidence, _absolute_or_none(metrics.get("run"))),
                "rollback": {"reason": reason.strip(), "from": current and current["version"]},
                "rolled_back": sorted(set(gone) - {version})}
@@ -630,7 +575,7 @@ def _version_metrics(registry, version: str, record: dict) -> dict:
     want = record["files"].get("metrics.json")
     if want is None:
         return {}
-    data = storage.read_bytes(where)
+    data = storage.read_capped(where, "json")
     if hashlib.sha256(data).hexdigest() != want:
         raise RegistryError(f"{where}: sha256 differs from the version record (damaged or replaced)")
-    return json.loads(data)
+    return schemas.load(data, schemas.METRICS, where, "a metrics record", RegistryError)

@@ -8,6 +8,11 @@
 
 A model is a registry location (its champion), a model folder (its graphs are checked against the sha256 in
 `model.json`; a folder exported before hashes loads with a warning) or a bare `.onnx` file (loaded as is).
+What a graph reads besides itself (external weights) is checked with it: a plain file beside it, within the size
+caps (`common.limits`: `onnx`, `onnx_data`), and hashed in the card or version record when the graph is. The sizes a
+model declares (latent_dim, image_size, channels) are bounded and must match the graph's inputs and outputs and
+its card before anything is sized from them. A run longer than `timeout` seconds (default `DEFAULT_TIMEOUT`) is
+ended and raises `RunTimeout`.
 `precision="fp16"` picks `decoder.fp16.onnx` (and `precision=P` in general `<kind>.P.onnx`), explicitly.
 
 On a GPU the app can keep z and the images on the device: `decode_on_device(z, out=...)` binds OrtValues, CUDA
@@ -35,11 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import storage
+from common import schemas, storage
 from common.atomic import atomic_write_bytes
 from common.digest import sha256_file
-from common.errors import one_line
+from common.errors import BadInput, one_line
+from common.limits import OverCap
 from vae.serving import device_buffers as buffers
+from vae.serving import graph_files
+from vae.serving.watchdog import deadline
 from vae.serving import registry as reg
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -49,19 +57,32 @@ import onnxruntime as ort  # noqa: E402
 ONNXRUNTIME_ERRORS = tuple(error for error in vars(ort.capi.onnxruntime_pybind11_state).values()
                            if isinstance(error, type) and issubclass(error, Exception))
 
-__all__ = ["Champion", "Decoder", "Encoder", "KNOWN_CONTRACTS", "RuntimeModelError", "cuda_provider_options",
-           "default_cache_dir", "graph_name", "interpolate", "providers_for", "resolve_model", "session_options",
-           "verified_graph"]
+__all__ = ["Champion", "Decoder", "Encoder", "KNOWN_CONTRACTS", "RunTimeout", "RuntimeModelError",
+           "cuda_provider_options", "default_cache_dir", "graph_name", "interpolate", "providers_for", "resolve_model",
+           "session_options", "verified_graph"]
 
 KNOWN_CONTRACTS = ("1",)
 
 
 MAX_THREADS = 1024  # intra-op threads: more is a mistake on any machine (onnxruntime would try to start them)
 LEGACY_STREAM = 1  # cudaStreamLegacy: CUDA's legacy default stream, as a handle
+# Bounds on what a model declares, checked before anything is sized from it: far beyond this project's models
+# (latent_dim 128-512, 64x64 RGB images), far below what would exhaust a machine's memory.
+MAX_LATENT_DIM = 1 << 16
+MAX_IMAGE_SIZE = 4096
+MAX_CHANNELS = 4
+MAX_BATCH = 65536  # latents or images in one call: the largest batch export declares its graphs for
+BATCH_BYTES = 1 << 30  # `sample` decodes fewer than batch_size at once where one batch (draws, images) passes this
+DEFAULT_TIMEOUT = 600.0  # seconds one run may take: minutes of headroom for a batch of 256 large images on a CPU
+MAX_TIMEOUT = 7 * 86400.0
 
 
 class RuntimeModelError(ValueError):
     """The model file or the input given to it is not usable; the message names which."""
+
+
+class RunTimeout(RuntimeModelError):
+    """A run passed its timeout and was ended: a graph that runs too long, or a machine too slow for it."""
 
 
 def graph_name(kind: str, precision: str | None = None) -> str:
@@ -86,13 +107,16 @@ def verified_graph(folder: str | os.PathLike, name: str) -> str:
         hint = f"; export it with `vae export --precision {precision}`" if precision else ""
         raise RuntimeModelError(f"model folder {given}: no {name} (it holds {', '.join(held) or 'no graphs'}){hint}")
     try:
-        with open(os.path.join(folder, "model.json"), "rb") as f:
-            card = json.loads(f.read())
+        card = json.loads(storage.read_capped(os.path.join(folder, "model.json"), "json"))
     except FileNotFoundError:
         raise RuntimeModelError(f"model folder {folder}: no model.json (pass the .onnx file itself to load "
                                 "a graph without its card)") from None
+    except OverCap:
+        raise
     except ValueError as err:
         raise RuntimeModelError(f"model folder {folder}: model.json is not valid JSON ({err})") from None
+    except RecursionError:  # the parser's depth limit: no card nests past a few levels
+        raise RuntimeModelError(f"model folder {folder}: model.json is not a model card (nested too deeply)") from None
     if not isinstance(card, dict):
         raise RuntimeModelError(f"model folder {folder}: model.json is not a model card (a JSON object)")
     hashes = card.get("sha256")
@@ -100,33 +124,63 @@ def verified_graph(folder: str | os.PathLike, name: str) -> str:
                                  and all(isinstance(v, str) for v in hashes.values())):
         raise RuntimeModelError(f"model folder {folder}: model.json's sha256 is not a mapping of graph names to "
                                 f"digests (damaged card)")
+    schemas.check(card, schemas.MODEL_CARD, f"model folder {folder}: model.json", "a model card", RuntimeModelError)
     if not hashes:
         warnings.warn(f"model folder {folder}: model.json lists no sha256 (an older export); {name} is not "
                       "verified", RuntimeWarning, stacklevel=3)
         return path
     if name not in hashes:
         raise RuntimeModelError(f"model folder {folder}: model.json lists no sha256 for {name}")
+    referenced = checked_graph_files(path)  # size caps first: nothing over them is hashed
     if sha256_file(path) != hashes[name]:
         raise RuntimeModelError(f"model {path}: sha256 differs from model.json's (damaged or replaced file)")
+    # A card written before external weights were hashed lists its graphs alone: export writes graphs that hold
+    # all their weights, so such a card still loads; a graph that reads a file the card does not hash is refused.
+    for data in referenced:
+        if data not in hashes:
+            raise RuntimeModelError(f"model folder {folder}: {name} keeps weights in {data}, for which model.json "
+                                    "lists no sha256")
+        if sha256_file(os.path.join(folder, data)) != hashes[data]:
+            raise RuntimeModelError(f"model {os.path.join(folder, data)}: sha256 differs from model.json's (damaged "
+                                    f"or replaced weights of {name})")
     return path
+
+
+def checked_graph_files(path: str, present: bool = True) -> list[str]:
+    """The files the graph `path` keeps weights in (ONNX external data, `vae.serving.graph_files`): plain names
+    beside it, the graph within its size cap (`onnx`) and, with `present`, each file there and within its own
+    (`onnx_data`)."""
+    try:
+        return graph_files.check_referenced(path) if present else graph_files.referenced_files(path)
+    except OverCap:
+        raise
+    except BadInput as err:
+        raise RuntimeModelError(str(err)) from None
 
 
 def resolve_model(model, kind: str, precision: str | None = None) -> tuple[str, str | None]:
     """(local path of the graph to load, champion version or None) for a model given as a `Champion`, a
     registry location (local path or URL), a model folder, or an `.onnx` file."""
+    return _resolve(model, kind, precision)[:2]
+
+
+def _resolve(model, kind: str, precision: str | None) -> tuple[str, str | None, str | None]:
+    """`resolve_model`, and the local path of the model card (`model.json`) that came with the graph, verified
+    like it: None for a bare graph file or a champion published without one."""
     if isinstance(model, Champion):
-        return model.graph(kind, precision), model.version
+        return model.graph(kind, precision), model.version, model.card_file()
     location = os.fspath(model)
     if "://" in location or os.path.isdir(os.path.join(location, reg.PROJECT)):  # Champion: "no champion yet"
         champion = Champion(location)
-        return champion.graph(kind, precision), champion.version
+        return champion.graph(kind, precision), champion.version, champion.card_file()
     if os.path.isdir(location):
-        return verified_graph(location, graph_name(kind, precision)), None
+        path = verified_graph(location, graph_name(kind, precision))
+        return path, None, os.path.join(os.path.dirname(path), "model.json")  # the card of that same export
     name = graph_name(kind, precision)
     if name != f"{kind}.onnx" and os.path.basename(location) != name:
         raise RuntimeModelError(f"model {location}: precision {precision!r} picks {name} from a model folder or "
                                 "registry; this is one graph file, loaded as it is")
-    return location, None
+    return location, None, None
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
@@ -175,6 +229,7 @@ def _session(path: str, device: str, threads: int | None, spinning: bool,
              **cuda) -> tuple[ort.InferenceSession, dict]:
     if not os.path.isfile(path):
         raise RuntimeModelError(f"model {path}: file not found")
+    checked_graph_files(path)  # also a bare graph: its size, and no weights read from outside its folder
     options = session_options(threads, spinning)
     try:
         session = ort.InferenceSession(path, options, providers=providers_for(device, **cuda))
@@ -197,9 +252,12 @@ class _Model:
     SIGNATURE: buffers.Signature  # the input and output bound by the *_on_device calls and `capture`
 
     def __init__(self, model, device: str = "cpu", threads: int | None = None, *, spinning: bool = False,
-                 precision: str | None = None, device_id: int = 0, cuda_stream: int | None = None):
+                 precision: str | None = None, device_id: int = 0, cuda_stream: int | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT):
         """`model`: a `Champion`, a registry location, a model folder or an `.onnx` file (see the module).
-        `device_id` and `cuda_stream` (a stream handle of the app's) apply on the CUDA provider."""
+        `device_id` and `cuda_stream` (a stream handle of the app's) apply on the CUDA provider. A run (one
+        decode or encode call, one batch of `sample`) that lasts longer than `timeout` seconds is ended and raises
+        `RunTimeout` (None: no limit); onnxruntime ends it between two nodes, so one node's work is not cut short."""
         if device not in ("cpu", "cuda"):
             raise RuntimeModelError(f"device {device!r}: expected 'cpu' or 'cuda'")
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
@@ -211,7 +269,12 @@ class _Model:
             raise RuntimeModelError("cuda_stream: 0 is the default stream, which onnxruntime takes as no stream "
                                     "(it would run on its own, unordered with your work); pass a stream of your own "
                                     "(torch.cuda.Stream().cuda_stream), or none and synchronize before each call")
-        self.path, self.champion_version = resolve_model(model, self.KIND, precision)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
+                                                                                           np.floating))
+                                    or not 0 < timeout <= MAX_TIMEOUT):
+            raise RuntimeModelError(f"timeout: expected seconds in (0, {MAX_TIMEOUT:g}] or None, got {timeout!r}")
+        self.timeout = None if timeout is None else float(timeout)
+        self.path, self.champion_version, card = _resolve(model, self.KIND, precision)
         self._open = dict(device=device, threads=threads, spinning=spinning, device_id=device_id,
                           cuda_stream=cuda_stream)
         self.session, self.metadata = _session(self.path, **self._open)
@@ -224,8 +287,13 @@ class _Model:
         except (KeyError, ValueError) as err:
             raise RuntimeModelError(f"model {self.path}: metadata_props lack or garble {err} (not an export of "
                                     "this project)") from None
+        for key, top in (("latent_dim", MAX_LATENT_DIM), ("image_size", MAX_IMAGE_SIZE), ("channels", MAX_CHANNELS)):
+            if not 1 <= getattr(self, key) <= top:  # before anything is sized from it
+                raise RuntimeModelError(f"model {self.path}: its metadata declares {key} {getattr(self, key)}, "
+                                        f"outside [1, {top}]")
         self.signature = self._signature()  # the bound input and output, checked against the graph
         self._check_interface()
+        self._check_card(card)
         self.version = self.metadata.get("version")  # the model version the graph was exported as
         # the prior temperature the model's evaluation found best (graphs from before it record none: 1)
         self.temperature = _recorded_temperature(self.metadata.get("temperature"))
@@ -248,12 +316,40 @@ class _Model:
                 raise RuntimeModelError(f"model {self.path}: {side} {name} is {got}, its metadata says {want} "
                                         f"float32 (graph and metadata disagree, or not a {self.KIND})")
 
-    def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
-        """session.run, its failures one line."""
+    def _check_card(self, card: str | None) -> None:
+        """The sizes the model card `card` declares against the graph's (its inputs and outputs, checked above):
+        a card that says otherwise is refused, so no size is ever taken from a declaration the graph disagrees with."""
+        if card is None:
+            return
         try:
-            return self.session.run(outputs, feeds)
-        except ONNXRUNTIME_ERRORS as err:
-            raise RuntimeModelError(f"model {self.path}: onnxruntime failed ({str(err).splitlines()[0]})") from None
+            declared = json.loads(storage.read_capped(card, "json"))
+        except OverCap:
+            raise
+        except (OSError, ValueError) as err:
+            raise RuntimeModelError(f"model card {card}: cannot be read ({one_line(err)})") from None
+        if not isinstance(declared, dict):
+            raise RuntimeModelError(f"model card {card}: not a model card (a JSON object)")
+        for key in ("latent_dim", "image_size", "channels"):
+            value, actual = declared.get(key), getattr(self, key)
+            if key in declared and (type(value) is not int or value != actual):
+                raise RuntimeModelError(f"model folder {os.path.dirname(card)}: model.json declares {key} "
+                                        f"{value!r:.40}, its graph {os.path.basename(self.path)} has {actual} "
+                                        "(the card and the graph disagree)")
+
+    def _run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        """session.run under the timeout, its failures one line."""
+        with deadline(self.timeout) as options:
+            try:
+                return self.session.run(outputs, feeds, options)
+            except ONNXRUNTIME_ERRORS as err:
+                if options.terminate:
+                    raise self._timed_out() from None
+                raise RuntimeModelError(f"model {self.path}: onnxruntime failed ({str(err).splitlines()[0]})") \
+                    from None
+
+    def _timed_out(self) -> RunTimeout:
+        return RunTimeout(f"model {self.path}: a run took longer than the {self.timeout:g} s timeout and was ended "
+                          "(a graph that runs too long, or a batch too big for this machine: raise the timeout)")
 
     def _signature(self) -> buffers.Signature:
         """SIGNATURE with this model's sizes in place of their names."""
@@ -267,13 +363,16 @@ class _Model:
         OrtValue, or an array with `__cuda_array_interface__` (CUDA provider) or `__array_interface__` (CPU).
         The output is written into `out` when given (and `out` returned), else returned as an OrtValue on the
         session's device. No copy through the host on either side (onnxruntime I/O binding)."""
-        try:
-            return buffers.run_bound(self.session, self._open["device_id"], self.signature, value, out)
-        except buffers.DeviceBufferError as err:
-            raise RuntimeModelError(str(err)) from None
-        except ONNXRUNTIME_ERRORS as err:
-            raise RuntimeModelError(f"model {self.path}: onnxruntime failed on the bound buffers "
-                                    f"({str(err).splitlines()[0]})") from None
+        with deadline(self.timeout) as options:
+            try:
+                return buffers.run_bound(self.session, self._open["device_id"], self.signature, value, out, options)
+            except buffers.DeviceBufferError as err:
+                raise RuntimeModelError(str(err)) from None
+            except ONNXRUNTIME_ERRORS as err:
+                if options.terminate:
+                    raise self._timed_out() from None
+                raise RuntimeModelError(f"model {self.path}: onnxruntime failed on the bound buffers "
+                                        f"({str(err).splitlines()[0]})") from None
 
     def capture(self, value, out) -> buffers.CudaGraph:
         """A CUDA graph of this model on fixed buffers `value` and `out` (batch = their first dimension): write
@@ -331,6 +430,8 @@ class Decoder(_Model):
             raise RuntimeModelError(f"z: expected shape [N, {self.latent_dim}], got {list(z.shape)}")
         if z.shape[0] == 0:
             raise RuntimeModelError("z: expected at least one latent, got N = 0")
+        if z.shape[0] > MAX_BATCH:
+            raise RuntimeModelError(f"z: {z.shape[0]} latents in one call, over {MAX_BATCH}; decode in parts")
         if not np.issubdtype(z.dtype, np.floating):
             raise RuntimeModelError(f"z: expected floating point values, got {z.dtype}")
         with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
@@ -347,8 +448,9 @@ class Decoder(_Model):
 
     def sample(self, n: int, seed: int = 0, temperature: float | None = None, batch_size: int = 256) -> np.ndarray:
         """n images from the prior; z ~ N(0, temperature^2 I) drawn with NumPy from `seed`, decoded `batch_size`
-        at a time (the draws are the same as one draw of all n). Without a temperature, the one the model
-        records (`self.temperature`: the best its evaluation found by the primary sample figure, else 1)."""
+        at a time, fewer where one batch would pass `BATCH_BYTES` (the draws are the same as one draw of all n).
+        Without a temperature, the one the model records (`self.temperature`: the best its evaluation found by the
+        primary sample figure, else 1)."""
         temperature = self.temperature if temperature is None else temperature
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise RuntimeModelError(f"n: expected an integer >= 1, got {n!r}")
@@ -357,8 +459,11 @@ class Decoder(_Model):
         if (isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating))
                 or not np.isfinite(temperature) or temperature <= 0):
             raise RuntimeModelError(f"temperature: expected a finite number > 0, got {temperature!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise RuntimeModelError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or not 1 <= batch_size <= MAX_BATCH:
+            raise RuntimeModelError(f"batch_size: expected an integer >= 1 and <= {MAX_BATCH}, got {batch_size!r}")
+        per_image = 8 * self.latent_dim + 4 * self.channels * self.image_size ** 2  # its float64 draw and its pixels
+        batch_size = max(1, min(int(batch_size), BATCH_BYTES // per_image))
         rng = np.random.default_rng(seed)
         out = output_array("n", (n, self.channels, self.image_size, self.image_size))
         for start in range(0, n, batch_size):
@@ -390,6 +495,8 @@ class Encoder(_Model):
         """Validate images and convert them to the graph's input: float32 [N, 3, H, W] in [0, 1]."""
         images = np.asarray(images)
         s, c = self.image_size, self.channels
+        if images.ndim and images.shape[0] > MAX_BATCH:  # before the conversion copies them
+            raise RuntimeModelError(f"images: {images.shape[0]} in one call, over {MAX_BATCH}; encode in parts")
         if images.dtype == np.uint8:
             if images.ndim != 4 or images.shape[1:] != (s, s, c):
                 hint = " (it looks like CHW: uint8 must be HWC)" if images.shape[1:] == (c, s, s) else ""
@@ -526,10 +633,26 @@ class Champion:
         if self.files is not None and name not in self.files:
             raise RuntimeModelError(f"registry {self.registry}: champion {self.version} has no {name} "
                                     f"(it holds {', '.join(sorted(self.files))})")
-        return self.file(name)
+        path = self.file(name, cap="onnx")
+        # The files it keeps weights in are verified like it and kept beside it, where onnxruntime reads them. A
+        # version record from before they were hashed lists its graphs alone, and those graphs hold all their
+        # weights, so it loads as before; a graph that reads a file its record does not list is refused.
+        for data in checked_graph_files(path, present=False):
+            if self.files is not None and data not in self.files:
+                raise RuntimeModelError(f"registry {self.registry}: champion {self.version}'s {name} keeps weights "
+                                        f"in {data}, which its version record does not list")
+            self.file(data, cap="onnx_data")
+        return path
 
-    def file(self, name: str) -> str:
-        """A local copy of one file of the champion, verified against its version record (when it has one)."""
+    def card_file(self) -> str | None:
+        """A local, verified copy of the champion's `model.json`; None where its version record lists none."""
+        if self.files is None or "model.json" not in self.files:
+            return None
+        return self.file("model.json", cap="json")
+
+    def file(self, name: str, cap: str | None = None) -> str:
+        """A local copy of one file of the champion, verified against its version record (when it has one); a
+        remote one read under the size cap `cap` of `common.limits` when given."""
         try:
             reg.plain_name("file", name, f"registry {self.registry}")
         except reg.RegistryError as err:
@@ -549,7 +672,9 @@ class Champion:
         if want is not None and path.is_file() and sha256_file(path) == want:
             return str(path)
         try:
-            data = storage.read_bytes(source)
+            data = storage.read_capped(source, cap, f"{name} of {self.version}") if cap else storage.read_bytes(source)
+        except OverCap:
+            raise
         except Exception as err:  # noqa: BLE001 - any store's client error (HTTP status, S3 endpoint, timeout)
             raise RuntimeModelError(f"registry {self.registry}: cannot read {name} of {self.version} "
                                     f"({one_line(err)})") from None

@@ -10,6 +10,7 @@ Launch with several processes through `vae train --num-processes N` (accelerate 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import folder_lock
 from common.atomic import atomic_write_json, atomic_write_text
 from common.errors import BadInput, VaeError
 from common.grid import label, make_grid, write_png
@@ -36,26 +38,42 @@ from vae.training.steps import StepResult, Window, micro_batch_draws, train_step
 OUT_OF_TIME, PREEMPTED = 1.0, 2.0
 
 
-def train(cfg: Config, progress: bool = True) -> Path:
-    """Train (or resume) the run in `cfg.run_dir`; returns the run folder."""
+def train(cfg: Config, progress: bool = True, wait_s: float = 0.0) -> Path:
+    """Train (or resume) the run in `cfg.run_dir`, holding the run folder's lock from before anything in it is
+    read (another process training it is refused, or waited for up to `wait_s` seconds); returns the run folder."""
+    with run_folder_lock(cfg.run_dir, wait_s):
+        return train_held(cfg, progress)
+
+
+def run_folder_lock(run_dir: str | Path, wait_s: float = 0.0):
+    """The run folder's lock (`common.folder_lock`), taken by one process per machine: a single process, the
+    `vae train` launcher of several (its ranks inherit it), or the first rank of a direct `accelerate launch`
+    (LOCAL_RANK 0; the machine's other ranks wait for it in the process group's rendezvous)."""
+    if int(os.environ.get("LOCAL_RANK") or 0) > 0:
+        return contextlib.nullcontext()
+    return folder_lock.hold(run_dir, "run folder", wait_s)
+
+
+def train_held(cfg: Config, progress: bool = True) -> Path:
+    """`train` once the run folder's lock is held."""
     state = setup(cfg)
     memory = MemoryStream(cfg.data.shards, cfg.data.batch_size, cfg.train.seed, state.rank, state.world,
                           state.accelerator.device) if cfg.data.in_memory else None
-    progress = state.progress
-    bar = tqdm(total=cfg.train.steps, initial=progress.step, disable=not (state.main and progress),
+    so_far = state.progress
+    bar = tqdm(total=cfg.train.steps, initial=so_far.step, disable=not (state.main and progress),
                desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
-    sigterm, first_step = SigtermFlag(), progress.step
-    progress.start_launch()  # train.max_seconds is the run's budget, resumes included
+    sigterm, first_step = SigtermFlag(), so_far.step
+    so_far.start_launch()  # train.max_seconds is the run's budget, resumes included
     window, seen, grid_images = Window(), set(), None  # seen: keys this rank consumed (an audit)
     stop = stop_signal(state, sigterm)  # a run resumed past its time budget stays done
     state.model.train()
     try:
-        while progress.step < cfg.train.steps and not stop:
-            segment_start = progress.stream_start
+        while so_far.step < cfg.train.steps and not stop:
+            segment_start = so_far.stream_start
             segment_end = min(cfg.train.steps, (segment_start // cfg.train.checkpoint_every + 1)
                               * cfg.train.checkpoint_every)
             batches, noise = open_stream(state, memory, segment_start)
-            while progress.step < segment_end:
+            while so_far.step < segment_end:
                 result = train_step(state, batches, noise, window, seen)
                 if grid_images is None and result.first_images is not None:
                     grid_images = result.first_images[:8].clone()
@@ -65,20 +83,20 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 if stop:
                     break
                 write_grids_if_due(state, grid_images)
-            progress.stream_start = segment_start if progress.step < segment_end else progress.step
+            so_far.stream_start = segment_start if so_far.step < segment_end else so_far.step
             save_checkpoint(state)
     finally:
         bar.close()  # a newline after the bar, before any error line
         sigterm.restore()
-    if progress.step > first_step or stop == PREEMPTED:  # a launch that trained nothing keeps the record
-        write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, progress.step, seen)
-    if stop == OUT_OF_TIME and progress.step == first_step and state.main:
+    if so_far.step > first_step or stop == PREEMPTED:  # a launch that trained nothing keeps the record
+        write_rank_record(state.run_dir, state.raw_model, state.rank, state.world, so_far.step, seen)
+    if stop == OUT_OF_TIME and so_far.step == first_step and state.main:
         print(f"{state.run_dir}: train.max_seconds ({cfg.train.max_seconds:g} s) was spent by step {first_step}: "
               "nothing more to train (raise it to train on)", file=sys.stderr)
     state.accelerator.wait_for_everyone()
     state.accelerator.end_training()
     if stop == PREEMPTED:
-        raise Preempted(f"stopped by SIGTERM at step {progress.step} with a checkpoint; run the same "
+        raise Preempted(f"stopped by SIGTERM at step {so_far.step} with a checkpoint; run the same "
                         "command again to resume")
     return state.run_dir
 

@@ -1,0 +1,1 @@
+../../../vae/serving/graph_files.py

@@ -1,0 +1,1 @@
+../../../vae/serving/watchdog.py
