@@ -35,12 +35,13 @@ RUN pip install --index-url ${TORCH_INDEX} ${TORCH_SPEC}
 
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
+COPY runtime runtime
 COPY common common
 COPY vae vae
 COPY pipeline pipeline
 COPY flows flows
 # gpu: onnxruntime-gpu; s3 and http: the registries, shards and sources the deploy configs point at (s3://)
-RUN pip install ".[gpu,s3,http]"
+RUN pip install ./runtime ".[gpu,s3,http]"
 COPY configs configs
 COPY prefect.yaml ./
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh

@@ -21,9 +21,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml runtime/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -e ./runtime -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -111,7 +111,7 @@ def gemm_gflops(n: int = 2048, reps: int = 5, threads: int = 2) -> float:
     import torch
     from onnx import TensorProto, helper
 
-    from vae.serving.runtime import session_options
+    from vae_runtime.runtime import session_options
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
@@ -200,8 +200,8 @@ def flop_figures(work: dict, img_s: float, peaks: dict) -> dict:
 
 
 def cpu_description() -> dict:
-    """The CPU's model name and bf16 units (`vae.hardware`, from /proc/cpuinfo; None where unknown)."""
-    from vae import hardware
+    """The CPU's model name and bf16 units (`vae.core.hardware`, from /proc/cpuinfo; None where unknown)."""
+    from vae.core import hardware
 
     cpuinfo = hardware.read_cpuinfo()
     return {"cpu": hardware.cpu_model_name(cpuinfo), "cpu_bf16_flags": hardware.cpu_bf16_units(cpuinfo)}

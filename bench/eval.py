@@ -21,9 +21,9 @@ import time
 import torch
 
 from benchkit import REPO
-from vae.config import load_config  # noqa: E402
+from vae.core.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
-from vae.objectives import iwae_bound, to_unit  # noqa: E402
+from vae.core.objectives import iwae_bound, to_unit  # noqa: E402
 
 
 def make(args):

@@ -3,7 +3,7 @@
     python bench/export.py [--config configs/celeba64.yaml] [--reps 5] [--explore]
 
 Prints ONE JSON line: per graph (decoder, encoder) and batch (1: latency, 64: throughput) the median time per
-call of PyTorch eager (`torch.inference_mode`) and of onnxruntime through `vae.runtime` (the session options
+call of PyTorch eager (`torch.inference_mode`) and of onnxruntime through `vae_runtime` (the session options
 apps get), images per second, and the ratio onnxruntime / PyTorch in throughput. Both sides run on the same
 2 threads (`torch.set_num_threads(2)`, `intra_op_num_threads=2`), interleaved in each repetition so that load
 from other processes hits both alike; figures are medians over the repetitions.
@@ -43,11 +43,11 @@ import torch  # noqa: E402
 
 from benchkit import flops_per_image  # noqa: E402 (shared with bench/train.py)
 from benchkit import gemm_gflops as benchkit_gemm_gflops  # noqa: E402
-from vae.config import load_config  # noqa: E402
+from vae.core.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
 from vae.serving.export import CONTRACT_VERSION, export_graphs  # noqa: E402
 from vae.serving.graphs import set_metadata  # noqa: E402
-from vae.serving.runtime import Decoder, Encoder, session_options  # noqa: E402
+from vae_runtime.runtime import Decoder, Encoder, session_options  # noqa: E402
 
 THREADS = 2
 TARGETS = {"1": 2.0, "64": 1.5}

@@ -87,7 +87,7 @@ from pathlib import Path
 sys.path.append("bench")  # benchkit: FLOPs per image and the device's peak
 import torch
 from benchkit import config_flops, flop_figures, images_per_s, peak_gflops
-from vae.config import load_config
+from vae.core.config import load_config
 from vae.training.train import train
 from vae.evaluation.evaluate import evaluate
 work, budget, k, out_dir = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])

@@ -3,7 +3,7 @@
     python bench/gpu_onnx.py --run RUN_DIR --model MODEL_DIR [--seconds 3] [--explore]
 
 MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON line:
-- which provider actually ran each graph when CUDA was asked for (`vae.runtime.Decoder(device="cuda")`), and
+- which provider actually ran each graph when CUDA was asked for (`vae_runtime.Decoder(device="cuda")`), and
   any fallback warning;
 - agreement on 256 prior draws, max abs difference on outputs in [0, 1]: float32 on CUDA and float16 on CUDA
   against float32 on the CPU provider (the export's reference), and PyTorch on the GPU against the same;
@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from vae.checkpoint import load_trained  # noqa: E402
-from vae.serving.runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
+from vae.core.checkpoint import load_trained  # noqa: E402
+from vae_runtime.runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
 
 CUDA_VARIANTS = {"runtime": cuda_provider_options(), "none": {},
                  "heuristic_search": {**cuda_provider_options(), "cudnn_conv_algo_search": "HEURISTIC"},

@@ -77,7 +77,7 @@ def pixel_formats(shards: str, n: int = 1000) -> dict:
     from PIL import Image
     from torchvision.io import decode_png
 
-    from common.storage import read_bytes
+    from vae_runtime.storage import read_bytes
     from pipeline.manifest import split_shards
     from pipeline.records import encode_npy, read_shard
 
@@ -119,7 +119,7 @@ def verification(shards: str, batch: int, seconds: float) -> dict:
     process, so a training stream pays it on its first pass over the shards only; evaluation reads every shard
     once, so it pays it in full. Measured: sha256 alone, and the evaluation loader with every read checked
     (the set of checked shards emptied before each pass) against the same loader with nothing left to check."""
-    from common.storage import read_bytes
+    from vae_runtime.storage import read_bytes
     from pipeline import loader
     from pipeline.manifest import split_shards
 

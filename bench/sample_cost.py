@@ -29,7 +29,7 @@ def main() -> None:
 
     from pipeline.shard import shard
     from pipeline.synth import synthesize
-    from vae.config import load_config
+    from vae.core.config import load_config
     from vae.evaluation.evaluate import evaluate
     from vae.training.train import train
 

@@ -74,8 +74,8 @@ def valid_bpd(run_dir: Path, max_images: int) -> float:
     import torch
 
     from pipeline.loader import eval_loader
-    from vae.checkpoint import latest_state, trained_model
-    from vae.objectives import bits_per_dim, elbo_terms, image_dims
+    from vae.core.checkpoint import latest_state, trained_model
+    from vae.core.objectives import bits_per_dim, elbo_terms, image_dims
 
     model, cfg, _ = trained_model(latest_state(run_dir), ema=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +97,7 @@ def train_one(args) -> None:
     """The child of `--compare precision`: train one configuration, write its figures to `args.child` (JSON)."""
     import torch
 
-    from vae.config import load_config
+    from vae.core.config import load_config
     from vae.training.train import train
 
     if not torch.cuda.is_available():
@@ -123,8 +123,8 @@ def train_one(args) -> None:
 def compare_precision(args, shards: str, data: str, tmp: Path) -> dict:
     import torch
 
-    from vae import hardware
-    from vae.config import load_config
+    from vae.core import hardware
+    from vae.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     results = {}
@@ -180,7 +180,7 @@ def main() -> None:
         return train_one(args)
     import torch
 
-    from vae.config import load_config
+    from vae.core.config import load_config
     from vae.training.train import train
 
     if not torch.cuda.is_available():

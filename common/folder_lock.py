@@ -33,8 +33,8 @@ import threading
 import time
 import uuid
 
-from common import storage
-from common.errors import BadInput, VaeError
+from vae_runtime import storage
+from vae_runtime.errors import BadInput, VaeError
 
 LOCK_NAME = ".lock"
 HELD_ENV = "VAE_HELD_LOCK"  # "PID:LOCK" of a lock a parent holds for its child processes

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from vae.serving.registry import read_champion
+from vae_runtime.registry import read_champion
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.atomic import atomic_write_json
+from vae_runtime.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200

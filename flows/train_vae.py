@@ -22,11 +22,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from common.errors import BadInput, one_line
-from common.limits import read_file
+from vae_runtime.errors import BadInput, one_line
+from vae_runtime.limits import read_file
 from pipeline.preprocess import DEFAULT_CROP
-from vae.config import MAX_K, config_hash, load_config
-from vae.serving import registry as reg
+from vae.core.config import MAX_K, config_hash, load_config
+from vae_runtime import registry as reg
 
 CHAMPION_EVENT = "vae.champion.promoted"
 MAX_EMBEDDED_PICTURE = 200_000  # bytes of one picture embedded in the summary artifact (before base64)
@@ -135,7 +135,7 @@ def samples_as_asked(metrics: dict, inception_weights: str | None) -> bool:
     inception = (samples.get("features") or {}).get("inception")
     if not inception_weights:
         return inception is None
-    from common.digest import sha256_file
+    from vae_runtime.digest import sha256_file
 
     try:
         return isinstance(inception, dict) and inception.get("sha256") == sha256_file(inception_weights)
@@ -161,7 +161,7 @@ def validate_model(export_dir: str, seed: int = 0) -> str:
     a seeded grid and check the images are sane; returns the export's own sample grid."""
     import numpy as np
 
-    from vae.runtime import Decoder
+    from vae_runtime import Decoder
 
     images = Decoder(export_dir).sample(64, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
@@ -518,7 +518,7 @@ def check_inception_weights(path: str, where: str) -> None:
 def check_registry(registry: str) -> None:
     """The registry can take versions and promotions here: a scheme with conditional writes, its fsspec backend
     installed, a local folder that can be written (else the run would fail after training)."""
-    from common import storage
+    from vae_runtime import storage
 
     try:
         reg.champion_store(registry)  # schemes without conditional writes are refused here
@@ -631,7 +631,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         overrides += warm_start_overrides(registry, runs)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
     if cfg.train.init_from:
-        from vae.checkpoint import warm_start_weights
+        from vae.core.checkpoint import warm_start_weights
 
         warm_start_weights(cfg)  # another architecture, or no checkpoint: one line, before any work
     from vae.evaluation.features import resolve_weights  # imports no torchvision

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common.errors import BadInput
-from common.storage import read_bytes
+from vae_runtime.errors import BadInput
+from vae_runtime.storage import read_bytes
 from pipeline.manifest import ShardRef, split_shards
 from pipeline.records import index_shard
 

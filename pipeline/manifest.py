@@ -11,8 +11,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from common import storage
-from common.errors import BadInput
+from vae_runtime import storage
+from vae_runtime.errors import BadInput
 
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ def shard_name(dataset: str, split: str, index: int) -> str:
 
 def read_manifest(shards: str | os.PathLike) -> dict | None:
     """The manifest at a local path or URL, or None when there is none yet; one over the `manifest` size cap
-    (`common.limits`) is one line of BadInput, read no further."""
+    (`vae_runtime.limits`) is one line of BadInput, read no further."""
     path = storage.join(shards, MANIFEST)
     try:
         manifest = json.loads(storage.read_capped(path, "manifest"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from pipeline.loader import read_verified
 from pipeline.manifest import split_shards
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import webdataset as wds
 from tqdm import tqdm
 
-from common import folder_lock, storage
-from common.errors import BadInput
+from common import folder_lock
+from vae_runtime import storage
+from vae_runtime.errors import BadInput
 from common.orphans import end_with_parent
 from pipeline.manifest import (LAST_SHARD, MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest,
                               shard_name, write_manifest)

@@ -7,7 +7,7 @@ split by a hash of the key), `identity_CelebA.txt` and `list_attr_celeba.txt`. P
 itself (duplicate keys, images the partition does not name, names the partition lists that are absent)
 are returned as records for the manifest, never raised.
 
-Every read is under a size cap of `common.limits`: an image over the `image` cap is skipped (`SkipImage`,
+Every read is under a size cap of `vae_runtime.limits`: an image over the `image` cap is skipped (`SkipImage`,
 recorded like any unusable image), a list over the `list` cap is one line of `BadInput`; a zip member is read
 through the cap whatever size it declares.
 """
@@ -22,8 +22,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import limits, storage
-from common.errors import BadInput
+from vae_runtime import limits, storage
+from vae_runtime.errors import BadInput
 from pipeline.manifest import SPLITS
 from pipeline.preprocess import IMAGE_SUFFIXES, SkipImage
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.atomic import atomic_file, atomic_write_bytes
-from common.errors import BadInput
-from common.storage import remove_stale_temps
+from vae_runtime.atomic import atomic_file, atomic_write_bytes
+from vae_runtime.errors import BadInput
+from vae_runtime.storage import remove_stale_temps
 
 ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald",

@@ -95,7 +95,7 @@ def perturbed(model, scale: float = 0.3, seed: int = 1):
 
 
 def tiny_config(run_dir: Path, shards: Path, *extra: str):
-    from vae.config import load_config
+    from vae.core.config import load_config
 
     return load_config(None, [*TINY, f"run_dir={run_dir}", f"data.shards={shards}", *extra])
 

@@ -327,8 +327,8 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, tiny_shards, trained_run, c
 
 
 def test_resume_accepts_the_keys_that_may_change_and_defaults_of_new_keys(tmp_path, tiny_shards, trained_run):
-    from vae.checkpoint import latest_checkpoint, load_checkpoint, resume_differences
-    from vae.config import load_config
+    from vae.core.checkpoint import latest_checkpoint, load_checkpoint, resume_differences
+    from vae.core.config import load_config
 
     state = load_checkpoint(latest_checkpoint(trained_run))
     same = [*TINY, f"data.shards={tmp_path}", f"run_dir={tmp_path}", "train.steps=99", "train.checkpoint_every=3",
@@ -348,7 +348,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, ca
     import errno
     import os
 
-    from common.atomic import atomic_write_bytes
+    from vae_runtime.atomic import atomic_write_bytes
 
     target = tmp_path / "manifest.json"
     target.write_bytes(b"before")

@@ -62,7 +62,7 @@ def test_training_forward_of_a_tiny_model_against_a_hand_count():
 def test_the_hierarchical_layout_model_counts_what_torch_counts():
     # a tiny VDVAE (model.layout): the counter's hooks see every convolution of the bottom-up pass and of the
     # top-down pass along the posterior, as PyTorch's FlopCounterMode does (2 per multiply-add)
-    from vae.config import load_config
+    from vae.core.config import load_config
     from vae.models import build_model
 
     cfg = load_config(None, ["model.kind=hierarchical", "model.image_size=16", "model.channels=[8,8]",

@@ -1,4 +1,4 @@
-"""Size caps on what the product reads (`common/limits.py`): the caps themselves, and each reader refusing an
+"""Size caps on what the product reads (`runtime/vae_runtime/limits.py`): the caps themselves, and each reader refusing an
 input over its cap in one line (or skipping an image), read no further.
 
 The two crafted-zip tests run the real CLI in a subprocess under a memory limit. The limit is RLIMIT_DATA, not
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from common import limits
-from common.errors import BadInput
+from vae_runtime import limits
+from vae_runtime.errors import BadInput
 from conftest import REPO, tiny_config
 from vae.cli import main
 
@@ -236,7 +236,7 @@ def _model_card(root: Path) -> Path:
 
 
 def _champion(root: Path) -> Path:
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     project = Path(reg.project_dir(root))
     project.mkdir(parents=True)
@@ -253,7 +253,7 @@ def test_vae_info_refuses_a_record_over_its_cap_in_one_line(make, tmp_path, monk
 
 
 def test_a_version_record_over_its_cap_is_refused(tmp_path, monkeypatch):
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     folder = Path(reg.version_dir(tmp_path, "v1"))
     folder.mkdir(parents=True)
@@ -264,7 +264,7 @@ def test_a_version_record_over_its_cap_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_runtime_refuses_a_model_card_over_its_cap(tmp_path, monkeypatch):
-    from vae.serving.runtime import verified_graph
+    from vae_runtime.runtime import verified_graph
 
     (tmp_path / "encoder.onnx").write_bytes(b"not read: the card is read first")
     _model_card(tmp_path)

@@ -78,7 +78,7 @@ def test_version_config_show_and_info(trained_run, tmp_path, capsys):
     import yaml
 
     from vae.cli import main
-    from vae.config import config_hash, load_config
+    from vae.core.config import config_hash, load_config
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("vae-pipeline ")
@@ -103,7 +103,7 @@ def test_info_on_a_model_folder_and_a_registry(trained_run, tmp_path_factory, tm
 
     from exported_model import exported_once
     from vae.cli import main
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     out, card = exported_once(trained_run, tmp_path_factory)
     assert main(["info", str(out)]) == 0

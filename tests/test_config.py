@@ -2,8 +2,8 @@
 
 import pytest
 
-from common.errors import ConfigError
-from vae.config import config_hash, load_config
+from vae_runtime.errors import ConfigError
+from vae.core.config import config_hash, load_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

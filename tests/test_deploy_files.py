@@ -56,7 +56,7 @@ def test_prefect_yaml_deployments_reference_an_entrypoint_that_imports(prefect_y
             os.chdir(cwd)
         assert flow.name == "train-vae"
         inspect.signature(flow.fn).bind(**deployment["parameters"])  # every parameter is one the flow takes
-        from vae.config import load_config
+        from vae.core.config import load_config
 
         load_config(REPO / deployment["parameters"]["config"])  # the recipe exists and is valid
         assert deployment["work_pool"]["name"] == "local"
@@ -93,7 +93,9 @@ def test_dockerfile_base_matches_torch_cuda_and_installs_the_gpu_extra():
     makefile_torch = re.search(r"^TORCH_SPEC \?= (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     assert args["TORCH_SPEC"].strip('"') == makefile_torch.strip()
     runs = " ".join(a for kind, a in steps if kind == "RUN")
-    assert 'pip install ".[gpu,s3,http]"' in runs  # the s3:// registries and shards the deploy docs use
+    # the runtime from its folder first (the project depends on it), then the project with the s3:// registries
+    # and shards the deploy docs use
+    assert 'pip install ./runtime ".[gpu,s3,http]"' in runs
     extras = re.search(r"^gpu = \[(.+)\]$", (REPO / "pyproject.toml").read_text(), re.M).group(1)
     assert "onnxruntime-gpu" in extras
 
@@ -257,6 +259,8 @@ def test_the_image_gets_every_package_the_project_installs_and_the_license():
     packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
     copied = {source for kind, args in dockerfile_instructions() if kind == "COPY"
               for source in shlex.split(args)[:-1]}
-    assert set(packages) <= copied, set(packages) - copied
+    assert set(packages) | {"runtime"} <= copied, set(packages) | {"runtime"} - copied
+    runtime = tomllib.loads((REPO / "runtime" / "pyproject.toml").read_text())
+    assert runtime["project"]["name"] in " ".join(project["project"]["dependencies"])
     assert "LICENSE" in copied and project["project"]["license"] == "Apache-2.0"
     assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exported_model import exported_once
-from vae.runtime import Decoder, Encoder, RuntimeModelError, providers_for
+from vae_runtime import Decoder, Encoder, RuntimeModelError, providers_for
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_an_object_that_refuses_its_interface_is_named_with_its_reason(exported)
 
 
 def test_a_buffer_on_another_gpu_is_refused():
-    from vae.serving.device_buffers import Buffer, DeviceBufferError, check
+    from vae_runtime.device_buffers import Buffer, DeviceBufferError, check
 
     check("z", Buffer("cuda", 1 << 20, (2, 4), None, index=0), "cuda", 0, (None, 4))  # the session's GPU
     check("z", Buffer("cuda", 1 << 20, (2, 4), None, index=None), "cuda", 1, (None, 4))  # it does not say
@@ -187,7 +187,7 @@ def test_cuda_graphs_need_the_cuda_provider(exported):
 
 
 def test_cuda_options_reach_the_provider(monkeypatch):
-    from vae.serving import runtime
+    from vae_runtime import runtime
 
     monkeypatch.setattr(runtime.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])

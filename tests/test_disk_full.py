@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from common.atomic import atomic_file, atomic_write_bytes, fsync_tree, naming
+from vae_runtime.atomic import atomic_file, atomic_write_bytes, fsync_tree, naming
 
 
 def _no_space(*args, **kwargs):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import TINY
-from vae.checkpoint import list_checkpoints, load_checkpoint
+from vae.core.checkpoint import list_checkpoints, load_checkpoint
 from vae.cli import main
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_distributed_eval_matches_single_process(two_rank_run, capsys):
 
 
 def test_launch_commands_for_gpus_and_nodes():
-    from vae.distributed import launch_command
+    from vae.core.distributed import launch_command
 
     cmd = launch_command("vae.training.train", ["c.json"], 8, num_machines=2, machine_rank=1,
                          main_process_ip="10.0.0.1", main_process_port=29500)
@@ -81,7 +81,7 @@ def test_missing_accelerate_config_is_bad_input(capsys):
 
 
 def test_bad_input_to_a_launched_evaluation_is_one_line_before_any_launch(tmp_path, capsys, monkeypatch):
-    from vae import distributed
+    from vae.core import distributed
 
     monkeypatch.setattr(distributed, "run_launched", lambda *a, **k: pytest.fail("launched despite bad input"))
     assert main(["eval", "--run", str(tmp_path / "no-run"), "--num-processes", "2"]) == 2

@@ -25,7 +25,7 @@ from common.net import free_port
 from conftest import TINY
 from flows import serve
 from postgres import binaries, postgres_database, query
-from vae.serving import registry as reg
+from vae_runtime import registry as reg
 
 pytestmark = pytest.mark.slow
 

@@ -129,7 +129,7 @@ def test_a_diverged_run_fails_in_one_line_rather_than_measuring_nan(trained_run,
 
     import torch
 
-    from vae.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from vae.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from vae.cli import main
 
     run = tmp_path / "diverged"

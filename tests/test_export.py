@@ -13,12 +13,12 @@ import onnx
 import pytest
 import torch
 
-from common.digest import sha256_file
-from common.errors import BadInput
+from vae_runtime.digest import sha256_file
+from vae_runtime.errors import BadInput
 from exported_model import exported_once
-from vae.checkpoint import load_trained
+from vae.core.checkpoint import load_trained
 from vae.serving.export import FP16_DECODER, FP16_TOLERANCE, TOLERANCE, ExportError, export, random_ops, validate_fp16
-from vae.serving.runtime import Decoder, Encoder
+from vae_runtime.runtime import Decoder, Encoder
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_export_refuses_a_real_folder_that_holds_files(trained_run, tmp_path, ca
 
 def test_mixture_decoder_exports_its_expected_image(tmp_path):
     """logistic_mixture's x_mean (the mixture's expected colour, channels coupled) survives export."""
-    from vae.config import load_config
+    from vae.core.config import load_config
     from vae.models import build_model
     from vae.serving.export import export_graphs
 
@@ -338,7 +338,7 @@ def test_the_runs_own_preprocessing_decides_even_where_its_shards_cannot_be_read
     card's crop right; only a run from before that record, whose shards cannot be read, takes the given shards'."""
     import dataclasses
 
-    from vae.checkpoint import latest_state
+    from vae.core.checkpoint import latest_state
     from vae.evaluation.evaluate import trained_preprocessing
     from vae.serving.export import _same_preprocessing
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def whole_export(out: Path) -> str:
     """The weights digest of the complete export at `out`; fails on a mix of two exports or a broken folder."""
-    from common.digest import sha256_file
+    from vae_runtime.digest import sha256_file
 
     folder = out.resolve()
     card = json.loads((folder / "model.json").read_text())
@@ -34,7 +34,7 @@ def whole_export(out: Path) -> str:
 
 def test_killed_exports_leave_the_old_or_the_new_folder_whole(trained_run, tiny_shards, tmp_path):
     from vae.serving.export import export
-    from vae.serving.runtime import Decoder
+    from vae_runtime.runtime import Decoder
     from vae.training.train import train
 
     other = tmp_path / "other-run"  # different weights, so a mix of the two exports would show

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vae.serving import registry as reg
+from vae_runtime import registry as reg
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def prefect_harness(tmp_path_factory):
 def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_path):
     from conftest import TINY
     from flows.train_vae import train_vae
-    from vae.serving.runtime import Decoder
+    from vae_runtime.runtime import Decoder
 
     registry = tmp_path / "registry"
     result = train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
@@ -55,7 +55,7 @@ def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_pa
 
 
 def test_flow_rejects_bad_configuration_before_any_work(prefect_harness, synth_source, tmp_path):
-    from common.errors import ConfigError
+    from vae_runtime.errors import ConfigError
     from flows.train_vae import train_vae
 
     with pytest.raises(ConfigError, match="train.nope"):
@@ -80,7 +80,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     retry resumes from that checkpoint instead of starting over."""
     from conftest import TINY
     from flows import train_vae as tv
-    from vae.checkpoint import latest_checkpoint
+    from vae.core.checkpoint import latest_checkpoint
 
     real_stream, attempts, killed_at = tv._stream, [], []
 
@@ -145,7 +145,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"lock_wait_s": float("inf")}, "parameter 'lock_wait_s': must be a finite number of seconds >= 0"),
 ])
 def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, message):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from flows.train_vae import check_parameters
 
     values = {"source": str(synth_source), "shards": str(tmp_path / "s"), "registry": str(tmp_path / "r"),
@@ -157,7 +157,7 @@ def test_bad_flow_parameters_fail_with_one_line(synth_source, tmp_path, params, 
 
 
 def test_flow_rejects_a_missing_source_before_any_work(prefect_harness, tmp_path):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from flows.train_vae import train_vae
 
     with pytest.raises(BadInput, match="set synthesize_n"):
@@ -203,7 +203,7 @@ def test_only_a_missing_or_empty_folder_is_synthesized_into(tmp_path):
 def test_shards_without_a_test_split_stop_the_flow_before_training(synth_source, tmp_path):
     import shutil
 
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from flows.train_vae import check_shards
     from pipeline.shard import shard
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae.serving import registry as reg
+from vae_runtime import registry as reg
 
 DATA_URI = re.compile(r"!\[([^\]]+)\]\(data:(image/(?:png|jpeg));base64,([A-Za-z0-9+/=]+)\)")
 

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError
+from vae_runtime.errors import ConfigError
 from conftest import perturbed, random_images, tiny_config
 from pipeline.loader import eval_loader
-from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
-from vae.config import load_config
+from vae.core.checkpoint import list_checkpoints, load_checkpoint, load_trained
+from vae.core.config import load_config
 from vae.evaluation.evaluate import evaluate
 from vae.models import build_model
 from vae.models.conv import ConvVAE
 from vae.models.hierarchical import HierarchicalVAE
-from vae.objectives import elbo_terms, gaussian_kl, iwae_bound, log_weights
+from vae.core.objectives import elbo_terms, gaussian_kl, iwae_bound, log_weights
 from vae.serving.export import TOLERANCE, export, export_graphs, random_ops
-from vae.serving.runtime import Decoder, Encoder
+from vae_runtime.runtime import Decoder, Encoder
 
 # 16x16 images, resolutions 8 and 4: groups of 1 channel at sides 4 and 8 -> 16 + 64 latent dimensions.
 HIER = ["model.kind=hierarchical", "model.groups=2", "model.latent_channels=1", "model.latent_dim=80"]

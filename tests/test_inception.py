@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from vae.evaluation import inception
 from vae.evaluation.inception import (
     ENV_WEIGHTS,

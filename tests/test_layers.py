@@ -1,11 +1,14 @@
-"""The folder tree is the architecture: every import points down the layers, read from the source itself.
+"""The folder tree is the architecture: every import points down the layers, read from the source itself, and a
+module's layer follows from its path alone.
 
-    common                          errors, atomic writes, storage, grids: nothing of ours below it
+    runtime/vae_runtime             the torch-free base (its own distribution): errors, atomic writes, storage, size
+                                    caps, records, grids, the registry's records, the ONNX runtime
+    common                          the pipeline's process helpers: folder locks, orphaned workers, ports
     pipeline                        data: manifest, records, sources, writer (shard) and readers (loader, memory)
-    vae core                        config, models, objectives, checkpoint, distributed
-    vae.training, vae.evaluation    side by side: neither imports the other
-    vae.serving                     export (which may evaluate), registry, runtime
-    vae.cli, flows                  the edges
+    vae/core, vae/models            config, objectives, run folders and checkpoints, distributed; the models
+    vae/training, vae/evaluation    side by side: neither imports the other
+    vae/serving                     export (which may evaluate), quantization, publication
+    vae/cli, flows                  the edges
 """
 
 from __future__ import annotations
@@ -16,41 +19,42 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "pipeline", "vae", "flows")
+ROOTS = {"vae_runtime": REPO / "runtime", "common": REPO, "pipeline": REPO, "vae": REPO, "flows": REPO}
+PACKAGES = tuple(ROOTS)
 
-CORE = ("vae.config", "vae.models", "vae.objectives", "vae.checkpoint", "vae.distributed", "vae")
 ALLOWED = {  # layer -> the layers its modules may import (besides themselves)
-    "common": (),
-    "pipeline": ("common",),
-    "core": ("common",),
-    "training": ("common", "pipeline", "core"),
-    "evaluation": ("common", "pipeline", "core"),
-    "serving": ("common", "pipeline", "core", "evaluation"),
-    "edge": ("common", "pipeline", "core", "training", "evaluation", "serving"),
+    "vae_runtime": (),
+    "common": ("vae_runtime",),
+    "pipeline": ("vae_runtime", "common"),
+    "core": ("vae_runtime", "common"),
+    "training": ("vae_runtime", "common", "pipeline", "core"),
+    "evaluation": ("vae_runtime", "common", "pipeline", "core"),
+    "serving": ("vae_runtime", "common", "pipeline", "core", "evaluation"),
+    "edge": ("vae_runtime", "common", "pipeline", "core", "training", "evaluation", "serving"),
 }
-TORCH_FREE = ("common", "vae.serving.runtime", "vae.serving.device_buffers", "vae.serving.registry", "vae.runtime",
-              "vae.serving.graph_files", "vae.serving.watchdog", "vae.grid", "vae.cli", "vae.info")
+FOLDERS = {"vae.core": "core", "vae.models": "core", "vae.training": "training", "vae.evaluation": "evaluation",
+           "vae.serving": "serving", "vae.cli": "edge", "flows": "edge"}
+TORCH_FREE = ("vae_runtime", "common", "vae.cli")
 
 
 def layer(module: str) -> str:
+    """The layer of a module, from its path: its top package, or its folder under vae/."""
     top = module.split(".")[0]
-    if top in ("common", "pipeline"):
+    if top in ("vae_runtime", "common", "pipeline"):
         return top
-    if top == "flows" or module in ("vae.cli", "vae.info"):
-        return "edge"
-    for name in ("training", "evaluation", "serving"):
-        if module.startswith(f"vae.{name}"):
+    for folder, name in FOLDERS.items():
+        if module == folder or module.startswith(folder + "."):
             return name
-    if module in ("vae.runtime", "vae.grid"):  # the app's paths: re-exports of the serving layer
-        return "serving"
-    return "core"
+    if module == "vae":
+        return "core"
+    raise AssertionError(f"{module}: a module outside the layers' folders")
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
+    for package, base in ROOTS.items():
+        for path in sorted((base / package).rglob("*.py")):
+            parts = path.relative_to(base).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
@@ -113,8 +117,21 @@ def test_models_build_on_shared_blocks_without_cycles():
                                                                            "vae.models.hierarchical"}
 
 
-def test_the_layer_test_can_fail():
-    """A deliberate upward import is caught (the check above is not vacuous)."""
-    assert layer("pipeline.loader") == "pipeline" and "core" not in ALLOWED["pipeline"]
-    assert layer("vae.training.train") == "training" and "evaluation" not in ALLOWED["training"]
-    assert any(t == "common.errors" for t, _, _ in imports(MODULES["pipeline.loader"]))
+def test_every_module_has_a_layer_from_its_path():
+    assert {layer(m) for m in MODULES} == set(ALLOWED)
+
+
+def test_the_layer_test_can_fail(tmp_path, monkeypatch):
+    """The checker fed a real upward import (a pipeline module importing the trainer, the runtime importing the
+    pipeline) fails; fed the same file without it, it passes."""
+    upward = tmp_path / "upward.py"
+    upward.write_text("import json\nfrom vae_runtime.errors import BadInput\nfrom vae.training.train import train\n")
+    monkeypatch.setitem(MODULES, "pipeline.upward", upward)
+    with pytest.raises(AssertionError, match=r"pipeline.upward:3 imports vae.training.train"):
+        test_imports_point_down("pipeline.upward")
+    upward.write_text("from pipeline.manifest import read_manifest\n")
+    monkeypatch.setitem(MODULES, "vae_runtime.upward", upward)
+    with pytest.raises(AssertionError, match=r"vae_runtime.upward:1 imports pipeline.manifest"):
+        test_imports_point_down("vae_runtime.upward")
+    upward.write_text("import json\nfrom vae_runtime.errors import BadInput\n")
+    test_imports_point_down("pipeline.upward")

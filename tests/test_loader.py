@@ -72,7 +72,7 @@ def test_train_loader_batches_with_workers(tiny_shards):
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
 
     with pytest.raises(BadInput, match="no manifest.json"):
         split_shards(str(tmp_path), "train")
@@ -81,7 +81,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 def test_missing_or_corrupt_shard_is_a_one_line_error_naming_it(tiny_shards, tmp_path):
     import shutil
 
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vae.config import load_config
+from vae.core.config import load_config
 from vae.models import build_model
 
 

@@ -9,7 +9,7 @@ from torch.distributions import Normal
 
 from vae.models.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian, LogisticMixture
 from vae.models.protocol import gaussian_posterior_pass
-from vae.objectives import (ImageNoise, bits_per_dim, elbo_terms, gaussian_kl, iwae_bound, log_weights,
+from vae.core.objectives import (ImageNoise, bits_per_dim, elbo_terms, gaussian_kl, iwae_bound, log_weights,
                             training_loss)
 
 

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from common.errors import ConfigError
+from vae_runtime.errors import ConfigError
 from conftest import tensors_of, tiny_config
-from vae import checkpoint as ckpt
-from vae.config import config_hash, load_config
+from vae.core import checkpoint as ckpt
+from vae.core.config import config_hash, load_config
 from vae.models import build_model
-from vae.objectives import image_dims
+from vae.core.objectives import image_dims
 from vae.training import train as train_module
 from vae.training.train import train
 
@@ -109,7 +109,7 @@ def test_adamax_trains_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch):
 
 
 def test_resuming_with_another_optimizer_is_refused(tiny_shards, tmp_path):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
 
     run = tmp_path / "run"
     train(tiny_config(run, tiny_shards, *QUIET, "train.steps=2"), progress=False)
@@ -245,7 +245,7 @@ GRAVITON = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd sve bf16\nC
 
 
 def test_bf16_units_are_read_from_the_cpu_flags():
-    from vae.hardware import cpu_bf16_units, cpu_model_name
+    from vae.core.hardware import cpu_bf16_units, cpu_model_name
 
     assert cpu_bf16_units(SAPPHIRE_RAPIDS) == ["amx_bf16", "avx512_bf16"]
     assert cpu_bf16_units(GENOA) == ["avx512_bf16"]
@@ -255,7 +255,7 @@ def test_bf16_units_are_read_from_the_cpu_flags():
 
 
 def test_bf16_on_a_cpu_without_bf16_units_warns_in_one_line(monkeypatch, capsys):
-    from vae import hardware
+    from vae.core import hardware
     from vae.training.state import warn_slow_bf16
 
     monkeypatch.setattr(hardware, "read_cpuinfo", lambda: SKYLAKE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vae.serving import registry as reg
+from vae_runtime import registry as reg
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def copy_run(run: Path, to: Path) -> Path:
 
 def test_metrics_name_the_images_k_and_weights_they_measured(trained_run, tiny_shards, synth_source, tmp_path):
     from pipeline.shard import shard
-    from vae.checkpoint import load_trained, weights_digest
+    from vae.core.checkpoint import load_trained, weights_digest
     from vae.evaluation.evaluate import evaluate
 
     run = copy_run(trained_run, tmp_path / "run")
@@ -42,7 +42,7 @@ def test_metrics_name_the_images_k_and_weights_they_measured(trained_run, tiny_s
 
 
 def test_export_never_embeds_metrics_of_other_weights(trained_run, tmp_path, capsys):
-    from vae.checkpoint import load_trained, weights_digest
+    from vae.core.checkpoint import load_trained, weights_digest
     from vae.serving.export import export
 
     run = copy_run(trained_run, tmp_path / "run")

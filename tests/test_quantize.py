@@ -26,7 +26,7 @@ def test_the_phase_rewrite_equals_the_transposed_convolution(cin, cout, side):
 
 
 def test_the_rewritten_model_decodes_like_the_model(trained_run):
-    from vae.checkpoint import load_trained
+    from vae.core.checkpoint import load_trained
 
     model = load_trained(trained_run)[0]
     rewritten = phase_decomposed(model)
@@ -46,7 +46,7 @@ def int8_export(trained_run, tmp_path_factory):
 
 
 def test_int8_graphs_are_validated_recorded_and_loaded_by_choice(int8_export):
-    from vae.runtime import Decoder, Encoder
+    from vae_runtime import Decoder, Encoder
 
     out, card = int8_export
     report = card["validation"]["int8"]
@@ -104,7 +104,7 @@ def test_each_input_set_must_meet_the_budget_on_its_own():
 def test_the_most_held_out_images_are_the_ones_judged(trained_run, monkeypatch):
     """Images come test first, then valid and train: the first 64 (at most half) validate and the rest calibrate,
     so a small test split is judged rather than spent on calibration."""
-    from vae.checkpoint import load_trained
+    from vae.core.checkpoint import load_trained
     from vae.serving import quantize
 
     calibrated = []
@@ -122,7 +122,7 @@ def test_the_most_held_out_images_are_the_ones_judged(trained_run, monkeypatch):
 
 def test_int8_needs_enough_images(trained_run, tmp_path):
     """A few images can neither calibrate nor validate: refused, nothing written."""
-    from vae.checkpoint import load_trained
+    from vae.core.checkpoint import load_trained
     from vae.serving.export import ExportError, export
     from vae.serving.quantize import write_int8
 

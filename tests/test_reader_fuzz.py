@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from pipeline.loader import decode_shard, parse_meta, verify
 from pipeline.manifest import ShardRef
 from pipeline.records import BLOCK, _walk

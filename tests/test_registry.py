@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.digest import sha256_file
-from vae.serving import registry as reg
+from vae_runtime.digest import sha256_file
+from vae_runtime import registry as reg
 
 FINGERPRINT = "f" * 64
 
@@ -51,7 +51,7 @@ def test_a_version_is_immutable(tmp_path):
 def half_registered_then_other_files(registry: str, tmp_path: Path, monkeypatch) -> None:
     """On object storage: a registration dies mid-upload; one of other files under the same version is refused
     (it would have mixed its files with the first's), and the first's retry publishes its own files whole."""
-    from common import storage
+    from vae_runtime import storage
 
     first, other = tmp_path / "first.bin", tmp_path / "other.bin"
     first.write_bytes(b"first weights")

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from vae.serving import registry as reg
+from vae_runtime import registry as reg
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("s3fs")
@@ -37,7 +37,7 @@ def publish(registry, version, tmp_path):
 
 PROMOTER = """
 import json, os, sys, time
-from vae.serving import registry as reg
+from vae_runtime import registry as reg
 registry, version, nll, go = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 ev = json.loads(sys.argv[5])
 reg.champion_store(registry).read()  # connect before the start line, so the race is in the promotion itself
@@ -54,7 +54,7 @@ def test_a_half_registered_version_on_s3_takes_no_other_files(s3_endpoint, tmp_p
 
 
 def test_the_flow_checks_an_s3_registry_before_any_work(s3_endpoint):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from flows.train_vae import check_registry
 
     check_registry("s3://models/registry")  # the bucket exists, the credentials work
@@ -91,7 +91,7 @@ def test_runtime_follows_the_champion_from_s3_through_a_verified_cache(s3_endpoi
     import numpy as np
 
     from exported_model import exported_once
-    from vae.serving.runtime import Champion, Decoder, RuntimeModelError
+    from vae_runtime.runtime import Champion, Decoder, RuntimeModelError
 
     out, _ = exported_once(trained_run, tmp_path_factory)
     registry = "s3://models/apps"

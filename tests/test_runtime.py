@@ -1,4 +1,4 @@
-"""The torch-free runtime (`vae.runtime`) and the commands built on it (`vae sample`, `vae encode`): seeded
+"""The torch-free runtime (`vae_runtime`) and the commands built on it (`vae sample`, `vae encode`): seeded
 sampling, input validation, providers, contract versions, preprocessing identical to the shards', no torch
 anywhere, and the README's example for app developers run as written."""
 
@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 
-from common.grid import make_grid, write_png
+from vae_runtime.grid import make_grid, write_png
 from exported_model import exported_once
 from vae.cli import main
-from vae.runtime import Decoder, Encoder, RuntimeModelError, interpolate
+from vae_runtime import Decoder, Encoder, RuntimeModelError, interpolate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,7 +231,7 @@ def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning
     provider options) and reports the CPU, with the warning."""
     import onnxruntime
 
-    from vae.serving import runtime
+    from vae_runtime import runtime
 
     out, _ = exported
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
@@ -250,7 +250,7 @@ def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning
                                            ("2.0.0+cu13", True), ("1.19.2", False), ("1.9.0", False),
                                            ("dev", False)])
 def test_nhwc_convolutions_are_asked_for_only_from_onnxruntime_1_20(version, nhwc):
-    from vae.runtime import cuda_provider_options
+    from vae_runtime import cuda_provider_options
 
     assert cuda_provider_options(version) == ({"prefer_nhwc": "1"} if nhwc else {})
 
@@ -258,7 +258,7 @@ def test_nhwc_convolutions_are_asked_for_only_from_onnxruntime_1_20(version, nhw
 def test_session_options_and_a_silent_cpu_request(exported, recwarn):
     import onnxruntime
 
-    from vae.runtime import session_options
+    from vae_runtime import session_options
 
     options = session_options(2)
     assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -374,7 +374,7 @@ def test_runtime_and_commands_work_where_torch_cannot_be_imported(exported, synt
     code = """
 import numpy as np
 from vae.cli import main
-from vae.runtime import Decoder, Encoder, interpolate
+from vae_runtime import Decoder, Encoder, interpolate
 model, image, png, npz = sys.argv[1:5]
 assert main(['sample', '--model', model, '--n', '4', '--out', png]) == 0
 assert main(['encode', '--model', model, '--images', image, '--out', npz]) == 0

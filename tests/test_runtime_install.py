@@ -49,7 +49,7 @@ def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, tra
         found = subprocess.run([str(python), "-c", f"import {heavy}"], capture_output=True, cwd=tmp_path)
         assert found.returncode != 0, f"{heavy} is importable in the runtime-only environment"
 
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     out, card = exported_once(trained_run, tmp_path_factory)
     registry = "s3://models/registry"
@@ -64,53 +64,35 @@ def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, tra
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == ["v1", "CPUExecutionProvider"]
     assert (work / "faces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert str(venv) in subprocess.run([str(python), "-c", "import vae.runtime; print(vae.runtime.__file__)"],
+    assert str(venv) in subprocess.run([str(python), "-c", "import vae_runtime; print(vae_runtime.__file__)"],
                                        cwd=work, capture_output=True, text=True).stdout
 
 
 def runtime_modules() -> dict[str, bytes]:
-    """What the runtime wheel must hold: each module under runtime/vae and runtime/common, as the project's own
-    file (the one its link names)."""
-    found = {}
-    for package in ("vae", "common"):
-        for path in sorted((REPO / "runtime" / package).rglob("*.py")):
-            found[path.relative_to(REPO / "runtime").as_posix()] = path.read_bytes()
-    return found
+    """What the runtime wheel must hold: the modules of runtime/vae_runtime, byte for byte."""
+    base = REPO / "runtime"
+    return {path.relative_to(base).as_posix(): path.read_bytes()
+            for path in sorted((base / "vae_runtime").rglob("*.py"))}
 
 
-@pytest.mark.parametrize("links", ["symlinks", "text"])
-def test_the_runtime_wheel_holds_the_projects_modules_and_nothing_stale(tmp_path, links):
-    """Built from a checkout with symbolic links, and from one where git wrote each link as a text file naming
-    its target (core.symlinks=false, Git for Windows' default): the same modules, byte for byte; nothing from
-    an earlier build folder (a stale runtime/build once put an old `pipeline` package into the wheel)."""
+def test_the_runtime_wheel_holds_one_top_level_package_and_nothing_stale(tmp_path):
+    """The wheel installs `vae_runtime` alone (the pipeline's `vae`, `common` and `pipeline` never collide with
+    it), its modules byte for byte, and nothing from an earlier build folder (a stale runtime/build once put an
+    old `pipeline` package into the wheel)."""
     import zipfile
 
-    checkout = tmp_path / "checkout"
-    (checkout / "runtime").mkdir(parents=True)
-    for top in ("vae", "common"):  # what the links point into
-        (checkout / top).symlink_to(REPO / top)
-    for path in (REPO / "runtime").rglob("*"):
-        rel = path.relative_to(REPO / "runtime")
-        if rel.parts[0] in ("build",) or rel.parts[0].endswith(".egg-info") or "__pycache__" in rel.parts:
-            continue
-        dest = checkout / "runtime" / rel
-        if path.is_symlink():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if links == "symlinks":
-                dest.symlink_to(os.readlink(path))
-            else:
-                dest.write_text(os.readlink(path))
-        elif path.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, dest)
-    (checkout / "runtime" / "build" / "lib" / "pipeline").mkdir(parents=True)  # an earlier build's leftovers
-    (checkout / "runtime" / "build" / "lib" / "pipeline" / "__init__.py").write_text("raise ImportError\n")
+    checkout = tmp_path / "runtime"
+    shutil.copytree(REPO / "runtime", checkout,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    (checkout / "build" / "lib" / "pipeline").mkdir(parents=True)  # an earlier build's leftovers
+    (checkout / "build" / "lib" / "pipeline" / "__init__.py").write_text("raise ImportError\n")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-                           "-w", str(tmp_path / "wheel"), str(checkout / "runtime")], capture_output=True, text=True)
+                           "-w", str(tmp_path / "wheel"), str(checkout)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     [wheel] = (tmp_path / "wheel").glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         held = {name: archive.read(name) for name in archive.namelist() if ".dist-info/" not in name}
         license_text = archive.read(next(n for n in archive.namelist() if n.endswith("licenses/LICENSE")))
     assert held == runtime_modules()
+    assert {name.split("/")[0] for name in held} == {"vae_runtime"}
     assert license_text == (REPO / "LICENSE").read_bytes()

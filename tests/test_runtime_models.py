@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import pytest
 
-from common.digest import sha256_file
+from vae_runtime.digest import sha256_file
 from exported_model import exported_once
 from vae.cli import main
-from vae.runtime import Champion, Decoder, Encoder, RuntimeModelError
-from vae.serving import registry as reg
+from vae_runtime import Champion, Decoder, Encoder, RuntimeModelError
+from vae_runtime import registry as reg
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def _memory_registry(out, name: str) -> str:
 
 
 def test_names_in_records_never_reach_outside_the_registry_or_the_cache(exported, tmp_path):
-    from common import storage
+    from vae_runtime import storage
 
     out, _ = exported
     registry = tmp_path / "registry"

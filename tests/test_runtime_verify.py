@@ -16,13 +16,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from common.digest import sha256_file
-from common.errors import BadInput
+from vae_runtime.digest import sha256_file
+from vae_runtime.errors import BadInput
 from exported_model import exported_once
 from vae.cli import main
-from vae.runtime import Champion, Decoder, RunTimeout, RuntimeModelError
-from vae.serving import registry as reg
-from vae.serving.graph_files import referenced_files
+from vae_runtime import Champion, Decoder, RunTimeout, RuntimeModelError
+from vae_runtime import registry as reg
+from vae_runtime.graph_files import referenced_files
 
 DATA = "decoder.onnx.data"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from vae.evaluation import sample_metrics as sm
 
 

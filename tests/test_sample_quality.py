@@ -120,8 +120,8 @@ def test_bad_temperatures_are_one_line_and_exit_2(trained_run, capsys, value, ne
                                               ("eval.temperatures=[.inf]", "finite"),
                                               ("eval.sample_images=1", "at least two")])
 def test_bad_sample_settings_in_the_config_name_the_key(override, needle):
-    from common.errors import ConfigError
-    from vae.config import load_config
+    from vae_runtime.errors import ConfigError
+    from vae.core.config import load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -129,7 +129,7 @@ def test_bad_sample_settings_in_the_config_name_the_key(override, needle):
 
 
 def test_a_split_with_too_few_images_for_a_figure_is_one_line(trained_run, tmp_path):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
 
     with pytest.raises(BadInput) as err:
         evaluate(trained_run, split="test", k=2, out=tmp_path, sample_images=1)
@@ -137,7 +137,7 @@ def test_a_split_with_too_few_images_for_a_figure_is_one_line(trained_run, tmp_p
 
 
 def test_new_keys_stay_out_of_the_hash_at_their_default_and_paths_never_enter_it():
-    from vae.config import config_hash, load_config
+    from vae.core.config import config_hash, load_config
 
     base = config_hash(load_config(REPO / "configs" / "demo.yaml"))
     assert config_hash(load_config(REPO / "configs" / "demo.yaml", ["eval.temperatures=[1.0]",
@@ -183,7 +183,7 @@ def test_the_export_records_the_best_temperature_and_sampling_uses_it(trained_ru
 
     from exported_model import exported_once
     from vae.serving.graphs import set_metadata
-    from vae.serving.runtime import Decoder
+    from vae_runtime.runtime import Decoder
 
     out, card = exported_once(trained_run, tmp_path_factory)
     primary = (card["metrics"].get("samples") or {}).get("primary")

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from common.folder_lock import LOCK_NAME
 from pipeline.preprocess import preprocess
 from pipeline.records import iter_samples
@@ -174,7 +174,7 @@ def test_image_deleted_from_the_source_stays_in_its_shard_and_is_reported(synth_
 
 
 def test_corrupt_manifest_is_a_one_line_error(tmp_path, synth_source):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
 
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BadInput, match="manifest.json: not valid JSON"):
@@ -309,7 +309,7 @@ def _edit(manifest, how):
 ])
 def test_a_damaged_manifest_is_one_line_for_the_writer_and_the_readers(tiny_shards, synth_source, tmp_path, how,
                                                                        needle):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from pipeline.loader import train_loader
 
     out = tmp_path / "shards"

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from conftest import SHARED_SAMPLE
 from pipeline.shard import shard
 from pipeline.sources import PARTITION_FILE, open_source

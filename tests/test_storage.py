@@ -9,7 +9,7 @@ import uuid
 
 import torch
 
-from common.storage import read_bytes
+from vae_runtime.storage import read_bytes
 from pipeline.loader import eval_loader, train_loader
 from pipeline.shard import shard
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from pipeline import synth
 from pipeline.synth import ATTRIBUTES, synthesize
 

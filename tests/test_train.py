@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import ConfigError, TrainingError
+from vae_runtime.errors import ConfigError, TrainingError
 from conftest import tensors_of, tiny_config
 from pipeline.loader import eval_loader
-from vae.checkpoint import list_checkpoints, load_checkpoint, load_trained
+from vae.core.checkpoint import list_checkpoints, load_checkpoint, load_trained
 from vae.models import build_model
-from vae.objectives import elbo_terms
+from vae.core.objectives import elbo_terms
 from vae.training.steps import train_step
 from vae.training.train import train
 
@@ -196,7 +196,7 @@ def test_memory_stream_visits_every_image_once_per_epoch(tiny_shards):
     assert all(b.shape == (8, 3, 16, 16) and b.dtype == torch.uint8 for _, b in epoch)
     again = stream.batches(0)
     assert [next(again)[0] for _ in range(3)] == [ks for ks, _ in epoch[:3]]  # seeded by (seed, rank, step)
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
 
     with pytest.raises(BadInput, match=rf"gives this process {n} images, fewer than a batch \({n + 1}\)"):
         MemoryStream(str(tiny_shards), n + 1, seed=0)
@@ -306,7 +306,7 @@ def test_a_skipped_step_uses_up_all_its_micro_batches(tiny_shards, tmp_path):
 
 
 def test_a_log_line_cut_short_is_dropped_on_resume(tmp_path):
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from vae.training.state import trim_log
 
     log = tmp_path / "train_log.jsonl"
@@ -322,7 +322,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
     import errno
     import os
 
-    from vae import checkpoint as ckpt
+    from vae.core import checkpoint as ckpt
 
     earlier = ckpt.save_checkpoint(tmp_path, 10, {"step": 10}, keep=3)
     before = sorted(p.name for p in earlier.parent.iterdir())
@@ -339,8 +339,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_earlier_o
 
 
 def test_a_checkpoint_damaged_on_disk_is_refused_not_resumed_from(tmp_path):
-    from common.errors import BadInput
-    from vae import checkpoint as ckpt
+    from vae_runtime.errors import BadInput
+    from vae.core import checkpoint as ckpt
 
     path = ckpt.save_checkpoint(tmp_path, 10, {"model": {"w": torch.ones(4096)}, "ema": {}, "step": 10,
                                                "config": "{}"}, keep=3)
@@ -367,7 +367,7 @@ def test_checkpoint_rotation_keeps_the_one_just_written(tmp_path):
     """A run that resumed from an earlier step (machines agreeing on the last step they all hold) writes a
     checkpoint older than one it abandoned: the new one stays, the abandoned one goes (it would be taken for
     the latest)."""
-    from vae import checkpoint as ckpt
+    from vae.core import checkpoint as ckpt
 
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
@@ -434,7 +434,7 @@ def test_a_wall_clock_stepped_either_way_changes_no_budget(tiny_shards, tmp_path
 def test_progress_reads_older_checkpoints_and_refuses_damaged_ones():
     """A checkpoint from before a field existed reads it as its default (stream_start: the step, as a run then
     resumed from its checkpoint's step); a damaged one is one line naming the field."""
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from vae.training.progress import Progress
 
     old = Progress.from_checkpoint({"step": 40, "images": 640, "skipped": 1}, "ckpt")
@@ -450,7 +450,7 @@ def test_progress_reads_older_checkpoints_and_refuses_damaged_ones():
 def test_a_resume_on_shards_preprocessed_otherwise_is_refused(tiny_shards, synth_source, tmp_path):
     """data.shards may move on resume; the images may not change what they are (a crop-148 run once resumed on
     crop-0 shards silently, and its card then claimed crop 0)."""
-    from common.errors import BadInput
+    from vae_runtime.errors import BadInput
     from pipeline.shard import shard
 
     run = tmp_path / "run"

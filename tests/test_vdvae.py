@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError
+from vae_runtime.errors import ConfigError
 from conftest import REPO, perturbed, random_images, tiny_config
-from vae.checkpoint import config_json, list_checkpoints, load_checkpoint, load_trained, resume_differences
-from vae.config import ModelConfig, config_hash, load_config
+from vae.core.checkpoint import config_json, list_checkpoints, load_checkpoint, load_trained, resume_differences
+from vae.core.config import ModelConfig, config_hash, load_config
 from vae.models import build_model
 from vae.models.blocks import Bottleneck
 from vae.models.hierarchical import HierarchicalVAE
 from vae.models.vdvae import VDVAE
-from vae.objectives import (elbo_terms, gaussian_kl, iwae_bound, kl_balance_groups, kl_balance_weights, log_weights,
+from vae.core.objectives import (elbo_terms, gaussian_kl, iwae_bound, kl_balance_groups, kl_balance_weights, log_weights,
                             training_loss)
 from vae.serving.export import TOLERANCE, export, export_graphs, random_ops
 
@@ -262,9 +262,9 @@ def test_the_gpu_recipe_builds_and_takes_a_finite_bf16_step_on_the_cpu():
     import torch
 
     from conftest import REPO
-    from vae.config import load_config
+    from vae.core.config import load_config
     from vae.models import build_model
-    from vae.objectives import elbo_terms, training_loss
+    from vae.core.objectives import elbo_terms, training_loss
 
     cfg = load_config(REPO / "configs" / "celeba64-gpu.yaml")
     model = build_model(cfg.model)
@@ -284,7 +284,7 @@ def test_the_weights_digest_does_not_depend_on_the_memory_layout():
     evaluated and exported weights) reads values in logical order, so both layouts give one digest."""
     import torch
 
-    from vae.checkpoint import weights_digest
+    from vae.core.checkpoint import weights_digest
 
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1), torch.nn.Conv2d(16, 4, 3))
     before = weights_digest(model)

@@ -13,7 +13,7 @@ from conftest import REPO, TINY, tiny_config
 
 
 def test_the_first_step_starts_from_the_source_ema_weights(trained_run, tiny_shards, tmp_path):
-    from vae.checkpoint import latest_checkpoint, load_checkpoint
+    from vae.core.checkpoint import latest_checkpoint, load_checkpoint
     from vae.training.train import train
 
     source = load_checkpoint(latest_checkpoint(trained_run))["ema"]
@@ -69,6 +69,6 @@ def test_the_flow_warm_starts_from_the_champion_run(tmp_path):
 def test_shipped_config_hashes_stay_the_same(name, expected):
     """Pinned on purpose: promotion records and resumes compare these hashes, so a new config key (with its
     default) must not change the hash of an existing config."""
-    from vae.config import config_hash, load_config
+    from vae.core.config import config_hash, load_config
 
     assert config_hash(load_config(str(REPO / "configs" / name), [])) == expected

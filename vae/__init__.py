@@ -1,1 +1,2 @@
-"""VAE model, objectives, training, evaluation, export and the torch-free runtime."""
+"""VAE models (vae/models), the core they build on (vae/core), training, evaluation, export and publication, and
+the command line (vae/cli). The torch-free runtime is its own package, `vae_runtime` (runtime/)."""

@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import limits
-from common.atomic import atomic_write_json
-from common.errors import BadInput, ConfigError, VaeError
-from common.grid import label, make_grid, write_png
+from vae_runtime import limits
+from vae_runtime.atomic import atomic_write_json
+from vae_runtime.errors import BadInput, ConfigError, VaeError
+from vae_runtime.grid import label, make_grid, write_png
 from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
-from vae.checkpoint import load_trained, weights_digest
-from vae.config import MAX_K, config_hash
+from vae.core.checkpoint import load_trained, weights_digest
+from vae.core.config import MAX_K, config_hash
 from vae.evaluation.features import resolve_weights
 from vae.evaluation.sample_quality import sample_quality
-from vae.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
+from vae.core.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 ATTRIBUTE_DIRECTIONS = ("Smiling", "Eyeglasses", "Male", "Blond_Hair")  # CelebA attributes to picture
@@ -284,7 +284,7 @@ NO_INCEPTION = ("no Inception weights given (vae eval --inception-weights PATH, 
 
 def plan_settings(cfg, temperatures: list[float] | None, sample_images: int | None) -> tuple[list[float], int]:
     """The temperatures and image count of the sample metrics: the arguments, else the config's; checked."""
-    from vae.config import MAX_SAMPLE_IMAGES, check_temperatures
+    from vae.core.config import MAX_SAMPLE_IMAGES, check_temperatures
 
     try:
         temperatures = check_temperatures(cfg.eval.temperatures if temperatures is None else temperatures,
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed
     from accelerate import Accelerator
 
-    from vae.distributed import end_process_group
+    from vae.core.distributed import end_process_group
 
     parser = argparse.ArgumentParser(prog="vae.evaluation.evaluate")
     parser.add_argument("--run", required=True)

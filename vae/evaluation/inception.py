@@ -35,7 +35,7 @@ from torchvision.models.inception import (
     InceptionE,
 )
 
-from common.errors import BadInput, one_line
+from vae_runtime.errors import BadInput, one_line
 from vae.evaluation.features import ENV_WEIGHTS, resolve_weights  # noqa: F401  (where the weights are named)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"

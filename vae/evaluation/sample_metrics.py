@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 
 KID_BLOCKS = 10  # disjoint blocks of images for KID's and SWD's standard errors (fewer when there are few images)
 PRDC_K = 5  # nearest neighbours that set each image's radius (Naeem et al.'s choice)

@@ -22,11 +22,11 @@ import json
 
 import torch
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 from pipeline.loader import eval_loader
 from vae.evaluation import sample_metrics as sm
 from vae.evaluation.features import RandomFeatures, embed
-from vae.objectives import to_unit
+from vae.core.objectives import to_unit
 
 PRIMARY = "kid"
 # One seed for every model's prior draws and random choices (not the run's train.seed): two models are measured

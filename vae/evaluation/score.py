@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import storage
-from common.atomic import atomic_write_text
-from common.errors import BadInput, VaeError
-from vae.checkpoint import latest_state, trained_model
-from vae.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
+from vae_runtime import storage
+from vae_runtime.atomic import atomic_write_text
+from vae_runtime.errors import BadInput, VaeError
+from vae.core.checkpoint import latest_state, trained_model
+from vae.core.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
 
 
 class Ranking(list):

@@ -4,7 +4,7 @@ need (`vae.models.protocol.VAEModel`). `build_model(cfg)` picks one by `cfg.kind
 
 from __future__ import annotations
 
-from vae.config import ModelConfig
+from vae.core.config import ModelConfig
 from vae.models.protocol import VAEModel
 
 

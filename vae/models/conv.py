@@ -1,6 +1,6 @@
 """The convolutional VAE: encoder q(z|x) = N(mu, diag(exp(logvar))), decoder to likelihood parameters.
 
-The model computes nothing but the networks: objectives live in `vae/objectives.py`, the observation model in
+The model computes nothing but the networks: objectives live in `vae/core/objectives.py`, the observation model in
 `vae/models/likelihoods.py`, shared blocks in `vae/models/blocks.py`. Inputs are images in [0, 1], float,
 [N, 3, H, W]; latents are [N, latent_dim].
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vae.config import ModelConfig
+from vae.core.config import ModelConfig
 from vae.models.blocks import ResBlock, soft_bound
 from vae.models.likelihoods import get_likelihood
 from vae.models.protocol import gaussian_posterior_pass

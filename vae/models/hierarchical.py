@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vae.config import ModelConfig
+from vae.core.config import ModelConfig
 from vae.models.blocks import ResBlock, soft_bound
 from vae.models.likelihoods import get_likelihood
 from vae.models.protocol import TopDownLatents

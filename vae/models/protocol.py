@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from vae.config import ModelConfig
+from vae.core.config import ModelConfig
 
 
 @runtime_checkable

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae.config import ModelConfig
+from vae.core.config import ModelConfig
 from vae.models.blocks import Bottleneck, softplus_std
 from vae.models.likelihoods import get_likelihood
 from vae.models.protocol import TopDownLatents

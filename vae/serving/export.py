@@ -31,13 +31,13 @@ import onnx
 import torch
 from torch import nn
 
-from common import limits, schemas
-from common.atomic import atomic_write_json
-from common.digest import sha256_file
-from common.errors import BadInput
-from vae.checkpoint import latest_state, load_trained, trained_model
-from vae.config import config_hash
-from vae.serving.graph_files import referenced_files
+from vae_runtime import limits, schemas
+from vae_runtime.atomic import atomic_write_json
+from vae_runtime.digest import sha256_file
+from vae_runtime.errors import BadInput
+from vae.core.checkpoint import latest_state, load_trained, trained_model
+from vae.core.config import config_hash
+from vae_runtime.graph_files import referenced_files
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
 from vae.serving.model_card import write_model_card
@@ -60,7 +60,7 @@ def _session(path: Path, device: str = "cpu"):
     runs is the session's first provider."""
     import onnxruntime as ort
 
-    from vae.serving.runtime import providers_for, session_options
+    from vae_runtime.runtime import providers_for, session_options
 
     return ort.InferenceSession(str(path), session_options(), providers=providers_for(device))
 
@@ -175,7 +175,7 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
     """
     import onnxruntime as ort
 
-    from vae.serving.runtime import providers_for
+    from vae_runtime.runtime import providers_for
 
     path = folder / FP16_DECODER
     try:
@@ -205,7 +205,7 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
 def current_metrics(run_dir: Path, model: nn.Module, shards: str, split: str) -> dict:
     """The run's `eval/metrics.json` when it measured exactly these weights; otherwise evaluate them now (the
     card must carry the test metrics of the weights it ships, never those of an earlier step)."""
-    from vae.checkpoint import weights_digest
+    from vae.core.checkpoint import weights_digest
 
     path = run_dir / "eval" / "metrics.json"
     digest = weights_digest(model)
@@ -300,7 +300,7 @@ def existing_export(out: str | Path, run_dir: str | Path, version: str, fp16: bo
     asked for, every file matching its sha256; else None. A retried flow run reuses it rather than exporting
     again: a new export differs in bytes (its `created` time), and a version half-registered on object storage
     takes only the bytes it was claimed for."""
-    from vae.checkpoint import weights_digest
+    from vae.core.checkpoint import weights_digest
 
     try:
         card = schemas.load(limits.read_file(Path(out) / "model.json", "json"), schemas.MODEL_CARD,
@@ -321,8 +321,8 @@ def existing_export(out: str | Path, run_dir: str | Path, version: str, fp16: bo
 def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:
     """`samples.png`: an 8x8 grid of prior samples decoded by the validated `decoder.onnx` through the runtime,
     exactly as an app would (noise from numpy's default_rng(seed))."""
-    from common.grid import make_grid, write_png
-    from vae.serving.runtime import Decoder
+    from vae_runtime.grid import make_grid, write_png
+    from vae_runtime.runtime import Decoder
 
     images = Decoder(folder / "decoder.onnx").sample(n, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):

@@ -12,8 +12,8 @@ import onnx
 import torch
 from torch import nn
 
-from common.atomic import atomic_write_bytes, naming
-from common.errors import VaeError
+from vae_runtime.atomic import atomic_write_bytes, naming
+from vae_runtime.errors import VaeError
 
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
               "Bernoulli"}

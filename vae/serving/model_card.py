@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.atomic import atomic_write_text
+from vae_runtime.atomic import atomic_write_text
 
 CELEBA_TERMS = ("CelebA is available for non-commercial research purposes only (see the data set's agreement at "
                 "mmlab.ie.cuhk.edu.hk/projects/CelebA.html). A model trained on it inherits those terms: research "
@@ -46,11 +46,11 @@ def model_card_markdown(card: dict, samples: str | None = "samples.png") -> str:
         "", "## Use",
         "",
         "Decode latents drawn from N(0, I) with `decoder.onnx` (`z` float32 [N, latent_dim] -> `x_mean` float32 "
-        "[N, 3, H, W] in [0, 1]), or encode images with `encoder.onnx`; with Python, `vae.runtime` needs only "
+        "[N, 3, H, W] in [0, 1]), or encode images with `encoder.onnx`; with Python, `vae_runtime` needs only "
         "numpy and onnxruntime:",
         "",
         "```python",
-        "from vae.runtime import Decoder",
+        "from vae_runtime import Decoder",
         "images = Decoder(\"THIS_FOLDER\").sample(16, seed=0)",
         "```",
         "",

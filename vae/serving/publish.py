@@ -20,8 +20,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from common.atomic import UMASK, fsync_tree, naming
-from common.errors import BadInput
+from vae_runtime.atomic import UMASK, fsync_tree, naming
+from vae_runtime.errors import BadInput
 
 
 def _stage_prefix(out: Path) -> str:

@@ -30,7 +30,7 @@ import onnx
 import torch
 from torch import nn
 
-from common.atomic import naming
+from vae_runtime.atomic import naming
 
 PRECISIONS = ("int8",)
 BUDGET = {"mean_abs": 1 / 255, "max_abs": 8 / 255}  # agreement with the float32 graphs, on decoded images in [0, 1]

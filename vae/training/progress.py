@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 
 # The checkpoint keys this record owns (the rest of a checkpoint is weights and optimizer states).
 INT_FIELDS = ("step", "images", "skipped", "skipped_outliers", "stream_start")

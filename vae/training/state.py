@@ -18,12 +18,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from common.atomic import atomic_write_json, atomic_write_text
-from common.errors import BadInput, ConfigError, TrainingError
+from vae_runtime.atomic import atomic_write_json, atomic_write_text
+from vae_runtime.errors import BadInput, ConfigError, TrainingError
 from pipeline.manifest import require_image_size
-from vae import checkpoint as ckpt
-from vae import hardware
-from vae.config import Config, config_hash, config_to_dict
+from vae.core import checkpoint as ckpt
+from vae.core import hardware
+from vae.core.config import Config, config_hash, config_to_dict
 from vae.models import build_model
 from vae.training.ema import EMA
 from vae.training.progress import Progress

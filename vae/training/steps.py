@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.errors import TrainingError
-from vae.config import Config
-from vae.objectives import beta_at, bits_per_dim, elbo_terms, image_dims, kl_balance_groups, training_loss
+from vae_runtime.errors import TrainingError
+from vae.core.config import Config
+from vae.core.objectives import beta_at, bits_per_dim, elbo_terms, image_dims, kl_balance_groups, training_loss
 from vae.training.state import TrainState
 
 SCALE_HALVINGS = 40  # fp16 overflows in a row the loss scale may take to calibrate; past that, it is divergence

@@ -23,15 +23,15 @@ import torch
 from tqdm import tqdm
 
 from common import folder_lock
-from common.atomic import atomic_write_json, atomic_write_text
-from common.errors import BadInput, VaeError
-from common.grid import label, make_grid, write_png
+from vae_runtime.atomic import atomic_write_json, atomic_write_text
+from vae_runtime.errors import BadInput, VaeError
+from vae_runtime.grid import label, make_grid, write_png
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
-from vae.checkpoint import weights_digest
-from vae.config import Config
+from vae.core.checkpoint import weights_digest
+from vae.core.config import Config
 from vae.models import build_model
-from vae.objectives import image_dims, to_unit
+from vae.core.objectives import image_dims, to_unit
 from vae.training.state import TrainState, save_checkpoint, setup
 from vae.training.steps import StepResult, Window, micro_batch_draws, train_step
 
@@ -218,8 +218,8 @@ def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: i
 
 def main() -> None:
     """Entry point for `accelerate launch -m vae.train CONFIG_JSON` (used by `vae train` for N > 1)."""
-    from vae.config import config_from_dict
-    from vae.distributed import end_process_group
+    from vae.core.config import config_from_dict
+    from vae.core.distributed import end_process_group
 
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import atomic_write_bytes, atomic_write_text
-from common.errors import BadInput, TrainingError
-from vae.config import Config, config_from_dict, config_to_dict
+from vae_runtime.atomic import atomic_write_bytes, atomic_write_text
+from vae_runtime.errors import BadInput, TrainingError
+from vae.core.config import Config, config_from_dict, config_to_dict
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 
 NUMBER = "number"  # an int or a float (never a bool: JSON's true is not 1)
 REQUIRED = "__required__"  # a schema's key listing the fields that must be present and not null
@@ -107,7 +107,7 @@ def _a(kind) -> str:
 
 # -- the records ------------------------------------------------------------------------------------------------
 
-# the primary sample figure promotion compares (vae/serving/registry.py: sample_primary)
+# the primary sample figure promotion compares (runtime/vae_runtime/registry.py: sample_primary)
 SAMPLE_PRIMARY = {"metric": str, "of": str, "temperature": NUMBER, "value": NUMBER, "stderr": NUMBER, "measure": str,
                   "temperatures": ListOf(NUMBER), "n_images": int}
 # what a champion was promoted on (registry.evidence_of)

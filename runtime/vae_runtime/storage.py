@@ -23,8 +23,8 @@ import re
 import threading
 from pathlib import Path
 
-from common import limits
-from common.atomic import atomic_write_bytes
+from vae_runtime import limits
+from vae_runtime.atomic import atomic_write_bytes
 
 # The names vae.atomic gives its temporary files: a dot, the target's name, a random part, `.tmp`.
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")
@@ -71,7 +71,7 @@ def read_bytes(location: str) -> bytes:
 
 
 def read_capped(location: str | os.PathLike, cap: str, what: str | None = None) -> bytes:
-    """`read_bytes` under the size cap `cap` of `common.limits`: refused (`OverCap`, one line naming `what`,
+    """`read_bytes` under the size cap `cap` of `vae_runtime.limits`: refused (`OverCap`, one line naming `what`,
     default the location) before reading where the size is known, and as soon as the read passes the cap."""
     location = str(location)
     what = what or location

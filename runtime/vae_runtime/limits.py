@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
-from common.errors import BadInput
+from vae_runtime.errors import BadInput
 
 MIB = 1 << 20
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from common.errors import ConfigError, one_line, shown
-from common.limits import read_file
+from vae_runtime.errors import ConfigError, one_line, shown
+from vae_runtime.limits import read_file
 
 LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
 PRECISIONS = ("no", "bf16", "fp16")

@@ -19,8 +19,8 @@ from __future__ import annotations
 import mmap
 import os
 
-from common import limits
-from common.errors import BadInput
+from vae_runtime import limits
+from vae_runtime.errors import BadInput
 
 # message -> {field number: message it holds}, for the fields on the way to a tensor (onnx.proto's numbers)
 MODEL, GRAPH, NODE, ATTRIBUTE, FUNCTION, TRAINING, SPARSE, TENSOR, ENTRY = range(9)

@@ -1,6 +1,6 @@
 """The torch-free runtime for exported models: NumPy, onnxruntime and fsspec only (never import torch here).
 
-    from vae.runtime import Champion
+    from vae_runtime import Champion
     champion = Champion("s3://bucket/registry")  # or a local registry path; files cached and sha256-verified
     decoder = champion.decoder()                 # or Decoder(model_folder), Decoder("decoder.onnx")
     images = decoder.sample(16, seed=0)          # float32 [16, 3, H, W] in [0, 1]
@@ -9,7 +9,7 @@
 A model is a registry location (its champion), a model folder (its graphs are checked against the sha256 in
 `model.json`; a folder exported before hashes loads with a warning) or a bare `.onnx` file (loaded as is).
 What a graph reads besides itself (external weights) is checked with it: a plain file beside it, within the size
-caps (`common.limits`: `onnx`, `onnx_data`), and hashed in the card or version record when the graph is. The sizes a
+caps (`vae_runtime.limits`: `onnx`, `onnx_data`), and hashed in the card or version record when the graph is. The sizes a
 model declares (latent_dim, image_size, channels) are bounded and must match the graph's inputs and outputs and
 its card before anything is sized from them. A run longer than `timeout` seconds (default `DEFAULT_TIMEOUT`) is
 ended and raises `RunTimeout`.
@@ -17,7 +17,7 @@ ended and raises `RunTimeout`.
 
 On a GPU the app can keep z and the images on the device: `decode_on_device(z, out=...)` binds OrtValues, CUDA
 tensors or CuPy arrays in place, and `capture(z, out)` records a CUDA graph on fixed buffers for `.replay()`
-(`vae.serving.device_buffers` says how, and how streams are ordered).
+(`vae_runtime.device_buffers` says how, and how streams are ordered).
 
 The noise is drawn here with NumPy from the caller's seed, so the same seed gives the same images. The
 provider that actually runs is reported (`.provider`); a requested CUDA provider that fell back to the CPU is
@@ -40,15 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common import schemas, storage
-from common.atomic import atomic_write_bytes
-from common.digest import sha256_file
-from common.errors import BadInput, one_line
-from common.limits import OverCap
-from vae.serving import device_buffers as buffers
-from vae.serving import graph_files
-from vae.serving.watchdog import deadline
-from vae.serving import registry as reg
+from vae_runtime import schemas, storage
+from vae_runtime.atomic import atomic_write_bytes
+from vae_runtime.digest import sha256_file
+from vae_runtime.errors import BadInput, one_line
+from vae_runtime.limits import OverCap
+from vae_runtime import device_buffers as buffers
+from vae_runtime import graph_files
+from vae_runtime.watchdog import deadline
+from vae_runtime import registry as reg
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
@@ -147,7 +147,7 @@ def verified_graph(folder: str | os.PathLike, name: str) -> str:
 
 
 def checked_graph_files(path: str, present: bool = True) -> list[str]:
-    """The files the graph `path` keeps weights in (ONNX external data, `vae.serving.graph_files`): plain names
+    """The files the graph `path` keeps weights in (ONNX external data, `vae_runtime.graph_files`): plain names
     beside it, the graph within its size cap (`onnx`) and, with `present`, each file there and within its own
     (`onnx_data`)."""
     try:
@@ -359,7 +359,7 @@ class _Model:
                                  tuple(sizes.get(d, d) for d in sig.output_shape))
 
     def on_device(self, value, out=None):
-        """Run on a buffer that already lives where the session runs (see `vae.serving.device_buffers`): an
+        """Run on a buffer that already lives where the session runs (see `vae_runtime.device_buffers`): an
         OrtValue, or an array with `__cuda_array_interface__` (CUDA provider) or `__array_interface__` (CPU).
         The output is written into `out` when given (and `out` returned), else returned as an OrtValue on the
         session's device. No copy through the host on either side (onnxruntime I/O binding)."""
@@ -652,7 +652,7 @@ class Champion:
 
     def file(self, name: str, cap: str | None = None) -> str:
         """A local copy of one file of the champion, verified against its version record (when it has one); a
-        remote one read under the size cap `cap` of `common.limits` when given."""
+        remote one read under the size cap `cap` of `vae_runtime.limits` when given."""
         try:
             reg.plain_name("file", name, f"registry {self.registry}")
         except reg.RegistryError as err:

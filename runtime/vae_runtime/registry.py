@@ -41,11 +41,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from common import schemas, storage
-from common.atomic import atomic_write_bytes, fsync_tree
-from common.digest import sha256_file
-from common.errors import BadInput, VaeError
-from vae.serving.graph_files import referenced_files
+from vae_runtime import schemas, storage
+from vae_runtime.atomic import atomic_write_bytes, fsync_tree
+from vae_runtime.digest import sha256_file
+from vae_runtime.errors import BadInput, VaeError
+from vae_runtime.graph_files import referenced_files
 
 PROJECT = "train-vae"
 CHAMPION = "champion.json"
@@ -427,7 +427,7 @@ class _MemoryChampion:
 
 
 def _parse(data: bytes, where) -> dict:
-    """champion.json's record, each field's type checked (`common.schemas.CHAMPION`) and its versions plain names."""
+    """champion.json's record, each field's type checked (`vae_runtime.schemas.CHAMPION`) and its versions plain names."""
     record = schemas.load(data, schemas.CHAMPION, str(where), "a champion record", RegistryError)
     for version in [record["version"], *(record.get("rolled_back") or [])]:
         plain_name("version", version, str(where))

@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from common.errors import BadInput, VaeError
-from common.limits import read_file
-from vae.config import MAX_K
+from vae_runtime.errors import BadInput, VaeError
+from vae_runtime.limits import read_file
+from vae.core.config import MAX_K
 
 
 def _positive(text: str) -> int:
@@ -100,7 +100,7 @@ def cmd_shard(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from vae.config import load_config
+    from vae.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.accelerate_config and not Path(args.accelerate_config).is_file():
@@ -129,9 +129,9 @@ def cmd_train(args) -> int:
 
 def _train_launched(args, cfg, lock) -> int:
     """`accelerate launch` of the training ranks, under the run folder's `lock`; 0 when they all succeeded."""
-    from common.atomic import atomic_write_json
-    from vae.config import config_to_dict
-    from vae.distributed import run_launched
+    from vae_runtime.atomic import atomic_write_json
+    from vae.core.config import config_to_dict
+    from vae.core.distributed import run_launched
 
     run_dir = Path(cfg.run_dir)
     config_file = atomic_write_json(run_dir / "launch_config.json", config_to_dict(cfg))
@@ -162,7 +162,7 @@ def _check_machines(args) -> None:
 def _preempted_ranks(run_dir: Path) -> int:
     """After a SIGTERM passed to the ranks: 143 when every rank recorded the step of the last checkpoint (they
     stopped together and resume from it), else 1."""
-    from vae.checkpoint import latest_checkpoint
+    from vae.core.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(run_dir)
     records = [json.loads(read_file(p, "json")) for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
@@ -180,7 +180,7 @@ def _preempted_ranks(run_dir: Path) -> int:
 def cmd_eval(args) -> int:
     temperatures = _temperatures(args.temperatures)
     if args.num_processes > 1:
-        from vae.distributed import run_launched
+        from vae.core.distributed import run_launched
         from vae.evaluation.evaluate import check_sample_inputs, checked_inputs
 
         # bad input: one line here, not one per rank
@@ -202,7 +202,7 @@ def cmd_eval(args) -> int:
                            temperatures=temperatures, inception_weights=args.inception_weights)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("images", "samples")}))
     if metrics.get("samples"):
-        from vae.info import sample_summary
+        from vae.cli.info import sample_summary
 
         print(json.dumps({"samples": sample_summary(metrics["samples"])}))
     print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
@@ -213,8 +213,8 @@ def _temperatures(text: str | None) -> list[float] | None:
     """`--temperatures 0.8,1.0`: checked as eval.temperatures is (one line naming the flag)."""
     if text is None:
         return None
-    from common.errors import ConfigError
-    from vae.config import check_temperatures
+    from vae_runtime.errors import ConfigError
+    from vae.core.config import check_temperatures
 
     try:
         values = [float(part) for part in text.split(",")]
@@ -273,7 +273,7 @@ def cmd_export(args) -> int:
 def _runtime_model(kind: str, model: str, device: str, precision: str | None = None, timeout: float | None = None):
     """`Decoder` or `Encoder` from a registry (its champion), a model folder or an .onnx file; bad input exits 2.
     `timeout`: seconds per run (None: the runtime's default)."""
-    from vae.serving import runtime
+    from vae_runtime import runtime
 
     with _runtime_errors():
         return getattr(runtime, kind)(model, device=device, precision=precision,
@@ -285,7 +285,7 @@ def _runtime_errors():
     """The runtime's errors as the command's. A run past its timeout is a failed run (exit 1), not bad input: the
     timeout cannot tell a graph that loops for ever from a machine too slow for the batch, and the model and images
     may be fine. Any other runtime error names a model or input that cannot be used (exit 2)."""
-    from vae.serving import runtime
+    from vae_runtime import runtime
 
     try:
         yield
@@ -296,7 +296,7 @@ def _runtime_errors():
 
 
 def cmd_sample(args) -> int:
-    from common.grid import make_grid, write_png
+    from vae_runtime.grid import make_grid, write_png
 
     decoder = _runtime_model("Decoder", args.model, args.device, args.precision, args.timeout)
     temperature = decoder.temperature if args.temperature is None else args.temperature
@@ -329,8 +329,8 @@ def cmd_encode(args) -> int:
     """Preprocess images as the shards are (center crop, antialiased resize), encode, write keys/mu/logvar."""
     import numpy as np
 
-    from common import schemas
-    from common.atomic import atomic_write
+    from vae_runtime import schemas
+    from vae_runtime.atomic import atomic_write
     from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
     from pipeline.sources import read_image
 
@@ -376,14 +376,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_info(args) -> int:
-    from vae.info import describe
+    from vae.cli.info import describe
 
     print(json.dumps(describe(args.path), indent=1, default=str))
     return 0
 
 
 def cmd_registry_rollback(args) -> int:
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     try:
         outcome = reg.rollback(args.registry, args.version, args.reason)
@@ -398,7 +398,7 @@ def cmd_registry_rollback(args) -> int:
 def cmd_config_show(args) -> int:
     import yaml
 
-    from vae.config import config_hash, config_to_dict, load_config
+    from vae.core.config import config_hash, config_to_dict, load_config
 
     cfg = load_config(args.config, args.overrides)
     print(f"# resolved config (hash {config_hash(cfg)})")
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _os_error(err: OSError) -> str:
-    """`FILE: reason`; the reason alone where the error names no file (the writers name theirs: common.atomic)."""
+    """`FILE: reason`; the reason alone where the error names no file (the writers name theirs: vae_runtime.atomic)."""
     reason = err.strerror or str(err)
     return f"{err.filename}: {reason}" if err.filename else reason
 
@@ -566,7 +566,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vae: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

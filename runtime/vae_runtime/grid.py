@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 
-from common.atomic import atomic_write_bytes
+from vae_runtime.atomic import atomic_write_bytes
 
 __all__ = ["label", "make_grid", "png_bytes", "to_uint8_hwc", "write_png"]
 

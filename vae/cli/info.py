@@ -13,13 +13,13 @@ import os
 import re
 from pathlib import Path
 
-from common import limits, schemas, storage
-from common.errors import BadInput
+from vae_runtime import limits, schemas, storage
+from vae_runtime.errors import BadInput
 
 CARD_KEYS = ("version", "created", "latent_dim", "image_size", "likelihood", "config_hash", "step", "weights",
              "files", "sha256", "preprocessing")
 METRIC_KEYS = ("split", "k", "n_images", "nll_bpd", "elbo_bpd", "active_units", "model_step")
-CHECKPOINT = re.compile(r"step-(\d{8})\.pt")  # vae/checkpoint.py's names (that module imports torch)
+CHECKPOINT = re.compile(r"step-(\d{8})\.pt")  # vae/core/checkpoint.py's names (that module imports torch)
 
 
 def sample_summary(samples: dict | None) -> dict | None:
@@ -41,7 +41,7 @@ def sample_summary(samples: dict | None) -> dict | None:
 
 def describe(location: str) -> dict:
     """What `location` is and holds; one line of BadInput when it is none of a run, a model or a registry."""
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     if storage.is_url(location) or Path(location, reg.PROJECT).is_dir():
         return describe_registry(location)
@@ -55,7 +55,7 @@ def describe(location: str) -> dict:
 
 
 def _json(path: Path, schema: dict, what: str) -> dict | None:
-    """The record at `path`, each field's type checked (`common.schemas`: one line naming the file and the field),
+    """The record at `path`, each field's type checked (`vae_runtime.schemas`: one line naming the file and the field),
     or None where there is none."""
     try:
         data = limits.read_file(path, "json")
@@ -112,7 +112,7 @@ def describe_model(path: Path) -> dict:
 
 
 def describe_registry(location: str) -> dict:
-    from vae.serving import registry as reg
+    from vae_runtime import registry as reg
 
     try:
         champion = reg.read_champion(location)

@@ -1,1 +1,0 @@
-../../common/__init__.py

@@ -1,1 +1,0 @@
-../../../vae/serving/__init__.py

@@ -1,1 +1,0 @@
-../../../vae/serving/device_buffers.py

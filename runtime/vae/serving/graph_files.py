@@ -1,1 +1,0 @@
-../../../vae/serving/graph_files.py

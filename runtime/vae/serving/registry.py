@@ -1,1 +1,0 @@
-../../../vae/serving/registry.py
