@@ -40,7 +40,11 @@ def test_the_samples_object_holds_finite_figures_errors_floor_and_counts(evaluat
         assert group["fid"] is None
     primary = samples["primary"]
     assert primary["metric"] == "kid" and primary["temperature"] in (0.7, 1.0)
-    assert primary["value"] == min(samples["prior"][t]["kid"]["value"] for t in ("0.7", "1"))
+    # the temperature is chosen on the valid split's images, and the test figure reported at it
+    selection = samples["selection"]
+    assert selection["split"] == "valid" and set(selection["kid"]) == {"0.7", "1"}
+    assert primary["temperature"] == min((0.7, 1.0), key=lambda t: selection["kid"][f"{t:g}"]["value"])
+    assert primary["value"] == samples["prior"][f"{primary['temperature']:g}"]["kid"]["value"]
     memo = samples["prior"]["1"]["memorisation"]
     assert _finite_figure(memo["nearest_train_rms"]) and memo["ratio_to_heldout"] > 0
     assert 0.5 < memo["train_to_heldout"] < 2  # a tiny model copies nothing: as near held-out as training images
@@ -48,6 +52,30 @@ def test_the_samples_object_holds_finite_figures_errors_floor_and_counts(evaluat
     assert "--inception-weights" in samples["fid_reason"] and len(samples["measure"]) == 16
     # a briefly trained tiny model is far from real images; the floor is not
     assert primary["value"] > samples["floor"]["kid"]["value"] + 2 * primary["stderr"]
+
+
+def test_the_temperature_is_chosen_on_the_valid_images_not_on_the_measured_ones():
+    """Draws at 0.5 match the valid images, draws at 1.0 the test images: the choice follows the valid split
+    (choosing on the test split would pick 1.0 and report the best of two tries on the test images). Measured on
+    the valid split itself, or with one temperature, nothing else is embedded."""
+    from vae.evaluation.sample_quality import select_temperature
+    from vae.evaluation.sample_metrics import kid
+
+    g = torch.Generator().manual_seed(0)
+    valid, test = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + 3.0
+    drawn = {0.5: torch.randn(200, 8, generator=g), 1.0: torch.randn(200, 8, generator=g) + 3.0}
+    prior = {f"{t:g}": {"kid": kid(test, f)} for t, f in drawn.items()}
+    chosen = select_temperature(drawn, prior, "test", lambda: {"random": valid})
+    assert chosen["temperature"] == 0.5 and chosen["split"] == "valid"
+    assert chosen["kid"]["0.5"]["value"] < chosen["kid"]["1"]["value"]
+
+    def never():
+        raise AssertionError("embedded the valid split without a choice to make")
+
+    assert select_temperature(drawn, prior, "valid", never) == {"temperature": 1.0, "split": "valid"}
+    assert select_temperature({0.8: drawn[0.5]}, prior, "test", never) == {"temperature": 0.8, "split": None}
+    few = select_temperature(drawn, prior, "test", lambda: {"random": valid[:10]})
+    assert few == {"temperature": 1.0, "split": "test"}  # too few valid images: the measured split's figures
 
 
 def test_grids_are_written_at_each_temperature_with_a_label_strip(evaluated):
