@@ -48,6 +48,31 @@ def test_distributed_eval_matches_single_process(two_rank_run, capsys):
     assert two["world_size"] == 2 and one["world_size"] == 1
 
 
+def test_a_direct_accelerate_launch_takes_the_run_config_as_vae_train_does(tiny_shards, tmp_path):
+    """`accelerate launch [its flags] -m vae.training.train --config RUN.yaml key=value ...`, as Accelerate's docs
+    teach, trains one process group from the same YAML and overrides `vae train` takes; a bad override is one
+    line per rank and exit 2, before any process group."""
+    import subprocess
+
+    from conftest import REPO
+    from vae.core.distributed import launch_command
+
+    run = tmp_path / "direct"
+    overrides = [*TINY, "train.steps=2", "train.checkpoint_every=2", f"run_dir={run}", f"data.shards={tiny_shards}"]
+    cmd = launch_command("vae.training.train", ["--config", str(REPO / "configs" / "demo.yaml"), *overrides], 2)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [json.loads((run / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    saved = load_checkpoint(list_checkpoints(run)[-1])
+    assert saved["step"] == 2 and json.loads(saved["config"])["train"]["steps"] == 2
+
+    bad = launch_command("vae.training.train", ["--config", str(REPO / "configs" / "demo.yaml"), "train.lr=-1"], 2)
+    done = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("vae: error:")]
+    assert done.returncode != 0 and len(errors) == 2 and all("train.lr" in line for line in errors), done.stderr
+
+
 def test_launch_commands_for_gpus_and_nodes():
     from vae.core.distributed import launch_command
 

@@ -10,6 +10,7 @@ Launch with several processes through `vae train --num-processes N` (accelerate 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -26,10 +27,11 @@ from common import folder_lock
 from vae_runtime.atomic import atomic_write_json, atomic_write_text
 from vae_runtime.errors import BadInput, VaeError
 from vae_runtime.grid import label, make_grid, write_png
+from vae_runtime.limits import read_file
 from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
 from vae.core.checkpoint import weights_digest
-from vae.core.config import Config
+from vae.core.config import Config, config_from_dict, load_config
 from vae.models import build_model
 from vae.core.objectives import image_dims, to_unit
 from vae.training.state import TrainState, save_checkpoint, setup
@@ -216,14 +218,33 @@ def write_rank_record(run_dir: Path, model: torch.nn.Module, rank: int, world: i
     atomic_write_text(folder / f"rank-{rank}.keys", "".join(f"{k}\n" for k in sorted(seen)))
 
 
-def main() -> None:
-    """Entry point for `accelerate launch -m vae.train CONFIG_JSON` (used by `vae train` for N > 1)."""
-    from vae.core.config import config_from_dict
+def launched_config(argv: list[str]) -> Config:
+    """The run config of a launched process: `--config RUN.yaml [key=value ...]`, as `vae train` takes it (a direct
+    `accelerate launch --config_file FILE -m vae.training.train --config RUN.yaml ...`, as Accelerate's docs
+    teach), or the one JSON file `vae train --num-processes N` writes for its ranks."""
+    parser = argparse.ArgumentParser(prog="accelerate launch -m vae.training.train")
+    parser.add_argument("--config", default=None, help="the run's YAML config, as `vae train --config`")
+    parser.add_argument("rest", nargs="*", help="key=value overrides (with --config), else the launcher's JSON")
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        return load_config(args.config, args.rest)
+    if len(args.rest) != 1:
+        raise BadInput("expected --config RUN.yaml [key=value ...] (or the JSON file `vae train` writes)")
+    return config_from_dict(json.loads(read_file(args.rest[0], "json")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `accelerate launch -m vae.training.train --config RUN.yaml [key=value ...]`, and for the
+    ranks `vae train --num-processes N` starts (with the JSON config it writes)."""
     from vae.core.distributed import end_process_group
 
-    cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rank = os.environ.get("RANK", "?")
+    try:
+        cfg = launched_config(sys.argv[1:] if argv is None else argv)
+    except BadInput as err:  # every rank reads the same config: each says so, none starts a process group
+        print(f"vae: error: rank {rank}: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         train(cfg)
     except Preempted as stopped:
