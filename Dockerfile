@@ -34,14 +34,15 @@ RUN apt-get update \
 RUN pip install --index-url ${TORCH_INDEX} ${TORCH_SPEC}
 
 WORKDIR /app
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY runtime runtime
 COPY common common
 COPY vae vae
 COPY pipeline pipeline
 COPY flows flows
-# gpu: onnxruntime-gpu; s3 and http: the registries, shards and sources the deploy configs point at (s3://)
-RUN pip install ./runtime ".[gpu,s3,http]"
+# gpu: onnxruntime-gpu; s3 and http: the registries, shards and sources the deploy configs point at (s3://);
+# tensorboard: train.tensorboard's tracker. Every version pinned by constraints.txt (the tested ones).
+RUN pip install -c constraints.txt ./runtime ".[gpu,s3,http,tensorboard]"
 COPY configs configs
 COPY prefect.yaml ./
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh

@@ -95,7 +95,7 @@ def test_dockerfile_base_matches_torch_cuda_and_installs_the_gpu_extra():
     runs = " ".join(a for kind, a in steps if kind == "RUN")
     # the runtime from its folder first (the project depends on it), then the project with the s3:// registries
     # and shards the deploy docs use
-    assert 'pip install ./runtime ".[gpu,s3,http]"' in runs
+    assert 'pip install -c constraints.txt ./runtime ".[gpu,s3,http,tensorboard]"' in runs
     extras = re.search(r"^gpu = \[(.+)\]$", (REPO / "pyproject.toml").read_text(), re.M).group(1)
     assert "onnxruntime-gpu" in extras
 
@@ -264,3 +264,39 @@ def test_the_image_gets_every_package_the_project_installs_and_the_license():
     assert runtime["project"]["name"] in " ".join(project["project"]["dependencies"])
     assert "LICENSE" in copied and project["project"]["license"] == "Apache-2.0"
     assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
+
+
+def test_constraints_pin_every_dependency_at_or_above_its_floor():
+    """The image installs with constraints.txt: every package pyproject.toml (base and the extras the image or the
+    tests use) and runtime/pyproject.toml name is pinned there, at a version its floor admits; nothing pinned is
+    unused. torch and torchvision are pinned by the Dockerfile's TORCH_SPEC instead."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = Version(version.strip())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = tomllib.loads((REPO / "runtime" / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    named = [*project["dependencies"], *runtime["dependencies"],
+             *(r for extra in ("cpu", "gpu", "s3", "http", "tensorboard") for r in extras[extra])]
+    wanted = {}
+    for text in named:
+        req = Requirement(text)
+        if req.name in ("vae-runtime", "torch", "torchvision"):
+            continue
+        wanted.setdefault(req.name.lower(), []).append(req.specifier)
+    assert set(pins) == set(wanted), set(pins) ^ set(wanted)
+    for name, specifiers in wanted.items():
+        assert all(pins[name] in spec for spec in specifiers), (name, pins[name], specifiers)
+    torch_spec = re.search(r"^TORCH_SPEC \?= (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    floors = {Requirement(r).name: Requirement(r).specifier for r in [*project["dependencies"], *extras["fid"]]
+              if Requirement(r).name in ("torch", "torchvision")}
+    for pinned in torch_spec.split():
+        req = Requirement(pinned)
+        assert next(iter(req.specifier)).version in floors[req.name], (pinned, floors[req.name])
