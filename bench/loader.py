@@ -6,7 +6,9 @@
     batched with torch.stack, one process;
 (b) our shard loader (`train_loader`: resampled shards, shuffle buffer) into uint8 [B, 3, 64, 64], one process;
 (c) the same with 2 DataLoader worker processes (per core = total / 2);
-and the ratio b/a (target >= 20). Also our evaluation loader, and the stored-pixel-format comparison behind
+(d) the stock `webdataset` pipeline on the same shards into the same batches (resampled shards, shuffle buffer,
+    its default `.npy` decoder, uint8 [B, 3, 64, 64]), one process: what our reader costs or gains against it;
+and the ratios b/a (target >= 20) and b/d. Also our evaluation loader, and the stored-pixel-format comparison behind
 the shard layout: reading .npy pixels from a shard against decoding the same 64x64 images stored as PNG.
 
 The source is the shared real CelebA sample (`../shared/data/celeba-sample` beside the repo, or --source); it
@@ -47,6 +49,26 @@ def torchvision_rate(paths: list[Path], batch: int, seconds: float):
 
     run()  # warm-up
     return best_rate(run)
+
+
+def webdataset_rate(shards: str, batch: int, seconds: float) -> float:
+    """(d): the stock reader, as its docs compose it, on the shards `train_loader` reads."""
+    import torch
+    import webdataset as wds
+
+    from pipeline.manifest import split_shards
+
+    urls = [ref.url for ref in split_shards(shards, "train")]
+
+    def to_chw(pixels):
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def make():
+        return (wds.WebDataset(urls, resampled=True, shardshuffle=False, empty_check=False)  # resampled: drawn at random
+                .shuffle(2000).decode().to_tuple("__key__", "npy").map_tuple(None, to_chw)
+                .batched(batch, partial=False))
+
+    return loader_rate(make, batch, seconds, count=lambda b: len(b[1]))
 
 
 def loader_rate(make_loader, batch: int, seconds: float, count=lambda b: len(b)):
@@ -178,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = loader_rate(lambda: train_loader(shards, b, seed=0), b, args.seconds, count=images_in)
         ours_2 = loader_rate(lambda: train_loader(shards, b, seed=0, num_workers=2), b, args.seconds,
                              count=images_in)
+        stock = webdataset_rate(shards, b, args.seconds)
         ours_eval = loader_rate(lambda: _repeat(lambda: eval_loader(shards, "train", b)), b, args.seconds,
                                 count=lambda batch: len(batch[0]))
         formats = pixel_formats(shards)
@@ -189,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "b_shards_img_s_per_core": round(ours),
         "c_shards_2_workers_img_s": round(ours_2), "c_shards_2_workers_img_s_per_core": round(ours_2 / 2),
         "eval_loader_img_s_per_core": round(ours_eval),
-        "ratio_b_over_a": round(ours / a, 1), "target_ratio": 20,
+        "d_stock_webdataset_img_s_per_core": round(stock),
+        "ratio_b_over_a": round(ours / a, 1), "target_ratio": 20, "ratio_b_over_d": round(ours / stock, 2),
         **formats, **verified,
     }
     print(json.dumps(result))
