@@ -64,7 +64,8 @@ def webdataset_rate(shards: str, batch: int, seconds: float) -> float:
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
     def make():
-        return (wds.WebDataset(urls, resampled=True, shardshuffle=False, empty_check=False)  # resampled: drawn at random
+        # resampled: shards drawn at random, as train_loader does (shardshuffle applies to unresampled lists)
+        return (wds.WebDataset(urls, resampled=True, shardshuffle=False, empty_check=False)
                 .shuffle(2000).decode().to_tuple("__key__", "npy").map_tuple(None, to_chw)
                 .batched(batch, partial=False))
 
