@@ -65,6 +65,10 @@ def manifest_problem(manifest: dict) -> str | None:
     for name, kind in (("dataset", str), ("preprocessing", dict), ("source", dict), ("skipped", list)):
         if not isinstance(manifest.get(name), kind):
             return f"{name!r} must be a {kind.__name__}"
+    data = manifest.get("data")  # what the images are; absent in manifests written before it was recorded
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("kind"), str)
+                                 and isinstance(data.get("name"), str)):
+        return "'data' must hold a 'kind' and a 'name'"
     if not all(isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("reason"), str)
                for r in manifest["skipped"]):
         return "each 'skipped' entry needs a 'key' and a 'reason'"

@@ -20,6 +20,7 @@ fresh folder to drop or refresh them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -37,7 +38,8 @@ from vae_runtime.errors import BadInput
 from common.orphans import end_with_parent
 from pipeline.manifest import (LAST_SHARD, MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest,
                               shard_name, write_manifest)
-from pipeline.preprocess import DEFAULT_CROP, SkipImage, preprocess
+from pipeline.images import read_pixels
+from pipeline.preprocess import DEFAULT_CROP
 from pipeline.records import sample_members
 from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
 
@@ -54,13 +56,8 @@ def _init_worker(source: Source, crop: int, size: int, parent: int | None = None
 
 
 def _process(entry: Entry) -> tuple[Entry, object]:
-    try:
-        data = _WORKER["source"].read(entry.name)  # an image over its size cap is SkipImage, read no further
-        return entry, preprocess(data, _WORKER["crop"], _WORKER["size"])
-    except SkipImage as err:
-        return entry, str(err)
-    except OSError as err:
-        return entry, f"unreadable: {err}"
+    """The entry and its pixels, or the reason it is skipped (an image over its size cap is read no further)."""
+    return entry, read_pixels(_WORKER["source"].read, entry.name, _WORKER["crop"], _WORKER["size"])
 
 
 def _write_shard(folder: str, name: str, samples: list[tuple[str, object, dict, int]]) -> dict:
@@ -68,8 +65,6 @@ def _write_shard(folder: str, name: str, samples: list[tuple[str, object, dict, 
 
     `samples`: (key, pixels, metadata, byte size of the source file). The sizes go to the record
     (`source_bytes`, beside `keys`) so that a later run can tell an image edited in place."""
-    import io
-
     buf = io.BytesIO()
     with wds.TarWriter(buf, mtime=0, user="vae", group="vae") as writer:
         for key, pixels, meta, _ in samples:
@@ -200,6 +195,7 @@ def write_plan(plan: Plan, started: float, workers: int, progress: bool) -> dict
             plan.manifest.setdefault("changed_in_source", [])
             write_manifest(plan.out, plan.manifest)
         return summarize(plan, started, written=0, up_to_date=True)
+    data = plan.src.data()  # what the images are (the model card's training data), checked before any work
     total = sum(len(v) for v in plan.todo.values())
     bar = tqdm(total=total, unit="img", desc="sharding", disable=not progress or total == 0, file=sys.stderr,
                dynamic_ncols=True)
@@ -220,6 +216,7 @@ def write_plan(plan: Plan, started: float, workers: int, progress: bool) -> dict
             pool.terminate()
     passing = any(r["reason"].startswith("unreadable") for r in plan.failed.values())  # a read error: try again
     plan.manifest["source"] = {"path": plan.src.describe(), "fingerprint": None if passing else plan.fingerprint}
+    plan.manifest["data"] = data
     plan.save_manifest()
     return summarize(plan, started, written, up_to_date=False)
 

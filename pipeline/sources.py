@@ -15,6 +15,7 @@ through the cap whatever size it declares.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import zipfile
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vae_runtime import limits, storage
-from vae_runtime.errors import BadInput
+from vae_runtime.errors import BadInput, one_line
 from pipeline.manifest import SPLITS
 from pipeline.preprocess import IMAGE_SUFFIXES, SkipImage
 
@@ -102,6 +103,10 @@ def _parse_attrs(text: str, where: str) -> dict[str, dict[str, int]]:
     return table
 
 
+DATASET_FILE = "dataset.json"  # beside the lists: what the data are (`vae data synth` writes it)
+DATA_KINDS = ("celeba", "synthetic", "images")
+
+
 class Source:
     """Base for the two storage kinds: subclasses list files and read bytes; this class does the rest."""
 
@@ -118,6 +123,28 @@ class Source:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def in_celeba_layout(self) -> bool:
+        raise NotImplementedError
+
+    def data(self) -> dict:
+        """What the images are, for the manifest and the model card: `kind` "synthetic" where the source's
+        `dataset.json` says so, "celeba" for CelebA's layout (`img_align_celeba/` and its partition file), else
+        "images" (a folder of images, terms unknown); with a `name`."""
+        text = self._metadata_text(DATASET_FILE)
+        if text is not None:
+            try:
+                record = json.loads(text)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or record.get("kind") not in DATA_KINDS or \
+                    not isinstance(record.get("name", ""), str):
+                raise BadInput(f"source {self.describe()}: {DATASET_FILE} must be a JSON object whose 'kind' is one "
+                               f"of {', '.join(DATA_KINDS)}")
+            return {"kind": record["kind"], "name": record.get("name") or record["kind"]}
+        if self.in_celeba_layout() and self._metadata_text(PARTITION_FILE) is not None:
+            return {"kind": "celeba", "name": "CelebA"}
+        return {"kind": "images", "name": Path(str(self.root).rstrip("/")).name or "images"}
 
     def listing(self) -> Listing:
         files = sorted(self._files())
@@ -182,6 +209,9 @@ class FolderSource(Source):
         self.root = root
         celeba_images = storage.join(root, "img_align_celeba")
         self.image_dir = celeba_images if storage.is_dir(celeba_images) else root
+
+    def in_celeba_layout(self) -> bool:
+        return self.image_dir != self.root
 
     def _files(self) -> list[tuple[str, int]]:
         return [(name, size) for name, size in storage.list_files(self.image_dir)
@@ -260,8 +290,10 @@ class ZipSource(Source):
         except limits.OverCap as err:
             raise SkipImage(f"too large: {err}") from None
         except ZIP_MEMBER_ERRORS as err:
-            detail = str(err).splitlines()[0] if str(err) else "no detail"
-            raise SkipImage(f"damaged zip member: {type(err).__name__}: {detail}") from None
+            raise SkipImage(f"damaged zip member: {one_line(err)}") from None
+
+    def in_celeba_layout(self) -> bool:
+        return any(name.startswith("img_align_celeba/") for name in self.infos)
 
     def _metadata_text(self, filename: str) -> str | None:
         beside = _text_if_present(storage.join(storage.parent(self.root), filename))

@@ -17,6 +17,7 @@ and the output is a pure function of ``(n, seed)``: reruns are byte-identical.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from vae_runtime.atomic import atomic_file, atomic_write_bytes
+from pipeline.sources import DATASET_FILE
 from vae_runtime.errors import BadInput
 from vae_runtime.storage import remove_stale_temps
 
@@ -309,6 +311,9 @@ def _accessories(f: _Face) -> None:
 IN_PROGRESS = ".synthesizing"  # in the folder while `synthesize` writes it
 MAX_N = 999_999  # file names have six digits, as CelebA's (000001.jpg ... 202599.jpg)
 LISTS = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt")
+# What the data are, for shards and model cards (`pipeline.sources.DATASET_FILE`): in CelebA's layout, not CelebA
+DATASET_RECORD = {"kind": "synthetic", "name": "vae-synthetic-faces",
+                  "description": "synthetic faces drawn by `vae data synth` (no person's image), in CelebA's layout"}
 
 
 class _Shuffle:
@@ -376,5 +381,6 @@ def synthesize(out: str | os.PathLike, n: int, seed: int = 0) -> dict:
             attr_list.write(f"{name} {' '.join(f'{1 if a[k] else -1:2d}' for k in ATTRIBUTES)}\n".encode())
             identity_list.write(f"{name} {ident}\n".encode())
             counts[split] += 1
+    atomic_write_bytes(root / DATASET_FILE, json.dumps({**DATASET_RECORD, "n": n, "seed": seed}).encode())
     (root / IN_PROGRESS).unlink()
     return {"n": n, "out": str(out), "splits": {"train": counts[0], "valid": counts[1], "test": counts[2]}}

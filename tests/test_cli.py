@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from conftest import REPO
@@ -103,15 +104,15 @@ def test_info_on_a_model_folder_and_a_registry(trained_run, tmp_path_factory, tm
 
     from exported_model import exported_once
     from vae.cli import main
-    from vae_runtime import registry as reg
+    from vae.serving import promotion, versions
 
     out, card = exported_once(trained_run, tmp_path_factory)
     assert main(["info", str(out)]) == 0
     model = _json.loads(capsys.readouterr().out)
     assert model["kind"] == "model" and model["version"] == "test-1" and model["sha256"] == card["sha256"]
     assert "README.md" in model["folder"] and model["metrics"]["split"] == "test"
-    reg.register(tmp_path, "v1", {p.name: p for p in out.iterdir()})
-    reg.promote(tmp_path, "v1", {**reg.evidence_of(card["metrics"]), "nll_bpd": 5.0})
+    versions.register(tmp_path, "v1", {p.name: p for p in out.iterdir()})
+    promotion.promote(tmp_path, "v1", {**promotion.evidence_of(card["metrics"]), "nll_bpd": 5.0})
     assert main(["info", str(tmp_path)]) == 0
     registry = _json.loads(capsys.readouterr().out)
     assert registry["versions"] == ["v1"] and registry["champion"]["version"] == "v1"
@@ -124,7 +125,14 @@ def test_model_card_readme_says_what_users_need(trained_run, tmp_path_factory):
     text = (out / "README.md").read_text()
     assert f"# VAE {card['version']}" in text and "![prior samples, seed 0](samples.png)" in text
     assert f"{card['metrics']['nll_bpd']:.4f}" in text and card["sha256"]["decoder.onnx"] in text
-    assert "non-commercial research purposes only" in text and "Intended use" in text
+    assert "Intended use" in text and "## Training data" in text and "synthetic faces" in text
+    assert "non-commercial research purposes only" not in text  # synthetic data: CelebA's terms do not apply
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "onnx" and "datasets" not in meta
+    [result] = meta["model-index"][0]["results"]
+    assert {m["type"]: m["value"] for m in result["metrics"]}["nll_bpd"] == card["metrics"]["nll_bpd"]
+    assert card["data"] == {"kind": "synthetic", "name": "vae-synthetic-faces"}
+    assert card["training"]["steps"] == card["step"] and card["training"]["images_seen"] > 0
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -181,16 +189,18 @@ def test_a_launch_that_would_wait_forever_is_refused_first(tmp_path, capsys, ext
 
 
 def test_precision_names(capsys):
-    from vae.cli import _precisions
+    from vae_runtime.errors import BadInput
+    from vae.cli.export import _precisions
     from vae.serving.export import export
 
-    assert _precisions("INT8, fp32,int8") == ("int8",) and _precisions("fp16,int8") == ("fp16", "int8")
-    assert _precisions(None) == ()
+    assert _precisions("INT8, fp32,int8") == ("int8",) and _precisions("int8,fp16") == ("fp16", "int8")
+    assert _precisions(None) == () and _precisions(None, fp16=True) == _precisions("float16") == ("fp16",)
     for text in ("", ",", "int8,,fp16"):
         code = main(["export", "--run", "r", "--out", "o", "--precision", text])
         one_line(capsys, code, 2, "--precision", "expected names separated by commas")
-    with pytest.raises(Exception, match=r"precision int4: not offered \(reduced-precision CPU graphs: int8; float16 "
-                                        r"for GPUs: fp16 or --fp16\)$"):
+    code = main(["export", "--run", "no-run", "--out", "o", "--precision", "fp16,int4"])
+    one_line(capsys, code, 2, "--precision 'int4': not offered (the precisions: fp32, fp16, int8;")  # before the run
+    with pytest.raises(BadInput, match=r"^precision 'int4': not offered \(the precisions: fp32, fp16, int8; "):
         export("no-run", "o", precisions=("int4",))
 
 

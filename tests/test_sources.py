@@ -13,7 +13,7 @@ from conftest import SHARED_SAMPLE
 from pipeline.shard import shard
 from pipeline.sources import PARTITION_FILE, open_source
 
-META_FILES = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt")
+META_FILES = ("list_eval_partition.txt", "list_attr_celeba.txt", "identity_CelebA.txt", "dataset.json")
 
 
 def _make_zip(folder, zip_path, with_metadata_inside):
@@ -52,6 +52,28 @@ def test_zip_shards_like_the_extracted_folder(synth_source, tiny_shards, tmp_pat
     assert summary["written"] == 120
     _same_shards(out, tiny_shards)
     assert shard(zip_path, out, size=16, maxcount=25, progress=False)["up_to_date"]
+
+
+def test_the_manifest_records_what_the_images_are(synth_source, tmp_path):
+    """Synthetic faces say so (their dataset.json), CelebA's layout with its partition file is CelebA, any other
+    folder is images of unknown terms; a damaged dataset.json is one line before any work."""
+    from vae_runtime.errors import BadInput
+
+    def data_of(source, name):
+        shard(source, tmp_path / name, size=16, progress=False)
+        return json.loads((tmp_path / name / "manifest.json").read_text())["data"]
+
+    assert data_of(synth_source, "synth") == {"kind": "synthetic", "name": "vae-synthetic-faces"}
+    celeba = tmp_path / "celeba"
+    shutil.copytree(synth_source, celeba, ignore=shutil.ignore_patterns("dataset.json"))
+    assert data_of(celeba, "celeba") == {"kind": "celeba", "name": "CelebA"}
+    photos = tmp_path / "photos"
+    shutil.copytree(synth_source / "img_align_celeba", photos)
+    assert data_of(photos, "photos") == {"kind": "images", "name": "photos"}
+    (celeba / "dataset.json").write_text('{"kind": "paintings"}')
+    with pytest.raises(BadInput, match="dataset.json must be a JSON object whose 'kind' is one of"):
+        shard(celeba, tmp_path / "bad", size=16, progress=False)
+    assert not (tmp_path / "bad" / "manifest.json").exists()
 
 
 def test_partition_mismatches_are_reported_not_fatal(synth_source, tmp_path):
