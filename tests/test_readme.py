@@ -19,3 +19,23 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_every_vae_subcommand_appears_in_the_readme():
+    """Each command the parser offers (`vae data shard`, `vae registry rollback`, ...) is named in the README."""
+    import argparse
+
+    from vae.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    below = commands(sub, f"{prefix} {name}")
+                    found += below or [f"{prefix} {name}"]
+        return found
+
+    offered = commands(build_parser(), "vae")
+    text = (REPO / "README.md").read_text()
+    assert len(offered) >= 10 and [c for c in offered if f"`{c}" not in text] == [], offered
