@@ -31,7 +31,8 @@ from vae_runtime.atomic import atomic_write_json
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "local"
-DEPLOYMENTS = ("demo", "celeba-64")
+DEPLOYMENTS = ("demo", "celeba-64")  # deployed by default
+KNOWN_DEPLOYMENTS = (*DEPLOYMENTS, "watch-celeba")  # watch-celeba: retrain when the source gains images
 
 
 def default_home() -> Path:
@@ -268,9 +269,9 @@ def stop(stack: Stack) -> list[str]:
 def deployment_names(text: str) -> tuple[str, ...]:
     """`demo,celeba-64` as names, each one of prefect.yaml's."""
     names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = sorted(set(names) - set(DEPLOYMENTS))
+    unknown = sorted(set(names) - set(KNOWN_DEPLOYMENTS))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(DEPLOYMENTS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(KNOWN_DEPLOYMENTS)}, got {text!r}")
     return names
 
 
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None, help="PREFECT_HOME (default: $PREFECT_HOME or .prefect)")
     parser.add_argument("--deployments", type=deployment_names, default=DEPLOYMENTS,
                         help=f"which of prefect.yaml's deployments, comma-separated (default: "
-                             f"{','.join(DEPLOYMENTS)}); leave out celeba-64 on a machine that must not retrain weekly")
+                             f"{','.join(DEPLOYMENTS)}; also watch-celeba, the retraining on new images); leave out "
+                             "celeba-64 on a machine that must not retrain weekly")
     args = parser.parse_args(argv)
     stack = Stack(Path(args.home) if args.home else default_home(), args.port, args.pool)
     if args.command == "stop":

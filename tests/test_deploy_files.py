@@ -46,7 +46,8 @@ def test_prefect_yaml_deployments_reference_an_entrypoint_that_imports(prefect_y
     from prefect.flows import load_flow_from_entrypoint
 
     deployments = {d["name"]: d for d in prefect_yaml["deployments"]}
-    assert set(deployments) == {"celeba-64", "demo"}
+    assert set(deployments) == {"celeba-64", "demo", "watch-celeba"}
+    watch = deployments.pop("watch-celeba")
     for deployment in deployments.values():
         cwd = os.getcwd()
         os.chdir(REPO)
@@ -63,6 +64,18 @@ def test_prefect_yaml_deployments_reference_an_entrypoint_that_imports(prefect_y
     assert deployments["demo"]["parameters"]["synthesize_n"] > 0  # runs on a fresh machine
     assert deployments["demo"]["parameters"]["config"] == "configs/demo.yaml"
     assert deployments["celeba-64"]["parameters"]["config"] == "configs/celeba64.yaml"
+    # the trigger watches what celeba-64 shards, and starts celeba-64
+    os.chdir(REPO)
+    try:
+        flow = load_flow_from_entrypoint(watch["entrypoint"])
+    finally:
+        os.chdir(cwd)
+    assert flow.name == "watch-source"
+    inspect.signature(flow.fn).bind(**watch["parameters"])
+    assert watch["parameters"]["deployment"] == "train-vae/celeba-64"
+    assert {k: watch["parameters"][k] for k in ("source", "shards")} == \
+        {k: deployments["celeba-64"]["parameters"][k] for k in ("source", "shards")}
+    assert watch["schedules"][0]["interval"] <= 86400 and watch["concurrency_limit"] == 1
 
 
 def test_prefect_yaml_schedule_concurrency_and_pull_step(prefect_yaml):
@@ -213,7 +226,9 @@ def test_serve_deploys_the_deployments_asked_for(capsys):
     assert deployment_names("demo") == ("demo",) and deployment_names("demo, celeba-64") == DEPLOYMENTS
     with pytest.raises(SystemExit) as stopped:
         main(["start", "--deployments", "nightly"])
-    assert stopped.value.code == 2 and "expected some of demo, celeba-64, got 'nightly'" in capsys.readouterr().err
+    assert stopped.value.code == 2 and \
+        "expected some of demo, celeba-64, watch-celeba, got 'nightly'" in capsys.readouterr().err
+    assert deployment_names("celeba-64,watch-celeba") == ("celeba-64", "watch-celeba")  # the trigger, on request
     assert re.search(r"^DEPLOYMENTS \?= demo,celeba-64$", (REPO / "Makefile").read_text(), re.M)
     assert "--deployments $(DEPLOYMENTS)" in (REPO / "Makefile").read_text()
 

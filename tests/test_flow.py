@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vae_runtime import registry as reg
+from vae.serving import versions
 
 pytestmark = pytest.mark.slow
 
@@ -27,19 +28,20 @@ def prefect_harness(tmp_path_factory):
 def test_train_vae_flow_promotes_a_version(prefect_harness, synth_source, tmp_path):
     from conftest import TINY
     from flows.train_vae import train_vae
-    from vae_runtime.runtime import Decoder
+    from vae_runtime import Decoder
 
     registry = tmp_path / "registry"
     result = train_vae(source=str(synth_source), shards=str(tmp_path / "shards"), config="configs/demo.yaml",
                        registry=str(registry), runs=str(tmp_path / "runs"),
-                       overrides=[*TINY, "train.steps=10", "train.checkpoint_every=10"], fp16=True)
+                       overrides=[*TINY, "train.steps=10", "train.checkpoint_every=10"], precisions=["float16"])
     champion = reg.read_champion(registry)
     assert result["promoted"] and champion["version"] == result["version"]
     folder = registry / "train-vae" / "versions" / result["version"]
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "decoder.fp16.onnx", "decoder.onnx",
                                                          "encoder.onnx", "metrics.json", "model.json", "samples.png",
                                                          "version.json"]
-    assert "non-commercial research purposes only" in (folder / "README.md").read_text()
+    readme = (folder / "README.md").read_text()  # the synthetic set's card: no CelebA terms
+    assert "synthetic faces" in readme and "non-commercial research purposes only" not in readme
     assert champion["path"] == f"train-vae/versions/{result['version']}"
     assert Decoder(registry).champion_version == result["version"]  # verified against the version record
     assert json.loads((folder / "model.json").read_text())["validation"]["fp16_decoder"]["validated"]
@@ -126,7 +128,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     ({"k": 10**9}, "parameter 'k': must be in [1, 100000] or null, got 1000000000"),
     ({"synthesize_n": -5}, "parameter 'synthesize_n': must be >= 0, got -5"),
     ({"shards": " "}, "parameter 'shards': must not be empty"),
-    ({"precisions": ["fp16"]}, "parameter 'precisions': fp16 not offered"),  # before training, not at export
+    ({"precisions": ["bf16"]}, "parameter 'precisions': precision 'bf16': not offered"),  # before training
     # registries that cannot take a promotion: refused before any work, not after training and registering
     ({"registry": "gs://bucket/registry"}, "parameter 'registry': registry gs://bucket/registry: promotion needs"),
     ({"registry": "https://example.com/registry"}, "parameter 'registry': registry https://example.com/registry"),
@@ -170,9 +172,9 @@ def test_version_is_stable_for_one_flow_run():
     import datetime
 
     started = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
-    a = reg.new_version("abcdef0123", started, "1234abcd-5678")
-    assert a == reg.new_version("abcdef0123", started, "1234abcd-5678") == "20260102T030405Z-abcdef01-1234abcd"
-    assert reg.new_version("abcdef0123", started, "99999999-0000") != a
+    a = versions.new_version("abcdef0123", started, "1234abcd-5678")
+    assert a == versions.new_version("abcdef0123", started, "1234abcd-5678") == "20260102T030405Z-abcdef01-1234abcd"
+    assert versions.new_version("abcdef0123", started, "99999999-0000") != a
 
 
 def test_only_a_missing_or_empty_folder_is_synthesized_into(tmp_path):
@@ -279,3 +281,41 @@ def test_a_retried_promotion_announces_the_champion_once_more_under_the_same_eve
     assert [e["id"] for e in sent] == [champion_event_id(registry, "v1")] * 2
     assert champion_event_id(registry, "v2") != champion_event_id(registry, "v1")
     assert sent[1]["payload"]["version"] == "v1" and sent[1]["payload"]["previous"] is None
+
+
+def test_watch_source_starts_training_only_for_new_images_and_never_twice(prefect_harness, synth_source, tmp_path):
+    """On the harness's real server: a source its shards already hold triggers nothing; new images start the
+    training deployment once, with the given parameters; a second look while that run is scheduled waits for it;
+    once that run has sharded them, nothing new, nothing started."""
+    import shutil
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    from flows.train_vae import train_vae
+    from flows.watch_source import watch_source
+    from pipeline.shard import shard
+
+    source, shards = tmp_path / "source", tmp_path / "shards"
+    shutil.copytree(synth_source, source)
+    shard(source, shards, size=16, progress=False)
+    train_vae.to_deployment(name="watched").apply()
+    params = {"source": str(source), "shards": str(shards), "config": "configs/demo.yaml",
+              "registry": str(tmp_path / "registry"), "runs": str(tmp_path / "runs")}
+    assert watch_source(str(source), str(shards), "train-vae/watched", params) == {"new_images": 0, "triggered": None}
+
+    first = source / "img_align_celeba" / "000001.jpg"
+    for name in ("900001.jpg", "900002.jpg"):  # two new images, named in the partition file as CelebA's are
+        shutil.copyfile(first, source / "img_align_celeba" / name)
+        with open(source / "list_eval_partition.txt", "a") as f:
+            f.write(f"{name} 0\n")
+    started = watch_source(str(source), str(shards), "train-vae/watched", params)
+    assert started["new_images"] == 2 and started["triggered"]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(started["triggered"])
+        assert run.parameters == params and run.state.is_scheduled()
+        again = watch_source(str(source), str(shards), "train-vae/watched", params)
+        assert again == {"new_images": 2, "triggered": None, "waiting_for": started["triggered"]}
+        shard(source, shards, size=16, progress=False)  # what the started run does first
+        client.set_flow_run_state(run.id, Completed(), force=True)
+    assert watch_source(str(source), str(shards), "train-vae/watched", params) == {"new_images": 0, "triggered": None}
