@@ -20,6 +20,7 @@ def test_mlflow_gets_the_parameters_the_figures_per_step_and_the_grids(tiny_shar
     store = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "vae-test")
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts in ./mlruns
     run = tmp_path / "run-mlflow"
     cfg = tiny_config(run, tiny_shards, "train.steps=4", "train.log_every=2", "train.checkpoint_every=4",
                       "train.trackers=[mlflow]", "train.tensorboard=false")
