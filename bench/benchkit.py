@@ -111,7 +111,7 @@ def gemm_gflops(n: int = 2048, reps: int = 5, threads: int = 2) -> float:
     import torch
     from onnx import TensorProto, helper
 
-    from vae_runtime.runtime import session_options
+    from vae_runtime import session_options
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",

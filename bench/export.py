@@ -47,7 +47,7 @@ from vae.core.config import load_config  # noqa: E402
 from vae.models import build_model  # noqa: E402
 from vae.serving.export import CONTRACT_VERSION, export_graphs  # noqa: E402
 from vae.serving.graphs import set_metadata  # noqa: E402
-from vae_runtime.runtime import Decoder, Encoder, session_options  # noqa: E402
+from vae_runtime import Decoder, Encoder, session_options  # noqa: E402
 
 THREADS = 2
 TARGETS = {"1": 2.0, "64": 1.5}

@@ -2,7 +2,7 @@
 
     python bench/gpu_onnx.py --run RUN_DIR --model MODEL_DIR [--seconds 3] [--explore]
 
-MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --fp16`. Prints ONE JSON line:
+MODEL_DIR is `vae export --run RUN_DIR --out MODEL_DIR --precision fp16`. Prints ONE JSON line:
 - which provider actually ran each graph when CUDA was asked for (`vae_runtime.Decoder(device="cuda")`), and
   any fallback warning;
 - agreement on 256 prior draws, max abs difference on outputs in [0, 1]: float32 on CUDA and float16 on CUDA
@@ -44,7 +44,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from vae.core.checkpoint import load_trained  # noqa: E402
-from vae_runtime.runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
+from vae_runtime import Decoder, cuda_provider_options, session_options  # noqa: E402
 
 CUDA_VARIANTS = {"runtime": cuda_provider_options(), "none": {},
                  "heuristic_search": {**cuda_provider_options(), "cudnn_conv_algo_search": "HEURISTIC"},

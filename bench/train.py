@@ -63,8 +63,8 @@ def prepare_shards(args, tmp: Path) -> tuple[str, str]:
     return str(tmp / "shards"), "synthetic"
 
 
-PRECISIONS = {"float32": ["train.mixed_precision=no"],
-              "bf16_channels_last": ["train.mixed_precision=bf16", "train.channels_last=true"]}
+MIXED_PRECISIONS = {"float32": ["train.mixed_precision=no"],
+                    "bf16_channels_last": ["train.mixed_precision=bf16", "train.channels_last=true"]}
 CPU_BF16_TARGETS = {"amx_bf16": 1.8, "avx512_bf16": 1.3}  # SPEC.md: bf16 steps/s over float32 on such CPUs
 
 
@@ -74,10 +74,11 @@ def valid_bpd(run_dir: Path, max_images: int) -> float:
     import torch
 
     from pipeline.loader import eval_loader
-    from vae.core.checkpoint import latest_state, trained_model
     from vae.core.objectives import bits_per_dim, elbo_terms, image_dims
+    from vae.core.run import Run
 
-    model, cfg, _ = trained_model(latest_state(run_dir), ema=False)
+    run = Run(run_dir)
+    model, cfg = run.model(ema=False), run.config
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     generator = torch.Generator().manual_seed(0)
@@ -128,7 +129,7 @@ def compare_precision(args, shards: str, data: str, tmp: Path) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     results = {}
-    for name, overrides in PRECISIONS.items():
+    for name, overrides in MIXED_PRECISIONS.items():
         out = tmp / f"{name}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(out), "--config", args.config,
                "--steps", str(args.steps), "--shards", shards, "--threads", str(args.threads),

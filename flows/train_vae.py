@@ -24,9 +24,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from vae_runtime.errors import BadInput, one_line
 from vae_runtime.limits import read_file
+from vae_runtime.vocabulary import precision_names
 from pipeline.preprocess import DEFAULT_CROP
 from vae.core.config import MAX_K, config_hash, load_config
+from vae.core.run import Run
 from vae_runtime import registry as reg
+from vae.serving import promotion, versions
+from vae.serving.champion_store import champion_store
 
 CHAMPION_EVENT = "vae.champion.promoted"
 MAX_EMBEDDED_PICTURE = 200_000  # bytes of one picture embedded in the summary artifact (before base64)
@@ -120,7 +124,7 @@ def evaluate_model(run_dir: str, k: int | None = None, inception_weights: str | 
     logger = get_run_logger()
     logger.info("test nll_bpd %.4f (K=%d), elbo_bpd %.4f over %d images",
                 metrics["nll_bpd"], metrics["k"], metrics["elbo_bpd"], metrics["n_images"])
-    primary = reg.sample_primary(metrics.get("samples"))
+    primary = promotion.sample_primary(metrics.get("samples"))
     if primary is not None:
         logger.info("samples: %s %s at temperature %s (measure %s)", str(primary["metric"]).upper(),
                     _figure(primary), primary["temperature"], primary["measure"])
@@ -130,7 +134,7 @@ def evaluate_model(run_dir: str, k: int | None = None, inception_weights: str | 
 def samples_as_asked(metrics: dict, inception_weights: str | None) -> bool:
     """Whether `metrics` hold sample figures measured with these Inception weights (none: no FID)."""
     samples = metrics.get("samples")
-    if not isinstance(samples, dict) or reg.sample_primary(samples) is None:
+    if not isinstance(samples, dict) or promotion.sample_primary(samples) is None:
         return False
     inception = (samples.get("features") or {}).get("inception")
     if not inception_weights:
@@ -144,14 +148,14 @@ def samples_as_asked(metrics: dict, inception_weights: str | None) -> bool:
 
 
 @task(retries=1, retry_delay_seconds=[10])
-def export_model(run_dir: str, version: str, fp16: bool = False, precisions: list[str] | None = None) -> str:
-    """Export and validate (ONNX check + onnxruntime parity; with `fp16` also `decoder.fp16.onnx`, validated
-    against float32); raises and writes nothing on failure."""
+def export_model(run_dir: str, version: str, precisions: list[str] | None = None) -> str:
+    """Export and validate (ONNX check + onnxruntime parity; the graphs of `precisions` too, e.g. fp16's
+    `decoder.fp16.onnx`, validated against fp32); raises and writes nothing on failure."""
     from vae.serving.export import existing_export, export
 
     out = Path(run_dir) / "export"
-    if existing_export(out, run_dir, version, fp16, tuple(precisions or ())) is None:  # a retry reuses its export
-        export(run_dir, out, version=version, fp16=fp16, precisions=tuple(precisions or ()))
+    if existing_export(out, run_dir, version, tuple(precisions or ())) is None:  # a retry reuses its export
+        export(run_dir, out, version=version, precisions=tuple(precisions or ()))
     return str(out.resolve())  # the complete folder the link points to now
 
 
@@ -181,7 +185,7 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_w
     from vae.evaluation.evaluate import evaluate
 
     run = Path(champion.get("run") or Path(runs) / champion["version"])
-    if not (run / "checkpoints").is_dir():
+    if not Run(run).checkpoints():
         raise reg.RegistryError(f"its run folder {run} is gone (champion runs must be kept)")
     wanted = challenger.get("sample_primary")
     measure = str((wanted or {}).get("measure") or "")
@@ -190,7 +194,7 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_w
     out = run / f"eval-{challenger['split_fingerprint'][:16]}-k{challenger['k']}{f'-s{measure}' if measure else ''}"
     if (out / "metrics.json").exists():
         cached = json.loads(read_file(out / "metrics.json", "json"))
-        if reg.comparable(reg.evidence_of(cached), challenger):
+        if promotion.comparable(promotion.evidence_of(cached), challenger):
             return cached
     try:
         metrics = evaluate(run, split=challenger["split"], k=challenger["k"], shards=challenger["shards"], out=out,
@@ -200,7 +204,7 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_w
                            inception_weights=inception_weights if wanted is not None else None)
     except (BadInput, OSError) as err:
         raise reg.RegistryError(str(err)) from None
-    recorded = reg.champion_evidence(champion).get("weights_sha256")
+    recorded = promotion.champion_evidence(champion).get("weights_sha256")
     if recorded and metrics["weights_sha256"] != recorded:
         raise reg.RegistryError(f"its run folder {run} now holds other weights than the promoted ones")
     return metrics
@@ -208,7 +212,7 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_w
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def promote_model(registry: str, version: str, run_dir: str, export_dir: str, metrics: dict, runs: str,
-                  sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> dict:
+                  sample_tolerance: float = promotion.SAMPLE_TOLERANCE, inception_weights: str | None = None) -> dict:
     """Register the export folder whole as the version, then promote it when it beats the champion on the same
     test set and K and its primary sample figure is not worse beyond `sample_tolerance` standard errors
     (re-evaluating the champion first when it was measured on other images, at another K, or its samples another
@@ -220,17 +224,18 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     if card["weights_sha256"] != metrics["weights_sha256"]:
         raise ValueError(f"{export}: exported other weights than the evaluated ones")
     files = {name: export / name for name in [*card["files"], *VERSION_EXTRAS]}
-    target = reg.register(registry, version, files)
+    target = versions.register(registry, version, files)
     logger = get_run_logger()
 
     def reevaluate(champion: dict, challenger: dict) -> dict:
         logger.info("champion %s was measured another way (%s): re-evaluating it on this test set at K=%d%s",
-                    champion["version"], reg.difference(reg.champion_evidence(champion), challenger), challenger["k"],
+                    champion["version"], promotion.difference(promotion.champion_evidence(champion), challenger),
+                    challenger["k"],
                     " with this version's sample measure" if challenger.get("sample_primary") else "")
         return reevaluate_champion(champion, challenger, runs, inception_weights)
 
-    outcome = reg.promote(registry, version, metrics, run=str(Path(run_dir).resolve()), reevaluate=reevaluate,
-                          sample_tolerance=sample_tolerance)
+    outcome = promotion.promote(registry, version, metrics, run=str(Path(run_dir).resolve()),
+                                reevaluate=reevaluate, sample_tolerance=sample_tolerance)
     logger.info("version %s %s: %s", version, "promoted" if outcome["promoted"] else "kept, not promoted",
                 outcome["reason"])
     if outcome["promoted"]:  # also "already the champion": a retry after a crash between the swap and the event
@@ -290,7 +295,7 @@ def sample_summary_lines(samples: dict) -> list[str]:
 def sample_rows(samples: dict | None) -> list[dict]:
     """The table artifact's rows of the sample figures (values only, flattened names: `samples.prior.kid` is the
     prior samples' KID at the best temperature, `samples.prior.t0.8.kid` at each temperature)."""
-    if reg.sample_primary(samples) is None:
+    if promotion.sample_primary(samples) is None:
         return []
     primary, metric = samples["primary"], samples["primary"]["metric"]
     rows = [(f"samples.primary.{metric}", primary.get("value")), (f"samples.primary.{metric}_stderr",
@@ -379,7 +384,7 @@ def _jpeg_within(picture, limit: int) -> bytes | None:
 def summary_pictures(run_dir: str | Path, grid: str | Path, metrics: dict) -> list[tuple[str, Path, str]]:
     """(name, file, caption) of the summary's pictures: the exported decoder's samples, the reconstructions, and
     the evaluation's prior samples at each temperature of the sample metrics."""
-    folder = Path(run_dir) / "eval"
+    folder = Run(run_dir).eval_dir
     pictures = [("samples", Path(grid), "decoder.onnx, the exported graph, through onnxruntime: 64 prior samples "
                                         "(seed 0, temperature 1)"),
                 ("reconstructions", folder / "reconstructions.png",
@@ -411,7 +416,7 @@ def summary_markdown(version: str, metrics: dict, result: dict, pictures: list[t
         theirs = again.get("sample_primary")
     elif previous:
         comparison = f"champion {previous['version']}: nll_bpd {previous['nll_bpd']}"
-        theirs = (reg.champion_evidence(previous) or {}).get("sample_primary")
+        theirs = (promotion.champion_evidence(previous) or {}).get("sample_primary")
     if theirs and previous.get("version") != version:
         comparison += (f", {str(theirs.get('metric')).upper()} {_figure(theirs)} at temperature "
                        f"{theirs.get('temperature')}")
@@ -420,7 +425,7 @@ def summary_markdown(version: str, metrics: dict, result: dict, pictures: list[t
              f"- test nll_bpd **{metrics['nll_bpd']:.4f}** (IWAE, K={metrics['k']}), elbo_bpd "
              f"{metrics['elbo_bpd']:.4f}, {metrics['n_images']} images; {comparison}"]
     samples = metrics.get("samples")
-    if reg.sample_primary(samples) is not None:
+    if promotion.sample_primary(samples) is not None:
         lines += sample_summary_lines(samples)
     else:
         lines.append("- samples: no sample-quality figures in these metrics")
@@ -467,13 +472,11 @@ def announce_champion(registry: str, version: str, metrics: dict, outcome: dict)
 
 def check_parameters(source: str, shards: str, registry: str, runs: str, num_processes: int, k: int | None,
                      crop: int, shard_workers: int, synthesize_n: int, precisions: list[str] | None = None,
-                     sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None,
+                     sample_tolerance: float = promotion.SAMPLE_TOLERANCE, inception_weights: str | None = None,
                      lock_wait_s: float = LOCK_WAIT_S) -> None:
     """Reject bad flow parameters before any work, with one line that names the parameter."""
-    from vae.serving.quantize import PRECISIONS
-
     try:
-        reg.check_tolerance(sample_tolerance)
+        promotion.check_tolerance(sample_tolerance)
     except reg.RegistryError:
         raise BadInput(f"train-vae parameter 'sample_tolerance': must be a finite number >= 0 (standard errors of "
                        f"the difference a challenger's primary sample figure may be worse by), got "
@@ -481,10 +484,7 @@ def check_parameters(source: str, shards: str, registry: str, runs: str, num_pro
     if inception_weights is not None:
         check_inception_weights(inception_weights, "inception_weights")
 
-    unknown = sorted(set(precisions or []) - set(PRECISIONS))
-    if unknown:
-        raise BadInput(f"train-vae parameter 'precisions': {', '.join(map(str, unknown))} not offered (reduced-"
-                       f"precision CPU graphs: {', '.join(PRECISIONS)}; float16 for GPUs: the fp16 parameter)")
+    precision_names(precisions, BadInput, "train-vae parameter 'precisions': precision")
     for name, value in (("source", source), ("shards", shards), ("registry", registry), ("runs", runs)):
         if not str(value).strip():
             raise BadInput(f"train-vae parameter '{name}': must not be empty")
@@ -521,7 +521,7 @@ def check_registry(registry: str) -> None:
     from vae_runtime import storage
 
     try:
-        reg.champion_store(registry)  # schemes without conditional writes are refused here
+        champion_store(registry)  # schemes without conditional writes are refused here
     except (reg.RegistryError, ImportError, ValueError) as err:
         raise BadInput(f"train-vae parameter 'registry': {err}") from None
     if storage.is_url(registry):
@@ -591,8 +591,8 @@ def _flow_run_identity() -> tuple:
 def train_vae(source: str, shards: str, config: str, registry: str, runs: str = "runs",
               overrides: list[str] | None = None, num_processes: int = 1, k: int | None = None,
               crop: int = DEFAULT_CROP, shard_workers: int = 1, synthesize_n: int = 0, synthesize_seed: int = 0,
-              fp16: bool = False, warm_start: bool = False, precisions: list[str] | None = None,
-              sample_tolerance: float = reg.SAMPLE_TOLERANCE, inception_weights: str | None = None,
+              warm_start: bool = False, precisions: list[str] | None = None,
+              sample_tolerance: float = promotion.SAMPLE_TOLERANCE, inception_weights: str | None = None,
               lock_wait_s: float = LOCK_WAIT_S) -> dict:
     """Shard, train, evaluate, export, validate and promote one model version.
 
@@ -610,11 +610,11 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
         synthesize_n: When the source is a missing or empty local folder, write this many synthetic faces there
             first (a source that holds anything is used as it is).
         synthesize_seed: The seed of the synthetic faces.
-        fp16: Also export decoder.fp16.onnx (float16 network, float32 interface) for GPU apps.
         warm_start: Start training from the champion's EMA weights, with this run's own schedule; refused before
             any work when the architecture differs. Without a champion it starts fresh.
-        precisions: Reduced-precision CPU graphs to export too, e.g. ["int8"] (decoder.int8.onnx and
-            encoder.int8.onnx, validated against float32).
+        precisions: Graphs of other precisions to export too, validated against fp32 (vae_runtime.vocabulary):
+            "fp16" (decoder.fp16.onnx: float16 network, float32 interface, for GPU apps) and "int8"
+            (decoder.int8.onnx and encoder.int8.onnx, for CPU apps), e.g. ["fp16", "int8"].
         sample_tolerance: How many standard errors of the difference the primary sample figure (KID of prior
             samples, lower is better) may be worse than the champion's while a lower test nll_bpd still promotes;
             0 refuses any worse KID.
@@ -627,6 +627,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     overrides = list(overrides or [])
     check_parameters(source, shards, registry, runs, num_processes, k, crop, shard_workers, synthesize_n, precisions,
                      sample_tolerance, inception_weights, lock_wait_s)
+    precisions = list(precision_names(precisions))  # the vocabulary's names, in its order (older spellings read)
     if warm_start:
         overrides += warm_start_overrides(registry, runs)
     cfg = load_config(config, overrides)  # bad configuration fails here, before any work
@@ -640,7 +641,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     weights = resolve_weights(inception_weights, cfg.eval.inception_weights)
     if weights and weights != inception_weights:  # from $VAE_INCEPTION_WEIGHTS or the config: checked here too
         check_inception_weights(weights, "inception_weights ($VAE_INCEPTION_WEIGHTS or eval.inception_weights)")
-    version = reg.new_version(config_hash(cfg), *_flow_run_identity())
+    version = versions.new_version(config_hash(cfg), *_flow_run_identity())
     run_dir = str(Path(runs) / version)
     if needs_synthesis(source, synthesize_n):
         synthesize_source(source, synthesize_n, synthesize_seed)
@@ -648,7 +649,7 @@ def train_vae(source: str, shards: str, config: str, registry: str, runs: str = 
     check_shards(shards, precisions)
     train_model(config, overrides, run_dir, shards, num_processes, lock_wait_s)
     metrics = evaluate_model(run_dir, k, weights)
-    export_dir = export_model(run_dir, version, fp16, precisions)
+    export_dir = export_model(run_dir, version, precisions)
     grid = validate_model(export_dir)
     result = promote_model(registry, version, run_dir, export_dir, metrics, runs, sample_tolerance, weights)
 

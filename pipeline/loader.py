@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 
 import numpy as np
 import torch
@@ -227,8 +228,6 @@ def train_loader(shards: str, batch_size: int, seed: int, rank: int = 0, world_s
 def _ignore_sigterm(_worker: int) -> None:
     """Loader workers leave SIGTERM to the trainer: a launcher that signals the whole process group would
     otherwise kill them first, and the trainer could not take its checkpoint before stopping."""
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

@@ -14,5 +14,5 @@ def exported_once(trained_run: Path, tmp_path_factory) -> tuple[Path, dict]:
         from vae.serving.export import export
 
         out = tmp_path_factory.mktemp("export")
-        _CACHE[key] = out, export(trained_run, out, version="test-1", fp16=True)
+        _CACHE[key] = out, export(trained_run, out, version="test-1", precisions=("fp16",))
     return _CACHE[key]

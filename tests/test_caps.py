@@ -264,7 +264,7 @@ def test_a_version_record_over_its_cap_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_runtime_refuses_a_model_card_over_its_cap(tmp_path, monkeypatch):
-    from vae_runtime.runtime import verified_graph
+    from vae_runtime import verified_graph
 
     (tmp_path / "encoder.onnx").write_bytes(b"not read: the card is read first")
     _model_card(tmp_path)

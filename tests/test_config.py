@@ -111,3 +111,11 @@ def test_values_past_a_sane_range_are_one_short_line(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(message) and len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize("bad", [10**400, float("nan"), True, "1.0"])  # 10**400: an integer no float can hold
+def test_a_temperature_that_is_not_a_finite_number_is_refused_by_name(bad):
+    from vae.core.config import check_temperatures
+
+    with pytest.raises(ConfigError, match=r"'--temperatures': temperature 1 must be a finite number"):
+        check_temperatures([1.0, bad], "--temperatures")

@@ -102,8 +102,8 @@ def test_an_object_that_refuses_its_interface_is_named_with_its_reason(exported)
     with pytest.raises(RuntimeModelError) as caught:
         decoder.decode_on_device(GradTensor())
     message = str(caught.value)
-    assert message == ("z: GradTensor offers no __cuda_array_interface__ (Can't get __cuda_array_interface__ on "
-                       "Variable that requires grad.)")
+    assert message == ("z: GradTensor offers no __cuda_array_interface__ (RuntimeError: Can't get "
+                       "__cuda_array_interface__ on Variable that requires grad.)")
 
 
 def test_a_buffer_on_another_gpu_is_refused():
@@ -187,9 +187,9 @@ def test_cuda_graphs_need_the_cuda_provider(exported):
 
 
 def test_cuda_options_reach_the_provider(monkeypatch):
-    from vae_runtime import runtime
+    from vae_runtime import sessions
 
-    monkeypatch.setattr(runtime.ort, "get_available_providers",
+    monkeypatch.setattr(sessions.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     name, options = providers_for("cuda", device_id=1, cuda_stream=1234, cuda_graph=True)[0]
     assert name == "CUDAExecutionProvider"

@@ -142,3 +142,39 @@ def test_a_diverged_run_fails_in_one_line_rather_than_measuring_nan(trained_run,
     assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"vae: failed: run {run}: its weights at step {state['step']} are not finite"), err
     assert not (run / "eval").exists()
+
+
+def test_launched_ranks_read_the_checkpoint_checked_before_the_launch(trained_run, tmp_path, monkeypatch, capsys):
+    """`vae eval --num-processes N` checks one checkpoint, then every rank reads that one (its step is passed to
+    them) even when training writes a newer one meanwhile; metrics.json names it."""
+    import shutil
+
+    import torch
+
+    from vae.cli import eval as eval_command
+    from vae.cli import main
+    from vae.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_digest
+    from vae.core.run import Run
+    from vae.evaluation import evaluate as evaluate_module
+
+    run = tmp_path / "training"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", "export"))
+    launched = []
+
+    def newer_checkpoint_then_ranks(module, forwarded, processes):
+        state = load_checkpoint(latest_checkpoint(run))
+        for tensor in state["ema"].values():
+            if torch.is_floating_point(tensor):
+                tensor.mul_(0.5)
+        save_checkpoint(run, 31, {**state, "step": 31}, keep=3)
+        launched.append(forwarded)
+        evaluate_module.main(forwarded)  # the ranks' entry point, here as one rank
+        return 0
+
+    monkeypatch.setattr(eval_command, "run_launched", newer_checkpoint_then_ranks)
+    assert main(["eval", "--run", str(run), "--split", "test", "--k", "2", "--num-processes", "2"]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert launched and launched[0][launched[0].index("--step") + 1] == "30"
+    assert metrics["model_step"] == 30 and metrics["model_version"] == "training@30"
+    assert metrics["weights_sha256"] == weights_digest(Run(run, step=30).model())
+    assert metrics["weights_sha256"] != weights_digest(Run(run).model())  # the newer one holds other weights

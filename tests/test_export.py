@@ -18,7 +18,7 @@ from vae_runtime.errors import BadInput
 from exported_model import exported_once
 from vae.core.checkpoint import load_trained
 from vae.serving.export import FP16_DECODER, FP16_TOLERANCE, TOLERANCE, ExportError, export, random_ops, validate_fp16
-from vae_runtime.runtime import Decoder, Encoder
+from vae_runtime import Decoder, Encoder
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,7 @@ def test_a_retried_flow_export_reuses_the_export_of_its_version(trained_run, tmp
     assert Path(export_model.fn(str(run), "v-1")) == first and (first / "model.json").read_bytes() == card
     assert existing_export(run / "export", run, "v-1") is not None
     assert existing_export(run / "export", run, "v-2") is None  # another version
-    assert existing_export(run / "export", run, "v-1", fp16=True) is None  # a graph it lacks
+    assert existing_export(run / "export", run, "v-1", precisions=("fp16",)) is None  # a graph it lacks
     assert existing_export(run / "export", run, "v-1", precisions=("int8",)) is None
     (first / "decoder.onnx").write_bytes(b"damaged")
     assert existing_export(run / "export", run, "v-1") is None
@@ -334,17 +334,12 @@ def test_a_retry_exports_again_over_a_card_whose_fields_are_damaged(tmp_path):
 
 
 def test_the_runs_own_preprocessing_decides_even_where_its_shards_cannot_be_read(trained_run, tiny_shards):
-    """Checkpoints record the preprocessing they trained on: an s3:// run without credentials here still gets its
-    card's crop right; only a run from before that record, whose shards cannot be read, takes the given shards'."""
-    import dataclasses
-
-    from vae.core.checkpoint import latest_state
-    from vae.evaluation.evaluate import trained_preprocessing
+    """Checkpoints record the preprocessing they trained on (tests/test_run.py: even where the run's shards cannot
+    be read here); only a run from before that record, whose shards cannot be read, takes the given shards'."""
+    from vae.core.run import Run
     from vae.serving.export import _same_preprocessing
 
-    _, cfg, _ = load_trained(trained_run)
-    elsewhere = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards="s3://no-credentials/shards"))
-    recorded = trained_preprocessing(latest_state(trained_run), elsewhere)
+    recorded = Run(trained_run).preprocessing
     assert recorded == json.loads((tiny_shards / "manifest.json").read_text())["preprocessing"]
     with pytest.raises(BadInput, match="preprocessed with crop 0; the run trained on crop 148"):
         _same_preprocessing(recorded, "crop0-shards", {**recorded, "crop": 0})

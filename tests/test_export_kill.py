@@ -34,7 +34,7 @@ def whole_export(out: Path) -> str:
 
 def test_killed_exports_leave_the_old_or_the_new_folder_whole(trained_run, tiny_shards, tmp_path):
     from vae.serving.export import export
-    from vae_runtime.runtime import Decoder
+    from vae_runtime import Decoder
     from vae.training.train import train
 
     other = tmp_path / "other-run"  # different weights, so a mix of the two exports would show

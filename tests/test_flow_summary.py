@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from vae_runtime import registry as reg
+from vae.serving import promotion
 
 DATA_URI = re.compile(r"!\[([^\]]+)\]\(data:(image/(?:png|jpeg));base64,([A-Za-z0-9+/=]+)\)")
 
@@ -67,9 +68,9 @@ def decoded(data: bytes) -> Image.Image:
 
 
 def result_of(champion_kid=0.0120):
-    reason = reg.decide({"nll_bpd": 4.95, "sample_primary": {"metric": "kid", "value": champion_kid,
+    reason = promotion.decide({"nll_bpd": 4.95, "sample_primary": {"metric": "kid", "value": champion_kid,
                                                              "stderr": 0.0010, "measure": "0123456789abcdef"}},
-                        reg.evidence_of(metrics_with_samples()))[1]
+                        promotion.evidence_of(metrics_with_samples()))[1]
     previous = {"version": "old", "nll_bpd": 4.95, "evidence": {
         "nll_bpd": 4.95, "sample_primary": {"metric": "kid", "value": champion_kid, "stderr": 0.0010,
                                             "temperature": 1.0, "measure": "0123456789abcdef"}}}
@@ -190,4 +191,4 @@ def test_the_metrics_table_gains_flattened_sample_rows_and_old_metrics_still_wor
 @pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
 def test_a_bad_sample_tolerance_is_refused(value):
     with pytest.raises(reg.RegistryError, match="sample_tolerance"):
-        reg.check_tolerance(value)
+        promotion.check_tolerance(value)

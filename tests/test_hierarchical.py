@@ -19,7 +19,7 @@ from vae.models.conv import ConvVAE
 from vae.models.hierarchical import HierarchicalVAE
 from vae.core.objectives import elbo_terms, gaussian_kl, iwae_bound, log_weights
 from vae.serving.export import TOLERANCE, export, export_graphs, random_ops
-from vae_runtime.runtime import Decoder, Encoder
+from vae_runtime import Decoder, Encoder
 
 # 16x16 images, resolutions 8 and 4: groups of 1 channel at sides 4 and 8 -> 16 + 64 latent dimensions.
 HIER = ["model.kind=hierarchical", "model.groups=2", "model.latent_channels=1", "model.latent_dim=80"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vae_runtime import registry as reg
+from vae.serving import promotion, versions
 
 pytestmark = pytest.mark.slow
 
@@ -91,14 +92,14 @@ def test_a_champion_from_another_test_set_is_re_evaluated_before_the_decision(tr
     assert again["split_fingerprint"] == new["split_fingerprint"] and again["k"] == new["k"]
     assert again["nll_bpd"] == pytest.approx(new["nll_bpd"], abs=1e-9)  # same weights, same images, same noise
     assert not outcome["promoted"] and "does not beat" in outcome["reason"] and "re-evaluated" in outcome["reason"]
-    measure = reg.evidence_of(new)["sample_primary"]["measure"]
+    measure = promotion.evidence_of(new)["sample_primary"]["measure"]
     assert again["sample_primary"]["measure"] == measure  # its pictures measured as the challenger's were
     assert "KID" in outcome["reason"] and "within 2 SE" in outcome["reason"]  # same weights: the same figure
     cache = next(champion_run.glob("eval-*-k*/metrics.json"))
     assert cache.parent.name.endswith(f"-s{measure}")  # a cache measured another way is never taken for it
 
     better = {**new, "nll_bpd": new["nll_bpd"] - 0.5}
-    reg.register(registry, "chal-b", {p.name: p for p in Path(export_dir).iterdir()})
+    versions.register(registry, "chal-b", {p.name: p for p in Path(export_dir).iterdir()})
     with disable_run_logger():
         outcome = promote_model.fn(registry, "chal-b", str(challenger_run), export_dir, better, runs)
     assert outcome["promoted"] and outcome["reevaluated"]["nll_bpd"] == again["nll_bpd"]
@@ -121,9 +122,9 @@ def test_a_champion_recorded_before_sample_metrics_is_re_measured_like_the_chall
     challenger_run = copy_run(trained_run, runs / "new")  # the same weights: the same pictures
     metrics = evaluate(challenger_run, grids=False, temperatures=[0.7, 1.0], sample_images=12)
     export(challenger_run, tmp_path / "export-new", version="new")
-    primary = reg.evidence_of(metrics)["sample_primary"]
+    primary = promotion.evidence_of(metrics)["sample_primary"]
     assert primary["temperatures"] == [0.7, 1.0] and primary["n_images"] == metrics["samples"]["n_heldout"]
-    old = {key: value for key, value in reg.evidence_of(metrics).items() if key != "sample_primary"}
+    old = {key: value for key, value in promotion.evidence_of(metrics).items() if key != "sample_primary"}
     (registry / "train-vae").mkdir(parents=True)
     (registry / "train-vae" / "champion.json").write_text(json.dumps(
         {"version": "old", "path": "train-vae/versions/old", "evidence": {**old, "nll_bpd": metrics["nll_bpd"] + 0.5},
@@ -150,7 +151,7 @@ def test_no_promotion_when_the_champion_cannot_be_re_evaluated(trained_run, tmp_
     run = copy_run(trained_run, tmp_path / "run")
     export_dir, metrics = _version(run, "new", tmp_path)
     (registry / "train-vae").mkdir(parents=True)
-    old = {**reg.evidence_of(metrics), "split_fingerprint": "0" * 64, "nll_bpd": 99.0}
+    old = {**promotion.evidence_of(metrics), "split_fingerprint": "0" * 64, "nll_bpd": 99.0}
     (registry / "train-vae" / "champion.json").write_text(json.dumps(
         {"version": "old", "path": "train-vae/versions/old", "evidence": old, "run": str(tmp_path / "gone")}))
     with disable_run_logger():

@@ -210,7 +210,7 @@ def test_an_unoffered_precision_is_one_line(trained_run, tmp_path, capsys):
 
     assert main(["export", "--run", str(trained_run), "--out", str(tmp_path / "m"), "--precision", "bf16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "precision bf16: not offered" in err and "no bf16 convolution" in err
+    assert len(err.splitlines()) == 1 and "--precision 'bf16': not offered" in err and "no bf16 convolution" in err
 
 
 @pytest.mark.parametrize("op", ["Conv", "MatMul"])

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from vae_runtime import registry as reg
+from vae.serving import promotion, versions
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("s3fs")
@@ -32,18 +33,19 @@ def evidence(nll):
 def publish(registry, version, tmp_path):
     src = tmp_path / f"{version}.bin"
     src.write_bytes(version.encode() * 100)
-    reg.register(registry, version, {"decoder.onnx": src})
+    versions.register(registry, version, {"decoder.onnx": src})
 
 
 PROMOTER = """
 import json, os, sys, time
-from vae_runtime import registry as reg
+from vae.serving import promotion
+from vae.serving.champion_store import champion_store
 registry, version, nll, go = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 ev = json.loads(sys.argv[5])
-reg.champion_store(registry).read()  # connect before the start line, so the race is in the promotion itself
+champion_store(registry).read()  # connect before the start line, so the race is in the promotion itself
 while not os.path.exists(go):
     time.sleep(0.001)
-print(json.dumps(reg.promote(registry, version, {**ev, "nll_bpd": nll})["promoted"]))
+print(json.dumps(promotion.promote(registry, version, {**ev, "nll_bpd": nll})["promoted"]))
 """
 
 
@@ -73,7 +75,7 @@ def test_concurrent_promoters_on_s3_leave_the_best_version(s3_endpoint, tmp_path
             publish(registry, f"v{i}", tmp_path)
         if trial % 2:  # half the trials start from a champion, half race for the first one (If-None-Match)
             publish(registry, "base", tmp_path)
-            reg.promote(registry, "base", evidence(6.0))
+            promotion.promote(registry, "base", evidence(6.0))
         go = tmp_path / f"go-{trial}"
         procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, registry, f"v{i}", str(s), str(go),
                                    json.dumps(evidence(0))], stdout=subprocess.PIPE, text=True)
@@ -91,13 +93,13 @@ def test_runtime_follows_the_champion_from_s3_through_a_verified_cache(s3_endpoi
     import numpy as np
 
     from exported_model import exported_once
-    from vae_runtime.runtime import Champion, Decoder, RuntimeModelError
+    from vae_runtime import Champion, Decoder, RuntimeModelError
 
     out, _ = exported_once(trained_run, tmp_path_factory)
     registry = "s3://models/apps"
     files = {name: out / name for name in ("decoder.onnx", "encoder.onnx", "model.json")}
-    reg.register(registry, "v1", files)
-    reg.promote(registry, "v1", evidence(5.0))
+    versions.register(registry, "v1", files)
+    promotion.promote(registry, "v1", evidence(5.0))
     cache = tmp_path / "cache"
     champion = Champion(registry, cache_dir=cache)
     assert champion.version == "v1" and not champion.refresh()
@@ -110,8 +112,8 @@ def test_runtime_follows_the_champion_from_s3_through_a_verified_cache(s3_endpoi
     np.testing.assert_array_equal(champion.decoder().sample(3, seed=1), want)
     assert cached.read_bytes() == (out / "decoder.onnx").read_bytes()
 
-    reg.register(registry, "v2", files)
-    reg.promote(registry, "v2", evidence(4.0))
+    versions.register(registry, "v2", files)
+    promotion.promote(registry, "v2", evidence(4.0))
     assert champion.refresh() and champion.version == "v2"
 
     import fsspec

@@ -231,14 +231,14 @@ def test_cuda_provider_that_is_listed_but_cannot_start_falls_back_with_a_warning
     provider options) and reports the CPU, with the warning."""
     import onnxruntime
 
-    from vae_runtime import runtime
+    from vae_runtime import sessions
 
     out, _ = exported
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("CUDA provider present: the request is served, nothing falls back")
-    monkeypatch.setattr(runtime.ort, "get_available_providers",
+    monkeypatch.setattr(sessions.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    asked = runtime.providers_for("cuda")
+    asked = sessions.providers_for("cuda")
     assert asked[0][0] == "CUDAExecutionProvider" and asked[-1] == "CPUExecutionProvider"
     with pytest.warns(RuntimeWarning, match="CUDA was requested but onnxruntime runs it on CPUExecutionProvider"):
         decoder = Decoder(out / "decoder.onnx", device="cuda")
@@ -346,7 +346,7 @@ def test_vae_encode_skips_unreadable_images_and_exits_2_on_bad_input(exported, s
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = [
-        (["--images", str(tmp_path / "nowhere")], "no such file or folder"),
+        (["--images", str(tmp_path / "nowhere")], "nowhere: does not exist"),
         (["--images", str(empty)], "no image files"),
         (["--images", str(images / "broken.jpg")], "no usable image; "),
         (["--images", str(images), "--crop", "-1"], "crop: expected >= 0"),
@@ -359,9 +359,11 @@ def test_vae_encode_skips_unreadable_images_and_exits_2_on_bad_input(exported, s
         assert not target.exists()
     one_line_error(capsys, main(["encode", "--model", str(out), "--images", str(images), "--out",
                                  str(tmp_path / "codes.txt")]), "expected a .npz")
-    (images / "000001.png").write_bytes(b"")
-    one_line_error(capsys, main(["encode", "--model", str(out), "--images", str(images), "--out",
-                                 str(tmp_path / "d.npz")]), "share the key '000001'")
+    (images / "000001.png").write_bytes(b"")  # keys are file stems: a second one is skipped, as sharding does
+    assert main(["encode", "--model", str(out), "--images", str(images), "--out", str(tmp_path / "d.npz")]) == 0
+    assert "skipped 000001: duplicate key: 000001.png (kept 000001.jpg)" in capsys.readouterr().err
+    with np.load(tmp_path / "d.npz") as npz:
+        assert npz["keys"].tolist() == ["000001"]
 
 
 def test_encode_has_help():

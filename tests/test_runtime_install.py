@@ -49,12 +49,12 @@ def test_readme_app_runs_from_a_runtime_only_install_against_s3(s3_endpoint, tra
         found = subprocess.run([str(python), "-c", f"import {heavy}"], capture_output=True, cwd=tmp_path)
         assert found.returncode != 0, f"{heavy} is importable in the runtime-only environment"
 
-    from vae_runtime import registry as reg
+    from vae.serving import promotion, versions
 
     out, card = exported_once(trained_run, tmp_path_factory)
     registry = "s3://models/registry"
-    reg.register(registry, "v1", {p.name: p for p in out.iterdir()})
-    assert reg.promote(registry, "v1", {**reg.evidence_of(card["metrics"]), "nll_bpd": 5.0})["promoted"]
+    versions.register(registry, "v1", {p.name: p for p in out.iterdir()})
+    assert promotion.promote(registry, "v1", {**promotion.evidence_of(card["metrics"]), "nll_bpd": 5.0})["promoted"]
     work = tmp_path / "app"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

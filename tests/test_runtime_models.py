@@ -17,6 +17,7 @@ from exported_model import exported_once
 from vae.cli import main
 from vae_runtime import Champion, Decoder, Encoder, RuntimeModelError
 from vae_runtime import registry as reg
+from vae.serving import promotion, versions
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,26 @@ def test_a_folder_loads_verified_and_a_replaced_graph_is_refused(copy):
         Decoder(copy, precision="int8")  # named as the app gave it, not the export's hidden folder
 
 
+def test_a_folder_as_exports_write_it_loads_by_every_spelling_of_a_precision(copy):
+    """Today's exports: model.json lists decoder.fp16.onnx and that graph's metadata says "float16" (ONNX's word);
+    the runtime reads both as the vocabulary's fp16, and an unknown precision is one line naming the known ones."""
+    card = json.loads((copy / "model.json").read_text())
+    assert "decoder.fp16.onnx" in card["sha256"]
+    for spelling in ("fp16", "float16"):
+        half = Decoder(copy, precision=spelling)
+        assert half.path.endswith("decoder.fp16.onnx") and half.card()["precision"] == "float16"
+        assert half.precision == "fp16"
+    for spelling in (None, "fp32", "float32"):
+        plain = Decoder(copy, precision=spelling)
+        assert plain.path.endswith("/decoder.onnx") and plain.card()["precision"] == "float32"
+        assert plain.precision == "fp32"
+    assert Decoder(copy / "decoder.fp16.onnx").precision == "fp16"  # a bare graph: what its metadata says
+    with pytest.raises(RuntimeModelError, match=r"^precision 'half': not offered \(the precisions: fp32, fp16, int8"):
+        Decoder(copy, precision="half")
+    with pytest.raises(RuntimeModelError, match=r"no encoder.fp16.onnx .*; an export writes no encoder at fp16"):
+        Encoder(copy, precision="fp16")
+
+
 def test_an_older_folder_without_hashes_loads_with_a_warning(copy):
     card = json.loads((copy / "model.json").read_text())
     del card["sha256"]
@@ -69,16 +90,16 @@ def test_a_local_registry_champion_loads_verified_and_refreshes(exported, tmp_pa
     out, _ = exported
     registry = tmp_path / "registry"
     files = {name: out / name for name in ("decoder.onnx", "encoder.onnx", "model.json")}
-    reg.register(registry, "v1", files)
-    reg.promote(registry, "v1", evidence(5.0))
+    versions.register(registry, "v1", files)
+    promotion.promote(registry, "v1", evidence(5.0))
     champion = Champion(registry)
     assert champion.version == "v1" and not champion.refresh()
     decoder = Decoder(registry)  # a registry location loads its champion
     assert decoder.champion_version == "v1" and decoder.version == "test-1"
     np.testing.assert_array_equal(decoder.sample(2, seed=3), Decoder(out).sample(2, seed=3))
 
-    reg.register(registry, "v2", files)
-    reg.promote(registry, "v2", evidence(4.0))
+    versions.register(registry, "v2", files)
+    promotion.promote(registry, "v2", evidence(4.0))
     assert champion.refresh() and champion.version == "v2" and champion.decoder().champion_version == "v2"
 
     (registry / "train-vae/versions/v2/decoder.onnx").write_bytes(b"tampered")
@@ -101,8 +122,8 @@ def test_a_registry_without_a_champion_is_one_line(tmp_path):
 def test_sample_and_encode_accept_a_registry(exported, tmp_path, capsys, synth_source):
     out, _ = exported
     registry = tmp_path / "registry"
-    reg.register(registry, "v1", {name: out / name for name in ("decoder.onnx", "encoder.onnx", "model.json")})
-    reg.promote(registry, "v1", evidence(5.0))
+    versions.register(registry, "v1", {name: out / name for name in ("decoder.onnx", "encoder.onnx", "model.json")})
+    promotion.promote(registry, "v1", evidence(5.0))
     assert main(["sample", "--model", str(registry), "--n", "4", "--out", str(tmp_path / "g.png")]) == 0
     assert "model test-1" in capsys.readouterr().out
     assert main(["encode", "--model", str(registry), "--images", str(synth_source / "img_align_celeba"),
@@ -137,8 +158,8 @@ def test_a_champion_of_an_older_registry_loads_with_a_warning(exported, tmp_path
 
 def _memory_registry(out, name: str) -> str:
     registry = f"memory://{name}"
-    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "encoder.onnx", "model.json")})
-    reg.promote(registry, "v1", evidence(5.0))
+    versions.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "encoder.onnx", "model.json")})
+    promotion.promote(registry, "v1", evidence(5.0))
     return registry
 
 
@@ -147,8 +168,8 @@ def test_names_in_records_never_reach_outside_the_registry_or_the_cache(exported
 
     out, _ = exported
     registry = tmp_path / "registry"
-    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "model.json")})
-    reg.promote(registry, "v1", evidence(5.0))
+    versions.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "model.json")})
+    promotion.promote(registry, "v1", evidence(5.0))
     champion_json = registry / "train-vae" / "champion.json"
     record = json.loads(champion_json.read_text())
     for version in ("../../../escaped", "/etc", "a/b"):
@@ -164,7 +185,7 @@ def test_names_in_records_never_reach_outside_the_registry_or_the_cache(exported
     with pytest.raises(RuntimeModelError, match=r"file '\.\./\.\./\.\./outside.txt' is not a plain name"):
         Champion(remote, cache_dir=tmp_path / "cache")
     with pytest.raises(reg.RegistryError, match="file '../x' is not a plain name"):
-        reg.register(registry, "v2", {"../x": out / "model.json"})
+        versions.register(registry, "v2", {"../x": out / "model.json"})
     assert not (tmp_path / "outside.txt").exists() and not (registry / "x").exists()
 
 
@@ -217,17 +238,17 @@ def test_a_version_record_written_by_hand_is_pinned_as_written(exported, tmp_pat
     """The champion pins the record's bytes as stored, which the runtime hashes, whatever their formatting."""
     out, _ = exported
     registry = tmp_path / "registry"
-    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "model.json")})
+    versions.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "model.json")})
     record = registry / "train-vae" / "versions" / "v1" / "version.json"
     record.write_text(json.dumps(json.loads(record.read_text())))  # compact, as another tool writes it
-    reg.promote(registry, "v1", evidence(5.0))
+    promotion.promote(registry, "v1", evidence(5.0))
     assert Champion(registry).decoder().sample(1, seed=0).shape == (1, 3, 16, 16)
 
 
 def _register_same_version(registry, files, barrier, errors):
     barrier.wait()
     try:
-        reg.register(registry, "v1", files)
+        versions.register(registry, "v1", files)
     except Exception as err:  # noqa: BLE001 - the test reports whatever escapes
         errors.put(f"{type(err).__name__}: {err}")
 

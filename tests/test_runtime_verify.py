@@ -22,6 +22,7 @@ from exported_model import exported_once
 from vae.cli import main
 from vae_runtime import Champion, Decoder, RunTimeout, RuntimeModelError
 from vae_runtime import registry as reg
+from vae.serving import promotion, versions
 from vae_runtime.graph_files import referenced_files
 
 DATA = "decoder.onnx.data"
@@ -70,8 +71,8 @@ def evidence(nll):
 
 def publish(registry, out, card, version="v1", leave_out=()):
     files = {name: out / name for name in [*card["files"], "model.json"] if name not in leave_out}
-    reg.register(registry, version, files)
-    reg.promote(registry, version, evidence(5.0))
+    versions.register(registry, version, files)
+    promotion.promote(registry, version, evidence(5.0))
 
 
 def decoder_model(nodes, latent_dim: int, initializers=(), size: int = 16) -> onnx.ModelProto:
@@ -305,8 +306,8 @@ def test_records_written_before_weights_files_were_hashed_still_load(exported, t
     assert sorted(card["sha256"]) == sorted(card["files"])
     assert all(referenced_files(out / name) == [] for name in card["files"])
     registry = tmp_path / "registry"
-    reg.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "encoder.onnx", "model.json")})
-    reg.promote(registry, "v1", evidence(5.0))
+    versions.register(registry, "v1", {n: out / n for n in ("decoder.onnx", "encoder.onnx", "model.json")})
+    promotion.promote(registry, "v1", evidence(5.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         want = Decoder(out).sample(2, seed=4)

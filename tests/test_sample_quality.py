@@ -211,7 +211,7 @@ def test_the_export_records_the_best_temperature_and_sampling_uses_it(trained_ru
 
     from exported_model import exported_once
     from vae.serving.graphs import set_metadata
-    from vae_runtime.runtime import Decoder
+    from vae_runtime import Decoder
 
     out, card = exported_once(trained_run, tmp_path_factory)
     primary = (card["metrics"].get("samples") or {}).get("primary")

@@ -7,9 +7,15 @@ For apps, the exported models and a registry's champion:
     decoder = champion.decoder()                 # or Decoder(model_folder), Decoder("decoder.onnx")
     images = decoder.sample(16, seed=0)          # float32 [16, 3, H, W] in [0, 1]
 
+The app's API lives in modules of one concern each: `models` (Decoder, Encoder, interpolate, resolve_model),
+`champion` (Champion, default_cache_dir), `model_folder` (verified_graph: a folder's graphs against its card),
+`sessions` (session_options, providers_for, cuda_provider_options), `vocabulary` (graph_name: the graph kinds and
+precisions and their file names); import them from here, the one public path.
+
 For the pipeline, which builds on it, the torch-free base layer: `errors` (the exit-code types), `atomic`
 (atomic writes), `storage` (local paths and fsspec URLs), `limits` (size caps on what is read), `schemas`
-(type-checked records), `digest`, `grid` (PNG grids), `registry` (versions and the champion record).
+(type-checked records), `digest`, `grid` (PNG grids), `registry` (versions and the champion record),
+`vocabulary` (the graphs' names).
 
 The app's names below are imported on first use (PEP 562), so the pipeline's `import vae_runtime.errors` does
 not start onnxruntime.
@@ -19,11 +25,12 @@ from __future__ import annotations
 
 import importlib
 
-_APP = {"Champion": "runtime", "Decoder": "runtime", "Encoder": "runtime", "RunTimeout": "runtime",
-        "RuntimeModelError": "runtime", "KNOWN_CONTRACTS": "runtime", "cuda_provider_options": "runtime",
-        "default_cache_dir": "runtime", "graph_name": "runtime", "interpolate": "runtime",
-        "providers_for": "runtime", "resolve_model": "runtime", "session_options": "runtime",
-        "verified_graph": "runtime"}
+_APP = {"Champion": "champion", "default_cache_dir": "champion",
+        "Decoder": "models", "Encoder": "models", "interpolate": "models", "resolve_model": "models",
+        "RunTimeout": "errors", "RuntimeModelError": "errors",
+        "KNOWN_CONTRACTS": "sessions", "cuda_provider_options": "sessions", "providers_for": "sessions",
+        "session_options": "sessions",
+        "graph_name": "vocabulary", "verified_graph": "model_folder"}
 
 __all__ = sorted(_APP)
 

@@ -58,18 +58,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
     return Path(path)
 
 
-def fsync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file in `folder` and the folder itself: its contents are on disk before it is renamed."""
-    folder = Path(folder)
-    for path in folder.iterdir():
-        with open(path, "rb") as f, naming(path):
-            os.fsync(f.fileno())
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync the folder itself: the names created, renamed or removed in it are on disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         with naming(folder):
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file in `folder` and the folder itself: its contents are on disk before it is renamed."""
+    folder = Path(folder)
+    for path in folder.iterdir():
+        with open(path, "rb") as f, naming(path):
+            os.fsync(f.fileno())
+    fsync_dir(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

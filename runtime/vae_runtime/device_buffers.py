@@ -34,6 +34,8 @@ from dataclasses import dataclass
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
+from vae_runtime.errors import one_line  # noqa: E402
+
 
 class DeviceBufferError(ValueError):
     """A buffer the runtime cannot bind: one line naming it and what is wrong (the runtime raises it as its
@@ -58,8 +60,7 @@ def _interface(name: str, value) -> tuple[str, dict] | None:
         except AttributeError:  # e.g. a CPU tensor asked for its CUDA interface
             continue
         except (RuntimeError, TypeError, KeyError, ValueError) as err:  # a tensor that requires grad, a float8 one
-            raise DeviceBufferError(f"{name}: {type(value).__name__} offers no {attr} "
-                                    f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            raise DeviceBufferError(f"{name}: {type(value).__name__} offers no {attr} ({one_line(err)})") from None
         if isinstance(found, dict):
             return device, found
     return None
@@ -149,7 +150,7 @@ def bind(binding: ort.IOBinding, name: str, buffer: Buffer, device_id: int, outp
         bind_fn = binding.bind_output if output else binding.bind_input
         bind_fn(name, buffer.device, device_id, "float32", list(buffer.shape), buffer.pointer)
     except (ValueError, RuntimeError) as err:  # e.g. an OrtValue scoped to another session
-        raise DeviceBufferError(f"{label}: onnxruntime cannot bind it ({str(err).splitlines()[0]}); an OrtValue "
+        raise DeviceBufferError(f"{label}: onnxruntime cannot bind it ({one_line(err)}); an OrtValue "
                                 "made by a session binds to that session only: make it with "
                                 "OrtValue.ortvalue_from_shape_and_type or ortvalue_from_numpy") from None
 

@@ -1,7 +1,9 @@
-"""The product's error types: bad input (exit 2) versus a failed run (exit 1).
+"""The product's error types: bad input (exit 2) versus a failed run (exit 1), and the app's runtime errors.
 
 The CLI turns `BadInput` into one line on stderr and exit code 2; any other `VaeError` is a run that
 failed for a reason we can name (exit 1). Both carry a message meant for a person, naming the input.
+The runtime (`vae_runtime.models` and the modules below it) raises `RuntimeModelError` for a model or an input it
+cannot use and `RunTimeout` for a run it ended; apps catch them as ValueError too.
 """
 
 
@@ -25,6 +27,14 @@ class ConfigError(BadInput):
 
 class TrainingError(VaeError):
     """Training cannot go on (for example: non-finite losses that persist)."""
+
+
+class RuntimeModelError(ValueError):
+    """The model file or the input given to it is not usable; the message names which."""
+
+
+class RunTimeout(RuntimeModelError):
+    """A run passed its timeout and was ended: a graph that runs too long, or a machine too slow for it."""
 
 
 def shown(value, limit: int = 60) -> str:

@@ -9,17 +9,29 @@ passes its own error type where its callers expect one).
 
 A schema maps each field to its kind: `str`, `int`, `NUMBER`, `dict`, `list`, `ListOf(kind)`, `MapOf(kind)` or a
 nested schema (a dict). Fields not in the schema are left alone (records written by later versions); a field may
-be absent or null unless the schema lists it in `REQUIRED`.
+be absent or null unless the schema lists it in `REQUIRED`. `finite(value)` says whether a field is a `NUMBER` that
+is finite (what promotion and export ask of a score).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from vae_runtime.errors import BadInput
 
 NUMBER = "number"  # an int or a float (never a bool: JSON's true is not 1)
 REQUIRED = "__required__"  # a schema's key listing the fields that must be present and not null
+
+
+def finite(value) -> bool:
+    """Whether `value` is a `NUMBER` that is finite (an integer too large for a float, 10**400, is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class RecordError(BadInput):
@@ -107,10 +119,10 @@ def _a(kind) -> str:
 
 # -- the records ------------------------------------------------------------------------------------------------
 
-# the primary sample figure promotion compares (runtime/vae_runtime/registry.py: sample_primary)
+# the primary sample figure promotion compares (vae/serving/promotion.py: sample_primary)
 SAMPLE_PRIMARY = {"metric": str, "of": str, "temperature": NUMBER, "value": NUMBER, "stderr": NUMBER, "measure": str,
                   "temperatures": ListOf(NUMBER), "n_images": int}
-# what a champion was promoted on (registry.evidence_of)
+# what a champion was promoted on (vae/serving/promotion.py: evidence_of)
 EVIDENCE = {"split": str, "split_fingerprint": str, "k": int, "image_size": int, "nll_bpd": NUMBER,
             "elbo_bpd": NUMBER, "n_images": int, "shards": str, "config_hash": str, "weights_sha256": str,
             "model_step": int, "sample_primary": SAMPLE_PRIMARY}
@@ -118,6 +130,10 @@ EVIDENCE = {"split": str, "split_fingerprint": str, "k": int, "image_size": int,
 CHAMPION = {REQUIRED: ("version",), "version": str, "path": str, "record_sha256": str, "evidence": EVIDENCE,
             "run": str, "promoted_at": str, "nll_bpd": NUMBER, "split": str, "k": int,
             "rollback": {"reason": str, "from": str}, "rolled_back": ListOf(str)}
+# REGISTRY/train-vae/aliases/<alias>.json: the version an operator's alias names, its record pinned like the champion's
+ALIAS = {REQUIRED: ("version",), "alias": str, "version": str, "record_sha256": str, "set_at": str}
+# REGISTRY/train-vae/notes/<version>.json: what is said about a version after it was published (it is immutable)
+NOTES = {"version": str, "tags": MapOf(str), "archived": {"reason": str, "at": str}}
 # REGISTRY/train-vae/versions/<version>/version.json: every file's sha256
 VERSION = {REQUIRED: ("files",), "version": str, "files": MapOf(str)}
 # evaluation's metrics.json, as far as `vae info` and the registry read it
@@ -125,11 +141,21 @@ METRICS = {"split": str, "k": int, "n_images": int, "nll_bpd": NUMBER, "elbo_bpd
            "samples": {"primary": dict, "prior": MapOf(dict), "floor": dict, "measure": str}}
 # a model folder's model.json (vae/serving/export.py writes it; the graphs' metadata_props carry the same card)
 PREPROCESSING = {"crop": int, "size": int}
+DEFAULT_CROP = 148  # CelebA's aligned faces: the centred square that holds the face (0: the largest square)
+
+
+def recorded_crop(preprocessing: dict | None) -> int:
+    """The crop a preprocessing record (a run's, a model card's) names, else the default crop: what images given
+    to that model are cropped to."""
+    crop = (preprocessing or {}).get("crop")
+    return crop if isinstance(crop, int) and not isinstance(crop, bool) else DEFAULT_CROP
+
+
 MODEL_CARD = {"contract_version": str, "latent_dim": int, "image_size": int, "channels": int, "likelihood": str,
               "version": str, "created": str, "config_hash": str, "step": int, "weights": str, "weights_sha256": str,
               "temperature": NUMBER, "preprocessing": PREPROCESSING, "metrics": METRICS, "validation": dict,
               "files": ListOf(str), "sha256": MapOf(str)}
 # a run's config.json: the config hash and the configuration it trained with, as `vae info` reads them
-RUN_CONFIG = {"config_hash": str, "config": {"train": {"steps": int}}}
+RUN_CONFIG = {"format_version": int, "config_hash": str, "config": {"train": {"steps": int}}}
 # a line of a run's train_log.jsonl
 LOG_LINE = {REQUIRED: ("step",), "step": int}

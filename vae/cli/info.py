@@ -1,25 +1,27 @@
 """`vae info PATH`: what a run folder, a model folder or a registry holds, as one JSON document.
 
-- a run (it has `checkpoints/` or `config.json`): its config hash, latest step and checkpoints, the last logged
+- a run (it has `checkpoints/` or `config.json`; read through `vae.core.run.Run`): its format version, config
+  hash, latest step and checkpoints, the last logged
   values, the evaluation's metrics when there are some;
 - a model folder (it has `model.json`): its card without the validation details, and the files beside it;
-- a registry (local path or URL with `train-vae/`): its versions and its champion.
+- a registry (local path or URL with `train-vae/`): its versions, its champion and aliases; pinned
+  (`REGISTRY@VERSION`, `REGISTRY@ALIAS`), also what the pin names.
 Nothing here imports torch: it reads JSON files and lists folders.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 from pathlib import Path
 
-from vae_runtime import limits, schemas, storage
+from vae_runtime import limits, schemas
 from vae_runtime.errors import BadInput
+from vae.core.run import Run, checkpoint_step
 
 CARD_KEYS = ("version", "created", "latent_dim", "image_size", "likelihood", "config_hash", "step", "weights",
              "files", "sha256", "preprocessing")
 METRIC_KEYS = ("split", "k", "n_images", "nll_bpd", "elbo_bpd", "active_units", "model_step")
-CHECKPOINT = re.compile(r"step-(\d{8})\.pt")  # vae/core/checkpoint.py's names (that module imports torch)
 
 
 def sample_summary(samples: dict | None) -> dict | None:
@@ -43,7 +45,7 @@ def describe(location: str) -> dict:
     """What `location` is and holds; one line of BadInput when it is none of a run, a model or a registry."""
     from vae_runtime import registry as reg
 
-    if storage.is_url(location) or Path(location, reg.PROJECT).is_dir():
+    if reg.names_registry(location):  # a registry, or one pinned: REGISTRY@VERSION, REGISTRY@ALIAS
         return describe_registry(location)
     path = Path(location)
     if (path / "model.json").is_file():
@@ -86,15 +88,15 @@ def last_log(log: Path) -> tuple[dict | None, str | None]:
 
 
 def describe_run(path: Path) -> dict:
-    checkpoints = sorted(p.name for p in (path / "checkpoints").glob("step-*.pt") if CHECKPOINT.fullmatch(p.name)) \
-        if (path / "checkpoints").is_dir() else []
-    config = _json(path / "config.json", schemas.RUN_CONFIG, "a run's config record") or {}
+    run = Run(path)  # its listing and records only: no checkpoint is loaded
+    checkpoints = run.checkpoints()
+    config = run.config_record or {}
     last, note = last_log(path / "train_log.jsonl") if (path / "train_log.jsonl").is_file() else (None, None)
-    metrics = _json(path / "eval" / "metrics.json", schemas.METRICS, "a metrics record")
-    return {"kind": "run", "path": str(path), "config_hash": config.get("config_hash"),
+    return {"kind": "run", "path": str(path), "format_version": run.format_version,
+            "config_hash": config.get("config_hash"),
             "steps": ((config.get("config") or {}).get("train") or {}).get("steps"),
-            "step": int(checkpoints[-1][5:13]) if checkpoints else 0, "checkpoints": checkpoints,
-            "last_log": last, **({"last_log_note": note} if note else {}), "metrics": _shown_metrics(metrics)}
+            "step": checkpoint_step(checkpoints[-1]) if checkpoints else 0, "checkpoints": [p.name for p in checkpoints],
+            "last_log": last, **({"last_log_note": note} if note else {}), "metrics": _shown_metrics(run.metrics)}
 
 
 def _shown_metrics(metrics: dict | None) -> dict | None:
@@ -115,11 +117,30 @@ def describe_registry(location: str) -> dict:
     from vae_runtime import registry as reg
 
     try:
-        champion = reg.read_champion(location)
-    except reg.RegistryError as err:  # a damaged champion.json is the input `vae info` was given
+        base, pin = (location, None) if Path(location, reg.PROJECT).is_dir() else reg.split_pin(location)
+        champion = reg.read_champion(base)
+        pinned = None if pin is None else reg.read_pinned(base, pin)
+        named = reg.list_aliases(base)
+    except reg.RegistryError as err:  # a damaged record, an unknown pin: the input `vae info` was given
         raise BadInput(str(err)) from None
     shown = ("version", "path", "nll_bpd", "split", "k", "promoted_at", "run")
     if champion is not None:  # an operator's rollback, when there was one: its reason and the versions it retired
         champion = {**{k: champion.get(k) for k in shown},
                     **{k: champion[k] for k in ("rollback", "rolled_back") if k in champion}}
-    return {"kind": "registry", "path": location, "versions": reg.list_versions(location), "champion": champion}
+    described = {"kind": "registry", "path": base, "versions": reg.list_versions(base), "champion": champion,
+                 "aliases": named}
+    if pinned is not None:  # what the pin loads: its version, through which alias, and whether it is archived
+        described["pinned"] = {"pin": pin, "version": pinned["version"], "alias": pinned.get("alias"),
+                               "archived": reg.archived_why(base, pinned["version"], champion)}
+    return described
+
+
+def cmd_info(args) -> int:
+    print(json.dumps(describe(args.path), indent=1, default=str))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("info", help="what a run folder, a model folder or a registry holds (JSON)")
+    p.add_argument("path", help="a run folder, a model folder, or a registry (local path or URL)")
+    p.set_defaults(func=cmd_info)

@@ -3,9 +3,9 @@
 A checkpoint holds only tensors, numbers, strings and dicts (it loads with `weights_only=True`): model and
 EMA weights, optimizer, scheduler and scaler states, the run's progress record and the full config as JSON,
 so a run is reproducible from its checkpoint alone. The newest complete file is the one to resume from.
-Readers of a run being trained (evaluation, export, scoring: `latest_state`) never see a partial checkpoint (each
-is renamed into place whole) and take the newest again when rotation deletes the one they chose meanwhile; what
-they report names the step they read.
+Readers of a run being trained (evaluation, export, scoring: `vae.core.run.Run`) never see a partial checkpoint
+(each is renamed into place whole) and take the newest again when rotation deletes the one they chose meanwhile;
+what they report names the step they read.
 Beside each, `step-NNNNNNNN.pt.sha256` holds its sha256: a checkpoint whose bytes changed on disk is refused
 rather than resumed from (torch reads a damaged tensor without noticing); one without it (an older run, or a
 kill between the two writes) loads unverified.
@@ -16,50 +16,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from vae_runtime.atomic import atomic_write_bytes, atomic_write_text
-from vae_runtime.errors import BadInput, TrainingError
+from vae_runtime.errors import BadInput, TrainingError, one_line
 from vae.core.config import Config, config_from_dict, config_to_dict
-
-PATTERN = re.compile(r"^step-(\d{8})\.pt$")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def remove_torn_writes(run_dir: str | Path) -> int:
-    """Delete temporary files left by a checkpoint write that was killed; returns how many."""
-    folder = checkpoint_dir(run_dir)
-    torn = list(folder.glob(".step-*.pt.*.tmp")) if folder.is_dir() else []
-    for path in torn:
-        path.unlink(missing_ok=True)
-    return len(torn)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.pt"
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(PATTERN.match(Path(path).name).group(1))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+from vae.core.keys import CHANGE_ON_RESUME, flat, names
+# a run folder's listing of its checkpoints is `vae.core.run`'s (torch-free); its names are used here and by callers
+from vae.core.run import (Run, checkpoint_dir, checkpoint_name, checkpoint_step, latest_checkpoint,  # noqa: F401
+                          list_checkpoints)
 
 
 def digest_path(path: Path) -> Path:
@@ -106,45 +73,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise BadInput(f"checkpoint {path}: its bytes differ from {digest_path(Path(path)).name} (damaged on "
                            f"disk); delete it (and {digest_path(Path(path)).name}) to resume from the one before")
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (BadInput, FileNotFoundError):  # gone: rotated away by the trainer (`latest_state` looks again)
+    except (BadInput, FileNotFoundError):  # gone: rotated away by the trainer (`Run` looks again)
         raise
     except pickle.UnpicklingError:
         raise BadInput(f"checkpoint {path}: holds Python objects beyond tensors and plain values; refusing to "
                        "unpickle it (checkpoints of this project never do)") from None
     except Exception as err:  # torch.load raises many types on damaged files
-        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise BadInput(f"checkpoint {path}: cannot be loaded ({first})") from None
+        raise BadInput(f"checkpoint {path}: cannot be loaded ({one_line(err)[:200]})") from None
     if not isinstance(state, dict) or not {"model", "ema", "step", "config"} <= set(state):
         raise BadInput(f"checkpoint {path}: not a checkpoint of this project (missing model, ema, step or config)")
     return state
 
 
-# Keys that may differ between a run's checkpoint and the config it is resumed with: how long and how often,
-# where data and outputs live, evaluation. Anything else changes what is being trained.
-RESUMABLE = ("run_dir", "train.steps", "train.max_seconds", "train.checkpoint_every", "train.log_every",
-             "train.grids_every", "train.keep_checkpoints", "train.tensorboard", "train.init_from",
-             "train.max_nonfinite", "train.collective_timeout_s", "data.shards", "data.num_workers", "eval.")
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def resume_differences(state: dict, cfg: Config) -> list[str]:
-    """`key saved -> requested` for every key that differs and may not change on resume. A key the checkpoint
+    """`key saved -> requested` for every key that differs and may not change on resume (`vae.core.keys`:
+    CHANGE_ON_RESUME names those that may). A key the checkpoint
     does not know (added by a later version) counts as unchanged when it is requested at its default."""
-    saved = _flat(json.loads(state["config"]))
-    requested = _flat(config_to_dict(cfg))
-    defaults = _flat(config_to_dict(Config()))
+    saved = flat(json.loads(state["config"]))
+    requested = flat(config_to_dict(cfg))
+    defaults = flat(config_to_dict(Config()))
     differ = []
     for key, value in sorted(requested.items()):
-        if key in RESUMABLE or any(key.startswith(p) for p in RESUMABLE if p.endswith(".")):
+        if names(key, CHANGE_ON_RESUME):
             continue
         before = saved.get(key, defaults.get(key))
         if before != value and not (isinstance(before, (int, float)) and isinstance(value, (int, float))
@@ -199,32 +149,17 @@ def warm_start_weights(cfg: Config) -> dict | None:
     source = cfg.train.init_from
     if not source:
         return None
-    if latest_checkpoint(source) is None:
+    run = Run(source)
+    if run.latest_checkpoint() is None:
         raise BadInput(f"train.init_from {source}: no checkpoint there to start from")
-    state = latest_state(source)  # that run may be training still: its newest complete checkpoint
-    path = checkpoint_dir(source) / checkpoint_name(int(state["step"]))
-    theirs, ours = config_to_dict(config_of(state))["model"], config_to_dict(cfg)["model"]
+    state = run.state  # that run may be training still: its newest complete checkpoint
+    theirs, ours = config_to_dict(run.config)["model"], config_to_dict(cfg)["model"]
     differ = [f"model.{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
               if theirs.get(k) != ours.get(k)]
     if differ:
         raise BadInput(f"train.init_from {source}: another architecture ({'; '.join(differ)}); warm starts need "
                        "the same model section")
-    return {"ema": state["ema"], "checkpoint": str(path), "step": int(state["step"])}
-
-
-def latest_state(run_dir: str | Path) -> dict:
-    """The run's latest checkpoint, loaded (one line when there is none). A run being trained may rotate the
-    checkpoint chosen away before it is read: the newest is then chosen again."""
-    for _ in range(10):
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise BadInput(f"run {run_dir}: no checkpoint found (train it first)")
-        try:
-            return load_checkpoint(path)
-        except FileNotFoundError:
-            continue
-    raise BadInput(f"run {run_dir}: its newest checkpoint was deleted before it could be read, ten times over; "
-                   "is a process removing them?")
+    return {"ema": state["ema"], "checkpoint": str(run.checkpoint), "step": run.step}
 
 
 def _digest_of(path: Path) -> str | None:
@@ -248,5 +183,7 @@ def trained_model(state: dict, ema: bool = True):
 
 
 def load_trained(run_dir: str | Path, ema: bool = True):
-    """The trained model of a run (EMA weights by default), its config and its step, on the CPU."""
-    return trained_model(latest_state(run_dir), ema)
+    """The trained model of a run's newest checkpoint (EMA weights by default), its config and its step, on the
+    CPU: `Run` for callers that need nothing else of the run."""
+    run = Run(run_dir)
+    return run.model(ema), run.config, run.step

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,16 @@ import yaml
 
 from vae_runtime.errors import ConfigError, one_line, shown
 from vae_runtime.limits import read_file
+from vae_runtime.schemas import finite
+from vae.core.keys import identity
 
 LIKELIHOODS = ("discretized_logistic", "logistic_mixture", "bernoulli", "gaussian")
-PRECISIONS = ("no", "bf16", "fp16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # train.mixed_precision, Accelerate's (a graph's: vae_runtime.vocabulary)
 MODEL_KINDS = ("conv", "hierarchical")
 MAX_GROUPS_PER_SIDE = 64  # model.layout: latent groups at one resolution (VDVAE's deepest use about 20)
 OPTIMIZERS = ("adamw", "adamax")
+# train.trackers: Accelerate's tracker names (`log_with`), run by vae/training/trackers.py
+TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 MAX_K = 100_000  # importance samples: the cap on eval.k, `vae eval --k`, `vae score --k` and the flow's k
 MAX_SAMPLE_IMAGES = 10_000  # images per sample-quality figure: nearest-neighbour matrices grow with its square
 MAX_TEMPERATURE = 100.0
@@ -78,12 +81,22 @@ def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def check_tracker_names(names, key: str) -> None:
+    """Known tracker names, each once; raises ConfigError naming `key`."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"config key '{key}': must be a list of tracker names ({', '.join(TRACKERS)})")
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown or len(set(names)) != len(names):
+        what = f"unknown tracker {shown(unknown[0])}" if unknown else "a tracker named twice"
+        raise ConfigError(f"config key '{key}': {what}; known: {', '.join(TRACKERS)}")
+
+
 def check_temperatures(values, key: str) -> list[float]:
     """A non-empty list of finite temperatures in (0, MAX_TEMPERATURE]; raises ConfigError naming `key`."""
     _check(isinstance(values, (list, tuple)) and 0 < len(values) <= MAX_TEMPERATURES, key,
            f"must be a list of 1 to {MAX_TEMPERATURES} temperatures, got {shown(values)}")
     for i, t in enumerate(values):
-        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= MAX_TEMPERATURE
+        ok = finite(t) and 0 < t <= MAX_TEMPERATURE
         _check(ok, key, f"temperature {i} must be a finite number in (0, {MAX_TEMPERATURE:g}], got {shown(t)}")
     _check(len(set(values)) == len(values), key, f"temperatures repeat: {shown(values)}")
     return [float(t) for t in values]
@@ -242,6 +255,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     grids_every: int = 0  # steps between sample/reconstruction grids (0: at each checkpoint)
     tensorboard: bool = True  # log through Accelerate's TensorBoard tracker as well as train_log.jsonl
+    trackers: list[str] = field(default_factory=list)  # more trackers (mlflow, wandb, ...): vae/training/trackers.py
     channels_last: bool = False  # GPU memory layout option
     compile: bool = False  # torch.compile the model (GPU option)
     max_seconds: float = 0.0  # stop after this much training time (benchmarks at equal compute); 0: off
@@ -257,8 +271,8 @@ class TrainConfig:
         _within(self, "warmup_steps", 0, MAX_STEPS)
         _positive(self, "grad_clip", MAX_NORM)
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _check(self.mixed_precision in PRECISIONS, "mixed_precision",
-               f"must be one of {', '.join(PRECISIONS)}, got {shown(self.mixed_precision)}")
+        _check(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision",
+               f"must be one of {', '.join(MIXED_PRECISIONS)}, got {shown(self.mixed_precision)}")
         _within(self, "checkpoint_every", 1, MAX_STEPS)
         _within(self, "keep_checkpoints", 1, 10**6)
         _within(self, "log_every", 1, MAX_STEPS)
@@ -271,6 +285,7 @@ class TrainConfig:
         _positive(self, "collective_timeout_s", MAX_TIMEOUT_S, "a week")
         _check(self.optimizer in OPTIMIZERS, "optimizer",
                f"must be one of {', '.join(OPTIMIZERS)}, got {shown(self.optimizer)}")
+        check_tracker_names(self.trackers, "trackers")
         _check(0 <= self.skip_threshold <= MAX_NORM, "skip_threshold",
                f"must be >= 0 and <= {MAX_NORM:g} (a gradient norm; 0: off), got {shown(self.skip_threshold)}")
 
@@ -324,7 +339,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {shown(value)}")
-        _check(_finite(value), key, f"expected a finite number, got {shown(value)}")
+        _check(finite(value), key, f"expected a finite number, got {shown(value)}")
         return float(value)
     if hint is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key,
@@ -340,14 +355,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(len(value) <= MAX_TEXT, key, f"expected at most {MAX_TEXT} characters, got {len(value)}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
-
-
-def _finite(value: int | float) -> bool:
-    """Whether `value` is a finite float (an integer too large for a float, 10**400, is not)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -475,33 +482,8 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Keys added after configs were shipped: left out of `config_hash` while at their default, so the hash of a
-# config written before them does not move; set otherwise, they enter it like any other key.
-LATER_KEYS = ("eval.temperatures", "eval.sample_images", "objective.loss_per_dim", "train.optimizer",
-              "train.skip_threshold", "data.flip", "model.layout", "objective.kl_balance")
-# Locations and waits, never part of what was trained: a path (`eval.inception_weights`) names a file, whose
-# identity the metrics record by its sha256.
-NOT_HASHED = ("run_dir", "data.shards", "data.num_workers", "train.init_from", "train.collective_timeout_s",
-              "eval.inception_weights")
-
-
-def _drop(values: dict, key: str) -> tuple[dict, str, object]:
-    *sections, name = key.split(".")
-    for section in sections:
-        values = values[section]
-    return values, name, values.get(name)
-
-
 def config_hash(cfg: Config) -> str:
-    """Hash of what defines the model and its training (not where files live)."""
-    values = config_to_dict(cfg)
-    defaults = config_to_dict(Config())
-    for key in NOT_HASHED:
-        section, name, _ = _drop(values, key)
-        section.pop(name)
-    for key in LATER_KEYS:
-        section, name, value = _drop(values, key)
-        if value == _drop(defaults, key)[2]:
-            section.pop(name)
+    """Hash of what defines the model and its training (not where files live): `vae.core.keys.identity`."""
+    values = identity(config_to_dict(cfg), config_to_dict(Config()))
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

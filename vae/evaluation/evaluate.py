@@ -7,7 +7,6 @@ across ranks when `torch.distributed` is initialised, so every image counts exac
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -15,14 +14,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vae_runtime import limits
 from vae_runtime.atomic import atomic_write_json
 from vae_runtime.errors import BadInput, ConfigError, VaeError
 from vae_runtime.grid import label, make_grid, write_png
 from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
-from vae.core.checkpoint import load_trained, weights_digest
+from vae.core.checkpoint import weights_digest
 from vae.core.config import MAX_K, config_hash
+from vae.core.run import Run
 from vae.evaluation.features import resolve_weights
 from vae.evaluation.sample_quality import sample_quality
 from vae.core.objectives import ImageNoise, bits_per_dim, elbo_terms, image_dims, iwae_bound, to_unit
@@ -175,10 +174,13 @@ def require_finite_weights(model, run_dir: str | Path, step: int) -> None:
                        "checkpoint)")
 
 
-def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None = None, shards: str | None = None):
-    """(model, cfg, step, split, k, shards, manifest) after the checks `evaluate` makes before any work; run once
-    before launching several processes too, so bad input is one line rather than a traceback per rank."""
-    model, cfg, step = load_trained(Path(run_dir))
+def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None = None, shards: str | None = None,
+                   step: int | None = None):
+    """(model, cfg, step, split, k, shards, manifest) after the checks `evaluate` makes before any work, on the
+    checkpoint at `step` (default the newest); run once before launching several processes too, so bad input is
+    one line rather than a traceback per rank, and the ranks are given the step it read."""
+    run = Run(run_dir, step)
+    model, cfg, step = run.model(), run.config, run.step
     require_finite_weights(model, run_dir, step)
     split, k, shards = split or cfg.eval.split, k or cfg.eval.k, shards or cfg.data.shards
     if not 1 <= k <= MAX_K:
@@ -188,28 +190,17 @@ def checked_inputs(run_dir: str | Path, split: str | None = None, k: int | None 
     return model, cfg, step, split, k, shards, manifest
 
 
-def trained_preprocessing(state: dict, cfg) -> dict | None:
-    """The preprocessing of the images a run trained on: recorded in its checkpoint `state`, else (checkpoints
-    from before they recorded it) that of its shards' manifest (`cfg.data.shards`) where it can be read here,
-    else None."""
-    if state.get("preprocessing") is not None:
-        return state["preprocessing"]
-    try:
-        return load_manifest(cfg.data.shards).get("preprocessing")
-    except Exception:  # e.g. s3:// without credentials here, gs:// without gcsfs: unknown here
-        return None
-
-
 def reusable_metrics(run_dir: str | Path, split: str | None = None, k: int | None = None) -> dict | None:
     """`RUN_DIR/eval/metrics.json` when it measured the run's current weights on the split's current images (its
     fingerprint), at K, without an image cap; else None (evaluate again)."""
+    run = Run(run_dir)
     try:
-        metrics = json.loads(limits.read_file(Path(run_dir) / "eval" / "metrics.json", "json"))
-    except (OSError, ValueError):
+        metrics = run.metrics
+    except (OSError, BadInput):  # unreadable or damaged: evaluate again
         return None
-    if not isinstance(metrics, dict) or metrics.get("max_images") is not None:
+    if metrics is None or metrics.get("max_images") is not None:
         return None
-    model, cfg, _ = load_trained(Path(run_dir))
+    model, cfg = run.model(), run.config
     split, k = split or cfg.eval.split, k or cfg.eval.k
     try:
         fingerprint = split_fingerprint(load_manifest(cfg.data.shards), split)
@@ -224,15 +215,16 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
              shards: str | None = None, rank: int = 0, world_size: int = 1, max_images: int | None = None,
              out: str | Path | None = None, grids: bool = True, progress: bool = False, samples: bool = True,
              temperatures: list[float] | None = None, sample_images: int | None = None,
-             inception_weights: str | None = None) -> dict:
+             inception_weights: str | None = None, step: int | None = None) -> dict:
     """Evaluate a run's EMA model on a split; writes `metrics.json` into `out` (default `RUN_DIR/eval`, main
-    rank) and returns it. The metrics say which images (the split's fingerprint), which weights (their
-    sha256) and which K they measured, so promotion compares only like with like. With `samples` the main rank
+    rank) and returns it. The checkpoint read is the one at `step` (default the newest; several ranks are given
+    their launcher's), and `model_step` names it. The metrics say which images (the split's fingerprint), which
+    weights (their sha256) and which K they measured, so promotion compares only like with like. With `samples` the main rank
     adds the sample-quality figures (`sample_quality.py`) at `temperatures` (default the config's) over
     `sample_images` images, with FID when `inception_weights` (or $VAE_INCEPTION_WEIGHTS, or the config's) is
     given; the weights file is checked before any evaluation."""
     run_dir = Path(run_dir)
-    model, cfg, step, split, k, shards, manifest = checked_inputs(run_dir, split, k, shards)
+    model, cfg, step, split, k, shards, manifest = checked_inputs(run_dir, split, k, shards, step)
     plan = sample_plan(cfg, temperatures, sample_images, inception_weights) if samples and rank == 0 else None
     weights = weights_digest(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -253,7 +245,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, k: int | None = None
                "split_fingerprint": fingerprint, "shards": str(shards), "image_size": cfg.model.image_size,
                "max_images": max_images}
     if rank == 0:
-        out = Path(out) if out is not None else run_dir / "eval"
+        out = Path(out) if out is not None else Run(run_dir).eval_dir
         directions = attribute_directions(sums)
         metrics["attribute_directions"] = sorted(directions)
         drawn = {}
@@ -312,7 +304,7 @@ def sample_plan(cfg, temperatures: list[float] | None, sample_images: int | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point for `accelerate launch -m vae.evaluate --run RUN [...]` (`vae eval --num-processes N`)."""
+    """Entry point for `accelerate launch -m vae.evaluation.evaluate --run RUN [...]` (`vae eval --num-processes N`)."""
     import argparse
 
     import torch.distributed
@@ -327,12 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", default=None)
     parser.add_argument("--temperatures", default=None, help="comma-separated, as `vae eval --temperatures`")
     parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint every rank reads (the launcher's)")
     args = parser.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up the process group (gloo on CPU)
     temperatures = [float(t) for t in args.temperatures.split(",")] if args.temperatures else None
     evaluate(args.run, split=args.split, k=args.k, shards=args.shards,
              rank=accelerator.process_index, world_size=accelerator.num_processes, temperatures=temperatures,
-             inception_weights=args.inception_weights)
+             inception_weights=args.inception_weights, step=args.step)
     accelerator.wait_for_everyone()
     end_process_group()
 

@@ -1,7 +1,7 @@
 """Anomaly scores: per-image NLL in bits/dim from the IWAE bound, most anomalous first.
 
 Works on shards (every split in the manifest) or on any image folder, CelebA folder or zip, through the
-same preprocessing as the shards the run was trained on (crop and size read from its manifest).
+same preprocessing as the shards the run was trained on (`Run.crop`; the size is the model's).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from tqdm import tqdm
 from vae_runtime import storage
 from vae_runtime.atomic import atomic_write_text
 from vae_runtime.errors import BadInput, VaeError
-from vae.core.checkpoint import latest_state, trained_model
+from pipeline.images import image_batches
+from vae.core.run import Run
 from vae.core.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
 
 
@@ -57,36 +58,8 @@ def _shard_batches(shards: str, batch_size: int) -> Iterator[tuple[list[str], to
 
 
 def _image_batches(source: str, crop: int, size: int, batch_size: int, skipped: list):
-    from pipeline.preprocess import SkipImage, preprocess
-    from pipeline.sources import open_source
-
-    src = open_source(source)
-    listing = src.listing()
-    entries = sorted((e for split in listing.entries.values() for e in split), key=lambda e: e.key)
-    skipped.extend(listing.skipped)
-    keys, pixels = [], []
-    for entry in entries:
-        try:
-            pixels.append(preprocess(src.read(entry.name), crop, size))
-            keys.append(entry.key)
-        except SkipImage as err:
-            skipped.append({"key": entry.key, "reason": str(err)})
-        if len(keys) == batch_size:
-            yield keys, torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
-            keys, pixels = [], []
-    if keys:
-        yield keys, torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
-
-
-def _training_crop(state: dict, cfg) -> int:
-    """The crop the run's images were made with (its checkpoint's record, else its shards'), else the default."""
-    from pipeline.preprocess import DEFAULT_CROP
-    from vae.evaluation.evaluate import trained_preprocessing
-
-    try:
-        return int((trained_preprocessing(state, cfg) or {})["crop"])
-    except (KeyError, TypeError, ValueError):
-        return DEFAULT_CROP
+    for keys, pixels in image_batches(source, crop, size, batch_size, skipped):
+        yield keys, torch.from_numpy(pixels).permute(0, 3, 1, 2)  # uint8 NCHW, as the shards' loader gives
 
 
 @torch.no_grad()
@@ -98,8 +71,8 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
     image's noise is seeded by `seed` (default: the run's `train.seed`, as `vae eval` draws it) and its key."""
     if out is not None:
         writable_file(out)
-    state = latest_state(run_dir)
-    model, cfg, step = trained_model(state)
+    run = Run(run_dir)
+    model, cfg, step = run.model(), run.config, run.step
     seed = cfg.train.seed if seed is None else seed
     size = cfg.model.image_size
     dims = image_dims(size)
@@ -107,7 +80,7 @@ def score(run_dir: str | Path, source: str, k: int = 100, out: str | Path | None
     if (Path(source) / "manifest.json").exists() or "://" in str(source):
         batches = _shard_batches(str(source), batch_size)
     else:
-        batches = _image_batches(source, _training_crop(state, cfg), size, batch_size, skipped)
+        batches = _image_batches(source, run.crop, size, batch_size, skipped)
     scores = []
     # shown on a terminal only (disable=None), and erased when it ends or an error ends it
     with tqdm(unit="img", desc=f"scoring K={k}", disable=None if progress else True, leave=False, file=sys.stderr,

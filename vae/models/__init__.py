@@ -5,15 +5,14 @@ need (`vae.models.protocol.VAEModel`). `build_model(cfg)` picks one by `cfg.kind
 from __future__ import annotations
 
 from vae.core.config import ModelConfig
+from vae.models.conv import ConvVAE
+from vae.models.hierarchical import HierarchicalVAE
 from vae.models.protocol import VAEModel
+from vae.models.vdvae import VDVAE
 
 
 def build_model(cfg: ModelConfig) -> VAEModel:
     """The model `cfg.kind` names; both kinds present the same interface to objectives, training and export."""
-    from vae.models.conv import ConvVAE
-    from vae.models.hierarchical import HierarchicalVAE
-    from vae.models.vdvae import VDVAE
-
     if cfg.kind == "hierarchical" and cfg.layout.strip():
         return VDVAE(cfg)  # many groups per resolution, from model.layout
     kinds = {"conv": ConvVAE, "hierarchical": HierarchicalVAE}

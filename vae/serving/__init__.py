@@ -1,2 +1,3 @@
-"""Serving: ONNX export and its publication, the registry and the torch-free runtime. Importing this package
-imports nothing heavy: `runtime` and `registry` stay torch-free."""
+"""Serving: ONNX export and its publication, and the registry's writes (`versions`, `champion_store`, `promotion`,
+`aliases`, `notes`).
+Importing this package imports nothing heavy: the registry's modules stay torch-free, as the runtime they build on."""

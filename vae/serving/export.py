@@ -10,7 +10,9 @@ Nothing is published at `out` unless the full ONNX check passes and onnxruntime 
 `eval/metrics.json` measured other weights or is missing), and it lists every graph's sha256. The weights exported
 are the run's EMA weights (what evaluation measured), never the raw training weights.
 
-With `fp16=True` a third graph, `decoder.fp16.onnx`, holds the decoder in float16 for GPUs. Its interface
+Graphs of other precisions are asked for by name (`precisions`, `vae_runtime.vocabulary`: "fp16", "int8"; the
+fp32 graphs are always written). With "fp16", a third graph, `decoder.fp16.onnx`, holds the decoder in float16 for
+GPUs. Its interface
 stays float32 (`z` float32 in, `x_mean` float32 out, the casts are inside the graph), so the runtime and any
 app use it exactly like `decoder.onnx`. It is validated against the float32 decoder within `FP16_TOLERANCE`
 (max abs difference on outputs in [0, 1]) on onnxruntime's CUDA provider where onnxruntime-gpu has one, else on
@@ -21,7 +23,6 @@ check is skipped, and the model card says so and why.
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -35,22 +36,25 @@ from vae_runtime import limits, schemas
 from vae_runtime.atomic import atomic_write_json
 from vae_runtime.digest import sha256_file
 from vae_runtime.errors import BadInput
-from vae.core.checkpoint import latest_state, load_trained, trained_model
+from vae_runtime.vocabulary import (EXPORTED, graph_name, graph_names, metadata_name, parse_graph_name,
+                                    precision_names)
+from vae.core.checkpoint import weights_digest
 from vae.core.config import config_hash
+from vae.core.run import Run
 from vae_runtime.graph_files import referenced_files
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
-from vae.serving.model_card import write_model_card
+from vae.serving.model_card import data_record, training_record, write_model_card
 from vae.serving.publish import check_out, publishing
-from vae.serving.quantize import PRECISIONS, write_int8
+from vae.serving.quantize import write_int8
 
 CONTRACT_VERSION = "1"
 TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2  # max abs difference of decoder.fp16.onnx from decoder.onnx, outputs in [0, 1]
 VALIDATION_BATCHES = (1, 7, 64)
 CHECK_IMAGES = 576  # read for the checks: int8 validates on the first 64 and calibrates on the other 512
-GRAPHS = ("encoder.onnx", "decoder.onnx")
-FP16_DECODER = "decoder.fp16.onnx"
+GRAPHS = tuple(graph_names())  # the fp32 encoder and decoder, always written
+FP16_DECODER = graph_name("decoder", "fp16")
 
 
 def _session(path: Path, device: str = "cpu"):
@@ -60,7 +64,7 @@ def _session(path: Path, device: str = "cpu"):
     runs is the session's first provider."""
     import onnxruntime as ort
 
-    from vae_runtime.runtime import providers_for, session_options
+    from vae_runtime import providers_for, session_options
 
     return ort.InferenceSession(str(path), session_options(), providers=providers_for(device))
 
@@ -69,10 +73,6 @@ def _max_abs_diff(got: list[np.ndarray], want) -> float:
     """The largest difference over all outputs; NaN when any output holds one (np.max propagates it)."""
     want = want if isinstance(want, tuple) else (want,)
     return float(np.max([np.max(np.abs(g - w.numpy())) for g, w in zip(got, want)]))
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
@@ -90,7 +90,7 @@ def validate(folder: Path, model: nn.Module, images: np.ndarray) -> dict:
         found = random_ops(folder / name)
         if found:
             raise ExportError(f"{name}: contains random ops {sorted(found)}; noise must be drawn outside")
-    encoder, decoder = _session(folder / "encoder.onnx"), _session(folder / "decoder.onnx")
+    encoder, decoder = _session(folder / graph_name("encoder")), _session(folder / graph_name("decoder"))
     rng = np.random.default_rng(0)
     for batch in VALIDATION_BATCHES:
         x = np.ascontiguousarray(images[np.arange(batch) % len(images)], dtype=np.float32)
@@ -118,7 +118,7 @@ def validation_images(cfg, shards: str | None, n: int = 64,
 
     Held-out images first: the test split, topped up from valid, then train (the shared CelebA sample has no
     test partition). The shards must hold images of the model's size, preprocessed as the run's images were
-    (`trained`, from `trained_preprocessing`), which is what the card says and apps apply."""
+    (`trained`: `Run.preprocessing`), which is what the card says and apps apply."""
     from pipeline.loader import eval_loader
     from pipeline.manifest import require_image_size
 
@@ -153,13 +153,15 @@ def _same_preprocessing(want: dict | None, given: str, found: dict) -> dict:
     return want
 
 
-def export_graphs(model: nn.Module, folder: Path, fp16: bool = False) -> list[str]:
-    """Write the graphs of `model` (no metadata, no validation) into `folder`; returns their file names."""
+def export_graphs(model: nn.Module, folder: Path, precisions: tuple[str, ...] = ()) -> list[str]:
+    """Write the fp32 graphs of `model` (no metadata, no validation) into `folder`, and the fp16 decoder when
+    `precisions` holds fp16 (int8 graphs are quantized from the fp32 ones: `vae.serving.quantize`); returns their
+    file names."""
     size, latent_dim = model.cfg.image_size, model.latent_dim
     export_onnx(EncoderGraph(model), torch.rand(2, 3, size, size), "x", ["mu", "logvar"],
-                  folder / "encoder.onnx")
-    export_onnx(DecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / "decoder.onnx")
-    if not fp16:
+                  folder / graph_name("encoder"))
+    export_onnx(DecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / graph_name("decoder"))
+    if "fp16" not in precision_names(precisions):
         return list(GRAPHS)
     export_onnx(HalfDecoderGraph(model), torch.randn(2, latent_dim), "z", ["x_mean"], folder / FP16_DECODER)
     return [*GRAPHS, FP16_DECODER]
@@ -175,7 +177,7 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
     """
     import onnxruntime as ort
 
-    from vae_runtime.runtime import providers_for
+    from vae_runtime import providers_for
 
     path = folder / FP16_DECODER
     try:
@@ -185,7 +187,7 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
     if random_ops(path):
         raise ExportError(f"{FP16_DECODER}: contains random ops {sorted(random_ops(path))}")
     z = np.random.default_rng(1).standard_normal((n, latent_dim)).astype(np.float32)
-    want = _session(folder / "decoder.onnx").run(["x_mean"], {"z": z})[0]
+    want = _session(folder / graph_name("decoder")).run(["x_mean"], {"z": z})[0]
     try:
         session = _session(path, device="cuda")
         got = session.run(["x_mean"], {"z": z})[0]
@@ -202,14 +204,13 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
             "provider": session.get_providers()[0]}
 
 
-def current_metrics(run_dir: Path, model: nn.Module, shards: str, split: str) -> dict:
-    """The run's `eval/metrics.json` when it measured exactly these weights; otherwise evaluate them now (the
-    card must carry the test metrics of the weights it ships, never those of an earlier step)."""
-    from vae.core.checkpoint import weights_digest
-
-    path = run_dir / "eval" / "metrics.json"
-    digest = weights_digest(model)
-    metrics = json.loads(limits.read_file(path, "json")) if path.exists() else None
+def current_metrics(run: Run, shards: str, split: str) -> dict:
+    """The run's `eval/metrics.json` when it measured exactly the EMA weights of the checkpoint read; otherwise
+    evaluate them now (the card must carry the test metrics of the weights it ships, never those of an earlier
+    step)."""
+    run_dir, path = run.path, run.metrics_path
+    digest = weights_digest(run.model())
+    metrics = run.metrics
     if metrics is not None and metrics.get("weights_sha256") == digest:
         return metrics
     from pipeline.manifest import load_manifest
@@ -222,7 +223,7 @@ def current_metrics(run_dir: Path, model: nn.Module, shards: str, split: str) ->
             from None
     why = "missing" if metrics is None else f"from other weights (step {metrics.get('model_step')})"
     print(f"vae export: {path} is {why}: evaluating the exported weights first", file=sys.stderr)
-    metrics = evaluate(run_dir, shards=shards, split=split)
+    metrics = evaluate(run_dir, shards=shards, split=split, step=run.step)
     if metrics.get("weights_sha256") != digest:
         raise ExportError(f"run {run_dir}: its checkpoint changed while exporting; export again")
     return metrics
@@ -237,31 +238,25 @@ def best_temperature(metrics: dict) -> float:
 
 
 def export(run_dir: str | Path, out: str | Path, shards: str | None = None, version: str | None = None,
-           fp16: bool = False, precisions: tuple[str, ...] = ()) -> dict:
+           precisions: tuple[str, ...] = ()) -> dict:
     """Export a run's EMA model to the folder `out`, published whole; returns the model card (`model.json`).
 
     The folder holds the graphs, `model.json` (with every graph's sha256), `metrics.json`, `samples.png` (prior
     samples from the validated decoder) and `README.md` (the human-readable model card). `out` is a link
     to a hidden sibling folder holding one complete export; a new export is built beside it and the link is
     switched in one rename, so a reader never sees two exports mixed. A real, non-empty folder at `out` is
-    refused. Leftovers of a killed export are removed by the next one. `precisions` ("int8") adds the
-    reduced-precision CPU graphs of `vae.serving.quantize`, validated against the float32 ones.
+    refused. Leftovers of a killed export are removed by the next one. `precisions` adds the graphs of those
+    precisions (`vae_runtime.vocabulary`, any spelling it reads), each validated against the fp32 ones: "fp16" the
+    float16 decoder for GPUs, "int8" the CPU graphs of `vae.serving.quantize`; an unknown one is refused first.
     """
     run_dir, out = Path(run_dir), Path(out)
-    unknown = sorted(set(precisions) - set(PRECISIONS))
-    if unknown:
-        why = ("; onnxruntime's CPU provider has no bf16 convolution or matrix-product kernels"
-               if "bf16" in unknown else "")
-        raise BadInput(f"precision {', '.join(unknown)}: not offered (reduced-precision CPU graphs: "
-                       f"{', '.join(PRECISIONS)}; float16 for GPUs: fp16 or --fp16){why}")
-    from vae.evaluation.evaluate import trained_preprocessing
-
-    state = latest_state(run_dir)
-    model, cfg, step = trained_model(state, ema=True)
+    precisions = precision_names(precisions)
+    run = Run(run_dir)  # its newest checkpoint, read once: a run still training moves on, this export does not
+    model, cfg, step = run.model(ema=True), run.config, run.step
     check_out(out)
-    images, preprocessing, source = validation_images(cfg, shards, CHECK_IMAGES, trained_preprocessing(state, cfg))
-    metrics = current_metrics(run_dir, model, shards or cfg.data.shards, cfg.eval.split)
-    if not all(_finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
+    images, preprocessing, source = validation_images(cfg, shards, CHECK_IMAGES, run.preprocessing)
+    metrics = current_metrics(run, shards or cfg.data.shards, cfg.eval.split)
+    if not all(schemas.finite(metrics.get(key)) for key in ("elbo_bpd", "nll_bpd")):
         raise ExportError(f"run {run_dir}: its metrics are not finite (elbo_bpd {metrics.get('elbo_bpd')!r}, "
                           f"nll_bpd {metrics.get('nll_bpd')!r}): the weights diverged; not exported")
     card = {"contract_version": CONTRACT_VERSION, "latent_dim": cfg.model.latent_dim,
@@ -270,19 +265,20 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config_hash": config_hash(cfg), "metrics": metrics, "weights": "ema", "step": step,
             "weights_sha256": metrics["weights_sha256"], "preprocessing": preprocessing,
-            "temperature": best_temperature(metrics)}
+            "temperature": best_temperature(metrics), "data": data_record(cfg.data.shards),
+            "training": training_record(cfg, run.state)}
     with publishing(out) as staging:
-        names = export_graphs(model, staging, fp16=fp16)
+        names = export_graphs(model, staging, precisions)
         for name in names:
-            set_metadata(staging / name, {**card, "precision": "float16" if name == FP16_DECODER else "float32"})
+            set_metadata(staging / name, {**card, "precision": metadata_name(parse_graph_name(name)[1])})
         card["validation"] = validate(staging, model, images)
-        if fp16:
+        if "fp16" in precisions:
             card["validation"]["fp16_decoder"] = validate_fp16(staging, cfg.model.latent_dim)
         if "int8" in precisions:
             card["validation"]["int8"] = write_int8(model, staging, images, _session, source)
-            names += ["encoder.int8.onnx", "decoder.int8.onnx"]
-            for name in names[-2:]:
-                set_metadata(staging / name, {**card, "precision": "int8"})
+            names += [graph_name(kind, "int8") for kind in EXPORTED["int8"]]
+            for name in names[-len(EXPORTED["int8"]):]:
+                set_metadata(staging / name, {**card, "precision": metadata_name("int8")})
         # a file a graph keeps weights in (ONNX external data; these graphs hold theirs) is hashed like the graph
         names += sorted({data for name in names for data in referenced_files(staging / name)} - set(names))
         card["files"] = names
@@ -294,37 +290,33 @@ def export(run_dir: str | Path, out: str | Path, shards: str | None = None, vers
     return card
 
 
-def existing_export(out: str | Path, run_dir: str | Path, version: str, fp16: bool = False,
+def existing_export(out: str | Path, run_dir: str | Path, version: str,
                     precisions: tuple[str, ...] = ()) -> dict | None:
     """The card of the export at `out` when it holds `version` of the run's current EMA weights with the graphs
     asked for, every file matching its sha256; else None. A retried flow run reuses it rather than exporting
     again: a new export differs in bytes (its `created` time), and a version half-registered on object storage
     takes only the bytes it was claimed for."""
-    from vae.core.checkpoint import weights_digest
-
     try:
         card = schemas.load(limits.read_file(Path(out) / "model.json", "json"), schemas.MODEL_CARD,
                             str(Path(out) / "model.json"))
     except (OSError, ValueError):  # none, over its cap, or not a card whose fields have their types: export again
         return None
-    wanted = {"encoder.onnx", "decoder.onnx", *([FP16_DECODER] if fp16 else []),
-              *(name for p in precisions for name in (f"encoder.{p}.onnx", f"decoder.{p}.onnx"))}
+    wanted = set(graph_names(precisions))
     if not isinstance(card, dict) or card.get("version") != version or not wanted <= set(card.get("sha256") or {}):
         return None
     if any(not (Path(out) / name).is_file() or sha256_file(Path(out) / name) != digest
            for name, digest in card["sha256"].items()):
         return None
-    model = load_trained(Path(run_dir), ema=True)[0]
-    return card if card.get("weights_sha256") == weights_digest(model) else None
+    return card if card.get("weights_sha256") == weights_digest(Run(run_dir).model(ema=True)) else None
 
 
 def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:
     """`samples.png`: an 8x8 grid of prior samples decoded by the validated `decoder.onnx` through the runtime,
     exactly as an app would (noise from numpy's default_rng(seed))."""
     from vae_runtime.grid import make_grid, write_png
-    from vae_runtime.runtime import Decoder
+    from vae_runtime import Decoder
 
-    images = Decoder(folder / "decoder.onnx").sample(n, seed=seed)
+    images = Decoder(folder / graph_name("decoder")).sample(n, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
         raise ExportError("decoder.onnx produced images outside [0, 1]")
     return Path(write_png(folder / "samples.png", make_grid(images, 8)))

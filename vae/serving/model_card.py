@@ -12,6 +12,7 @@ import yaml
 
 from vae_runtime.atomic import atomic_write_text
 from vae_runtime.errors import BadInput
+from vae_runtime.vocabulary import graph_name
 from pipeline.manifest import load_manifest
 
 CELEBA_TERMS = ("CelebA is available for non-commercial research purposes only (see the data set's agreement at "
@@ -170,7 +171,7 @@ def _reduced_precision(validation: dict) -> list[str]:
              "| --- | --- | --- | --- | --- |"]
     for graph in ("decoder", "encoder"):
         r = report[graph]
-        lines.append(f"| `{graph}.int8.onnx` | {r['passed']} budget | {255 * r['mean_abs']:.2f}/255 | "
+        lines.append(f"| `{graph_name(graph, 'int8')}` | {r['passed']} budget | {255 * r['mean_abs']:.2f}/255 | "
                      f"{255 * r['max_abs']:.1f}/255 | {r['recon_increase']:+.2%} |")
     return lines
 

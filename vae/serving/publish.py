@@ -20,7 +20,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from vae_runtime.atomic import UMASK, fsync_tree, naming
+from vae_runtime.atomic import UMASK, fsync_dir, fsync_tree, naming
 from vae_runtime.errors import BadInput
 
 
@@ -60,14 +60,6 @@ def remove_leftovers(out: Path) -> list[Path]:
     return removed
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def publishing(out: Path):
     """Yield an empty staging folder; when the block ends without an error, switch `out` to it."""
@@ -93,4 +85,4 @@ def publishing(out: Path):
         link = out.parent / f"{_link_prefix(out)}{uuid.uuid4().hex[:8]}"
         os.symlink(staging.name, link)  # relative: the pair can move together
         os.replace(link, out)
-        _fsync_dir(out.parent)  # the replaced export stays for readers that resolved it: removed by the next one
+        fsync_dir(out.parent)  # the replaced export stays for readers that resolved it: removed by the next one

@@ -31,8 +31,11 @@ import torch
 from torch import nn
 
 from vae_runtime.atomic import naming
+from vae_runtime.vocabulary import graph_name
 
-PRECISIONS = ("int8",)
+# the graphs read and written here, named by the vocabulary (`vae_runtime.vocabulary`)
+DECODER, ENCODER = graph_name("decoder"), graph_name("encoder")
+DECODER8, ENCODER8 = graph_name("decoder", "int8"), graph_name("encoder", "int8")
 BUDGET = {"mean_abs": 1 / 255, "max_abs": 8 / 255}  # agreement with the float32 graphs, on decoded images in [0, 1]
 # The stated budget for a graph that misses BUDGET, as 8-bit activations through a trained decoder do by a little
 # (the models in docs/onnx.md): what an app sees of the model is how well it renders faces, so the int8 graph may
@@ -182,8 +185,8 @@ def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         phased = Path(tmp) / "decoder.phase.onnx"
         export_onnx(DecoderGraph(phase_decomposed(model).eval()), torch.randn(2, d), "z", ["x_mean"], phased)
-        quantize_graph(phased, folder / "decoder.int8.onnx", "z", calibration)
-    quantize_graph(folder / "encoder.onnx", folder / "encoder.int8.onnx", "x",
+        quantize_graph(phased, folder / DECODER8, "z", calibration)
+    quantize_graph(folder / ENCODER, folder / ENCODER8, "x",
                    [np.ascontiguousarray(b) for b in np.array_split(images, max(1, len(images) // 16))])
 
 
@@ -220,8 +223,8 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
     d, judged = model.latent_dim, min(VALIDATION_IMAGES, len(images) // 2)
     held, calibration = images[:judged], images[judged:]
     build_int8_graphs(model, folder, calibration)
-    decoder, decoder8 = session(folder / "decoder.onnx"), session(folder / "decoder.int8.onnx")
-    encoder, encoder8 = session(folder / "encoder.onnx"), session(folder / "encoder.int8.onnx")
+    decoder, decoder8 = session(folder / DECODER), session(folder / DECODER8)
+    encoder, encoder8 = session(folder / ENCODER), session(folder / ENCODER8)
 
     x = np.ascontiguousarray(held[np.arange(64) % len(held)], dtype=np.float32)
     (mu, logvar), (mu8, logvar8) = encoder.run(["mu", "logvar"], {"x": x}), encoder8.run(["mu", "logvar"], {"x": x})
@@ -247,11 +250,11 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
                              f"encoder; validated on the first {len(held)} (images from {source}, in that order)",
               "decoder_rewrite": "ConvTranspose2d(4, 2, 1) -> Conv2d(3x3) + channels-last phase interleave "
                                  "(exact in float32)"}
-    for name, key in (("decoder.int8.onnx", "decoder"), ("encoder.int8.onnx", "encoder")):
+    for name, key in ((DECODER8, "decoder"), (ENCODER8, "encoder")):
         errors = report[key]
         errors["passed"] = _verdict(errors)
         if errors["passed"] is None:
-            for graph in ("decoder.int8.onnx", "encoder.int8.onnx"):
+            for graph in (DECODER8, ENCODER8):
                 (folder / graph).unlink(missing_ok=True)
             raise ExportError(f"{name}: differs from the float32 graph by mean {errors['mean_abs'] * 255:.2f}/255, "
                               f"max {errors['max_abs'] * 255:.1f}/255, and reconstructs held-out images with "

@@ -18,13 +18,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from vae_runtime.atomic import atomic_write_json, atomic_write_text
+from vae_runtime.atomic import atomic_write_text
 from vae_runtime.errors import BadInput, ConfigError, TrainingError
 from pipeline.manifest import require_image_size
 from vae.core import checkpoint as ckpt
 from vae.core import hardware
 from vae.core.config import Config, config_hash, config_to_dict
+from vae.core.keys import flat
+from vae.core.run import Run
 from vae.models import build_model
+from vae.training import trackers
 from vae.training.ema import EMA
 from vae.training.progress import Progress
 
@@ -37,24 +40,17 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+def make_accelerator(cfg: Config, run_dir: Path, tracker_names: list[str]) -> Accelerator:
     on_gpu = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not on_gpu:
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; on CPU use bf16 or no")
     if cfg.train.mixed_precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("config key 'train.mixed_precision': this GPU has no bf16; use fp16")
-    log_with = None
-    if cfg.train.tensorboard:
-        try:
-            import tensorboard  # noqa: F401  (Accelerate's tracker needs it)
-
-            log_with = "tensorboard"
-        except ImportError:
-            print("tensorboard is not installed: logging to train_log.jsonl only", file=sys.stderr)
     # fp16 gets Accelerate's GradScaler; parameters stay float32 under autocast in every mode.
     # A lost machine ends every collective after collective_timeout_s instead of the backend's default minutes.
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with,
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=cfg.train.mixed_precision,
+                              log_with=tracker_names or None,
                               project_dir=str(run_dir), kwargs_handlers=[timeout])
     if accelerator.is_main_process:
         warn_slow_bf16(cfg.train.mixed_precision, on_gpu)
@@ -103,6 +99,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     preprocessing: dict | None = None  # the shards' (recorded in checkpoints: a resume must use shards made alike)
     overflows_in_a_row: int = 0  # fp16 steps the loss scaler skipped, in a row
+    trackers: list[str] = field(default_factory=list)  # the experiment trackers it logs to (`trackers.py`)
 
     @property
     def main(self) -> bool:
@@ -132,22 +129,24 @@ def setup(cfg: Config) -> TrainState:
     """Checks, then the model, optimizer, scheduler and EMA: fresh, warm-started or resumed from the run's latest
     checkpoint; prepared with Accelerate (the data loaders never are: they are already split by rank)."""
     run_dir = Path(cfg.run_dir)
-    accelerator = make_accelerator(cfg, run_dir)
+    tracker_names = trackers.resolve(cfg.train.trackers, cfg.train.tensorboard)  # one line if one is missing
+    accelerator = make_accelerator(cfg, run_dir, tracker_names)
     manifest = require_image_size(cfg.data.shards, cfg.model.image_size)
     preprocessing = manifest.get("preprocessing")
     note = overlap_note(cfg.data.shards, manifest, accelerator.num_processes)
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr)
-    resume = agreed_checkpoint(accelerator, run_dir)
-    saved = ckpt.load_checkpoint(resume) if resume is not None else None
+    step = agreed_step(accelerator, run_dir)
+    run = Run(run_dir, step)
+    resume, saved = (run.checkpoint, run.state) if step is not None else (None, None)
     if saved is not None:
         ckpt.check_resume(resume, saved, cfg)
         ckpt.check_resume_shards(resume, saved, cfg, preprocessing)
     warm = ckpt.warm_start_weights(cfg) if saved is None else None
     if accelerator.is_local_main_process:  # every machine keeps its own run folder
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_torn_writes(run_dir)
-        atomic_write_json(run_dir / "config.json", {"config": config_to_dict(cfg), "config_hash": config_hash(cfg)})
+        run.remove_torn_writes()
+        run.write_config(cfg)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
@@ -180,27 +179,25 @@ def setup(cfg: Config) -> TrainState:
     raw_model = accelerator.unwrap_model(model)
     forward = torch.compile(model) if cfg.train.compile else model
     if accelerator.is_main_process:
-        accelerator.init_trackers("train")
+        accelerator.init_trackers("train", config=trackers.parameters(flat(config_to_dict(cfg)), config_hash(cfg)),
+                                  init_kwargs=trackers.init_kwargs(tracker_names, run_dir))
     return TrainState(cfg, run_dir, accelerator, model, raw_model, forward, optimizer, scheduler, ema, progress,
-                      preprocessing=preprocessing)
+                      preprocessing=preprocessing, trackers=tracker_names)
 
 
-def agreed_checkpoint(accelerator: Accelerator, run_dir: Path) -> Path | None:
-    """The checkpoint every machine resumes from: the newest step that all of them hold (each machine keeps its
-    own run folder, and a machine lost mid-write may be a checkpoint behind). None: a fresh start everywhere."""
+def agreed_step(accelerator: Accelerator, run_dir: Path) -> int | None:
+    """The checkpoint step every machine resumes from: the newest step that all of them hold (each machine keeps
+    its own run folder, and a machine lost mid-write may be a checkpoint behind). None: a fresh start everywhere."""
     latest = ckpt.latest_checkpoint(run_dir)
-    if accelerator.num_processes == 1:
-        return latest
     here = ckpt.checkpoint_step(latest) if latest is not None else 0
+    if accelerator.num_processes == 1:
+        return here or None
     steps = accelerator.gather(torch.tensor([here], device=accelerator.device)).tolist()
     agreed = min(steps)
-    if agreed == 0:
-        return None
-    path = ckpt.checkpoint_dir(run_dir) / ckpt.checkpoint_name(agreed)
-    if not path.is_file():
+    if agreed and not (ckpt.checkpoint_dir(run_dir) / ckpt.checkpoint_name(agreed)).is_file():
         raise BadInput(f"run {run_dir}: the machines' newest common checkpoint is step {agreed} (they hold "
                        f"{sorted(set(steps))}), and this machine no longer has it; restore it or start a new run_dir")
-    return path
+    return agreed or None
 
 
 def save_checkpoint(state: TrainState) -> None:

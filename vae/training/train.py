@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common import folder_lock
 from vae_runtime.atomic import atomic_write_json, atomic_write_text
-from vae_runtime.errors import BadInput, VaeError
+from vae_runtime.errors import BadInput, VaeError, one_line
 from vae_runtime.grid import label, make_grid, write_png
 from vae_runtime.limits import read_file
 from pipeline.loader import train_loader
@@ -35,6 +35,7 @@ from vae.core.config import Config, config_from_dict, load_config
 from vae.models import build_model
 from vae.core.objectives import image_dims, to_unit
 from vae.training.state import TrainState, save_checkpoint, setup
+from vae.training import trackers
 from vae.training.steps import StepResult, Window, micro_batch_draws, train_step
 
 OUT_OF_TIME, PREEMPTED = 1.0, 2.0
@@ -153,13 +154,8 @@ def write_grids_if_due(state: TrainState, images: torch.Tensor | None) -> None:
     every = cfg.train.grids_every or cfg.train.checkpoint_every
     if state.main and (done % every == 0 or done == cfg.train.steps):
         grids = write_training_grids(state.run_dir, cfg, state.ema, images, done)
-        if cfg.train.tensorboard:
-            try:
-                tracker = state.accelerator.get_tracker("tensorboard")
-            except ValueError:  # tensorboard is not installed: the PNGs are the record
-                return
-            tracker.log_images({f"grids/{name}": grid[None] for name, grid in grids.items()}, step=done,
-                               dataformats="NHWC")
+        files = {name: state.run_dir / "grids" / f"step-{done:08d}-{name}.png" for name in grids}
+        trackers.log_grids(state.accelerator, state.trackers, grids, files, done)
 
 
 @torch.no_grad()
@@ -260,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as err:  # a lost peer: gloo and NCCL raise RuntimeError subclasses
         if not lost_peer(err):
             raise
-        first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])[:160]
+        first = re.sub(r"^(\w+: )\[[^\]]*\]\s*", r"\1", one_line(err))[:160]  # without gloo's [file:line]
         print(f"vae: failed: rank {rank} lost contact with the other processes ({first}); every machine keeps its "
               f"last checkpoint in {cfg.run_dir}: start all of them again to resume", file=sys.stderr, flush=True)
         os._exit(1)
