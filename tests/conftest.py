@@ -73,6 +73,17 @@ def load_bench(name: str):
     return module
 
 
+def seeded_model(overrides: list[str], seed: int = 0, *extra: str):
+    """A model built from config overrides (plus `extra`) after torch.manual_seed(seed): the same weights each time."""
+    import torch
+
+    from vae.core.config import load_config
+    from vae.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(load_config(None, [*overrides, *extra]).model)
+
+
 def random_images(n: int, side: int = 16, seed: int = 0):
     """n random 8-bit RGB images [n, 3, side, side] (float values in 0..255), from a seeded generator."""
     import torch

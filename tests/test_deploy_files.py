@@ -42,36 +42,36 @@ def prefect_yaml() -> dict:
     return raw
 
 
-def test_prefect_yaml_deployments_reference_an_entrypoint_that_imports(prefect_yaml):
+def flow_of(deployment: dict):
+    """The flow a deployment's entrypoint names, loaded from the repository root as a worker loads it; every
+    parameter the deployment gives must be one the flow takes."""
     from prefect.flows import load_flow_from_entrypoint
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    finally:
+        os.chdir(cwd)
+    inspect.signature(flow.fn).bind(**deployment["parameters"])
+    return flow
+
+
+def test_prefect_yaml_deployments_reference_an_entrypoint_that_imports(prefect_yaml):
+    from vae.core.config import load_config
 
     deployments = {d["name"]: d for d in prefect_yaml["deployments"]}
     assert set(deployments) == {"celeba-64", "demo", "watch-celeba"}
     watch = deployments.pop("watch-celeba")
     for deployment in deployments.values():
-        cwd = os.getcwd()
-        os.chdir(REPO)
-        try:
-            flow = load_flow_from_entrypoint(deployment["entrypoint"])
-        finally:
-            os.chdir(cwd)
-        assert flow.name == "train-vae"
-        inspect.signature(flow.fn).bind(**deployment["parameters"])  # every parameter is one the flow takes
-        from vae.core.config import load_config
-
+        assert flow_of(deployment).name == "train-vae"
         load_config(REPO / deployment["parameters"]["config"])  # the recipe exists and is valid
         assert deployment["work_pool"]["name"] == "local"
     assert deployments["demo"]["parameters"]["synthesize_n"] > 0  # runs on a fresh machine
     assert deployments["demo"]["parameters"]["config"] == "configs/demo.yaml"
     assert deployments["celeba-64"]["parameters"]["config"] == "configs/celeba64.yaml"
     # the trigger watches what celeba-64 shards, and starts celeba-64
-    os.chdir(REPO)
-    try:
-        flow = load_flow_from_entrypoint(watch["entrypoint"])
-    finally:
-        os.chdir(cwd)
-    assert flow.name == "watch-source"
-    inspect.signature(flow.fn).bind(**watch["parameters"])
+    assert flow_of(watch).name == "watch-source"
     assert watch["parameters"]["deployment"] == "train-vae/celeba-64"
     assert {k: watch["parameters"][k] for k in ("source", "shards")} == \
         {k: deployments["celeba-64"]["parameters"][k] for k in ("source", "shards")}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vae_runtime.errors import ConfigError
-from conftest import perturbed, random_images, tiny_config
+from conftest import perturbed, random_images, seeded_model, tiny_config
 from pipeline.loader import eval_loader
 from vae.core.checkpoint import list_checkpoints, load_checkpoint, load_trained
 from vae.core.config import load_config
@@ -27,8 +27,7 @@ SMALL = ["model.image_size=16", "model.channels=[8,16]", *HIER]
 
 
 def _model(seed=0, *extra):
-    torch.manual_seed(seed)
-    return build_model(load_config(None, [*SMALL, *extra]).model)
+    return seeded_model(SMALL, seed, *extra)
 
 
 def _images(n, seed=0):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vae_runtime.errors import ConfigError
-from conftest import REPO, perturbed, random_images, tiny_config
+from conftest import REPO, perturbed, random_images, seeded_model, tiny_config
 from vae.core.checkpoint import config_json, list_checkpoints, load_checkpoint, load_trained, resume_differences
 from vae.core.config import ModelConfig, config_hash, load_config
 from vae.models import build_model
@@ -30,8 +30,7 @@ SIZES = [32, 32, 128, 128, 128]
 
 
 def _model(seed=0, *extra):
-    torch.manual_seed(seed)
-    return build_model(load_config(None, [*SMALL, *extra]).model)
+    return seeded_model(SMALL, seed, *extra)
 
 
 def _images(n, seed=0):
