@@ -69,7 +69,7 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
     started = time.time()
     train(cfg, progress=False)
     seconds = time.time() - started
-    from vae.core.checkpoint import latest_checkpoint
+    from vae.core.run import latest_checkpoint
 
     done = int(latest_checkpoint(tmp / label).stem.split("-")[1])  # steps reached within the budget
     valid = evaluate(tmp / label, split="valid", k=k, temperatures=temperatures)

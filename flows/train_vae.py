@@ -6,26 +6,40 @@ task resumes from the run's last checkpoint because the run folder is fixed befo
 Runs without a server (Prefect starts a temporary one) or as a deployment of `prefect.yaml`
 (`train-vae/celeba-64`, `train-vae/demo`); with `synthesize_n > 0` a missing source folder is first filled with
 a synthetic CelebA-layout set, so the demo deployment works on a fresh machine.
+torch, onnx, onnxruntime and torchvision are imported inside the tasks that use them: `prefect deploy` and
+the worker load this module to find the flow and need none of them for that.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from prefect.runtime import flow_run
 
+from vae_runtime import storage
+from vae_runtime.digest import sha256_file
 from vae_runtime.errors import BadInput, one_line
 from vae_runtime.limits import read_file
 from vae_runtime.vocabulary import precision_names
-from pipeline.preprocess import DEFAULT_CROP
+from pipeline.manifest import load_manifest
+from vae_runtime.schemas import DEFAULT_CROP
+from pipeline.shard import changed_note, shard
+from pipeline.synth import IN_PROGRESS, synthesize
 from vae.core.config import MAX_K, config_hash, load_config
 from vae.core.run import Run
 from vae_runtime import registry as reg
@@ -56,8 +70,6 @@ METRIC_ROWS = ("n_images", "elbo_nats", "recon_nats", "kl_nats", "iwae_nats", "i
 @task
 def synthesize_source(source: str, n: int, seed: int = 0) -> dict:
     """Write a synthetic CelebA-layout data set of `n` images into `source` (the demo's data)."""
-    from pipeline.synth import synthesize
-
     summary = synthesize(source, n, seed=seed)
     get_run_logger().info("synthesized %d images into %s (splits %s)", summary["n"], source, summary["splits"])
     return summary
@@ -68,8 +80,6 @@ def shard_data(source: str, shards: str, size: int, crop: int = DEFAULT_CROP, wo
                lock_wait_s: float = LOCK_WAIT_S) -> dict:
     """Shard the source (no work when the manifest is current; new images land in new shards); waits up to
     `lock_wait_s` for another run sharding into the same folder."""
-    from pipeline.shard import changed_note, shard
-
     summary = shard(source, shards, crop=crop, size=size, workers=workers, progress=False, wait_s=lock_wait_s)
     get_run_logger().info(
         "shards %s: %s; written %d, skipped %d, counts %s", shards,
@@ -139,7 +149,6 @@ def samples_as_asked(metrics: dict, inception_weights: str | None) -> bool:
     inception = (samples.get("features") or {}).get("inception")
     if not inception_weights:
         return inception is None
-    from vae_runtime.digest import sha256_file
 
     try:
         return isinstance(inception, dict) and inception.get("sha256") == sha256_file(inception_weights)
@@ -163,7 +172,6 @@ def export_model(run_dir: str, version: str, precisions: list[str] | None = None
 def validate_model(export_dir: str, seed: int = 0) -> str:
     """Load the exported folder with the torch-free runtime (graphs checked against model.json's sha256), decode
     a seeded grid and check the images are sane; returns the export's own sample grid."""
-    import numpy as np
 
     from vae_runtime import Decoder
 
@@ -178,10 +186,6 @@ def reevaluate_champion(champion: dict, challenger: dict, runs: str, inception_w
     has sample figures) the same temperatures, image count and Inception weights, from the champion's run folder
     (kept under `runs`: its checkpoint is what was exported); cached in that run as
     `eval-<fingerprint>-k<K>[-s<sample measure>]/`, reused only when it measured the same way."""
-    import hashlib
-    import json
-    import re
-
     from vae.evaluation.evaluate import evaluate
 
     run = Path(champion.get("run") or Path(runs) / champion["version"])
@@ -217,8 +221,6 @@ def promote_model(registry: str, version: str, run_dir: str, export_dir: str, me
     test set and K and its primary sample figure is not worse beyond `sample_tolerance` standard errors
     (re-evaluating the champion first when it was measured on other images, at another K, or its samples another
     way: with `inception_weights` as the challenger's were)."""
-    import json
-
     export = Path(export_dir)
     card = json.loads(read_file(export / "model.json", "json"))
     if card["weights_sha256"] != metrics["weights_sha256"]:
@@ -333,7 +335,6 @@ def embeddable_picture(path: Path, limit: int = MAX_EMBEDDED_PICTURE) -> tuple[s
     else JPEG at decreasing quality, then at decreasing widths (never below MIN_PICTURE_WIDTH, or the picture's
     own width if that is less); the result is decoded back once to check it is a whole picture. None when the
     file is not a picture or nothing fits."""
-    from PIL import Image
 
     try:
         with Image.open(path) as opened:
@@ -365,7 +366,6 @@ def _jpeg_within(picture, limit: int) -> bytes | None:
     """The RGB Pillow `picture` as JPEG in at most `limit` bytes: each quality of JPEG_QUALITIES at the full width,
     then at widths shrinking by a fifth down to MIN_PICTURE_WIDTH (or the picture's width, if less), then lower
     qualities at that width; None when nothing fits."""
-    from PIL import Image
 
     width, height = picture.size
     smallest, widths = min(width, MIN_PICTURE_WIDTH), [width]
@@ -457,8 +457,6 @@ def champion_event_id(registry: str, version: str) -> uuid.UUID:
 
 def announce_champion(registry: str, version: str, metrics: dict, outcome: dict) -> None:
     """The Prefect event `vae.champion.promoted`, for automations and apps that react to a new champion."""
-    from prefect.events import emit_event
-
     previous = outcome["previous"]
     if previous and previous.get("version") == version:  # a retry: the champion before it is not known here
         previous = None
@@ -518,8 +516,6 @@ def check_inception_weights(path: str, where: str) -> None:
 def check_registry(registry: str) -> None:
     """The registry can take versions and promotions here: a scheme with conditional writes, its fsspec backend
     installed, a local folder that can be written (else the run would fail after training)."""
-    from vae_runtime import storage
-
     try:
         champion_store(registry)  # schemes without conditional writes are refused here
     except (reg.RegistryError, ImportError, ValueError) as err:
@@ -544,8 +540,6 @@ def check_registry(registry: str) -> None:
 def needs_synthesis(source: str, synthesize_n: int) -> bool:
     """Whether to write a synthetic set at `source`: asked for, and the source is a local folder that is missing,
     empty, or a synthetic set cut short (its in-progress mark); never a folder of real images, a zip or a URL."""
-    from pipeline.synth import IN_PROGRESS
-
     if synthesize_n <= 0 or "://" in source:
         return False
     folder = Path(source)
@@ -555,7 +549,6 @@ def needs_synthesis(source: str, synthesize_n: int) -> bool:
 def check_shards(shards: str, precisions: list[str] | None) -> None:
     """After sharding, before training: the test split the flow evaluates and promotes on holds images, and
     int8 graphs have enough images to calibrate and validate."""
-    from pipeline.manifest import load_manifest
     from vae.serving.quantize import MIN_IMAGES
 
     splits = load_manifest(shards)["splits"]
@@ -580,8 +573,6 @@ def warm_start_overrides(registry: str, runs: str) -> list[str]:
 
 def _flow_run_identity() -> tuple:
     """(start time, id) of the current flow run: stable across retries of the run."""
-    from prefect.runtime import flow_run
-
     run_id = flow_run.get_id()
     started = flow_run.get_scheduled_start_time() if run_id else None
     return started, run_id

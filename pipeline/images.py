@@ -3,7 +3,7 @@ uint8 batches with their keys, which `vae encode` and `vae score` both take.
 
 The images are listed by `pipeline.sources` (keys are file stems; duplicate keys and names a CelebA partition
 leaves out are skipped with the listing's reasons), each is read under the `image` size cap and preprocessed by
-`pipeline.preprocess`, as `vae data shard` does. An image that cannot be used is recorded as `{"key", "reason"}`
+`vae_runtime.preprocess`, as `vae data shard` does. An image that cannot be used is recorded as `{"key", "reason"}`
 and left out; the rest go on.
 """
 
@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.preprocess import SkipImage, preprocess
+from vae_runtime.preprocess import SkipImage, preprocess
 from pipeline.sources import Entry, open_source, read_image
 
 

@@ -39,7 +39,7 @@ from common.orphans import end_with_parent
 from pipeline.manifest import (LAST_SHARD, MANIFEST, PIXEL_FORMAT, SPLITS, empty_manifest, read_manifest,
                               shard_name, write_manifest)
 from pipeline.images import read_pixels
-from pipeline.preprocess import DEFAULT_CROP
+from vae_runtime.schemas import DEFAULT_CROP
 from pipeline.records import sample_members
 from pipeline.sources import LISTING_REASONS, Entry, Listing, Source, open_source
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from vae_runtime import limits, storage
 from vae_runtime.errors import BadInput, one_line
 from pipeline.manifest import SPLITS
-from pipeline.preprocess import IMAGE_SUFFIXES, SkipImage
+from vae_runtime.preprocess import IMAGE_SUFFIXES, SkipImage
 
 SPLIT_CODES = {"0": "train", "1": "valid", "2": "test"}
 PARTITION_FILE = "list_eval_partition.txt"

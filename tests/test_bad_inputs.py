@@ -327,7 +327,8 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, tiny_shards, trained_run, c
 
 
 def test_resume_accepts_the_keys_that_may_change_and_defaults_of_new_keys(tmp_path, tiny_shards, trained_run):
-    from vae.core.checkpoint import latest_checkpoint, load_checkpoint, resume_differences
+    from vae.core.checkpoint import load_checkpoint, resume_differences
+    from vae.core.run import latest_checkpoint
     from vae.core.config import load_config
 
     state = load_checkpoint(latest_checkpoint(trained_run))

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from conftest import TINY
-from vae.core.checkpoint import list_checkpoints, load_checkpoint
+from vae.core.checkpoint import load_checkpoint
+from vae.core.run import list_checkpoints
 from vae.cli import main
 
 pytestmark = pytest.mark.slow

@@ -129,7 +129,8 @@ def test_a_diverged_run_fails_in_one_line_rather_than_measuring_nan(trained_run,
 
     import torch
 
-    from vae.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from vae.core.checkpoint import load_checkpoint, save_checkpoint
+    from vae.core.run import latest_checkpoint
     from vae.cli import main
 
     run = tmp_path / "diverged"
@@ -153,7 +154,8 @@ def test_launched_ranks_read_the_checkpoint_checked_before_the_launch(trained_ru
 
     from vae.cli import eval as eval_command
     from vae.cli import main
-    from vae.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, weights_digest
+    from vae.core.checkpoint import load_checkpoint, save_checkpoint, weights_digest
+    from vae.core.run import latest_checkpoint
     from vae.core.run import Run
     from vae.evaluation import evaluate as evaluate_module
 

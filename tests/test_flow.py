@@ -82,7 +82,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_harness, synth_sou
     retry resumes from that checkpoint instead of starting over."""
     from conftest import TINY
     from flows import train_vae as tv
-    from vae.core.checkpoint import latest_checkpoint
+    from vae.core.run import latest_checkpoint
 
     real_stream, attempts, killed_at = tv._stream, [], []
 

@@ -140,7 +140,8 @@ def test_two_vae_train_on_one_run_folder_never_mix_and_wait_runs_after(tiny_shar
     assert waiting.returncode == 0, err
     assert "resuming" in err and "step-00000020.pt" in err  # it ran after the first, from its checkpoint
 
-    from vae.core.checkpoint import list_checkpoints, load_checkpoint
+    from vae.core.checkpoint import load_checkpoint
+    from vae.core.run import list_checkpoints
 
     lrs = {json.loads(load_checkpoint(p)["config"])["train"]["lr"] for p in list_checkpoints(run)}
     assert lrs == {0.002} and [p.name for p in list_checkpoints(run)][-1] == "step-00000030.pt"

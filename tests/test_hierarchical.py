@@ -11,7 +11,8 @@ import torch
 from vae_runtime.errors import ConfigError
 from conftest import perturbed, random_images, seeded_model, tiny_config
 from pipeline.loader import eval_loader
-from vae.core.checkpoint import list_checkpoints, load_checkpoint, load_trained
+from vae.core.checkpoint import load_checkpoint, load_trained
+from vae.core.run import list_checkpoints
 from vae.core.config import load_config
 from vae.evaluation.evaluate import evaluate
 from vae.models import build_model

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vae_runtime.errors import BadInput
 from pipeline.images import image_batches
-from pipeline.preprocess import preprocess
+from vae_runtime.preprocess import preprocess
 
 CROP, SIZE = 40, 16
 

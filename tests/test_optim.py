@@ -13,6 +13,7 @@ import torch
 from vae_runtime.errors import ConfigError
 from conftest import tensors_of, tiny_config
 from vae.core import checkpoint as ckpt
+from vae.core.run import latest_checkpoint
 from vae.core.config import config_hash, load_config
 from vae.models import build_model
 from vae.core.objectives import image_dims
@@ -41,11 +42,11 @@ def _resumed_equals_whole(tmp_path, shards, monkeypatch, *args, steps=6, every=4
                       if state.progress.step == stop_at else 0.0)
         with pytest.raises(train_module.Preempted):
             train(tiny_config(resumed, shards, *common), progress=False)
-    stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(resumed))
+    stopped = ckpt.load_checkpoint(latest_checkpoint(resumed))
     assert stopped["step"] == stop_at and stopped["stream_start"] == 0  # the resume replays the stream
     train(tiny_config(resumed, shards, *common), progress=False)
-    whole = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "whole"))
-    _assert_same_run(whole, ckpt.load_checkpoint(ckpt.latest_checkpoint(resumed)))
+    whole = ckpt.load_checkpoint(latest_checkpoint(tmp_path / "whole"))
+    _assert_same_run(whole, ckpt.load_checkpoint(latest_checkpoint(resumed)))
     assert whole["step"] == steps
     return whole
 
@@ -123,7 +124,7 @@ def test_a_tiny_skip_threshold_skips_every_update_and_counts_them_apart(tiny_sha
     run = tmp_path / "run"
     cfg = tiny_config(run, tiny_shards, *QUIET, "train.steps=6", "train.log_every=3", "train.skip_threshold=1e-9")
     train(cfg, progress=False)
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    state = ckpt.load_checkpoint(latest_checkpoint(run))
     assert all(torch.equal(v, state["model"][k]) for k, v in _initial_weights(cfg).items())
     assert state["skipped_outliers"] == 6 and state["skipped"] == 0 and state["step"] == 6
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -161,11 +162,11 @@ def test_a_checkpoint_from_before_the_outlier_counter_resumes_with_it_at_zero(ti
     run = tmp_path / "run"
     args = (*QUIET, "train.checkpoint_every=2")
     train(tiny_config(run, tiny_shards, *args, "train.steps=2"), progress=False)
-    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    saved = ckpt.load_checkpoint(latest_checkpoint(run))
     del saved["skipped_outliers"]
     ckpt.save_checkpoint(run, 2, saved, keep=3)
     train(tiny_config(run, tiny_shards, *args, "train.steps=4"), progress=False)
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["skipped_outliers"] == 0
+    assert ckpt.load_checkpoint(latest_checkpoint(run))["skipped_outliers"] == 0
 
 
 # --- horizontal flips -------------------------------------------------------------------------------------------
@@ -203,10 +204,10 @@ def test_flips_are_deterministic_for_a_seed(tiny_shards, tmp_path):
     states = []
     for name in ("a", "b"):
         train(tiny_config(tmp_path / name, tiny_shards, *args), progress=False)
-        states.append(ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / name)))
+        states.append(ckpt.load_checkpoint(latest_checkpoint(tmp_path / name)))
     _assert_same_run(*states)
     train(tiny_config(tmp_path / "plain", tiny_shards, *QUIET, "train.steps=3"), progress=False)
-    plain = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "plain"))["model"]
+    plain = ckpt.load_checkpoint(latest_checkpoint(tmp_path / "plain"))["model"]
     assert any(not torch.equal(v, plain[k]) for k, v in states[0]["model"].items())  # the flips changed training
 
 
@@ -225,7 +226,7 @@ def test_evaluation_never_flips(tiny_shards, tmp_path):
     flipped = tmp_path / "flipped"
     train(tiny_config(flipped, tiny_shards, *QUIET, "train.steps=2", "data.flip=true"), progress=False)
     plain = tmp_path / "plain"
-    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(flipped))
+    saved = ckpt.load_checkpoint(latest_checkpoint(flipped))
     config = json.loads(saved["config"])
     assert config["data"]["flip"] is True
     config["data"]["flip"] = False

@@ -42,7 +42,8 @@ def _sigterm_after_first_log(cmd: list[str], run: Path, timeout: float = 120) ->
 
 
 def _state(run: Path) -> dict:
-    from vae.core.checkpoint import latest_checkpoint, load_checkpoint
+    from vae.core.checkpoint import load_checkpoint
+    from vae.core.run import latest_checkpoint
 
     return load_checkpoint(latest_checkpoint(run))
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO
 from exported_model import exported_once
-from pipeline.preprocess import preprocess
+from vae_runtime.preprocess import preprocess
 from vae.cli import main
 from vae.serving import promotion, versions
 from vae_runtime import Champion, Decoder, Encoder, RuntimeModelError

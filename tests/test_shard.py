@@ -13,7 +13,7 @@ from PIL import Image
 
 from vae_runtime.errors import BadInput
 from common.folder_lock import LOCK_NAME
-from pipeline.preprocess import preprocess
+from vae_runtime.preprocess import preprocess
 from pipeline.records import iter_samples
 from pipeline.shard import shard
 from pipeline.sources import hash_split

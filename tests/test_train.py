@@ -12,7 +12,8 @@ import torch
 from vae_runtime.errors import ConfigError, TrainingError
 from conftest import tensors_of, tiny_config
 from pipeline.loader import eval_loader
-from vae.core.checkpoint import list_checkpoints, load_checkpoint, load_trained
+from vae.core.checkpoint import load_checkpoint, load_trained
+from vae.core.run import list_checkpoints
 from vae.models import build_model
 from vae.core.objectives import elbo_terms
 from vae.training.steps import train_step
@@ -371,10 +372,10 @@ def test_checkpoint_rotation_keeps_the_one_just_written(tmp_path):
 
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
     ckpt.save_checkpoint(tmp_path, 10, {"step": 10}, keep=1)
     ckpt.save_checkpoint(tmp_path, 9, {"step": 9}, keep=1)  # resumed from 8 elsewhere, stopped at 9
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000009.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000009.pt"]
 
 
 def test_a_torn_log_of_a_run_killed_before_its_first_checkpoint_is_trimmed_on_restart(tiny_shards, tmp_path):

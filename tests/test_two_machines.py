@@ -18,7 +18,7 @@ import pytest
 
 from common.net import free_port
 from conftest import REPO, TINY
-from vae.core.checkpoint import latest_checkpoint
+from vae.core.run import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import torch
 
 from vae_runtime.errors import ConfigError
 from conftest import REPO, perturbed, random_images, seeded_model, tiny_config
-from vae.core.checkpoint import config_json, list_checkpoints, load_checkpoint, load_trained, resume_differences
+from vae.core.checkpoint import config_json, load_checkpoint, load_trained, resume_differences
+from vae.core.run import list_checkpoints
 from vae.core.config import ModelConfig, config_hash, load_config
 from vae.models import build_model
 from vae.models.blocks import Bottleneck

@@ -13,7 +13,8 @@ from conftest import REPO, TINY, tiny_config
 
 
 def test_the_first_step_starts_from_the_source_ema_weights(trained_run, tiny_shards, tmp_path):
-    from vae.core.checkpoint import latest_checkpoint, load_checkpoint
+    from vae.core.checkpoint import load_checkpoint
+    from vae.core.run import latest_checkpoint
     from vae.training.train import train
 
     source = load_checkpoint(latest_checkpoint(trained_run))["ema"]

@@ -1,6 +1,6 @@
 """Images as the models were trained on them: decode, convert to RGB, center crop, antialiased resize, to uint8
-[size, size, 3]. The one implementation: sharding (`pipeline.preprocess`) and `Encoder.encode_images` both call it,
-so an app's images reach the model with the bytes the shards hold.
+[size, size, 3]. The one implementation: sharding (`pipeline.shard`, `pipeline.images`) and
+`Encoder.encode_images` both call it, so an app's images reach the model with the bytes the shards hold.
 
 `preprocess(data, crop, size)` takes the bytes of an image file, `crop_resize(pixels, crop, size)` uint8 pixels
 [H, W, 3]; both raise `SkipImage` with a reason. Conversions where meaningful: grayscale, palette, CMYK and 16-bit
@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 
 from vae_runtime.errors import RuntimeModelError, one_line
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")  # what we decode
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs with a clear reason (Pillow's own default is lower)
 

@@ -17,7 +17,7 @@ def cmd_synth(args) -> int:
 
 def cmd_shard(args) -> int:
     # lazy: the shard writer brings WebDataset and torch, which `vae --help` and the torch-free commands never load
-    from pipeline.preprocess import DEFAULT_CROP
+    from vae_runtime.schemas import DEFAULT_CROP
     from pipeline.shard import changed_note, shard
 
     crop = DEFAULT_CROP if args.crop is None else args.crop

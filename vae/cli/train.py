@@ -13,6 +13,7 @@ from common import folder_lock
 from vae.cli.args import WAIT_HELP, positive, wait_seconds
 from vae.core.config import config_to_dict, load_config
 from vae.core.distributed import run_launched
+from vae.core.run import latest_checkpoint
 
 
 def cmd_train(args) -> int:
@@ -70,8 +71,6 @@ def _check_machines(args) -> None:
 def _preempted_ranks(run_dir: Path) -> int:
     """After a SIGTERM passed to the ranks: 143 when every rank recorded the step of the last checkpoint (they
     stopped together and resume from it), else 1."""
-    from vae.core.checkpoint import latest_checkpoint  # lazy: the checkpoint module imports torch
-
     latest = latest_checkpoint(run_dir)
     records = [json.loads(read_file(p, "json")) for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
     steps = {r["step"] for r in records}

@@ -24,9 +24,7 @@ from vae_runtime.atomic import atomic_write_bytes, atomic_write_text
 from vae_runtime.errors import BadInput, TrainingError, one_line
 from vae.core.config import Config, config_from_dict, config_to_dict
 from vae.core.keys import CHANGE_ON_RESUME, flat, names
-# a run folder's listing of its checkpoints is `vae.core.run`'s (torch-free); its names are used here and by callers
-from vae.core.run import (Run, checkpoint_dir, checkpoint_name, checkpoint_step, latest_checkpoint,  # noqa: F401
-                          list_checkpoints)
+from vae.core.run import Run, checkpoint_dir, checkpoint_name, checkpoint_step, list_checkpoints
 
 
 def digest_path(path: Path) -> Path:

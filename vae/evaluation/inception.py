@@ -36,7 +36,6 @@ from torchvision.models.inception import (
 )
 
 from vae_runtime.errors import BadInput, one_line
-from vae.evaluation.features import ENV_WEIGHTS, resolve_weights  # noqa: F401  (where the weights are named)
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 SHA256_PREFIX = "6726825d"  # torch.hub's rule: the file's sha256 must begin with the hex digits in its name

@@ -25,7 +25,7 @@ from vae.core import checkpoint as ckpt
 from vae.core import hardware
 from vae.core.config import Config, config_hash, config_to_dict
 from vae.core.keys import flat
-from vae.core.run import Run
+from vae.core.run import Run, checkpoint_dir, checkpoint_name, checkpoint_step, latest_checkpoint
 from vae.models import build_model
 from vae.training import trackers
 from vae.training.ema import EMA
@@ -188,13 +188,13 @@ def setup(cfg: Config) -> TrainState:
 def agreed_step(accelerator: Accelerator, run_dir: Path) -> int | None:
     """The checkpoint step every machine resumes from: the newest step that all of them hold (each machine keeps
     its own run folder, and a machine lost mid-write may be a checkpoint behind). None: a fresh start everywhere."""
-    latest = ckpt.latest_checkpoint(run_dir)
-    here = ckpt.checkpoint_step(latest) if latest is not None else 0
+    latest = latest_checkpoint(run_dir)
+    here = checkpoint_step(latest) if latest is not None else 0
     if accelerator.num_processes == 1:
         return here or None
     steps = accelerator.gather(torch.tensor([here], device=accelerator.device)).tolist()
     agreed = min(steps)
-    if agreed and not (ckpt.checkpoint_dir(run_dir) / ckpt.checkpoint_name(agreed)).is_file():
+    if agreed and not (checkpoint_dir(run_dir) / checkpoint_name(agreed)).is_file():
         raise BadInput(f"run {run_dir}: the machines' newest common checkpoint is step {agreed} (they hold "
                        f"{sorted(set(steps))}), and this machine no longer has it; restore it or start a new run_dir")
     return agreed or None
