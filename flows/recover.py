@@ -22,7 +22,7 @@ LEFT_BEHIND = ("PENDING", "RUNNING", "CANCELLING")
 async def mark_crashed(id_or_name: str) -> str:
     """Force the run (an id, or a name such as `crafty-otter`) into Crashed when it is left behind; returns what
     was done, in words."""
-    from prefect.client.orchestration import get_client
+    from prefect.client.orchestration import get_client  # lazy: the client starts Prefect's settings
     from prefect.states import Crashed
 
     async with get_client() as client:

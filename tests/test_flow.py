@@ -261,15 +261,15 @@ def test_a_retried_promotion_announces_the_champion_once_more_under_the_same_eve
         prefect_harness, trained_run, tmp_path_factory, tmp_path, monkeypatch):
     """A crash between the champion swap and its event once lost the event (the retry found the version already
     champion and said nothing); the retry now sends it again with the same id, which Prefect stores once."""
-    import prefect.events
     from prefect import flow
 
+    import flows.train_vae
     from exported_model import exported_once
     from flows.train_vae import champion_event_id, promote_model
 
     out, card = exported_once(trained_run, tmp_path_factory)
     sent = []
-    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: sent.append(event))
+    monkeypatch.setattr(flows.train_vae, "emit_event", lambda **event: sent.append(event))
     registry = str(tmp_path / "registry")
 
     @flow

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from vae_runtime.errors import BadInput
 from vae.evaluation import inception
+from vae.evaluation.features import ENV_WEIGHTS, resolve_weights
 from vae.evaluation.inception import (
-    ENV_WEIGHTS,
     INCEPTION_FILE,
     SHA256_PREFIX,
     TEST_ANY_HASH_ENV,
@@ -27,7 +27,6 @@ from vae.evaluation.inception import (
     build_fid_inception,
     check_weights,
     load_inception,
-    resolve_weights,
 )
 
 

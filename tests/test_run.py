@@ -15,7 +15,7 @@ from vae_runtime.schemas import DEFAULT_CROP
 from vae.core import checkpoint as ckpt
 from vae.core import keys
 from vae.core.config import Config, config_from_dict, config_hash, config_to_dict
-from vae.core.run import FORMAT_VERSION, Run
+from vae.core.run import FORMAT_VERSION, Run, latest_checkpoint
 
 
 def copied(trained_run, tmp_path, name: str = "run"):
@@ -27,7 +27,7 @@ def copied(trained_run, tmp_path, name: str = "run"):
 def rewritten(run, change, digest: bool = True) -> None:
     """The run's newest checkpoint changed by `change(state)`; `digest=False` writes it as older code did (no
     .sha256 beside it)."""
-    path = ckpt.latest_checkpoint(run)
+    path = latest_checkpoint(run)
     state = ckpt.load_checkpoint(path)
     change(state)
     if digest:
@@ -55,7 +55,7 @@ def test_a_run_reads_its_config_its_newest_checkpoint_and_its_format(trained_run
 
 def test_the_model_carries_the_checkpoints_ema_weights_and_the_raw_ones_on_request(trained_run):
     run = Run(trained_run)
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(trained_run))
+    state = ckpt.load_checkpoint(latest_checkpoint(trained_run))
     ema, raw = run.model().state_dict(), run.model(ema=False).state_dict()
     assert all(torch.equal(ema[name], state["ema"][name]) for name in state["ema"])
     assert all(torch.equal(raw[name], state["model"][name]) for name in state["model"])

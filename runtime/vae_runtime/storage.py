@@ -51,7 +51,7 @@ HTTP_CONNECT_S, HTTP_READ_S = 30, 120  # a server that stops answering fails rat
 
 def filesystem(location: str):
     """(fsspec file system, path inside it) of a URL; over HTTP with connect and read timeouts."""
-    from fsspec.core import url_to_fs
+    from fsspec.core import url_to_fs  # lazy: local paths never load fsspec
 
     if location.split("://", 1)[0].lower() in ("http", "https"):
         import aiohttp

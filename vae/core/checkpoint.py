@@ -171,7 +171,7 @@ def _digest_of(path: Path) -> str | None:
 
 def trained_model(state: dict, ema: bool = True):
     """The model of a loaded checkpoint (EMA weights by default), its config and its step, on the CPU."""
-    from vae.models import build_model
+    from vae.models import build_model  # lazy: the models import the config this module is read with
 
     cfg = config_of(state)
     model = build_model(cfg.model)

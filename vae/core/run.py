@@ -158,7 +158,7 @@ class Run:
         return int(self.state["step"])
 
     def _pick(self) -> tuple[Path, dict]:
-        from vae.core.checkpoint import load_checkpoint
+        from vae.core.checkpoint import load_checkpoint  # lazy: torch, and checkpoint imports this module
 
         if self._asked is not None:
             path = checkpoint_dir(self.path) / checkpoint_name(self._asked)

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for `accelerate launch -m vae.evaluation.evaluate --run RUN [...]` (`vae eval --num-processes N`)."""
     import argparse
 
-    import torch.distributed
+    import torch.distributed  # the launched entry point's own: the library path needs no process group
     from accelerate import Accelerator
 
     from vae.core.distributed import end_process_group

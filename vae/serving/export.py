@@ -62,7 +62,7 @@ def _session(path: Path, device: str = "cpu"):
 
     `device="cuda"` asks for onnxruntime's CUDA provider where it has one (onnxruntime-gpu); what actually
     runs is the session's first provider."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: only export's validation runs graphs
 
     from vae_runtime import providers_for, session_options
 
@@ -119,7 +119,7 @@ def validation_images(cfg, shards: str | None, n: int = 64,
     Held-out images first: the test split, topped up from valid, then train (the shared CelebA sample has no
     test partition). The shards must hold images of the model's size, preprocessed as the run's images were
     (`trained`: `Run.preprocessing`), which is what the card says and apps apply."""
-    from pipeline.loader import eval_loader
+    from pipeline.loader import eval_loader  # lazy: webdataset and torch's loader, only for validation images
     from pipeline.manifest import require_image_size
 
     given = shards or cfg.data.shards
@@ -214,7 +214,7 @@ def current_metrics(run: Run, shards: str, split: str) -> dict:
     if metrics is not None and metrics.get("weights_sha256") == digest:
         return metrics
     from pipeline.manifest import load_manifest
-    from vae.evaluation.evaluate import EmptySplit, evaluate, require_images
+    from vae.evaluation.evaluate import EmptySplit, evaluate, require_images  # lazy: only a run without metrics
 
     try:
         require_images(shards, split, load_manifest(shards))
@@ -314,7 +314,7 @@ def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:
     """`samples.png`: an 8x8 grid of prior samples decoded by the validated `decoder.onnx` through the runtime,
     exactly as an app would (noise from numpy's default_rng(seed))."""
     from vae_runtime.grid import make_grid, write_png
-    from vae_runtime import Decoder
+    from vae_runtime import Decoder  # lazy: onnxruntime, only for the samples picture
 
     images = Decoder(folder / graph_name("decoder")).sample(n, seed=seed)
     if not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):

@@ -99,7 +99,7 @@ def phase_decomposed(model: nn.Module) -> nn.Module:
 
 
 def _reader(name: str, arrays: list[np.ndarray]):
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader  # lazy: onnxruntime's quantizer, int8 exports only
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -174,7 +174,7 @@ def build_int8_graphs(model: nn.Module, folder: Path, images: np.ndarray) -> Non
     """Quantize: `decoder.int8.onnx` from the phase-decomposed decoder, calibrated on the codes of `images` and
     256 prior draws, and `encoder.int8.onnx` from `folder/encoder.onnx`, calibrated on `images` (no validation
     here: `write_int8` validates)."""
-    from vae.serving.graphs import DecoderGraph, export_onnx
+    from vae.serving.graphs import DecoderGraph, export_onnx  # lazy: graphs imports this module (a cycle)
 
     d = model.latent_dim
     with torch.no_grad():

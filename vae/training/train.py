@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def lost_peer(err: BaseException) -> bool:
     """Whether an error is the process group failing (a peer died, hung past the timeout, or the network broke)."""
-    import torch.distributed
+    import torch.distributed  # the launched entry point's own
 
     if isinstance(err, getattr(torch.distributed, "DistError", ())):
         return True
