@@ -98,14 +98,19 @@ class Run:
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.path)
 
-    @property
-    def config_record(self) -> dict | None:
-        """config.json (its fields' types checked: one line naming the file), or None where there is none."""
+    @staticmethod
+    def _record(path: Path, schema: dict, what: str) -> dict | None:
+        """A JSON record of the folder, its fields' types checked (one line naming the file), or None if absent."""
         try:
-            data = limits.read_file(self.config_path, "json")
+            data = limits.read_file(path, "json")
         except FileNotFoundError:
             return None
-        return schemas.load(data, schemas.RUN_CONFIG, str(self.config_path), "a run's config record")
+        return schemas.load(data, schema, str(path), what)
+
+    @property
+    def config_record(self) -> dict | None:
+        """config.json, or None where there is none."""
+        return self._record(self.config_path, schemas.RUN_CONFIG, "a run's config record")
 
     @property
     def format_version(self) -> int:
@@ -114,12 +119,8 @@ class Run:
 
     @property
     def metrics(self) -> dict | None:
-        """eval/metrics.json (its fields' types checked), or None where the run has not been evaluated."""
-        try:
-            data = limits.read_file(self.metrics_path, "json")
-        except FileNotFoundError:
-            return None
-        return schemas.load(data, schemas.METRICS, str(self.metrics_path), "a metrics record")
+        """eval/metrics.json, or None where the run has not been evaluated."""
+        return self._record(self.metrics_path, schemas.METRICS, "a metrics record")
 
     def write_config(self, cfg) -> Path:
         """config.json for a launch of the run with `cfg` (a `Config`), in this code's format."""
