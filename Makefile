@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test install system-deps clean serve serve-stop
+.PHONY: demo test install lock system-deps clean serve serve-stop
 
 # a failed creation (no python3-venv package: the interpreter is copied, pip is not) removes the half-made .venv,
 # so the next make, after the fix, creates it again instead of taking it for done
@@ -21,12 +21,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
-$(STAMP): pyproject.toml runtime/pyproject.toml | $(PY)
+# constraints-dev.txt pins every package the cpu and dev extras bring, so pip resolves without backtracking and
+# every test run gets the same set; `make lock` rewrites it from a working .venv after a dependency changes.
+LOCK := constraints-dev.txt
+$(STAMP): pyproject.toml runtime/pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ./runtime -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ./runtime -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lock: | $(PY)
+	{ sed -n '/^#/p' $(LOCK); $(PY) -m pip freeze --exclude-editable | grep -v '^-e'; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 
 demo: $(STAMP)
 	$(PY) -m flows.demo

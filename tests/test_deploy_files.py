@@ -315,3 +315,49 @@ def test_constraints_pin_every_dependency_at_or_above_its_floor():
     for pinned in torch_spec.split():
         req = Requirement(pinned)
         assert next(iter(req.specifier)).version in floors[req.name], (pinned, floors[req.name])
+
+
+def _pins(path):
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name.strip())] = Version(version.strip())
+    return pins
+
+
+def test_the_test_lock_pins_what_make_installs_and_agrees_with_the_image():
+    """`make install` installs with -c constraints-dev.txt (a full pin list: without it pip's resolver backtracks
+    through boto3 releases until it gives up). Every package the base, cpu and dev requirements name is pinned there
+    at a version its floors admit, and every pin it shares with the image's constraints.txt is the same version."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^LOCK := constraints-dev\.txt$", make, re.M)
+    assert '-m pip install --quiet -c $(LOCK) -e ./runtime -e ".[$(EXTRAS)]"' in make
+    assert re.search(r"^\$\(STAMP\):.*\$\(LOCK\)", make, re.M), "a changed lock reinstalls"
+    lock = _pins(REPO / "constraints-dev.txt")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = tomllib.loads((REPO / "runtime" / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for text in [*project["dependencies"], *runtime["dependencies"], *extras["cpu"], *extras["dev"]]:
+        req = Requirement(text)
+        if req.name == "vae-runtime":
+            continue
+        name = canonicalize_name(req.name)
+        assert name in lock, f"{name} is not pinned in constraints-dev.txt"
+        assert lock[name] in req.specifier, (name, lock[name], str(req.specifier))
+    image = _pins(REPO / "constraints.txt")
+    shared = set(image) & set(lock)
+    assert {"onnxruntime", "prefect", "accelerate", "numpy"} <= shared
+    assert {name: image[name] for name in shared} == {name: lock[name] for name in shared}
+    torch_spec = re.search(r"^TORCH_SPEC \?= (.+)$", make, re.M).group(1)
+    for pinned in torch_spec.split():
+        req = Requirement(pinned)
+        assert lock[canonicalize_name(req.name)] in req.specifier, pinned
