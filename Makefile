@@ -53,8 +53,9 @@ system-deps:
 	  else echo "make: $(SYSTEM_PACKAGES) missing and not root: the tests that need them will skip"; fi; \
 	fi
 
-# A local Prefect server (SQLite under PREFECT_HOME) on 127.0.0.1:$(PORT), the process pool `local`, the
-# deployments of prefect.yaml and a worker, in the background; PIDs in $(PREFECT_HOME)/serve.json.
+# A local Prefect stack on 127.0.0.1:$(PORT): `prefect server start --background` (SQLite under PREFECT_HOME), the
+# process pool `local`, the deployments of prefect.yaml and a worker in the background (flows/serve.py says what
+# it adds to Prefect's own commands); serve-stop stops the worker with its flow runs, then `prefect server stop`.
 PORT ?= 4200
 DEPLOYMENTS ?= demo,celeba-64
 serve: $(STAMP)

@@ -1,14 +1,22 @@
-"""A local Prefect stack for operations (`make serve`): a server on 127.0.0.1 (SQLite under PREFECT_HOME, or
-the database of PREFECT_SERVER_DATABASE_CONNECTION_URL, e.g. PostgreSQL), the process work pool, the
-deployments of `prefect.yaml`, and a worker.
+"""A local Prefect stack for operations (`make serve`), on Prefect's own commands:
+
+    prefect server start --background --host 127.0.0.1 --port PORT --analytics-off
+    prefect server status --wait --timeout 120
+    prefect work-pool create POOL --type process --overwrite
+    prefect --no-prompt deploy --name NAME --pool POOL          # each of prefect.yaml's deployments asked for
+    prefect worker start --pool POOL --type process             # in the background: the one part Prefect lacks
 
     python -m flows.serve start [--port 4200] [--pool local]    # `make serve`
     python -m flows.serve stop                                   # `make serve-stop`
     python -m flows.serve status
 
-Server and worker run in their own sessions (process groups), so one signal to the group stops each with its
-children; their PIDs go to `PREFECT_HOME/serve.json` as soon as they start, so `stop` finds them even after a
-failed start. The end-to-end test drives the same functions.
+The server keeps its own PID file (`PREFECT_HOME/server.pid`) and `prefect server stop` ends it. What stays here is
+what Prefect does not do: a worker in the background (Prefect's worker runs in the foreground only), started in a
+session of its own with its log in `PREFECT_HOME/worker.log` and its PID in `PREFECT_HOME/serve.json`, and stopped
+with the flow runs it started (they run in sessions of their own, so a signal to its group misses them); and a stop
+that waits until the server has exited (`prefect server stop` sends SIGTERM and returns). The server runs on SQLite
+under PREFECT_HOME, or on the database of PREFECT_SERVER_DATABASE_CONNECTION_URL (e.g. PostgreSQL). The end-to-end
+test drives the same functions.
 """
 
 from __future__ import annotations
@@ -18,14 +26,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.project_dir import ENV as PROJECT_DIR_ENV
 from vae_runtime.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +40,7 @@ DEFAULT_PORT = 4200
 DEFAULT_POOL = "local"
 DEPLOYMENTS = ("demo", "celeba-64")  # deployed by default
 KNOWN_DEPLOYMENTS = (*DEPLOYMENTS, "watch-celeba")  # watch-celeba: retrain when the source gains images
+SERVER_PID_FILE = "server.pid"  # Prefect's own (prefect.cli._server_utils)
 
 
 def default_home() -> Path:
@@ -69,12 +77,19 @@ class Stack:
     def pid_file(self) -> Path:
         return self.home / "serve.json"
 
+    def server_pid(self) -> int | None:
+        """The PID Prefect recorded for its background server, if any."""
+        try:
+            return int((self.home / SERVER_PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def env(self) -> dict[str, str]:
         """The environment of every Prefect client and process of this stack."""
         env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api_url,
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", ORT_DISABLE_TELEMETRY="1",
-                   PYTHONUNBUFFERED="1",
-                   PWD=str(REPO))  # `{{ $PWD }}` in prefect.yaml: Popen(cwd=...) does not update PWD itself
+                   PYTHONUNBUFFERED="1")
+        env[PROJECT_DIR_ENV] = str(REPO)  # the deployments' pull step runs flows from this checkout
         # Flow runs import this checkout's code (flows, vae, pipeline), whatever is installed.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         if self.database_url:
@@ -92,52 +107,6 @@ class Stack:
         atomic_write_json(self.pid_file, {"port": self.port, "pool": self.pool, "pids": pids})
 
 
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT leftovers are free
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def spawn(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
-    """Start `prefect ARGS` in a new session, output to `PREFECT_HOME/<name>.log`; the PID is recorded at once."""
-    stack.home.mkdir(parents=True, exist_ok=True)
-    with open(stack.home / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen([*prefect_cli(), *args], cwd=REPO, env=stack.env(), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    stack.procs[name] = proc
-    stack.record(name, proc.pid)
-    return proc
-
-
-def log_tail(stack: Stack, name: str, lines: int = 5) -> str:
-    try:
-        return "\n".join((stack.home / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def wait_healthy(stack: Stack, timeout: float = 120.0) -> float:
-    """Poll `/api/health` until the server answers; returns the seconds it took."""
-    started = time.time()
-    server = stack.procs.get("server")
-    while time.time() - started < timeout:
-        if server is not None and server.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {server.returncode}:\n{log_tail(stack, 'server')}")
-        try:
-            with urllib.request.urlopen(f"{stack.api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return time.time() - started
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"prefect server on {stack.api_url} not healthy after {timeout:.0f} s:\n"
-                       f"{log_tail(stack, 'server')}")
-
-
 def cli(stack: Stack, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
     """Run a `prefect` CLI command against the stack; raise with the output's tail when it fails."""
     done = subprocess.run([*prefect_cli(), *args], cwd=REPO, env=stack.env(), capture_output=True, text=True,
@@ -148,13 +117,17 @@ def cli(stack: Stack, *args: str, timeout: float = 300.0) -> subprocess.Complete
     return done
 
 
-def start_server(stack: Stack) -> float:
-    if not port_free(stack.port):
-        raise RuntimeError(f"port {stack.port} on 127.0.0.1 is in use (a server already running? "
-                           f"`make serve-stop`, or choose another with PORT=...)")
-    spawn(stack, "server", ["server", "start", "--host", "127.0.0.1", "--port", str(stack.port),
-                            "--analytics-off"])
-    return wait_healthy(stack)
+def start_server(stack: Stack, timeout: int = 120) -> None:
+    """Prefect's background server, then its own wait until the API answers (it refuses a busy port)."""
+    stack.home.mkdir(parents=True, exist_ok=True)
+    cli(stack, "server", "start", "--background", "--host", "127.0.0.1", "--port", str(stack.port), "--analytics-off")
+    try:
+        cli(stack, "server", "status", "--wait", "--timeout", str(timeout), timeout=timeout + 60)
+    except RuntimeError as err:
+        pid = stack.server_pid()
+        alive = pid is not None and _alive(pid, None)
+        raise RuntimeError(f"{err}\n(the server, pid {pid}, is {'running' if alive else 'not running'}; "
+                           f"`prefect server start --port {stack.port}` in the foreground shows its log)") from None
 
 
 def create_pool(stack: Stack) -> None:
@@ -162,15 +135,22 @@ def create_pool(stack: Stack) -> None:
 
 
 def deploy(stack: Stack, names: tuple[str, ...] = DEPLOYMENTS) -> None:
-    """`prefect deploy` from prefect.yaml (the pull step records this checkout as the working directory).
-
-    One call per deployment: with several names `prefect deploy` ignores `--pool`."""
+    """`prefect deploy` from prefect.yaml. One call per deployment: with several names `prefect deploy` ignores
+    `--pool`."""
     for name in names:
         cli(stack, "--no-prompt", "deploy", "--name", name, "--pool", stack.pool)
 
 
 def start_worker(stack: Stack) -> subprocess.Popen:
-    return spawn(stack, "worker", ["worker", "start", "--pool", stack.pool, "--type", "process"])
+    """`prefect worker start` in a session of its own, output to `PREFECT_HOME/worker.log`; the PID is recorded
+    at once, so `stop` finds it even after a failed start."""
+    with open(stack.home / "worker.log", "ab") as log:
+        proc = subprocess.Popen([*prefect_cli(), "worker", "start", "--pool", stack.pool, "--type", "process"],
+                                cwd=REPO, env=stack.env(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    stack.procs["worker"] = proc
+    stack.record("worker", proc.pid)
+    return proc
 
 
 def start(stack: Stack, names: tuple[str, ...] = DEPLOYMENTS) -> Stack:
@@ -218,8 +198,9 @@ def _alive(pid: int, proc: subprocess.Popen | None) -> bool:
         return True
 
 
-def _is_prefect(pid: int) -> bool:
-    """Guard against a recycled PID: only signal what still looks like the process we started."""
+def _is_ours(pid: int) -> bool:
+    """Guard against a recycled PID: only signal what still looks like the process we started (the worker is
+    `prefect worker ...`, Prefect's background server `python -m uvicorn ... prefect.server...`)."""
     try:
         return b"prefect" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -236,34 +217,55 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         pass
 
 
-def stop_pid(pid: int, proc: subprocess.Popen | None = None, grace: float = 15.0) -> None:
-    """SIGTERM the process group led by `pid` and the process's descendants; SIGKILL what is left after `grace`."""
-    if proc is None and not _is_prefect(pid):
+def _wait_gone(pids: list[int], proc: subprocess.Popen | None, grace: float) -> None:
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_alive(p, proc if i == 0 else None) for i, p in enumerate(pids)):
+        time.sleep(0.2)
+
+
+def stop_pid(pid: int, proc: subprocess.Popen | None = None, grace: float = 15.0, group: bool = True) -> None:
+    """SIGTERM the process (its group, when it leads one) and its descendants; SIGKILL what is left after
+    `grace`."""
+    if proc is None and not _is_ours(pid):
         return
     below = _descendants(pid)
-    _signal(pid, signal.SIGTERM, group=True)
+    _signal(pid, signal.SIGTERM, group=group)
     for child in below:
         _signal(child, signal.SIGTERM, group=False)
-    deadline = time.time() + grace
-    while time.time() < deadline and (_alive(pid, proc) or any(_alive(c, None) for c in below)):
-        time.sleep(0.2)
+    _wait_gone([pid, *below], proc, grace)
     for child in [*below, *_descendants(pid)]:
         _signal(child, signal.SIGKILL, group=False)
-    _signal(pid, signal.SIGKILL, group=True)
+    _signal(pid, signal.SIGKILL, group=group)
     if proc is not None:
         proc.wait(timeout=10)
 
 
+def stop_server(stack: Stack, grace: float = 15.0) -> bool:
+    """`prefect server stop`, then wait for the server to exit (SIGKILL after `grace`); True if one was running."""
+    pid = stack.server_pid()
+    if pid is None:
+        return False
+    below = _descendants(pid) if _is_ours(pid) else []
+    cli(stack, "server", "stop")
+    _wait_gone([pid, *below], None, grace)
+    if _alive(pid, None) or any(_alive(c, None) for c in below):
+        stop_pid(pid, grace=0, group=False)
+    return True
+
+
 def stop(stack: Stack) -> list[str]:
-    """Stop the worker, then the server (recorded PIDs and those this interpreter started); forget them."""
+    """Stop the worker (with its flow runs), then the server; forget them."""
     pids = stack.recorded()
-    names = sorted(set(pids) | set(stack.procs), key=lambda n: n == "server")  # the worker first
-    for name in names:
+    stopped = []
+    for name in sorted(set(pids) | set(stack.procs)):  # the worker (and any other recorded process)
         proc = stack.procs.get(name)
         stop_pid(proc.pid if proc is not None else pids[name], proc)
+        stopped.append(name)
     stack.pid_file.unlink(missing_ok=True)
     stack.procs.clear()
-    return names
+    if stop_server(stack):
+        stopped.append("server")
+    return stopped
 
 
 def deployment_names(text: str) -> tuple[str, ...]:
@@ -292,21 +294,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {', '.join(stopped)}" if stopped else "nothing recorded to stop")
         return 0
     if args.command == "status":
-        pids = stack.recorded()
+        pids = {**stack.recorded(), **({"server": stack.server_pid()} if stack.server_pid() else {})}
         for name, pid in pids.items():
             print(f"{name}: pid {pid} {'running' if _alive(pid, None) else 'not running'}")
         return 0 if pids else 1
-    if stack.recorded():
-        print(f"serve: a stack is already recorded in {stack.pid_file}; run `make serve-stop` first",
-              file=sys.stderr)
+    if stack.recorded() or stack.server_pid():
+        print(f"serve: a stack is already recorded in {stack.home}; run `make serve-stop` first", file=sys.stderr)
         return 2
     try:
         start(stack, args.deployments)
     except RuntimeError as err:
         print(f"serve: {err}", file=sys.stderr)
         return 1
-    print(f"Prefect server  {stack.api_url} (UI http://127.0.0.1:{stack.port}), logs in {stack.home}")
-    print(f"work pool       {stack.pool} (process), worker pid {stack.procs['worker'].pid}")
+    print(f"Prefect server  {stack.api_url} (UI http://127.0.0.1:{stack.port}; `prefect server stop` ends it)")
+    print(f"work pool       {stack.pool} (process), worker pid {stack.procs['worker'].pid}, log in {stack.home}")
     print(f"deployments     {', '.join('train-vae/' + n for n in args.deployments)}")
     print(f"next            export PREFECT_API_URL={stack.api_url}")
     print("                prefect deployment run train-vae/demo --watch")
@@ -315,4 +316,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

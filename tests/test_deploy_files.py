@@ -86,8 +86,8 @@ def test_prefect_yaml_schedule_concurrency_and_pull_step(prefect_yaml):
     cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # validates both
     assert cron.cron.split()[2:] == ["*", "*", "1"]  # weekly, on Mondays
     assert celeba["concurrency_limit"]["limit"] == 1
-    assert prefect_yaml["pull"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}]
+    # the worker decides where the code is: no path of the deploying machine and no template resolved at deploy time
+    assert prefect_yaml["pull"] == [{"flows.project_dir.set_project_directory": {}}]
     assert prefect_yaml["build"] is None and prefect_yaml["push"] is None  # no image build, no git
 
 
@@ -361,3 +361,40 @@ def test_the_test_lock_pins_what_make_installs_and_agrees_with_the_image():
     for pinned in torch_spec.split():
         req = Requirement(pinned)
         assert lock[canonicalize_name(req.name)] in req.specifier, pinned
+
+
+def test_the_pull_step_finds_the_workers_project_folder(tmp_path, monkeypatch):
+    """The deployments' pull step decides on the worker: $VAE_PROJECT_DIR when set (the image's /app), else the
+    checkout the installed flows package comes from; a folder without prefect.yaml is one line naming the
+    variable."""
+    from flows import project_dir
+
+    monkeypatch.delenv(project_dir.ENV, raising=False)
+    assert project_dir.set_project_directory() == {"directory": str(REPO.resolve())}
+    image = tmp_path / "app"
+    image.mkdir()
+    (image / "prefect.yaml").write_text("name: vae-pipeline\n")
+    monkeypatch.setenv(project_dir.ENV, str(image))
+    assert project_dir.set_project_directory() == {"directory": str(image.resolve())}
+    monkeypatch.setenv(project_dir.ENV, str(tmp_path / "elsewhere"))
+    with pytest.raises(project_dir.ProjectDirError) as err:
+        project_dir.set_project_directory()
+    assert len(str(err.value).splitlines()) == 1
+    assert f"$VAE_PROJECT_DIR={tmp_path / 'elsewhere'}: holds no prefect.yaml" in str(err.value)
+
+
+def test_the_pull_step_is_importable_by_its_name_in_prefect_yaml(tmp_path, monkeypatch):
+    """Prefect imports a step by the dotted name prefect.yaml gives (import_object) and calls it with the step's
+    inputs; the flow run then changes into the "directory" it returns. The real worker runs it end to end in
+    tests/test_e2e_prefect.py."""
+    from prefect.utilities.importtools import import_object
+
+    from flows import project_dir
+
+    [step] = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
+    [(name, inputs)] = step.items()
+    image = tmp_path / "app"
+    image.mkdir()
+    (image / "prefect.yaml").write_text("name: vae-pipeline\n")
+    monkeypatch.setenv(project_dir.ENV, str(image))
+    assert import_object(name)(**inputs) == {"directory": str(image.resolve())}

@@ -48,14 +48,18 @@ def stack(tmp_path_factory, database):
                         extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"},
                         database_url=database["url"] if database else None)
     try:
-        serve.start(stack)  # server, pool, `prefect deploy --name demo --name celeba-64`, worker
+        serve.start(stack)  # `prefect server start --background`, pool, `prefect deploy` per name, worker
+        assert stack.server_pid() and serve._alive(stack.server_pid(), None)
         stack.startup_s = time.time() - started
         yield stack
     finally:
         pids = {name: proc.pid for name, proc in stack.procs.items()}
+        if stack.server_pid():
+            pids["server"] = stack.server_pid()  # Prefect's background server records its own PID
         serve.stop(stack)
         for name, pid in pids.items():  # nothing this test started survives it
             assert not serve._alive(pid, None), f"{name} (pid {pid}) still running"
+        assert stack.server_pid() is None and not stack.pid_file.exists()
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +231,9 @@ def test_deployments_read_back_schedule_concurrency_and_pull_step(stack, client)
     assert celeba.concurrency_options.collision_strategy == "ENQUEUE"
     assert celeba.entrypoint == "flows/train_vae.py:train_vae" and celeba.work_pool_name == stack.pool
     assert celeba.parameters["config"] == "configs/celeba64.yaml"
-    assert celeba.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-        "directory": str(serve.REPO)}}]
+    # No path of this machine is stored: the worker's pull step finds its own project folder when a run starts.
+    assert celeba.pull_steps == [{"flows.project_dir.set_project_directory": {}}]
+    assert str(serve.REPO) not in json.dumps([d.model_dump(mode="json") for d in client.read_deployments()])
 
     demo = client.read_deployment_by_name("train-vae/demo")
     assert demo.schedules == [] and demo.global_concurrency_limit.limit == 1

@@ -181,6 +181,6 @@ class Champion:
 
     def encoder(self, **options):
         """`vae_runtime.Encoder(self, **options)`: the champion's encoder."""
-        from vae_runtime.models import Encoder
+        from vae_runtime.models import Encoder  # lazy: models imports this module (a cycle)
 
         return Encoder(self, **options)

@@ -6,6 +6,8 @@ The runtime (`vae_runtime.models` and the modules below it) raises `RuntimeModel
 cannot use and `RunTimeout` for a run it ended; apps catch them as ValueError too.
 """
 
+import reprlib
+
 
 def one_line(err: BaseException) -> str:
     """An error from a library (a store's client, onnxruntime, ...) as one line: its type and first line."""
@@ -40,8 +42,6 @@ class RunTimeout(RuntimeModelError):
 def shown(value, limit: int = 60) -> str:
     """`value` as a one-line message shows it: its repr cut to `limit` characters and "...", computed without
     walking all of it (a value expanded from YAML aliases, or nested thousands deep, costs a few items)."""
-    import reprlib
-
     short = reprlib.Repr()
     short.maxlevel, short.maxdict = 3, 4
     short.maxlist = short.maxtuple = short.maxset = 6

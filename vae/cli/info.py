@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from vae_runtime import limits, schemas
+from vae_runtime import registry as reg
 from vae_runtime.errors import BadInput
 from vae.core.run import Run, checkpoint_step
 
@@ -43,8 +44,6 @@ def sample_summary(samples: dict | None) -> dict | None:
 
 def describe(location: str) -> dict:
     """What `location` is and holds; one line of BadInput when it is none of a run, a model or a registry."""
-    from vae_runtime import registry as reg
-
     if reg.names_registry(location):  # a registry, or one pinned: REGISTRY@VERSION, REGISTRY@ALIAS
         return describe_registry(location)
     path = Path(location)
@@ -114,8 +113,6 @@ def describe_model(path: Path) -> dict:
 
 
 def describe_registry(location: str) -> dict:
-    from vae_runtime import registry as reg
-
     try:
         base, pin = (location, None) if Path(location, reg.PROJECT).is_dir() else reg.split_pin(location)
         champion = reg.read_champion(base)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,8 +43,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
         atomic_write_bytes(path, data)
         atomic_write_text(digest_path(path), hashlib.sha256(data).hexdigest() + "\n")
     except OSError as err:  # a full disk, a quota: the checkpoints before it stay
-        import shutil
-
         free = shutil.disk_usage(path.parent).free / 2**20
         raise TrainingError(f"checkpoint {path}: not written ({err.strerror or err}); {free:.0f} MiB free on its "
                             "disk; the checkpoints before it are kept") from None
@@ -59,8 +59,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int) -> P
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A checkpoint's state, loaded with `weights_only=True`; anything else is one line naming the file."""
-    import pickle
-
     try:
         data = Path(path).read_bytes()
         if not data:

@@ -108,7 +108,7 @@ def _pump(stream, log: Path) -> None:
 def end_process_group() -> None:
     """Tear the process group down before exit: a gloo group left alive can abort the interpreter at exit
     ('terminate called without an active exception')."""
-    import torch
+    import torch  # lazy: the launcher side of this module runs without torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

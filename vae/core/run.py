@@ -31,6 +31,7 @@ from pathlib import Path
 from vae_runtime import limits, schemas, storage
 from vae_runtime.atomic import atomic_write_json
 from vae_runtime.errors import BadInput
+from vae.core.config import config_hash, config_to_dict
 
 FORMAT_VERSION = 2  # 2: config.json names it; 1: run folders written before it did
 CHECKPOINT = re.compile(r"^step-(\d{8})\.pt$")
@@ -124,8 +125,6 @@ class Run:
 
     def write_config(self, cfg) -> Path:
         """config.json for a launch of the run with `cfg` (a `Config`), in this code's format."""
-        from vae.core.config import config_hash, config_to_dict
-
         return atomic_write_json(self.config_path, {"format_version": FORMAT_VERSION,
                                                     "config": config_to_dict(cfg), "config_hash": config_hash(cfg)})
 

@@ -7,6 +7,7 @@ across ranks when `torch.distributed` is initialised, so every image counts exac
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from vae_runtime.grid import label, make_grid, write_png
 from pipeline.loader import eval_loader
 from pipeline.manifest import load_manifest, require_image_size, split_fingerprint
 from vae.core.checkpoint import weights_digest
-from vae.core.config import MAX_K, config_hash
+from vae.core.distributed import end_process_group
+from vae.core.config import MAX_K, MAX_SAMPLE_IMAGES, check_temperatures, config_hash
 from vae.core.run import Run
 from vae.evaluation.features import resolve_weights
 from vae.evaluation.sample_quality import sample_quality
@@ -276,8 +278,6 @@ NO_INCEPTION = ("no Inception weights given (vae eval --inception-weights PATH, 
 
 def plan_settings(cfg, temperatures: list[float] | None, sample_images: int | None) -> tuple[list[float], int]:
     """The temperatures and image count of the sample metrics: the arguments, else the config's; checked."""
-    from vae.core.config import MAX_SAMPLE_IMAGES, check_temperatures
-
     try:
         temperatures = check_temperatures(cfg.eval.temperatures if temperatures is None else temperatures,
                                           "eval.temperatures")
@@ -305,12 +305,8 @@ def sample_plan(cfg, temperatures: list[float] | None, sample_images: int | None
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `accelerate launch -m vae.evaluation.evaluate --run RUN [...]` (`vae eval --num-processes N`)."""
-    import argparse
-
     import torch.distributed  # the launched entry point's own: the library path needs no process group
-    from accelerate import Accelerator
-
-    from vae.core.distributed import end_process_group
+    from accelerate import Accelerator  # lazy: only the launched entry point runs under Accelerate
 
     parser = argparse.ArgumentParser(prog="vae.evaluation.evaluate")
     parser.add_argument("--run", required=True)

@@ -21,6 +21,8 @@ from vae_runtime import storage
 from vae_runtime.atomic import atomic_write_text
 from vae_runtime.errors import BadInput, VaeError
 from pipeline.images import image_batches
+from pipeline.loader import eval_loader
+from pipeline.manifest import load_manifest
 from vae.core.run import Run
 from vae.core.objectives import ImageNoise, bits_per_dim, image_dims, iwae_bound
 
@@ -49,9 +51,6 @@ def writable_file(out: str | Path) -> None:
 
 
 def _shard_batches(shards: str, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    from pipeline.loader import eval_loader
-    from pipeline.manifest import load_manifest
-
     for split in load_manifest(shards)["splits"]:
         for keys, x, _ in eval_loader(shards, split, batch_size):
             yield keys, x

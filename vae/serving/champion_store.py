@@ -11,6 +11,7 @@ for `memory://` (tests). Other URL schemes can be read (`vae_runtime.registry.re
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -37,8 +38,6 @@ class _LocalRecord:
 
     def swap(self, token: bytes | None, data: bytes | None) -> bool:
         """Write `data` (None: delete the record) if the record is still `token`."""
-        import fcntl
-
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.lock, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies

@@ -42,6 +42,8 @@ from vae.core.checkpoint import weights_digest
 from vae.core.config import config_hash
 from vae.core.run import Run
 from vae_runtime.graph_files import referenced_files
+from vae_runtime.grid import make_grid, write_png
+from pipeline.manifest import load_manifest, require_image_size
 from vae.serving.graphs import (DecoderGraph, EncoderGraph, ExportError, HalfDecoderGraph, export_onnx, random_ops,
                                 set_metadata)
 from vae.serving.model_card import data_record, training_record, write_model_card
@@ -64,7 +66,7 @@ def _session(path: Path, device: str = "cpu"):
     runs is the session's first provider."""
     import onnxruntime as ort  # lazy: only export's validation runs graphs
 
-    from vae_runtime import providers_for, session_options
+    from vae_runtime import providers_for, session_options  # lazy: the sessions module imports onnxruntime
 
     return ort.InferenceSession(str(path), session_options(), providers=providers_for(device))
 
@@ -120,7 +122,6 @@ def validation_images(cfg, shards: str | None, n: int = 64,
     test partition). The shards must hold images of the model's size, preprocessed as the run's images were
     (`trained`: `Run.preprocessing`), which is what the card says and apps apply."""
     from pipeline.loader import eval_loader  # lazy: webdataset and torch's loader, only for validation images
-    from pipeline.manifest import require_image_size
 
     given = shards or cfg.data.shards
     manifest = require_image_size(given, cfg.model.image_size)
@@ -175,9 +176,9 @@ def validate_fp16(folder: Path, latent_dim: int, n: int = 64) -> dict:
     numeric check is skipped (reported, with the reason) and the graph should be validated on the GPU that
     will run it. The report names the provider that actually ran it.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: only export's validation runs graphs
 
-    from vae_runtime import providers_for
+    from vae_runtime import providers_for  # lazy: the sessions module imports onnxruntime
 
     path = folder / FP16_DECODER
     try:
@@ -213,7 +214,6 @@ def current_metrics(run: Run, shards: str, split: str) -> dict:
     metrics = run.metrics
     if metrics is not None and metrics.get("weights_sha256") == digest:
         return metrics
-    from pipeline.manifest import load_manifest
     from vae.evaluation.evaluate import EmptySplit, evaluate, require_images  # lazy: only a run without metrics
 
     try:
@@ -313,7 +313,6 @@ def existing_export(out: str | Path, run_dir: str | Path, version: str,
 def write_samples(folder: Path, n: int = 64, seed: int = 0) -> Path:
     """`samples.png`: an 8x8 grid of prior samples decoded by the validated `decoder.onnx` through the runtime,
     exactly as an app would (noise from numpy's default_rng(seed))."""
-    from vae_runtime.grid import make_grid, write_png
     from vae_runtime import Decoder  # lazy: onnxruntime, only for the samples picture
 
     images = Decoder(folder / graph_name("decoder")).sample(n, seed=seed)

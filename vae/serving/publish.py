@@ -14,6 +14,7 @@ rather than overwritten.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -63,8 +64,6 @@ def remove_leftovers(out: Path) -> list[Path]:
 @contextlib.contextmanager
 def publishing(out: Path):
     """Yield an empty staging folder; when the block ends without an error, switch `out` to it."""
-    import fcntl
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.export.lock", "a+b") as lock:

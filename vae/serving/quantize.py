@@ -32,6 +32,7 @@ from torch import nn
 
 from vae_runtime.atomic import naming
 from vae_runtime.vocabulary import graph_name
+from vae.serving.model_card import budgets_text
 
 # the graphs read and written here, named by the vocabulary (`vae_runtime.vocabulary`)
 DECODER, ENCODER = graph_name("decoder"), graph_name("encoder")
@@ -214,8 +215,7 @@ def write_int8(model: nn.Module, folder: Path, images: np.ndarray, session, sour
     the shards have enough, most held-out first (`source` says from which splits): the first VALIDATION_IMAGES
     (at most half) validate, with the prior draws, and all the others calibrate. Calibrating on few images leaves
     activation ranges that other images exceed (docs/onnx.md): give several hundred."""
-    from vae.serving.graphs import ExportError
-    from vae.serving.model_card import budgets_text
+    from vae.serving.graphs import ExportError  # lazy: graphs imports this module (a cycle)
 
     if len(images) < MIN_IMAGES:
         raise ExportError(f"int8: needs at least {MIN_IMAGES} images (some calibrate, the others validate); "

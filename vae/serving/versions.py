@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -116,8 +117,6 @@ def _claim(target: str, hashes: dict) -> None:
 
 @contextlib.contextmanager
 def _version_lock(registry: str | os.PathLike):
-    import fcntl
-
     folder = Path(project_dir(registry))  # beside .champion.lock: the versions folder holds versions only
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".register.lock", "a+b") as lock:

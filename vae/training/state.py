@@ -9,6 +9,7 @@ a warm start from another architecture) is checked before anything is written.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -222,8 +223,6 @@ def save_checkpoint(state: TrainState) -> None:
 
 def trim_log(path: Path, step: int) -> None:
     """Drop the log lines of steps after `step` (logged before a kill, then trained again on resume)."""
-    import json
-
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)

@@ -4,10 +4,12 @@ tensorboard, mlflow, wandb, ...), and TensorBoard where `train.tensorboard` is o
 A tracker named in `train.trackers` that is not installed is one line before training (exit 2); the TensorBoard of
 `train.tensorboard` (on by default) is optional: without the package, training says so and logs to the JSON lines
 and grids only. Each tracker gets the run's parameters (the flat config and its `config_hash`) once, the log
-lines' figures at their steps, and the sample grids as images (TensorBoard) or artifacts (MLflow). Where each
+lines' figures at their steps, and the sample grids as images (TensorBoard, W&B) or artifacts (MLflow). Where each
 writes: TensorBoard under the run folder (`train/`); MLflow where `MLFLOW_TRACKING_URI` points (a local SQLite
 file works offline), in the experiment `$MLFLOW_EXPERIMENT_NAME` (default `train`), one MLflow run per launch named
-after the run folder; W&B as its own settings say (`WANDB_MODE=offline` works offline).
+after the run folder; W&B in the project `train` (the project name Accelerate gives every tracker), one W&B run per
+launch named after the run folder, online or offline as its own settings say (`WANDB_MODE=offline` writes under
+`$WANDB_DIR/wandb/`, for `wandb sync` later).
 """
 
 from __future__ import annotations
@@ -60,11 +62,14 @@ def init_kwargs(names: list[str], run_dir: Path) -> dict:
 
 
 def log_grids(accelerator, names: list[str], grids: dict, files: dict, step: int) -> None:
-    """The step's grids: TensorBoard gets the images (uint8 [H, W, 3] arrays by name), MLflow the PNG files
-    (`files`: name -> path) as artifacts under `grids/`."""
+    """The step's grids: TensorBoard and W&B get the images (uint8 [H, W, 3] arrays by name), MLflow the PNG
+    files (`files`: name -> path) as artifacts under `grids/`."""
     if "tensorboard" in names:
         accelerator.get_tracker("tensorboard").log_images(
             {f"grids/{name}": grid[None] for name, grid in grids.items()}, step=step, dataformats="NHWC")
+    if "wandb" in names:
+        accelerator.get_tracker("wandb").log_images({f"grids/{name}": [grid] for name, grid in grids.items()},
+                                                    step=step)
     if "mlflow" in names:
         import mlflow  # installed: resolve() checked it; imported only by runs that log to it
 

@@ -32,6 +32,7 @@ from pipeline.loader import train_loader
 from pipeline.memory import MemoryStream, stream_seed
 from vae.core.checkpoint import weights_digest
 from vae.core.config import Config, config_from_dict, load_config
+from vae.core.distributed import end_process_group
 from vae.models import build_model
 from vae.core.objectives import image_dims, to_unit
 from vae.training.state import TrainState, save_checkpoint, setup
@@ -232,8 +233,6 @@ def launched_config(argv: list[str]) -> Config:
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `accelerate launch -m vae.training.train --config RUN.yaml [key=value ...]`, and for the
     ranks `vae train --num-processes N` starts (with the JSON config it writes)."""
-    from vae.core.distributed import end_process_group
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rank = os.environ.get("RANK", "?")
     try:
