@@ -54,7 +54,7 @@ def filesystem(location: str):
     from fsspec.core import url_to_fs  # lazy: local paths never load fsspec
 
     if location.split("://", 1)[0].lower() in ("http", "https"):
-        import aiohttp
+        import aiohttp  # the http extra: only http(s) locations need it
 
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=HTTP_CONNECT_S, sock_read=HTTP_READ_S)
         return url_to_fs(location, client_kwargs={"timeout": timeout})
