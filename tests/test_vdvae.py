@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vae_runtime.errors import ConfigError
-from conftest import REPO, perturbed, random_images, seeded_model, tiny_config
+from conftest import REPO, load_bench, perturbed, random_images, seeded_model, tiny_config
 from vae.core.checkpoint import config_json, load_checkpoint, load_trained, resume_differences
 from vae.core.run import list_checkpoints
 from vae.core.config import ModelConfig, config_hash, load_config
@@ -294,3 +294,21 @@ def test_the_weights_digest_does_not_depend_on_the_memory_layout():
     with torch.no_grad():
         model[0].weight[0, 1, 0, 0] += 1.0
     assert weights_digest(model) != before
+
+
+def test_the_group_temperature_bench_scales_exactly_each_sides_groups():
+    """bench/group_temperatures.py scales the flat noise side by side: split as the model splits it, the 8x8
+    groups' noise is 0.5 times the draw, the 4x4 groups' is untouched, and a side the model lacks is refused."""
+    import torch
+
+    bench = load_bench("group_temperatures")
+    model = _model()
+    scale = bench.noise_scale(model, {8: 0.5})
+    u = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    groups, scaled = model._split(u), model._split(u * scale)
+    assert [g.shape[-1] for g in groups] == [4, 4, 8, 8, 8]
+    for side, plain, cooled in zip([4, 4, 8, 8, 8], groups, scaled):
+        assert torch.equal(cooled, plain * (0.5 if side == 8 else 1.0))
+    with pytest.raises(SystemExit, match="sides \\[32\\] are not among"):
+        bench.noise_scale(model, {32: 0.5})
+    assert bench.parse_profiles("8:0.5;4:0.9,8:0.7") == [{}, {8: 0.5}, {4: 0.9, 8: 0.7}]
