@@ -217,9 +217,10 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         pass
 
 
-def _wait_gone(pids: list[int], proc: subprocess.Popen | None, grace: float) -> None:
+def _wait_gone(pids: list[int], grace: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait up to `grace` seconds for `pids` (and `proc`, when given) to exit."""
     deadline = time.time() + grace
-    while time.time() < deadline and any(_alive(p, proc if i == 0 else None) for i, p in enumerate(pids)):
+    while time.time() < deadline and ((proc is not None and proc.poll() is None) or any(_alive(p, None) for p in pids)):
         time.sleep(0.2)
 
 
@@ -232,7 +233,7 @@ def stop_pid(pid: int, proc: subprocess.Popen | None = None, grace: float = 15.0
     _signal(pid, signal.SIGTERM, group=group)
     for child in below:
         _signal(child, signal.SIGTERM, group=False)
-    _wait_gone([pid, *below], proc, grace)
+    _wait_gone(below if proc is not None else [pid, *below], grace, proc)
     for child in [*below, *_descendants(pid)]:
         _signal(child, signal.SIGKILL, group=False)
     _signal(pid, signal.SIGKILL, group=group)
@@ -245,11 +246,13 @@ def stop_server(stack: Stack, grace: float = 15.0) -> bool:
     pid = stack.server_pid()
     if pid is None:
         return False
-    below = _descendants(pid) if _is_ours(pid) else []
-    cli(stack, "server", "stop")
-    _wait_gone([pid, *below], None, grace)
-    if _alive(pid, None) or any(_alive(c, None) for c in below):
-        stop_pid(pid, grace=0, group=False)
+    ours = _is_ours(pid)
+    below = _descendants(pid) if ours else []
+    cli(stack, "server", "stop")  # also clears a stale PID file
+    _wait_gone([pid, *below] if ours else [], grace)
+    for left in [pid, *below] if ours else []:
+        if _alive(left, None):
+            _signal(left, signal.SIGKILL, group=False)
     return True
 
 
@@ -294,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {', '.join(stopped)}" if stopped else "nothing recorded to stop")
         return 0
     if args.command == "status":
-        pids = {**stack.recorded(), **({"server": stack.server_pid()} if stack.server_pid() else {})}
+        server = stack.server_pid()
+        pids = {**stack.recorded(), **({"server": server} if server else {})}
         for name, pid in pids.items():
             print(f"{name}: pid {pid} {'running' if _alive(pid, None) else 'not running'}")
         return 0 if pids else 1
