@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +64,7 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
                                  "train.checkpoint_every=24", "train.log_every=6"])
     train(probe, progress=False)
     records = [json.loads(line) for line in (tmp / (label + "-probe") / "train_log.jsonl").read_text().splitlines()]
-    images_per_s = sum(r["images_per_s"] for r in records[1:]) / len(records[1:])
-    steps = max(20, int(minutes * 60 * images_per_s / probe.data.batch_size))
+    steps = planned_steps([r["images_per_s"] for r in records[1:]], minutes, probe.data.batch_size)
     cfg = load_config(config, [*overrides, *common, f"run_dir={tmp / label}", f"train.steps={steps}",
                                f"train.checkpoint_every={steps}", f"train.max_seconds={minutes * 60}"])
     started = time.time()
@@ -72,6 +73,9 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
     from vae.core.run import latest_checkpoint
 
     done = int(latest_checkpoint(tmp / label).stem.split("-")[1])  # steps reached within the budget
+    if seconds < 0.9 * minutes * 60:
+        print(f"{label}: trained {seconds:.0f} s of the {minutes * 60:.0f} s budget: the probe's step time was "
+              f"off (a busy machine?); its figures are not at equal compute", file=sys.stderr)
     valid = evaluate(tmp / label, split="valid", k=k, temperatures=temperatures)
     if grids is not None:  # prior samples only: the other grids show CelebA images, which stay out of the repo
         grids.mkdir(parents=True, exist_ok=True)
@@ -87,6 +91,12 @@ def run_model(name: str, minutes: float, shards: str, tmp: Path, k: int, train_i
             "valid_elbo_bpd": round(valid["elbo_bpd"], 4), "valid_nll_bpd": round(valid["nll_bpd"], 4),
             "train_elbo_bpd": round(train_metrics["elbo_bpd"], 4), "train_nll_bpd": round(train_metrics["nll_bpd"], 4),
             "active_units": valid["active_units"], "k": k, "samples": sample_figures(valid["samples"])}
+
+
+def planned_steps(window_images_per_s: list[float], minutes: float, batch_size: int) -> int:
+    """Steps that fill the budget at the probe's speed: the median of its steady windows' images/s, so one slow
+    window (a checkpoint write, another process) does not shrink the plan."""
+    return max(20, int(minutes * 60 * statistics.median(window_images_per_s) / batch_size))
 
 
 def sample_figures(samples: dict) -> dict:
