@@ -12,7 +12,7 @@ nothing carries no information (its posteriors sit on the prior).
     .venv/bin/python bench/group_temperatures.py --run RUN --shards SHARDS [--images 780] [--grids DIR]
                                                  [--profiles "16:0.6;32:0.5;8:0.8,16:0.6,32:0.4"]
 
-A profile lists SIDE:TEMPERATURE pairs; sides it leaves out sample at 1. The all-ones profile is always measured
+A profile lists SIDE:TEMPERATURE pairs (temperatures above 1 too); sides it leaves out sample at 1. The all-ones profile is always measured
 first, as the reference.
 """
 

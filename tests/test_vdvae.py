@@ -299,8 +299,6 @@ def test_the_weights_digest_does_not_depend_on_the_memory_layout():
 def test_the_group_temperature_bench_scales_exactly_each_sides_groups():
     """bench/group_temperatures.py scales the flat noise side by side: split as the model splits it, the 8x8
     groups' noise is 0.5 times the draw, the 4x4 groups' is untouched, and a side the model lacks is refused."""
-    import torch
-
     bench = load_bench("group_temperatures")
     model = _model()
     scale = bench.noise_scale(model, {8: 0.5})
