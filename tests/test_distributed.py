@@ -52,7 +52,8 @@ def test_distributed_eval_matches_single_process(two_rank_run, capsys):
 def test_a_direct_accelerate_launch_takes_the_run_config_as_vae_train_does(tiny_shards, tmp_path):
     """`accelerate launch [its flags] -m vae.training.train --config RUN.yaml key=value ...`, as Accelerate's docs
     teach, trains one process group from the same YAML and overrides `vae train` takes; a bad override is one
-    line per rank and exit 2, before any process group."""
+    line from each rank that reaches its check (torchrun stops the other rank once the first exits with 2), before
+    any process group."""
     import subprocess
 
     from conftest import REPO
@@ -71,7 +72,7 @@ def test_a_direct_accelerate_launch_takes_the_run_config_as_vae_train_does(tiny_
     bad = launch_command("vae.training.train", ["--config", str(REPO / "configs" / "demo.yaml"), "train.lr=-1"], 2)
     done = subprocess.run(bad, capture_output=True, text=True, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("vae: error:")]
-    assert done.returncode != 0 and len(errors) == 2 and all("train.lr" in line for line in errors), done.stderr
+    assert done.returncode != 0 and 1 <= len(errors) <= 2 and all("train.lr" in line for line in errors), done.stderr
 
 
 def test_launch_commands_for_gpus_and_nodes():
